@@ -259,6 +259,29 @@ class Batch:
             return list(x[0, : self.num_tokens].split(self.seq_lens))
         return [x[b, :n] for b, n in enumerate(self.seq_lens)]
 
+    def unwrap(self, x: Tensor) -> Tensor:
+        """The dense token form a model computes on, for a tensor in this batch's layout.
+
+        padded (B, L, ...) stays as it is; packed (1, T, ...) becomes (T, ...); nested (B, j, ...)
+        becomes its values (N, ...). Per-token layers (embeddings, Linear, LayerNorm, the loss) run
+        on this form, and only attention needs the sequence boundaries.
+        """
+        if self.layout == "nested":
+            return x.values()
+        if self.layout == "packed":
+            return x[0]
+        return x
+
+    def wrap(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`unwrap`: a dense token-form tensor back in this batch's layout."""
+        if self.layout == "nested":
+            return torch.nested.nested_tensor_from_jagged(
+                x, self.input_ids.offsets(), min_seqlen=min(self.seq_lens), max_seqlen=self.max_seqlen
+            )
+        if self.layout == "packed":
+            return x[None]
+        return x
+
     def split(self) -> list[Sample]:
         """The inverse of collation: one :class:`Sample` per sequence, padding removed."""
         return [Sample(i, l) for i, l in zip(self.per_sequence(self.input_ids), self.per_sequence(self.labels))]

@@ -1,0 +1,6 @@
+"""The toy GPT decoder and the attention adapters it can use."""
+
+from models.attention import ADAPTERS, AttentionAdapter, adapters_for, get_adapter
+from models.gpt import GPT, PRESETS, GPTConfig, lm_loss
+
+__all__ = ["ADAPTERS", "AttentionAdapter", "adapters_for", "get_adapter", "GPT", "PRESETS", "GPTConfig", "lm_loss"]
