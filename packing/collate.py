@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -243,6 +244,11 @@ class ConcatCuSeqlens(Collator):
 def block_diagonal_mask_class() -> type:
     """xFormers' ``BlockDiagonalMask``, from ``xformers`` or from ``mslk`` (the same kernels, packaged
     for torch 2.11, where xFormers 0.0.35's own ops fail to load)."""
+    # xFormers logs a multi-line warning on import when its CUDA kernels do not match torch (always,
+    # on a CPU machine). The mask is pure Python and needs no kernel, so that warning is noise here.
+    xformers_log = logging.getLogger("xformers")
+    level = xformers_log.level
+    xformers_log.setLevel(logging.ERROR)
     try:
         from xformers.ops.fmha.attn_bias import BlockDiagonalMask
     except ImportError:
@@ -253,6 +259,8 @@ def block_diagonal_mask_class() -> type:
                 "the xformers collator needs xFormers' BlockDiagonalMask: pip install 'varlen-packing[xformers]' "
                 "(or mslk-cuda on torch 2.11)"
             ) from None
+    finally:
+        xformers_log.setLevel(level)
     return BlockDiagonalMask
 
 

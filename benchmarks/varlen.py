@@ -1,0 +1,257 @@
+"""The seed experiment: every batching method side by side on the same documents.
+
+    python -m benchmarks.varlen --collate concat            # concat, against the pad_max baseline
+    python -m benchmarks.varlen --collate all --mode eval   # all five collates
+    python -m benchmarks.varlen --collate all --json out.json
+
+Step i of every collate sees the same ``--batch-size`` documents of the seed distribution (lengths
+uniform in [1, max_len - 1], tokens uniform in [1, vocab - 1]) and a model built from the same seed,
+so rows differ only in how the batch is laid out and which attention kernel runs. Train steps are
+causal with SGD; eval steps are bidirectional, as in the seed article. Throughput counts real tokens
+only. Unless ``--no-baseline`` is given, pad_max is measured in the same run, and every row shows
+its throughput ratio against it.
+
+Defaults follow the device: on CUDA the ``seed`` preset in bf16 autocast, on CPU the ``tiny`` preset
+in fp32. Batches are collated before timing (a DataLoader worker's job) and pinned on CUDA; the
+timed loop includes the host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import NoReturn
+
+import torch
+
+from models import ADAPTERS, GPT, PRESETS, GPTConfig, get_adapter, lm_loss
+from packing import COLLATORS, Batch, SyntheticDocs, get_collator
+
+BASELINE = "pad_max"
+
+
+@dataclass
+class Record:
+    """One benchmark row, as written to ``--json``."""
+
+    collate: str
+    attn: str
+    backend: str
+    mode: str
+    device: str
+    gpu: str | None
+    torch: str
+    preset: str
+    dtype: str
+    batch_size: int
+    steps: int
+    warmup: int
+    seed: int
+    ms_per_step: float
+    tokens_per_s: float
+    padding_fraction: float
+    peak_mem_bytes: int | None
+    loss: float
+    compile: bool
+    world_size: int
+    speedup_vs_baseline: float | None = None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the user sees what to fix.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m benchmarks.varlen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--collate", default="concat", choices=[*COLLATORS, "all"], help="batching method (default concat)")
+    p.add_argument("--attn", default="auto", choices=["auto", *ADAPTERS], help="attention adapter (default auto)")
+    p.add_argument("--mode", default="train", choices=["train", "eval"], help="causal train step or bidirectional eval")
+    p.add_argument("--preset", choices=list(PRESETS), help="model size (default: seed on CUDA, tiny on CPU)")
+    p.add_argument("--device", help="cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast on CUDA, fp32 on CPU by default")
+    p.add_argument("--steps", type=_positive, default=10, help="timed steps per collate (default 10)")
+    p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="documents per step (default 32)")
+    p.add_argument("--pad-to-multiple-of", type=_positive, default=64, help="pad_longest rounding (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
+    p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    return p
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device torch knows; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    return device
+
+
+def make_collator(name: str, config: GPTConfig, pad_to_multiple_of: int):
+    if name == "pad_max":
+        return get_collator(name, max_len=config.max_len)
+    if name == "pad_longest":
+        return get_collator(name, pad_to_multiple_of=pad_to_multiple_of)
+    return get_collator(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device) -> Record:
+    """Time ``args.steps`` steps of collate ``name`` after ``args.warmup`` untimed ones."""
+    B, n_steps = args.batch_size, args.warmup + args.steps
+    docs = SyntheticDocs(n_steps * B, max_len=config.max_len, vocab_size=config.vocab_size, seed=args.seed)
+    collator = make_collator(name, config, args.pad_to_multiple_of)
+    batches: list[Batch] = [collator([docs[j] for j in range(i * B, (i + 1) * B)]) for i in range(n_steps)]
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+
+    torch.manual_seed(args.seed)  # same weights for every collate
+    model = GPT(config, attn=args.attn).to(device)
+    adapter = model.adapter(collator.layout, device)
+    train = args.mode == "train"
+    model.train(train)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
+    bf16 = args.dtype == "bf16"
+
+    def step(batch: Batch) -> torch.Tensor:
+        batch = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if not train:
+                with torch.inference_mode():
+                    return lm_loss(model(batch, causal=False), batch)
+            loss = lm_loss(model(batch, causal=True), batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for batch in batches[: args.warmup]:
+        step(batch)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    losses = [step(batch) for batch in batches[args.warmup :]]
+    _sync(device)
+    elapsed = time.perf_counter() - start
+
+    timed = batches[args.warmup :]
+    tokens = sum(b.num_tokens for b in timed)
+    return Record(
+        collate=name,
+        attn=adapter.name,
+        backend=adapter.backend,
+        mode=args.mode,
+        device=device.type,
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        torch=torch.__version__,
+        preset=args.preset,
+        dtype=args.dtype,
+        batch_size=B,
+        steps=args.steps,
+        warmup=args.warmup,
+        seed=args.seed,
+        ms_per_step=1000 * elapsed / args.steps,
+        tokens_per_s=tokens / elapsed,
+        padding_fraction=1 - tokens / sum(b.num_slots for b in timed),
+        peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        loss=torch.stack(losses).float().mean().item(),
+        compile=False,
+        world_size=1,
+    )
+
+
+def format_table(records: list[Record]) -> str:
+    header = ["collate", "attn", "backend", "mode", "ms/step", "real tok/s", "padding", "peak mem", "loss", f"x {BASELINE}"]
+    rows = [
+        [
+            r.collate,
+            r.attn,
+            r.backend,
+            r.mode,
+            f"{r.ms_per_step:.1f}",
+            f"{r.tokens_per_s:,.0f}",
+            f"{100 * r.padding_fraction:.1f}%",
+            "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**30:.2f} GiB",
+            f"{r.loss:.5f}",
+            "-" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}",
+        ]
+        for r in records
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[Record]:
+    device = resolve_device(args.device)
+    args.preset = args.preset or ("seed" if device.type == "cuda" else "tiny")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    config = PRESETS[args.preset]
+    names = list(COLLATORS) if args.collate == "all" else [args.collate]
+    if not args.no_baseline and BASELINE not in names:
+        names.insert(0, BASELINE)
+    # The added baseline row runs pad_max with its best adapter, whatever --attn the others use.
+    attns = {n: "auto" if n == BASELINE and args.collate != BASELINE else args.attn for n in names}
+    # Fail on a bad --attn/--collate pairing or a missing optional package before any timing.
+    for name in names:
+        get_adapter(attns[name], COLLATORS[name].layout, device)
+        make_collator(name, config, args.pad_to_multiple_of)
+    records = [
+        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name]}), config, device) for name in names
+    ]
+    base = next((r for r in records if r.collate == BASELINE), None)
+    for r in records:
+        r.speedup_vs_baseline = None if base is None else r.tokens_per_s / base.tokens_per_s
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        records = run(args)
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"python -m benchmarks.varlen: error: {e}", file=sys.stderr)
+        return 2
+    r0 = records[0]
+    print(
+        f"device={r0.device} gpu={r0.gpu} torch={r0.torch} preset={r0.preset} dtype={r0.dtype} "
+        f"mode={r0.mode} batch_size={r0.batch_size} steps={r0.steps} warmup={r0.warmup} seed={r0.seed}"
+    )
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
