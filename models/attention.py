@@ -90,6 +90,10 @@ class SdpaAttention(AttentionAdapter):
 
     Causal uses ``is_causal=True``: rows are right-padded, so a real query only ever sees earlier
     real keys. Bidirectional masks padding keys with the batch's ``attention_mask``.
+
+    Masked keys get weight 0 but are still multiplied, so a NaN in a padding slot reaches the
+    output (0 x NaN; checked on torch 2.13 CPU). Padding slots hold the embedded pad id, which is
+    finite; what the pad id *is* does not change real outputs (tested).
     """
 
     name = "sdpa"
