@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from models import ADAPTERS, adapters_for, get_adapter
+from models.attention import AttentionAdapter
+from packing import LAYOUTS, get_collator
+
+LENS = [1, 6, 13, 3]
+H, D = 2, 8
+
+
+def batch_for(layout):
+    name = {"padded": "pad_longest", "packed": "concat", "nested": "nested"}[layout]
+    options = {} if layout == "nested" else {"pad_to_multiple_of": 16}  # leave padding slots
+    return get_collator(name, **options)([list(range(1, n + 1)) for n in LENS])
+
+
+def dense_reference(q, k, v, batch, causal):
+    """float64 attention over the whole token form with an explicit (slots x slots) mask that lets a
+    real token see exactly the earlier (or all) tokens of its own sequence; obviously correct."""
+    doc = torch.full((batch.num_slots,), -1)
+    doc_ids = torch.arange(len(LENS)).repeat_interleave(torch.tensor(LENS))
+    pos = torch.cat([torch.arange(n) for n in LENS])
+    if batch.layout == "padded":
+        L = q.shape[1]
+        flat = (torch.arange(len(LENS))[:, None] * L + torch.arange(L)).flatten()[batch.attention_mask.flatten()]
+        q, k, v = (t.reshape(-1, H, D) for t in (q, k, v))
+    else:
+        flat = torch.arange(batch.num_tokens)
+    doc[flat] = doc_ids
+    position = torch.zeros(batch.num_slots, dtype=torch.long)
+    position[flat] = pos
+    allowed = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
+    if causal:
+        allowed &= position[None, :] <= position[:, None]
+    qd, kd, vd = (t.double().transpose(0, 1) for t in (q, k, v))  # (H, S, D)
+    scores = (qd @ kd.transpose(-1, -2) / D**0.5).masked_fill(~allowed, float("-inf"))
+    out = torch.nan_to_num(scores.softmax(-1)) @ vd  # rows with nothing allowed are padding
+    return out.transpose(0, 1), flat
+
+
+PAIRS = [(layout, a) for layout in LAYOUTS for a in adapters_for(layout, "cpu")]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("layout, attn", PAIRS, ids=[f"{l}-{a}" for l, a in PAIRS])
+def test_adapter_matches_dense_float64_reference(layout, attn, causal):
+    batch = batch_for(layout)
+    shape = (*batch.unwrap(batch.input_ids).shape, H, D)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    out = get_adapter(attn, layout, "cpu")(q, k, v, batch, causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref, flat = dense_reference(q, k, v, batch, causal)
+    got = out.reshape(-1, H, D)[flat].double()
+    assert ((got - ref[flat]).norm() / ref[flat].norm()).item() < 1e-6  # fp32 against fp64
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("layout, attn", [p for p in PAIRS if p[0] != "nested"], ids=lambda x: str(x))
+def test_poisoned_padding_never_reaches_real_outputs(layout, attn, causal):
+    batch = batch_for(layout)
+    shape = (*batch.unwrap(batch.input_ids).shape, H, D)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    clean = get_adapter(attn, layout, "cpu")(q, k, v, batch, causal=causal)
+    real = batch.attention_mask if layout == "padded" else torch.arange(batch.num_slots) < batch.num_tokens
+    # SDPA multiplies masked keys by weight 0, so NaN would leak as 0 x NaN (documented); it gets
+    # huge finite garbage. Adapters that never read padding get NaN, as in xFormers' tests.
+    poison = 1e4 if attn == "sdpa" else float("nan")
+    for t in (q, k, v):
+        t[~real] = poison
+    out = get_adapter(attn, layout, "cpu")(q, k, v, batch, causal=causal)
+    assert torch.isfinite(out[real]).all()
+    assert torch.allclose(out[real], clean[real], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_picks_the_fastest_available():
+    assert get_adapter("auto", "padded", "cpu").name == "sdpa"
+    assert get_adapter("auto", "packed", "cpu").name == "naive"
+    assert get_adapter("auto", "nested", "cpu").name == "naive"
+
+
+def test_unknown_adapter_and_layout():
+    with pytest.raises(ValueError, match=r"unknown attention adapter 'flashy'; known: auto, sdpa, naive"):
+        get_adapter("flashy", "packed", "cpu")
+    with pytest.raises(ValueError, match=r"unknown layout 'ragged'"):
+        get_adapter("naive", "ragged", "cpu")
+
+
+def test_adapter_unavailable_on_device_lists_alternatives(monkeypatch):
+    class CudaOnly(AttentionAdapter):
+        name = "cuda_only"
+        layouts = frozenset({"packed"})
+        devices = frozenset({"cuda"})
+
+    monkeypatch.setitem(ADAPTERS, "cuda_only", CudaOnly)
+    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu; adapters for 'packed' there: naive"):
+        get_adapter("cuda_only", "packed", "cpu")
+    assert "cuda_only" in adapters_for("packed") and "cuda_only" not in adapters_for("packed", "cpu")
