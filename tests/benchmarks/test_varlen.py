@@ -1,0 +1,63 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.varlen import main
+from packing import COLLATORS
+
+KEYS = {"collate", "attn", "backend", "mode", "device", "gpu", "torch", "preset", "steps", "ms_per_step",
+        "tokens_per_s", "padding_fraction", "peak_mem_bytes", "loss", "compile", "world_size"}
+
+
+def test_all_collates_see_the_same_documents(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["--collate", "all", "--mode", "eval", "--device", "cpu", "--steps", "2", "--warmup", "1",
+               "--batch-size", "6", "--seed", "3", "--json", str(out)])
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert [r["collate"] for r in records] == list(COLLATORS)
+    assert all(KEYS <= r.keys() for r in records)
+    # Same documents and weights: the fp32 eval loss agrees across layouts to 1e-5 relative.
+    base = records[0]["loss"]
+    assert all(abs(r["loss"] - base) / base <= 1e-5 for r in records), [r["loss"] for r in records]
+    by = {r["collate"]: r for r in records}
+    assert by["concat"]["padding_fraction"] == by["nested"]["padding_fraction"] == 0.0
+    assert by["pad_max"]["padding_fraction"] > by["pad_longest"]["padding_fraction"] >= 0
+    assert by["pad_max"]["speedup_vs_baseline"] == 1.0
+    table = capsys.readouterr().out
+    assert "x pad_max" in table and all(name in table for name in COLLATORS)
+
+
+def test_single_collate_gets_the_baseline_row(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--collate", "concat", "--steps", "1", "--warmup", "0", "--batch-size", "3",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["collate"], r["attn"]) for r in records] == [("pad_max", "sdpa"), ("concat", "naive")]
+    on_gpu = torch.cuda.is_available()  # defaults follow the device
+    assert records[0]["device"] == ("cuda" if on_gpu else "cpu")
+    assert (records[0]["preset"], records[0]["dtype"]) == (("seed", "bf16") if on_gpu else ("tiny", "fp32"))
+    assert records[1]["mode"] == "train" and records[1]["world_size"] == 1 and records[1]["compile"] is False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--collate", "concat", "--attn", "sdpa"], "attention adapter 'sdpa' takes layouts ['padded'], not 'packed'"),
+        (["--collate", "nope"], "argument --collate: invalid choice: 'nope'"),
+        (["--steps", "0"], "argument --steps: 0 is not >= 1"),
+        (["--device", "cuda"] , "--device cuda but torch.cuda.is_available() is False; use --device cpu"),
+        (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.varlen", *args], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("python -m benchmarks.varlen: error: ")
