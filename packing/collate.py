@@ -278,7 +278,10 @@ class XformersBlockDiagonal(ConcatCuSeqlens):
         block_diagonal_mask_class()  # fail at construction, not in a DataLoader worker
 
     def _bias(self, lens: list[int], pad: int) -> Any:
-        return block_diagonal_mask_class().from_seqlens(lens + [pad] if pad else lens)
+        # device="cpu" explicitly: xFormers (and mslk) default to CUDA whenever it is available and
+        # pin memory on the way, which breaks the host-side contract and crashes in a forked
+        # DataLoader worker ("Cannot re-initialize CUDA in forked subprocess"; seen on an H100).
+        return block_diagonal_mask_class().from_seqlens(lens + [pad] if pad else lens, device=torch.device("cpu"))
 
 
 COLLATORS: dict[str, type[Collator]] = {

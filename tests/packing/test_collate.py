@@ -151,3 +151,11 @@ def test_collation_keeps_every_token(lens, name):
         real = batch.attention_mask if batch.layout == "padded" else torch.arange(batch.num_slots)[None] < sum(lens)
         assert bool((batch.input_ids[~real] == 7).all()) and bool((batch.labels[~real] == -100).all())
         assert batch.num_slots == batch.input_ids.numel()
+
+
+def test_xformers_mask_is_built_on_the_host_even_when_cuda_exists(monkeypatch):
+    # xFormers' from_seqlens defaults to CUDA when it is available; the collator must not follow.
+    c = collator("xformers")  # imports xFormers first, which probes CUDA at import time
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    batch = c(random_samples([3, 4]))
+    assert batch.attn_bias.q_seqinfo.seqstart.device.type == "cpu"
