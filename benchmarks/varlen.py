@@ -8,18 +8,21 @@ Step i of every collate sees the same ``--batch-size`` documents of the seed dis
 uniform in [1, max_len - 1], tokens uniform in [1, vocab - 1]) and a model built from the same seed,
 so rows differ only in how the batch is laid out and which attention kernel runs. Train steps are
 causal with SGD; eval steps are bidirectional, as in the seed article. Throughput counts real tokens
-only. Unless ``--no-baseline`` is given, pad_max is measured in the same run, and every row shows
+only; ms/step is the mean over timed steps, and the JSON also has the median. Unless
+``--no-baseline`` is given, pad_max is measured in the same run, and every row shows
 its throughput ratio against it.
 
 Defaults follow the device: on CUDA the ``seed`` preset in bf16 autocast, on CPU the ``tiny`` preset
 in fp32. Batches are collated before timing (a DataLoader worker's job) and pinned on CUDA; the
-timed loop includes the host-to-device copy.
+timed loop includes the host-to-device copy. Before timing, each padded width that the warm-up
+steps missed gets one untimed step without an optimizer update (see ``unseen_widths``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +54,7 @@ class Record:
     warmup: int
     seed: int
     ms_per_step: float
+    median_ms_per_step: float
     tokens_per_s: float
     padding_fraction: float
     peak_mem_bytes: int | None
@@ -123,6 +127,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepClock:
+    """Times each ``with clock:`` block without syncing inside the loop: CUDA events on a GPU,
+    the host clock on a CPU. Read the times only after the final synchronize."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __enter__(self) -> None:
+        self.marks.append([self._mark()])
+
+    def __exit__(self, *exc) -> None:
+        self.marks[-1].append(self._mark())
+
+    def step_ms(self) -> list[float]:
+        if self.cuda:
+            return [start.elapsed_time(end) for start, end in self.marks]
+        return [1000 * (end - start) for start, end in self.marks]
+
+    def total_s(self) -> float:
+        first, last = self.marks[0][0], self.marks[-1][1]
+        return first.elapsed_time(last) / 1000 if self.cuda else last - first
+
+
+def unseen_widths(warmup: list[Batch], timed: list[Batch]) -> list[Batch]:
+    """One timed batch for each padded width the warm-up steps did not cover.
+
+    The first step at a new (B, L) shape pays one-time costs (kernel selection, allocator growth)
+    that a real run pays once per width, and pad_longest has up to max_len / 64 widths. Packed and
+    nested batches change length every step, so their kernels take any length and need no warm-up.
+    """
+    seen = {tuple(b.input_ids.shape) for b in warmup if b.layout == "padded"}
+    extra = []
+    for b in timed:
+        if b.layout == "padded" and tuple(b.input_ids.shape) not in seen:
+            seen.add(tuple(b.input_ids.shape))
+            extra.append(b)
+    return extra
+
+
 def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device) -> Record:
     """Time ``args.steps`` steps of collate ``name`` after ``args.warmup`` untimed ones."""
     B, n_steps = args.batch_size, args.warmup + args.steps
@@ -140,7 +191,7 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
     bf16 = args.dtype == "bf16"
 
-    def step(batch: Batch) -> torch.Tensor:
+    def step(batch: Batch, update: bool = True) -> torch.Tensor:
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if not train:
@@ -148,21 +199,26 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
                     return lm_loss(model(batch, causal=False), batch)
             loss = lm_loss(model(batch, causal=True), batch)
         loss.backward()
-        opt.step()
+        if update:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    timed = batches[args.warmup :]
     for batch in batches[: args.warmup]:
         step(batch)
+    for batch in unseen_widths(batches[: args.warmup], timed):
+        step(batch, update=False)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    losses = [step(batch) for batch in batches[args.warmup :]]
+    clock = StepClock(device)
+    losses = []
+    for batch in timed:
+        with clock:
+            losses.append(step(batch))
     _sync(device)
-    elapsed = time.perf_counter() - start
-
-    timed = batches[args.warmup :]
+    elapsed = clock.total_s()
     tokens = sum(b.num_tokens for b in timed)
     return Record(
         collate=name,
@@ -179,6 +235,7 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
         warmup=args.warmup,
         seed=args.seed,
         ms_per_step=1000 * elapsed / args.steps,
+        median_ms_per_step=statistics.median(clock.step_ms()),
         tokens_per_s=tokens / elapsed,
         padding_fraction=1 - tokens / sum(b.num_slots for b in timed),
         peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
