@@ -61,6 +61,7 @@ class Record:
     loss: float
     compile: bool
     world_size: int
+    command: str = ""
     speedup_vs_baseline: float | None = None
 
 
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError) as e:
         print(f"python -m benchmarks.varlen: error: {e}", file=sys.stderr)
         return 2
+    command = " ".join(["python -m benchmarks.varlen", *(sys.argv[1:] if argv is None else argv)])
+    for r in records:
+        r.command = command
     r0 = records[0]
     print(
         f"device={r0.device} gpu={r0.gpu} torch={r0.torch} preset={r0.preset} dtype={r0.dtype} "

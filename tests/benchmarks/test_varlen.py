@@ -21,6 +21,7 @@ def test_all_collates_see_the_same_documents(tmp_path, capsys):
     records = json.loads(out.read_text())
     assert [r["collate"] for r in records] == list(COLLATORS)
     assert all(KEYS <= r.keys() for r in records)
+    assert records[0]["command"].startswith("python -m benchmarks.varlen --collate all --mode eval")
     # Same documents and weights: the fp32 eval loss agrees across layouts to 1e-5 relative.
     base = records[0]["loss"]
     assert all(abs(r["loss"] - base) / base <= 1e-5 for r in records), [r["loss"] for r in records]
