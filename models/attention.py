@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import ClassVar
 
 import torch
@@ -72,7 +73,7 @@ class NaiveAttention(AttentionAdapter):
         if batch.layout == "padded":
             spans = [(b, slice(0, n)) for b, n in enumerate(batch.seq_lens)]
         else:
-            starts = [0, *torch.tensor(batch.seq_lens).cumsum(0).tolist()]  # host ints, no device read
+            starts = list(accumulate(batch.seq_lens, initial=0))  # host ints, no device read
             spans = [(slice(s, e),) for s, e in zip(starts[:-1], starts[1:])]
         for idx in spans:
             qs, ks, vs = (t[idx].float().transpose(0, 1) for t in (q, k, v))  # (H, n, D)

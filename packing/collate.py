@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from packing.batch import Batch
+from packing.batch import Batch, cumulative_lengths, packed_positions
 from packing.sample import IGNORE_INDEX, Sample, as_sample
 
 
@@ -43,13 +43,6 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
 
 def _round_up(n: int, multiple: int | None) -> int:
     return n if multiple is None else -(-n // multiple) * multiple
-
-
-def _cu_seqlens(lens: list[int]) -> Tensor:
-    """(num_seqs + 1,) int32 cumulative lengths starting at 0."""
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
-    return cu
 
 
 class Collator:
@@ -97,7 +90,7 @@ class _Padded(Collator):
             labels=labels,
             position_ids=position_ids,
             seq_lens=tuple(lens),
-            cu_seqlens=_cu_seqlens(lens),
+            cu_seqlens=cumulative_lengths(lens),
             attention_mask=mask,
             ignore_index=self.ignore_index,
         )
@@ -162,13 +155,12 @@ class NestedJagged(Collator):
 
     def collate(self, samples: list[Sample]) -> Batch:
         lens = [len(s.input_ids) for s in samples]
-        cu = _cu_seqlens(lens)
+        cu = cumulative_lengths(lens)
         offsets = cu.long()  # torch.nested wants int64 offsets; cu_seqlens stays int32 per the contract
-        starts = torch.repeat_interleave(offsets[:-1], torch.tensor(lens))
         values = {
             "input_ids": torch.cat([s.input_ids for s in samples]),
             "labels": torch.cat([s.labels for s in samples]),
-            "position_ids": torch.arange(int(cu[-1])) - starts,
+            "position_ids": packed_positions(lens),
         }
         nested = {
             k: torch.nested.nested_tensor_from_jagged(v, offsets, min_seqlen=min(lens), max_seqlen=max(lens))
@@ -219,7 +211,7 @@ class ConcatCuSeqlens(Collator):
 
     def collate(self, samples: list[Sample]) -> Batch:
         lens = [len(s.input_ids) for s in samples]
-        cu = _cu_seqlens(lens)
+        cu = cumulative_lengths(lens)
         N = int(cu[-1])
         T = self._row_length(N)
         input_ids = torch.full((1, T), self.pad_id, dtype=torch.int64)
@@ -227,7 +219,7 @@ class ConcatCuSeqlens(Collator):
         position_ids = torch.zeros((1, T), dtype=torch.int64)
         torch.cat([s.input_ids for s in samples], out=input_ids[0, :N])
         torch.cat([s.labels for s in samples], out=labels[0, :N])
-        position_ids[0, :N] = torch.arange(N) - torch.repeat_interleave(cu[:-1].long(), torch.tensor(lens))
+        position_ids[0, :N] = packed_positions(lens)
         return Batch(
             layout="packed",
             input_ids=input_ids,
