@@ -9,7 +9,18 @@ the layout's dense token form (``Batch.unwrap``):
 - ``nested``: (N, H, D), the jagged values, sequence boundaries at ``cu_seqlens``.
 
 It returns the output in the same shape as q. Adding an adapter means writing one class with
-``name``, ``layouts`` and ``__call__``, and one line in :data:`ADAPTERS`.
+``name``, ``layouts`` and ``attend``, and one line in :data:`ADAPTERS`.
+
+=================  ========  ===================================================  ============
+adapter            layout    kernel (``backend``)                                 devices
+=================  ========  ===================================================  ============
+``flash``          packed    flash-attn-4, flash-attn-2 or torch.varlen_attn      CUDA
+``xformers``       packed    xFormers or mslk ``memory_efficient_attention``      CUDA
+``sdpa_nested``    nested    SDPA on jagged NestedTensors                          CUDA; CPU bidirectional
+``sdpa``           padded    ``F.scaled_dot_product_attention``                   CUDA, CPU
+``flex``           packed    ``flex_attention`` + document BlockMask              CUDA; CPU forward only
+``naive``          any       explicit fp32 softmax per sequence (ground truth)    CUDA, CPU
+=================  ========  ===================================================  ============
 
 Example:
     >>> import torch
@@ -22,27 +33,55 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import warnings
 from itertools import accumulate
-from typing import ClassVar
+from types import ModuleType
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
 
+from models.block_mask import document_block_mask
 from packing.batch import LAYOUTS, Batch
 
 
 class AttentionAdapter:
-    """The interface. Subclasses set ``name`` and ``layouts`` and implement ``__call__``."""
+    """The interface. Subclasses set ``name`` and ``layouts`` and implement :meth:`attend`.
+
+    ``devices`` are where it can run at all; ``preferred_on`` where ``"auto"`` may pick it (a CPU
+    fallback that is slower than another adapter stays out of ``auto``). :meth:`unsupported`
+    names a case the adapter cannot compute, which raises a ``ValueError`` instead of running.
+    """
 
     name: ClassVar[str]
     layouts: ClassVar[frozenset[str]]
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
+    preferred_on: ClassVar[frozenset[str] | None] = None  # None: wherever it is available
+    # True when padding keys are read with weight 0: a non-finite value there would then reach real
+    # outputs as 0 x NaN. Padding slots hold the embedded pad id, which is finite.
+    reads_padding: ClassVar[bool] = False
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
 
     @classmethod
     def available(cls, device: torch.device) -> bool:
         """Whether this adapter can run on ``device`` in this environment."""
         return device.type in cls.devices
+
+    @classmethod
+    def preferred(cls, device: torch.device) -> bool:
+        """Whether ``"auto"`` may pick this adapter on ``device``."""
+        return cls.available(device) and (cls.preferred_on is None or device.type in cls.preferred_on)
+
+    def unsupported(self, *, causal: bool, grad: bool) -> str | None:
+        """Why this adapter cannot compute this case on its device, or None if it can."""
+        return None
 
     @property
     def backend(self) -> str:
@@ -50,6 +89,12 @@ class AttentionAdapter:
         return self.name
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        reason = self.unsupported(causal=causal, grad=torch.is_grad_enabled() and q.requires_grad)
+        if reason is not None:
+            raise ValueError(f"attention adapter {self.name!r} on {q.device.type}: {reason}")
+        return self.attend(q, k, v, batch, causal=causal)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         raise NotImplementedError
 
 
@@ -67,7 +112,7 @@ class NaiveAttention(AttentionAdapter):
     def backend(self) -> str:
         return "naive-fp32"
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         scale = q.shape[-1] ** -0.5
         if batch.layout == "padded":
@@ -99,12 +144,13 @@ class SdpaAttention(AttentionAdapter):
 
     name = "sdpa"
     layouts = frozenset({"padded"})
+    reads_padding = True
 
     @property
     def backend(self) -> str:
         return "torch.sdpa"
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         mask = None if causal else batch.attention_mask[:, None, None, :]  # (B, 1, 1, L) over keys
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
@@ -112,14 +158,260 @@ class SdpaAttention(AttentionAdapter):
         return out.transpose(1, 2)  # (B, L, H, D)
 
 
+def _pad_rows(out: Tensor, total: int) -> Tensor:
+    """(N, H, D) -> (total, H, D) with zero rows for the packed padding tail.
+
+    Varlen kernels leave rows past ``cu_seqlens[-1]`` unwritten; garbage there would flow into the
+    next layer and, as 0 x NaN, into the gradients. The kernel's output cannot be zeroed in place
+    because its backward saves it, so the tail is appended instead (only when the row is padded).
+    """
+    return out if out.shape[0] == total else F.pad(out, (0, 0, 0, 0, 0, total - out.shape[0]))
+
+
+class FlashVarlenAttention(AttentionAdapter):
+    """Varlen flash attention on the packed layout: q, k, v (T, H, D) with the batch's
+    ``cu_seqlens`` and host-side ``max_seqlen``, so nothing is read back from the device.
+
+    Backends, first that loads wins (``backend`` says which ran):
+
+    1. ``flash-attn-4``: ``flash_attn.cute.flash_attn_varlen_func``, on Hopper (sm90) or newer;
+    2. ``flash-attn-2``: ``flash_attn.flash_attn_varlen_func`` (detected by that attribute, since
+       FlashAttention-4 installs a ``flash_attn`` namespace package without it);
+    3. ``torch.varlen_attn``: ``torch.nn.attention.varlen.varlen_attn``, the FA2 kernel in torch
+       >= 2.10 (causal is ``window_size=(-1, 0)`` from 2.11, ``is_causal=True`` in 2.10).
+
+    The kernels take bf16 or fp16 only: run the model under ``torch.autocast``.
+    """
+
+    name = "flash"
+    layouts = frozenset({"packed"})
+    devices = frozenset({"cuda"})
+
+    @classmethod
+    def available(cls, device: torch.device) -> bool:
+        return device.type == "cuda" and flash_backend() is not None
+
+    @property
+    def backend(self) -> str:
+        return flash_backend()[0]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"attention adapter 'flash' needs bf16 or fp16 q/k/v, got {q.dtype}; "
+                "run the model under torch.autocast('cuda', dtype=torch.bfloat16) or use attn='naive'"
+            )
+        n = batch.num_tokens
+        out = flash_backend()[1](q[:n], k[:n], v[:n], batch.cu_seqlens, batch.max_seqlen, causal)
+        return _pad_rows(out, q.shape[0])
+
+
+@functools.cache
+def flash_backend() -> tuple[str, Callable[..., Tensor]] | None:
+    """(name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) for the best varlen kernel, or None."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        try:
+            from flash_attn.cute import flash_attn_varlen_func as fa4
+        except ImportError:
+            pass
+        else:
+
+            def run_fa4(q, k, v, cu, max_len, causal):
+                # FA4 puts qv fourth, so everything after v goes by keyword; it returns (out, lse).
+                return fa4(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                           max_seqlen_k=max_len, causal=causal)[0]
+
+            return "flash-attn-4", run_fa4
+    try:
+        import flash_attn
+
+        fa2 = flash_attn.flash_attn_varlen_func
+    except (ImportError, AttributeError):
+        pass
+    else:
+
+        def run_fa2(q, k, v, cu, max_len, causal):
+            return fa2(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                       max_seqlen_k=max_len, causal=causal)
+
+        return "flash-attn-2", run_fa2
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "window_size" in inspect.signature(varlen_attn).parameters:  # torch >= 2.11
+
+        def run_torch(q, k, v, cu, max_len, causal):
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1))
+
+    else:  # torch 2.10
+
+        def run_torch(q, k, v, cu, max_len, causal):
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal)
+
+    return "torch.varlen_attn", run_torch
+
+
+class XformersAttention(AttentionAdapter):
+    """xFormers ``memory_efficient_attention`` over the packed row with a ``BlockDiagonalMask``,
+    made causal with ``make_causal()``.
+
+    The mask comes from the ``xformers`` collator, built on the host. For a ``concat`` batch
+    (no mask) it is built here from the host-side ``seq_lens``, still without a device sync.
+    Kernels: xFormers itself where its ops load (its 0.0.35 wheels need torch 2.10), else
+    ``mslk`` (``mslk-cuda``, the same kernels packaged for torch 2.11); ``backend`` says which.
+    """
+
+    name = "xformers"
+    layouts = frozenset({"packed"})
+    devices = frozenset({"cuda"})
+
+    @classmethod
+    def available(cls, device: torch.device) -> bool:
+        return device.type == "cuda" and fmha_backend() is not None
+
+    @property
+    def backend(self) -> str:
+        return fmha_backend()[0]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        _, fmha = fmha_backend()
+        mask_cls = fmha.attn_bias.BlockDiagonalMask
+        bias = batch.attn_bias
+        if type(bias) is not mask_cls:  # absent (concat batch), or made by the other package
+            lens = list(batch.seq_lens) + ([batch.num_slots - batch.num_tokens] if batch.num_slots > batch.num_tokens else [])
+            bias = mask_cls.from_seqlens(lens, device=q.device)
+        if causal:
+            bias = bias.make_causal()
+        return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]  # (T, H, D)
+
+
+@functools.cache
+def fmha_backend() -> tuple[str, ModuleType] | None:
+    """("xformers" or "mslk", its fmha module) for the first whose CUDA kernels run, or None."""
+    if not torch.cuda.is_available():
+        return None
+    for name, module in (("xformers", "xformers.ops.fmha"), ("mslk", "mslk.attention.fmha")):
+        try:
+            fmha = importlib.import_module(module)
+            x = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+            fmha.memory_efficient_attention(x, x, x)  # xFormers imports fine but fails here on torch 2.11
+        except Exception:  # noqa: BLE001 - any failure means "this package's kernels do not run here"
+            continue
+        return name, fmha
+    return None
+
+
+class SdpaNestedAttention(AttentionAdapter):
+    """SDPA on jagged NestedTensors: (B, H, j, D) views over the values, no padding anywhere.
+
+    The views reuse the batch's offsets and host-side min/max seqlen, so SDPA never reads the
+    lengths back from the device. On CPU, torch has only a bidirectional kernel for NestedTensors,
+    so causal there raises a ``ValueError`` (``auto`` picks the naive reference on CPU instead).
+    """
+
+    name = "sdpa_nested"
+    layouts = frozenset({"nested"})
+    preferred_on = frozenset({"cuda"})
+
+    @property
+    def backend(self) -> str:
+        return "torch.sdpa-nested"
+
+    def unsupported(self, *, causal: bool, grad: bool) -> str | None:
+        if causal and self.device.type == "cpu":
+            return (
+                "torch has no causal SDPA kernel for NestedTensors on CPU (bidirectional only); "
+                "use attn='naive' for causal on CPU, or run on CUDA"
+            )
+        return None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        offsets = batch.input_ids.offsets()
+        lo, hi = min(batch.seq_lens), batch.max_seqlen
+
+        def nested(t: Tensor) -> Tensor:
+            # NestedTensor SDPA needs contiguous values; q/k/v are strided views of the fused qkv.
+            t = torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, min_seqlen=lo, max_seqlen=hi)
+            return t.transpose(1, 2)  # (B, H, j, D)
+
+        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v), is_causal=causal)
+        return out.transpose(1, 2).values()  # (N, H, D)
+
+
+class FlexDocumentAttention(AttentionAdapter):
+    """FlexAttention over the packed row with a document (plus causal) ``BlockMask``.
+
+    The mask is built once per batch on the host from ``seq_lens`` (see :mod:`models.block_mask`:
+    no T x T tensor) and shared by every layer. On CUDA, ``flex_attention`` runs compiled; pad the
+    row to a fixed ``total_tokens`` or a multiple to keep shapes static. On CPU it runs torch's
+    unfused eager reference (``backend`` "flex-eager"), forward only: torch has no CPU backward.
+    """
+
+    name = "flex"
+    layouts = frozenset({"packed"})
+    preferred_on = frozenset({"cuda"})
+    reads_padding = True  # the tail shares partial blocks with real tokens; the mask gives it weight 0
+
+    def __init__(self, device: torch.device | str) -> None:
+        super().__init__(device)
+        self._mask_for: tuple[Batch, bool] | None = None
+        self._mask = None
+        self._flex = torch.compile(flex_attention) if self.device.type == "cuda" else flex_attention
+
+    @property
+    def backend(self) -> str:
+        return "flex-compiled" if self.device.type == "cuda" else "flex-eager"
+
+    def unsupported(self, *, causal: bool, grad: bool) -> str | None:
+        if grad and self.device.type == "cpu":
+            return "torch's FlexAttention has no backward on CPU; train with attn='naive' on CPU, or run on CUDA"
+        return None
+
+    def block_mask(self, batch: Batch, causal: bool):
+        """The batch's BlockMask, built on its first layer and reused by the rest."""
+        if self._mask_for is None or self._mask_for[0] is not batch or self._mask_for[1] != causal:
+            self._mask = document_block_mask(batch.seq_lens, batch.num_slots, causal=causal, device=self.device)
+            self._mask_for = (batch, causal)
+        return self._mask
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        mask = self.block_mask(batch, causal)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, T, D)
+        if self.device.type == "cpu":
+            with warnings.catch_warnings():
+                # Eager flex warns that it is unfused; on CPU that is the documented reference path.
+                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+                out = self._flex(q, k, v, block_mask=mask)
+        else:
+            out = self._flex(q, k, v, block_mask=mask)
+        return out[0].transpose(0, 1)  # (T, H, D)
+
+
 # Preference order for "auto": fastest first; the naive reference takes any layout, so it is last.
-ADAPTERS: dict[str, type[AttentionAdapter]] = {cls.name: cls for cls in (SdpaAttention, NaiveAttention)}
+ADAPTERS: dict[str, type[AttentionAdapter]] = {
+    cls.name: cls
+    for cls in (
+        FlashVarlenAttention,
+        XformersAttention,
+        SdpaNestedAttention,
+        SdpaAttention,
+        FlexDocumentAttention,
+        NaiveAttention,
+    )
+}
 
 
 def adapters_for(layout: str, device: torch.device | str | None = None) -> list[str]:
     """Names of the adapters that take ``layout`` (and run on ``device``, if given), fastest first."""
     dev = None if device is None else torch.device(device)
     return [n for n, c in ADAPTERS.items() if layout in c.layouts and (dev is None or c.available(dev))]
+
+
+def auto_adapter(layout: str, device: torch.device | str) -> str:
+    """The adapter ``"auto"`` picks: the first preferred one that takes ``layout`` on ``device``."""
+    dev = torch.device(device)
+    return next(n for n, c in ADAPTERS.items() if layout in c.layouts and c.preferred(dev))
 
 
 def get_adapter(name: str, layout: str, device: torch.device | str) -> AttentionAdapter:
@@ -132,7 +424,7 @@ def get_adapter(name: str, layout: str, device: torch.device | str) -> Attention
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if name == "auto":
-        return ADAPTERS[adapters_for(layout, device)[0]]()
+        return ADAPTERS[auto_adapter(layout, device)](device)
     if name not in ADAPTERS:
         raise ValueError(f"unknown attention adapter {name!r}; known: auto, {', '.join(ADAPTERS)}")
     cls = ADAPTERS[name]
@@ -146,4 +438,4 @@ def get_adapter(name: str, layout: str, device: torch.device | str) -> Attention
             f"attention adapter {name!r} is not available on {device}; "
             f"adapters for {layout!r} there: {', '.join(adapters_for(layout, device))}"
         )
-    return cls()
+    return cls(device)

@@ -48,7 +48,12 @@ def test_adapter_matches_dense_float64_reference(layout, attn, causal):
     batch = batch_for(layout)
     shape = (*batch.unwrap(batch.input_ids).shape, H, D)
     q, k, v = (torch.randn(shape) for _ in range(3))
-    out = get_adapter(attn, layout, "cpu")(q, k, v, batch, causal=causal)
+    adapter = get_adapter(attn, layout, "cpu")
+    if adapter.unsupported(causal=causal, grad=False):  # a declared CPU limit raises, never runs
+        with pytest.raises(ValueError, match=f"attention adapter '{attn}' on cpu: "):
+            adapter(q, k, v, batch, causal=causal)
+        return
+    out = adapter(q, k, v, batch, causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     ref, flat = dense_reference(q, k, v, batch, causal)
     got = out.reshape(-1, H, D)[flat].double()
@@ -63,14 +68,34 @@ def test_poisoned_padding_never_reaches_real_outputs(layout, attn, causal):
     q, k, v = (torch.randn(shape) for _ in range(3))
     clean = get_adapter(attn, layout, "cpu")(q, k, v, batch, causal=causal)
     real = batch.attention_mask if layout == "padded" else torch.arange(batch.num_slots) < batch.num_tokens
-    # SDPA multiplies masked keys by weight 0, so NaN would leak as 0 x NaN (documented); it gets
-    # huge finite garbage. Adapters that never read padding get NaN, as in xFormers' tests.
-    poison = 1e4 if attn == "sdpa" else float("nan")
+    # Adapters that read padding keys with weight 0 would leak NaN as 0 x NaN (declared by
+    # reads_padding); they get huge finite garbage. The others get NaN, as in xFormers' tests.
+    poison = 1e4 if ADAPTERS[attn].reads_padding else float("nan")
     for t in (q, k, v):
         t[~real] = poison
     out = get_adapter(attn, layout, "cpu")(q, k, v, batch, causal=causal)
     assert torch.isfinite(out[real]).all()
     assert torch.allclose(out[real], clean[real], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_limits_raise_errors_that_say_what_to_do():
+    nested = batch_for("nested")
+    q = torch.randn(nested.num_tokens, H, D)
+    with pytest.raises(ValueError, match=r"'sdpa_nested' on cpu: torch has no causal SDPA kernel for NestedTensors on CPU .*use attn='naive'"):
+        get_adapter("sdpa_nested", "nested", "cpu")(q, q, q, nested, causal=True)
+    packed = batch_for("packed")
+    q = torch.randn(packed.num_slots, H, D, requires_grad=True)
+    with pytest.raises(ValueError, match=r"'flex' on cpu: torch's FlexAttention has no backward on CPU; train with attn='naive'"):
+        get_adapter("flex", "packed", "cpu")(q, q, q, packed, causal=True)
+    with torch.no_grad():  # forward alone is fine
+        x = q.detach()
+        assert get_adapter("flex", "packed", "cpu")(x, x, x, packed, causal=True).shape == q.shape
+
+
+def test_gpu_adapters_are_unavailable_on_cpu_with_a_clear_error():
+    for name in ("flash", "xformers"):
+        with pytest.raises(ValueError, match=rf"'{name}' is not available on cpu; adapters for 'packed' there: flex, naive"):
+            get_adapter(name, "packed", "cpu")
 
 
 def test_auto_picks_the_fastest_available():
@@ -80,7 +105,7 @@ def test_auto_picks_the_fastest_available():
 
 
 def test_unknown_adapter_and_layout():
-    with pytest.raises(ValueError, match=r"unknown attention adapter 'flashy'; known: auto, sdpa, naive"):
+    with pytest.raises(ValueError, match=r"unknown attention adapter 'flashy'; known: auto, flash, xformers, sdpa_nested, sdpa, flex, naive"):
         get_adapter("flashy", "packed", "cpu")
     with pytest.raises(ValueError, match=r"unknown layout 'ragged'"):
         get_adapter("naive", "ragged", "cpu")
@@ -93,6 +118,6 @@ def test_adapter_unavailable_on_device_lists_alternatives(monkeypatch):
         devices = frozenset({"cuda"})
 
     monkeypatch.setitem(ADAPTERS, "cuda_only", CudaOnly)
-    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu; adapters for 'packed' there: naive"):
+    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu; adapters for 'packed' there: flex, naive"):
         get_adapter("cuda_only", "packed", "cpu")
     assert "cuda_only" in adapters_for("packed") and "cuda_only" not in adapters_for("packed", "cpu")

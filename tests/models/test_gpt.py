@@ -72,12 +72,23 @@ def test_batch_equals_each_sequence_alone(collate, attn, causal, weights):
     ref_logits, ref_loss, ref_grads = each_alone(weights, samples, causal)
     model = model_with(attn, weights)
     batch = collator(collate)(samples)
-    logits = model(batch, causal=causal)
-    loss = lm_loss(logits, batch)
-    loss.backward()
+    adapter = model.adapter(batch.layout, "cpu")
+    if adapter.unsupported(causal=causal, grad=False):
+        with pytest.raises(ValueError, match=f"attention adapter '{attn}' on cpu: "):
+            model(batch, causal=causal)
+        return
+    train = adapter.unsupported(causal=causal, grad=True) is None  # flex on CPU: forward only
+    with torch.set_grad_enabled(train):
+        logits = model(batch, causal=causal)
+        loss = lm_loss(logits, batch)
     for i, (got, ref) in enumerate(zip(batch.per_sequence(logits), ref_logits)):
         assert rel(got.detach(), ref) <= TOL, f"logits of document {i}"
     assert rel(loss.detach(), ref_loss) <= TOL
+    if not train:
+        with pytest.raises(ValueError, match=f"attention adapter '{attn}' on cpu: .*no backward"):
+            model(batch, causal=causal)
+        return
+    loss.backward()
     for name, p in model.named_parameters():
         assert rel(p.grad, ref_grads[name]) <= TOL, f"gradient of {name}"
 
@@ -89,8 +100,10 @@ def test_padding_content_never_changes_real_logits(collate, attn, weights):
     samples = docs(LENS)
     a = collator(collate, pad_id=0)(samples)
     b = collator(collate, pad_id=CONFIG.vocab_size - 1)(samples)
-    for x, y in zip(a.per_sequence(model(a)), b.per_sequence(model(b))):
-        assert rel(x.detach(), y.detach()) <= TOL
+    causal = model.adapter(a.layout, "cpu").unsupported(causal=True, grad=False) is None
+    with torch.no_grad():
+        for x, y in zip(a.per_sequence(model(a, causal=causal)), b.per_sequence(model(b, causal=causal))):
+            assert rel(x, y) <= TOL
 
 
 # Invariant: for any document lengths, every collator's logits agree with pad_longest + sdpa.
@@ -136,7 +149,7 @@ def test_model_takes_only_a_batch(weights):
 
 def test_layout_the_adapter_cannot_take(weights):
     batch = get_collator("nested")([[1, 2]])
-    with pytest.raises(ValueError, match=r"'sdpa' takes layouts \['padded'\], not 'nested'; adapters that take 'nested': naive"):
+    with pytest.raises(ValueError, match=r"'sdpa' takes layouts \['padded'\], not 'nested'; adapters that take 'nested': sdpa_nested, naive"):
         model_with("sdpa", weights)(batch)
 
 
