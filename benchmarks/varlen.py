@@ -26,10 +26,10 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import NoReturn
 
 import torch
 
+from benchmarks.cli import Parser, resolve_device
 from models import ADAPTERS, GPT, PRESETS, GPTConfig, get_adapter, lm_loss
 from packing import COLLATORS, Batch, SyntheticDocs, get_collator
 
@@ -65,12 +65,6 @@ class Record:
     speedup_vs_baseline: float | None = None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: the user sees what to fix.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -86,7 +80,7 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m benchmarks.varlen", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m benchmarks.varlen", description=__doc__.split("\n\n")[0])
     p.add_argument("--collate", default="concat", choices=[*COLLATORS, "all"], help="batching method (default concat)")
     p.add_argument("--attn", default="auto", choices=["auto", *ADAPTERS], help="attention adapter (default auto)")
     p.add_argument("--mode", default="train", choices=["train", "eval"], help="causal train step or bidirectional eval")
@@ -101,18 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     return p
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device torch knows; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
-    return device
 
 
 def make_collator(name: str, config: GPTConfig, pad_to_multiple_of: int):
@@ -279,6 +261,10 @@ def run(args: argparse.Namespace) -> list[Record]:
         names.insert(0, BASELINE)
     # The added baseline row runs pad_max with its best adapter, whatever --attn the others use.
     attns = {n: "auto" if n == BASELINE and args.collate != BASELINE else args.attn for n in names}
+    # The xformers collate exists to feed its own mask to xFormers' kernel; "auto" by layout alone
+    # would hand its packed row to flash instead.
+    if attns.get("xformers") == "auto" and ADAPTERS["xformers"].available(device):
+        attns["xformers"] = "xformers"
     # Fail on a bad --attn/--collate pairing or a missing optional package before any timing.
     for name in names:
         get_adapter(attns[name], COLLATORS[name].layout, device)

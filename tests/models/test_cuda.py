@@ -1,6 +1,6 @@
 """On a GPU: bf16 autocast through every collator x CUDA adapter matches the fp32 reference run on
 each sequence alone, to 2e-2 relative, and batches pin and move without a sync. CPU machines skip
-this module; run it on a GPU with `python -m pytest tests/models/test_cuda.py`."""
+this module; run it on a GPU with `python -m pytest -m gpu`."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from models import GPT, GPTConfig, adapters_for, lm_loss
 from packing import COLLATORS, SyntheticDocs, get_collator
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CONFIG = GPTConfig(vocab_size=1024, max_len=1024, n_layers=4, dim=256, n_heads=4)
 TOL = 2e-2  # bf16 operands against fp32: the project's GPU tolerance
@@ -31,36 +31,71 @@ def setup():
     weights = GPT(CONFIG).state_dict()
     docs = SyntheticDocs(8, max_len=CONFIG.max_len, seed=1)
     samples = [docs[i] for i in range(len(docs))]
+    refs = {causal: each_alone(weights, samples, causal) for causal in (True, False)}
+    return weights, samples, refs
+
+
+def each_alone(weights, samples, causal):
+    """fp32 naive reference, each document in a batch of its own: logits, token-mean loss, grads."""
     ref = GPT(CONFIG, attn="naive").cuda()
     ref.load_state_dict(weights)
     logits, total, targets = [], 0.0, 0
-    for s in samples:  # fp32, each document alone
+    for s in samples:
         b = get_collator("concat")([s]).to("cuda")
-        out = ref(b, causal=True)[0]
+        out = ref(b, causal=causal)[0]
         total = total + F.cross_entropy(out, b.labels[0], reduction="sum")
         targets += b.num_targets
         logits.append(out.detach())
     loss = total / targets
     loss.backward()
-    return weights, samples, logits, loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+    return logits, loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 
-@pytest.mark.parametrize("collate, attn", PAIRS, ids=[f"{c}-{a}" for c, a in PAIRS])
-def test_bf16_matches_fp32_reference(collate, attn, setup):
-    weights, samples, ref_logits, ref_loss, ref_grads = setup
+def model_with(attn, weights):
     model = GPT(CONFIG, attn=attn).cuda()
     model.load_state_dict(weights)
+    return model
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("collate, attn", PAIRS, ids=[f"{c}-{a}" for c, a in PAIRS])
+def test_bf16_matches_fp32_reference(collate, attn, causal, setup):
+    weights, samples, refs = setup
+    ref_logits, ref_loss, ref_grads = refs[causal]
+    model = model_with(attn, weights)
     batch = collator(collate)(samples).pin_memory().to("cuda", non_blocking=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model(batch, causal=True)
+        logits = model(batch, causal=causal)
         loss = lm_loss(logits, batch)
     loss.backward()
     errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(logits), ref_logits))}
     errors["loss"] = rel(loss.detach(), ref_loss)
     errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
     worst = max(errors, key=errors.get)
-    print(f"{collate}-{attn}: worst {worst} {errors[worst]:.2e}, loss {errors['loss']:.2e}")
+    print(f"{collate}-{attn} causal={causal} backend={model.adapter(batch.layout, 'cuda').backend}: "
+          f"worst {worst} {errors[worst]:.2e}, loss {errors['loss']:.2e}")
     assert errors[worst] <= TOL, worst
+
+
+@pytest.mark.parametrize("collate, attn", PAIRS, ids=[f"{c}-{a}" for c, a in PAIRS])
+def test_train_step_never_syncs_with_the_host(collate, attn, setup):
+    # Host ints (max_seqlen, num_targets, seq_lens) exist so the step never waits on the GPU.
+    weights, samples, _ = setup
+    model = model_with(attn, weights)
+    batches = [collator(collate)(samples[i : i + 4]).pin_memory() for i in (0, 4)]
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lm_loss(model(batch, causal=True), batch).backward()
+
+    step(batches[0].to("cuda", non_blocking=True))  # warm-up: compilation and lazy init may sync
+    batch = batches[1].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("name", list(COLLATORS))
