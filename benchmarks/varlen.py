@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "
+                   "(no optimizer update) and append each collate's top ops by device time to PATH")
     return p
 
 
@@ -157,6 +159,20 @@ def unseen_widths(warmup: list[Batch], timed: list[Batch]) -> list[Batch]:
     return extra
 
 
+def profile_pass(title: str, batches: list[Batch], step, device: torch.device, path: str) -> None:
+    """Profile one untimed pass and append the top ops by device (or CPU) time to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch, update=False)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"## {title}: {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
+
+
 def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device) -> Record:
     """Time ``args.steps`` steps of collate ``name`` after ``args.warmup`` untimed ones."""
     B, n_steps = args.batch_size, args.warmup + args.steps
@@ -202,6 +218,8 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
             losses.append(step(batch))
     _sync(device)
     elapsed = clock.total_s()
+    if args.profile:
+        profile_pass(f"{name} + {adapter.name} ({adapter.backend}), {args.mode}", timed, step, device, args.profile)
     tokens = sum(b.num_tokens for b in timed)
     return Record(
         collate=name,

@@ -62,3 +62,12 @@ def test_user_errors_print_one_line_and_exit_2(args, message):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("python -m benchmarks.varlen: error: ")
+
+
+def test_profile_appends_one_table_per_collate(tmp_path):
+    path = tmp_path / "profile.txt"
+    assert main(["--collate", "concat", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                 "--profile", str(path)]) == 0
+    text = path.read_text()
+    assert "## pad_max + sdpa (torch.sdpa), train: 1 steps" in text
+    assert "## concat + naive (naive-fp32), train: 1 steps" in text and "aten::mm" in text
