@@ -62,6 +62,7 @@ class AttentionAdapter:
     layouts: ClassVar[frozenset[str]]
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
     preferred_on: ClassVar[frozenset[str] | None] = None  # None: wherever it is available
+    needs: ClassVar[str] = "nothing beyond torch"  # said when it is not available
     # True when padding keys are read with weight 0: a non-finite value there would then reach real
     # outputs as 0 x NaN. Padding slots hold the embedded pad id, which is finite.
     reads_padding: ClassVar[bool] = False
@@ -186,6 +187,7 @@ class FlashVarlenAttention(AttentionAdapter):
     name = "flash"
     layouts = frozenset({"packed"})
     devices = frozenset({"cuda"})
+    needs = "CUDA and a varlen kernel: flash-attn-4 (Hopper+), flash-attn 2, or torch >= 2.10's varlen_attn"
 
     @classmethod
     def available(cls, device: torch.device) -> bool:
@@ -265,6 +267,7 @@ class XformersAttention(AttentionAdapter):
     name = "xformers"
     layouts = frozenset({"packed"})
     devices = frozenset({"cuda"})
+    needs = "CUDA and xFormers kernels that load: xformers (its wheels need torch 2.10) or mslk-cuda (torch 2.11)"
 
     @classmethod
     def available(cls, device: torch.device) -> bool:
@@ -440,7 +443,7 @@ def get_adapter(name: str, layout: str, device: torch.device | str) -> Attention
         )
     if not cls.available(device):
         raise ValueError(
-            f"attention adapter {name!r} is not available on {device}; "
+            f"attention adapter {name!r} is not available on {device}: it needs {cls.needs}; "
             f"adapters for {layout!r} there: {', '.join(adapters_for(layout, device))}"
         )
     return cls(device)

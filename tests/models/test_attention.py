@@ -93,9 +93,13 @@ def test_cpu_limits_raise_errors_that_say_what_to_do():
 
 
 def test_gpu_adapters_are_unavailable_on_cpu_with_a_clear_error():
-    for name in ("flash", "xformers"):
-        with pytest.raises(ValueError, match=rf"'{name}' is not available on cpu; adapters for 'packed' there: flex, naive"):
-            get_adapter(name, "packed", "cpu")
+    with pytest.raises(ValueError, match=r"'flash' is not available on cpu: it needs CUDA and a varlen kernel: "
+                       r"flash-attn-4 \(Hopper\+\), flash-attn 2, or torch >= 2.10's varlen_attn; "
+                       r"adapters for 'packed' there: flex, naive"):
+        get_adapter("flash", "packed", "cpu")
+    with pytest.raises(ValueError, match=r"'xformers' is not available on cpu: it needs CUDA and xFormers kernels "
+                       r"that load: .*mslk-cuda \(torch 2.11\); adapters for 'packed' there: flex, naive"):
+        get_adapter("xformers", "packed", "cpu")
 
 
 def test_auto_picks_the_fastest_available():
@@ -118,6 +122,6 @@ def test_adapter_unavailable_on_device_lists_alternatives(monkeypatch):
         devices = frozenset({"cuda"})
 
     monkeypatch.setitem(ADAPTERS, "cuda_only", CudaOnly)
-    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu; adapters for 'packed' there: flex, naive"):
+    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu: it needs nothing beyond torch; adapters for 'packed' there: flex, naive"):
         get_adapter("cuda_only", "packed", "cpu")
     assert "cuda_only" in adapters_for("packed") and "cuda_only" not in adapters_for("packed", "cpu")

@@ -119,3 +119,12 @@ def test_dataloader_pin_memory_with_workers(name):
                         num_workers=2, pin_memory=True)
     for batch in loader:
         assert batch.unwrap(batch.input_ids).is_pinned()
+
+
+def test_auto_on_cuda_prefers_the_kernels():
+    from models import get_adapter
+
+    assert get_adapter("auto", "padded", "cuda").name == "sdpa"
+    assert get_adapter("auto", "nested", "cuda").name == "sdpa_nested"
+    packed = get_adapter("auto", "packed", "cuda").name
+    assert packed == adapters_for("packed", "cuda")[0] and packed in ("flash", "xformers")
