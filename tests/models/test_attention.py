@@ -120,8 +120,9 @@ def test_adapter_unavailable_on_device_lists_alternatives(monkeypatch):
         name = "cuda_only"
         layouts = frozenset({"packed"})
         devices = frozenset({"cuda"})
+        needs = "CUDA"
 
     monkeypatch.setitem(ADAPTERS, "cuda_only", CudaOnly)
-    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu: it needs nothing beyond torch; adapters for 'packed' there: flex, naive"):
+    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu: it needs CUDA; adapters for 'packed' there: flex, naive"):
         get_adapter("cuda_only", "packed", "cpu")
     assert "cuda_only" in adapters_for("packed") and "cuda_only" not in adapters_for("packed", "cpu")
