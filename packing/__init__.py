@@ -12,6 +12,9 @@ from packing.collate import (
     get_collator,
 )
 from packing.sample import IGNORE_INDEX, Sample, as_sample
+from packing.sampler import LengthBucketSampler, PackingSampler
+from packing.split import SplitDocuments
+from packing.stream import StreamPacker
 from packing.synthetic import SyntheticDocs
 
 __all__ = [
@@ -29,4 +32,8 @@ __all__ = [
     "Sample",
     "as_sample",
     "SyntheticDocs",
+    "LengthBucketSampler",
+    "PackingSampler",
+    "SplitDocuments",
+    "StreamPacker",
 ]

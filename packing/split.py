@@ -1,0 +1,63 @@
+"""Documents longer than a budget, made to fit: split into consecutive chunks, or truncated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from packing.sample import IGNORE_INDEX, Sample, as_sample
+
+MODES = ("split", "truncate")
+
+
+class SplitDocuments(Dataset):
+    """A map-style view of ``dataset`` in which no document is longer than ``max_len``.
+
+    ``mode="split"`` cuts a long document into consecutive chunks of ``max_len`` tokens (the last
+    one shorter); every token is kept, and each chunk's targets are the document's own next tokens,
+    so the last target of a chunk is the first token of the next (it is the same document).
+    ``mode="truncate"`` keeps the first ``max_len`` tokens and counts the rest in
+    ``dropped_tokens``. Short documents pass through unchanged.
+
+    ``lengths`` gives the chunk lengths without loading any sample, for the samplers.
+
+    Example:
+        >>> view = SplitDocuments([[1, 2, 3, 4, 5], [6, 7]], [5, 2], max_len=2)
+        >>> view.lengths.tolist(), [view[i].input_ids.tolist() for i in range(len(view))]
+        ([2, 2, 1, 2], [[1, 2], [3, 4], [5], [6, 7]])
+    """
+
+    def __init__(self, dataset: Any, lengths: Any, *, max_len: int, mode: str = "split",
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode is {mode!r}; expected one of {MODES}")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len is {max_len!r}; expected a positive int")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} documents")
+        self.dataset, self.max_len, self.mode, self.ignore_index = dataset, max_len, mode, ignore_index
+        chunks = np.maximum(-(-lengths // max_len), 1) if mode == "split" else np.ones_like(lengths)
+        self._doc = np.repeat(np.arange(len(lengths)), chunks)  # (num_chunks,) source document
+        first = np.cumsum(chunks) - chunks
+        self._start = (np.arange(len(self._doc)) - first[self._doc]) * max_len  # token offset in the document
+        self._lengths = np.minimum(lengths[self._doc] - self._start, max_len)
+        self.num_split = int((chunks > 1).sum())
+        self.dropped_tokens = int(np.maximum(lengths - max_len, 0).sum()) if mode == "truncate" else 0
+        self.num_truncated = int((lengths > max_len).sum()) if mode == "truncate" else 0
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(num_chunks,) int64 token count of each item."""
+        return self._lengths
+
+    def __len__(self) -> int:
+        return len(self._doc)
+
+    def __getitem__(self, i: int) -> Sample:
+        doc, start = int(self._doc[i]), int(self._start[i])
+        sample = as_sample(self.dataset[doc], doc, ignore_index=self.ignore_index)
+        end = start + int(self._lengths[i])
+        return Sample(sample.input_ids[start:end], sample.labels[start:end])
