@@ -1,0 +1,44 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from packing import PackingSampler, SplitDocuments, as_sample
+
+
+# Invariant: splitting keeps every token and target of every document, in order, in chunks <= max_len.
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=20), max_len=st.integers(1, 20))
+def test_split_keeps_every_token(lengths, max_len):
+    docs = [torch.arange(1, n + 1) * 10 + i for i, n in enumerate(lengths)]
+    view = SplitDocuments(docs, lengths, max_len=max_len)
+    assert len(view) == len(view.lengths) and int(view.lengths.max()) <= max_len
+    rebuilt = torch.cat([view[i].input_ids for i in range(len(view))])
+    assert torch.equal(rebuilt, torch.cat(docs))
+    labels = torch.cat([view[i].labels for i in range(len(view))])
+    assert torch.equal(labels, torch.cat([as_sample(d).labels for d in docs]))
+    assert [len(view[i].input_ids) for i in range(len(view))] == view.lengths.tolist()
+
+
+def test_truncate_counts_what_it_drops():
+    view = SplitDocuments([[1, 2, 3, 4, 5], [6]], [5, 1], max_len=2, mode="truncate")
+    assert view.lengths.tolist() == [2, 1] and view[0].input_ids.tolist() == [1, 2]
+    assert (view.num_truncated, view.dropped_tokens) == (1, 3)
+
+
+def test_split_makes_long_documents_packable():
+    lengths = [30, 5, 12]
+    view = SplitDocuments([[1] * n for n in lengths], lengths, max_len=10)
+    assert view.num_split == 2 and sum(view.lengths) == 47
+    assert sum(len(b) for b in PackingSampler(view.lengths, max_tokens=10)) == len(view)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"max_len": 0}, r"max_len is 0"), ({"max_len": 4, "mode": "chop"}, r"mode is 'chop'; expected one of"),
+     ({"max_len": 4, "lengths": [3]}, r"lengths has 1 entries but the dataset has 2 documents")],
+)
+def test_bad_settings(kw, match):
+    kw = {"lengths": [3, 2], **kw}
+    with pytest.raises(ValueError, match=match):
+        SplitDocuments([[1, 2, 3], [4, 5]], **kw)
