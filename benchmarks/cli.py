@@ -1,18 +1,12 @@
-"""What the command-line entry points share: one-line errors and device resolution."""
+"""What the benchmark entry points share: device resolution (and, re-exported, the one-line parser)."""
 
 from __future__ import annotations
 
-import argparse
-from typing import NoReturn
-
 import torch
 
+from packing.cli import Parser
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line, without the usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+__all__ = ["Parser", "resolve_device"]
 
 
 def resolve_device(name: str | None) -> torch.device:
