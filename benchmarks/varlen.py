@@ -21,17 +21,22 @@ steps missed gets one untimed step without an optimizer update (see ``unseen_wid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.cli import Parser, resolve_device
 from models import ADAPTERS, GPT, PRESETS, GPTConfig, get_adapter, lm_loss
-from packing import COLLATORS, Batch, SyntheticDocs, get_collator
+from packing import COLLATORS, Batch, SplitDocuments, SyntheticDocs, get_collator
+from packing.shard_reader import ShardDataset
 
 BASELINE = "pad_max"
 
@@ -61,6 +66,7 @@ class Record:
     loss: float
     compile: bool
     world_size: int
+    data: str = "synthetic"
     command: str = ""
     speedup_vs_baseline: float | None = None
 
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-to-multiple-of", type=_positive, default=64, help="pad_longest rounding (default 64)")
     p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
+    p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.shards: "
+                   "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "
                    "(no optimizer update) and append each collate's top ops by device time to PATH")
@@ -173,10 +181,34 @@ def profile_pass(title: str, batches: list[Batch], step, device: torch.device, p
         f.write(f"## {title}: {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
 
 
-def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device) -> Record:
+def load_documents(args: argparse.Namespace, config: GPTConfig) -> tuple[Any, GPTConfig, str]:
+    """The documents every collate sees, the model config they need, and a line describing them.
+
+    Shards: documents longer than the model's ``max_len`` are split into chunks (position embeddings
+    end there), never truncated; the vocabulary grows to the shards' if it is larger. A random
+    subset (``--seed``) of the needed size is used, the same for every collate.
+    """
+    needed = (args.warmup + args.steps) * args.batch_size
+    if args.data is None:
+        docs = SyntheticDocs(needed, max_len=config.max_len, vocab_size=config.vocab_size, seed=args.seed)
+        return docs, config, f"synthetic: lengths uniform in [1, {config.max_len - 1}]"
+    shards = ShardDataset(args.data)
+    view = SplitDocuments(shards, shards.lengths, max_len=config.max_len)
+    if len(view) < needed:
+        raise ValueError(f"--data holds {len(view)} documents; --batch-size x (--warmup + --steps) needs {needed}")
+    index = Path(shards.infos[0].path).parent / "index.json"
+    vocab = json.loads(index.read_text())["vocab_size"] if index.is_file() else config.vocab_size
+    if vocab > config.vocab_size:
+        config = dataclasses.replace(config, vocab_size=vocab)
+    chosen = np.random.default_rng(args.seed).permutation(len(view))[:needed]
+    docs = [view[int(i)] for i in chosen]
+    return docs, config, (f"{args.data}: {len(shards)} documents, {view.num_split} longer than max_len "
+                          f"{config.max_len} split into {len(view)} chunks; vocab {config.vocab_size}")
+
+
+def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device, docs: Any) -> Record:
     """Time ``args.steps`` steps of collate ``name`` after ``args.warmup`` untimed ones."""
     B, n_steps = args.batch_size, args.warmup + args.steps
-    docs = SyntheticDocs(n_steps * B, max_len=config.max_len, vocab_size=config.vocab_size, seed=args.seed)
     collator = make_collator(name, config, args.pad_to_multiple_of)
     batches: list[Batch] = [collator([docs[j] for j in range(i * B, (i + 1) * B)]) for i in range(n_steps)]
     if device.type == "cuda":
@@ -243,6 +275,7 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
         loss=torch.stack(losses).float().mean().item(),
         compile=False,
         world_size=1,
+        data=args.data or "synthetic",
     )
 
 
@@ -273,7 +306,7 @@ def run(args: argparse.Namespace) -> list[Record]:
     device = resolve_device(args.device)
     args.preset = args.preset or ("seed" if device.type == "cuda" else "tiny")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    config = PRESETS[args.preset]
+    docs, config, args.data_description = load_documents(args, PRESETS[args.preset])
     names = list(COLLATORS) if args.collate == "all" else [args.collate]
     if not args.no_baseline and BASELINE not in names:
         names.insert(0, BASELINE)
@@ -288,7 +321,8 @@ def run(args: argparse.Namespace) -> list[Record]:
         get_adapter(attns[name], COLLATORS[name].layout, device)
         make_collator(name, config, args.pad_to_multiple_of)
     records = [
-        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name]}), config, device) for name in names
+        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name]}), config, device, docs)
+        for name in names
     ]
     base = next((r for r in records if r.collate == BASELINE), None)
     for r in records:
@@ -311,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device={r0.device} gpu={r0.gpu} torch={r0.torch} preset={r0.preset} dtype={r0.dtype} "
         f"mode={r0.mode} batch_size={r0.batch_size} steps={r0.steps} warmup={r0.warmup} seed={r0.seed}"
     )
+    print(f"documents: {args.data_description}")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:

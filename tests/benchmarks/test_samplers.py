@@ -18,3 +18,14 @@ def test_prints_and_records_every_figure(tmp_path, capsys):
 def test_user_error_is_one_line(capsys):
     assert main(["--max-len", "40000"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_shard_throughput_benchmark_runs(tmp_path, capsys):
+    from benchmarks.shards import main as shards_main
+
+    out = tmp_path / "t.json"
+    assert shards_main(["--docs", "300", "--max-tokens", "4096", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["tokens"] == rows[1]["tokens"]  # both paths read every token once
+    assert shards_main(["--data", str(tmp_path / "nothing-{0..1}.tar")]) == 2

@@ -71,3 +71,23 @@ def test_profile_appends_one_table_per_collate(tmp_path):
     text = path.read_text()
     assert "## pad_max + sdpa (torch.sdpa), train: 1 steps" in text
     assert "## concat + naive (naive-fp32), train: 1 steps" in text and "aten::mm" in text
+
+
+def test_data_from_shards(tmp_path):
+    import numpy as np
+
+    from packing.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes", shard_size=10) as w:
+        for i in range(30):
+            w.write(f"d{i}", rng.integers(0, 256, rng.integers(1, 400)).astype(np.uint16))
+    out = tmp_path / "r.json"
+    spec = str(tmp_path / "s" / "shard-{000000..000002}.tar")
+    assert main(["--collate", "all", "--mode", "eval", "--data", spec, "--steps", "2", "--warmup", "0",
+                 "--batch-size", "4", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert all(r["data"] == spec for r in records)
+    base = records[0]["loss"]
+    assert all(abs(r["loss"] - base) / base <= 1e-5 for r in records)
+    assert main(["--data", spec, "--steps", "50", "--batch-size", "4"]) == 2  # too few documents: one line
