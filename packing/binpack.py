@@ -83,8 +83,20 @@ def best_fit_decreasing(
 
     # Slots were filled longest first; give them documents in the same order, ties shuffled.
     order = np.arange(len(lengths)) if rng is None else rng.permutation(len(lengths))
-    order = order[np.argsort(-lengths[order], kind="stable")]
+    order = order[np.argsort(_narrow(capacity - lengths[order]), kind="stable")]  # longest first
     bin_of = np.empty(len(lengths), dtype=np.int64)
     bin_of[order] = np.concatenate(slot_bins) if slot_bins else np.empty(0, dtype=np.int64)
-    by_bin = np.argsort(bin_of, kind="stable")
-    return np.split(by_bin, np.cumsum(np.bincount(bin_of, minlength=num_bins))[:-1])
+    return group_by(bin_of, num_bins)
+
+
+def _narrow(keys: np.ndarray) -> np.ndarray:
+    """Keys as int16 when they fit: numpy's stable sort is a radix sort for 16-bit keys, about 4x
+    faster than the merge sort it uses for int64 on 10M lengths."""
+    return keys.astype(np.int16) if keys.size and 0 <= keys.min() and keys.max() < 2**15 else keys
+
+
+def group_by(group_of: np.ndarray, num_groups: int) -> list[np.ndarray]:
+    """Indices grouped by ``group_of`` (ints in [0, num_groups)), each group in index order."""
+    by_group = np.argsort(group_of, kind="stable")
+    ends = np.cumsum(np.bincount(group_of, minlength=num_groups)).tolist()
+    return [by_group[s:e] for s, e in zip([0, *ends[:-1]], ends)]  # slicing: np.split is 4x slower here

@@ -188,6 +188,10 @@ class _PlannedBatchSampler(Sampler[list[int]]):
         """Batches the next iteration yields on this rank: the epoch's, less any consumed before a resume."""
         return len(self._mine()) - self._skip
 
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's whole plan, all ranks, in step order (rank r takes every R-th from r)."""
+        return list(self._epoch_plan()[0])
+
     @property
     def dropped(self) -> np.ndarray:
         """Indices left out of this epoch by ``drop_last`` (all ranks), sorted; empty otherwise."""
@@ -318,7 +322,9 @@ class LengthBucketSampler(_PlannedBatchSampler):
         self.batch_sizes = self.max_tokens // self._rounded(self.boundaries)  # per bucket
         if max_batch_size is not None:
             self.batch_sizes = np.minimum(self.batch_sizes, max_batch_size)
-        used = np.unique(np.searchsorted(self.boundaries, self.lengths))
+        # A table from length to bucket: one gather per document instead of a binary search.
+        self._bucket_of_length = np.searchsorted(self.boundaries, np.arange(self.lengths.max() + 1)).astype(np.int16)
+        used = np.unique(self._bucket_of_length[self.lengths])
         if np.any(self.batch_sizes[used] < 1):
             b = int(used[self.batch_sizes[used] < 1][0])
             raise ValueError(
@@ -332,17 +338,17 @@ class LengthBucketSampler(_PlannedBatchSampler):
 
     def _plan(self, rng):
         order = rng.permutation(len(self.lengths)) if rng is not None else np.arange(len(self.lengths))
-        bucket = np.searchsorted(self.boundaries, self.lengths[order])  # bucket b holds (bounds[b-1], bounds[b]]
-        by_bucket = np.argsort(bucket, kind="stable")
-        order, bucket = order[by_bucket], bucket[by_bucket]
+        bucket = self._bucket_of_length[self.lengths[order]]  # bucket b holds (bounds[b-1], bounds[b]]
+        by_bucket = np.argsort(bucket, kind="stable")  # int16 keys: a radix sort
+        order, bucket = order[by_bucket], bucket[by_bucket].astype(np.int64)
         counts = np.bincount(bucket, minlength=len(self.boundaries))
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         position = np.arange(len(order)) - starts[bucket]  # rank within its bucket
         per_bucket_batches = -(-counts // np.maximum(self.batch_sizes, 1))
         batch_offset = np.concatenate([[0], np.cumsum(per_bucket_batches)[:-1]])
         batch_id = batch_offset[bucket] + position // self.batch_sizes[bucket]
-        cuts = np.flatnonzero(np.diff(batch_id)) + 1
-        return np.split(order, cuts)
+        cuts = (np.flatnonzero(np.diff(batch_id)) + 1).tolist()
+        return [order[s:e] for s, e in zip([0, *cuts], [*cuts, len(order)])]
 
     def _cost(self, batch: np.ndarray, kind: str) -> float:
         longest = int(self._rounded(self.lengths[batch].max()))
