@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,7 +37,16 @@ import torch
 
 from benchmarks.cli import Parser, resolve_device
 from models import ADAPTERS, GPT, PRESETS, GPTConfig, get_adapter, lm_loss
-from packing import COLLATORS, Batch, SplitDocuments, SyntheticDocs, get_collator
+from packing import (
+    COLLATORS,
+    Batch,
+    LengthBucketSampler,
+    PackingSampler,
+    SplitDocuments,
+    SyntheticDocs,
+    get_collator,
+)
+from packing.distributed import global_num_targets, loss_scale, world_size
 from packing.shard_reader import ShardDataset
 
 BASELINE = "pad_max"
@@ -66,6 +77,10 @@ class Record:
     loss: float
     compile: bool
     world_size: int
+    rank: int | None = 0  # None: the row that merges all ranks
+    parallel: str = "none"  # "none", "ddp" or "fsdp2"
+    sampler: str = "fixed"
+    max_tokens: int | None = None
     data: str = "synthetic"
     command: str = ""
     speedup_vs_baseline: float | None = None
@@ -99,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-to-multiple-of", type=_positive, default=64, help="pad_longest rounding (default 64)")
     p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
+    p.add_argument("--sampler", choices=["fixed", "pack", "bucket"], default="fixed",
+                   help="fixed: --batch-size documents a step; pack: PackingSampler; bucket: LengthBucketSampler")
+    p.add_argument("--max-tokens", type=_positive, default=16384, help="token budget for --sampler pack|bucket (default 16,384)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.shards: "
                    "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
@@ -181,55 +200,87 @@ def profile_pass(title: str, batches: list[Batch], step, device: torch.device, p
         f.write(f"## {title}: {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
 
 
-def load_documents(args: argparse.Namespace, config: GPTConfig) -> tuple[Any, GPTConfig, str]:
-    """The documents every collate sees, the model config they need, and a line describing them.
+def load_documents(args: argparse.Namespace, config: GPTConfig, world: int) -> tuple[Any, np.ndarray, GPTConfig, str]:
+    """The documents every collate sees, their lengths, the model config they need, and a description.
 
     Shards: documents longer than the model's ``max_len`` are split into chunks (position embeddings
-    end there), never truncated; the vocabulary grows to the shards' if it is larger. A random
-    subset (``--seed``) of the needed size is used, the same for every collate.
+    end there), never truncated; the vocabulary grows to the shards' if it is larger.
     """
-    needed = (args.warmup + args.steps) * args.batch_size
+    n_steps = args.warmup + args.steps
     if args.data is None:
-        docs = SyntheticDocs(needed, max_len=config.max_len, vocab_size=config.vocab_size, seed=args.seed)
-        return docs, config, f"synthetic: lengths uniform in [1, {config.max_len - 1}]"
+        if args.sampler == "fixed":
+            count = n_steps * world * args.batch_size
+        else:  # enough for the sampler's batches: mean length is about max_len / 2, plus a margin
+            count = int(1.25 * n_steps * world * (args.max_tokens // max(1, config.max_len // 2) + 2))
+        docs = SyntheticDocs(count, max_len=config.max_len, vocab_size=config.vocab_size, seed=args.seed)
+        return docs, docs.lengths, config, f"synthetic: lengths uniform in [1, {config.max_len - 1}]"
     shards = ShardDataset(args.data)
     view = SplitDocuments(shards, shards.lengths, max_len=config.max_len)
-    if len(view) < needed:
-        raise ValueError(f"--data holds {len(view)} documents; --batch-size x (--warmup + --steps) needs {needed}")
     index = Path(shards.infos[0].path).parent / "index.json"
     vocab = json.loads(index.read_text())["vocab_size"] if index.is_file() else config.vocab_size
     if vocab > config.vocab_size:
         config = dataclasses.replace(config, vocab_size=vocab)
-    chosen = np.random.default_rng(args.seed).permutation(len(view))[:needed]
-    docs = [view[int(i)] for i in chosen]
-    return docs, config, (f"{args.data}: {len(shards)} documents, {view.num_split} longer than max_len "
-                          f"{config.max_len} split into {len(view)} chunks; vocab {config.vocab_size}")
+    return view, view.lengths, config, (f"{args.data}: {len(shards)} documents, {view.num_split} longer than max_len "
+                                        f"{config.max_len} split into {len(view)} chunks; vocab {config.vocab_size}")
 
 
-def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device, docs: Any) -> Record:
+def plan_steps(args: argparse.Namespace, lengths: np.ndarray, world: int, rank: int) -> list[list[int]]:
+    """Document indices for each of this rank's warm-up and timed steps, the same for every collate.
+
+    fixed: ``--batch-size`` documents a step per rank (shards: a seeded random selection); pack and
+    bucket: the sampler's batches for this rank, sharded by rank with equal counts on every rank.
+    """
+    n_steps, B = args.warmup + args.steps, args.batch_size
+    if args.sampler == "fixed":
+        needed = n_steps * B * world
+        if len(lengths) < needed:
+            raise ValueError(f"--data holds {len(lengths)} documents; --batch-size x (--warmup + --steps) x ranks "
+                             f"needs {needed}")
+        order = np.arange(needed) if args.data is None else np.random.default_rng(args.seed).permutation(len(lengths))
+        return [order[(i * world + rank) * B : (i * world + rank + 1) * B].tolist() for i in range(n_steps)]
+    if args.sampler == "pack":
+        sampler = PackingSampler(lengths, max_tokens=args.max_tokens, seed=args.seed, num_replicas=world, rank=rank)
+    else:
+        sampler = LengthBucketSampler(lengths, max_tokens=args.max_tokens, seed=args.seed, num_replicas=world,
+                                      rank=rank, pad_to_multiple_of=args.pad_to_multiple_of)
+    steps = list(itertools.islice(sampler, n_steps))
+    if len(steps) < n_steps:
+        raise ValueError(f"--sampler {args.sampler} makes {len(steps)} batches per rank from these documents; "
+                         f"--warmup + --steps needs {n_steps}: use fewer steps or more data")
+    return steps
+
+
+def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device, docs: Any,
+                steps: list[list[int]]) -> Record:
     """Time ``args.steps`` steps of collate ``name`` after ``args.warmup`` untimed ones."""
-    B, n_steps = args.batch_size, args.warmup + args.steps
     collator = make_collator(name, config, args.pad_to_multiple_of)
-    batches: list[Batch] = [collator([docs[j] for j in range(i * B, (i + 1) * B)]) for i in range(n_steps)]
+    batches: list[Batch] = [collator([docs[j] for j in step]) for step in steps]
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
 
     torch.manual_seed(args.seed)  # same weights for every collate
     model = GPT(config, attn=args.attn).to(device)
     adapter = model.adapter(collator.layout, device)
+    world = world_size()
+    if world > 1:
+        model = wrap_data_parallel(model, args.fsdp)
     train = args.mode == "train"
     model.train(train)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
     bf16 = args.dtype == "bf16"
+    # Eval needs no gradient sync; inference_mode tensors do not mix with collectives, no_grad does.
+    no_grad = torch.inference_mode if world == 1 else torch.no_grad
 
     def step(batch: Batch, update: bool = True) -> torch.Tensor:
         batch = batch.to(device, non_blocking=True)
+        # The global mean over every rank's real targets (a host int when alone: no sync at all).
+        total = batch.num_targets if world == 1 else global_num_targets(batch.num_targets, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if not train:
-                with torch.inference_mode():
-                    return lm_loss(model(batch, causal=False), batch)
-            loss = lm_loss(model(batch, causal=True), batch)
-        loss.backward()
+                with no_grad():
+                    return lm_loss(model(batch, causal=False), batch, normalizer=total)
+            loss = lm_loss(model(batch, causal=True), batch, normalizer=total)
+        (loss * loss_scale()).backward()
         if update:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -253,6 +304,9 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
     if args.profile:
         profile_pass(f"{name} + {adapter.name} ({adapter.backend}), {args.mode}", timed, step, device, args.profile)
     tokens = sum(b.num_tokens for b in timed)
+    loss = torch.stack(losses).float().mean()
+    if world > 1:
+        torch.distributed.all_reduce(loss)  # each rank holds its share of the global mean
     return Record(
         collate=name,
         attn=adapter.name,
@@ -263,7 +317,7 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
         torch=torch.__version__,
         preset=args.preset,
         dtype=args.dtype,
-        batch_size=B,
+        batch_size=args.batch_size,
         steps=args.steps,
         warmup=args.warmup,
         seed=args.seed,
@@ -272,9 +326,13 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
         tokens_per_s=tokens / elapsed,
         padding_fraction=1 - tokens / sum(b.num_slots for b in timed),
         peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        loss=torch.stack(losses).float().mean().item(),
+        loss=loss.item(),
         compile=False,
-        world_size=1,
+        world_size=world,
+        rank=torch.distributed.get_rank() if world > 1 else 0,
+        parallel="none" if world == 1 else ("fsdp2" if args.fsdp else "ddp"),
+        sampler=args.sampler,
+        max_tokens=None if args.sampler == "fixed" else args.max_tokens,
         data=args.data or "synthetic",
     )
 
@@ -302,11 +360,51 @@ def format_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> list[Record]:
+def start_distributed(args: argparse.Namespace) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: NCCL on CUDA, gloo on CPU."""
     device = resolve_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def wrap_data_parallel(model: GPT, fsdp: bool) -> torch.nn.Module:
+    """DDP, or FSDP2 with one shard unit per block. Batches are moved by hand (device_ids=None), so
+    DDP never rebuilds the Batch dataclass."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=None)
+
+
+def merge_ranks(records: list[Record]) -> Record:
+    """One row for the whole job: tokens/s summed over ranks, the slowest rank's step time."""
+    tokens = [r.tokens_per_s * r.ms_per_step * r.steps / 1000 for r in records]  # real tokens per rank
+    slots = [t / (1 - r.padding_fraction) for t, r in zip(tokens, records)]
+    mems = [r.peak_mem_bytes for r in records if r.peak_mem_bytes is not None]
+    return dataclasses.replace(
+        records[0], rank=None, tokens_per_s=sum(r.tokens_per_s for r in records),
+        ms_per_step=max(r.ms_per_step for r in records), median_ms_per_step=max(r.median_ms_per_step for r in records),
+        padding_fraction=1 - sum(tokens) / sum(slots), peak_mem_bytes=max(mems) if mems else None,
+        gpu=", ".join(sorted({r.gpu for r in records if r.gpu})) or None)
+
+
+def run(args: argparse.Namespace) -> list[Record]:
+    """Every requested collate, on this rank; returns this rank's records."""
+    device = start_distributed(args)
+    world, rank = world_size(), (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
     args.preset = args.preset or ("seed" if device.type == "cuda" else "tiny")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    docs, config, args.data_description = load_documents(args, PRESETS[args.preset])
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards across ranks: run under torchrun --nproc_per_node N with N >= 2")
+    docs, lengths, config, args.data_description = load_documents(args, PRESETS[args.preset], world)
+    steps = plan_steps(args, lengths, world, rank)
     names = list(COLLATORS) if args.collate == "all" else [args.collate]
     if not args.no_baseline and BASELINE not in names:
         names.insert(0, BASELINE)
@@ -320,14 +418,10 @@ def run(args: argparse.Namespace) -> list[Record]:
     for name in names:
         get_adapter(attns[name], COLLATORS[name].layout, device)
         make_collator(name, config, args.pad_to_multiple_of)
-    records = [
-        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name]}), config, device, docs)
+    return [
+        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name]}), config, device, docs, steps)
         for name in names
     ]
-    base = next((r for r in records if r.collate == BASELINE), None)
-    for r in records:
-        r.speedup_vs_baseline = None if base is None else r.tokens_per_s / base.tokens_per_s
-    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,20 +432,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m benchmarks.varlen: error: {e}", file=sys.stderr)
         return 2
     command = " ".join(["python -m benchmarks.varlen", *(sys.argv[1:] if argv is None else argv)])
+    if world_size() > 1:
+        command = f"torchrun --nproc_per_node {world_size()} -m benchmarks.varlen " + command.split(" ", 3)[-1]
     for r in records:
         r.command = command
-    r0 = records[0]
+    shown = records
+    if world_size() > 1:  # every rank's rows to rank 0, which merges and writes one file
+        gathered: list = [None] * world_size()
+        torch.distributed.all_gather_object(gathered, [asdict(r) for r in records])
+        per_rank = [[Record(**d) for d in rank_rows] for rank_rows in gathered]
+        shown = [merge_ranks([rows[i] for rows in per_rank]) for i in range(len(records))]
+        records = [r for rows in per_rank for r in rows] + shown
+        rank = torch.distributed.get_rank()
+        torch.distributed.barrier()  # teardown together: gloo can abort a rank that exits mid-teardown
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
+    base = next((r for r in shown if r.collate == BASELINE), None)
+    for r in shown:
+        r.speedup_vs_baseline = None if base is None else r.tokens_per_s / base.tokens_per_s
+    r0 = shown[0]
     print(
-        f"device={r0.device} gpu={r0.gpu} torch={r0.torch} preset={r0.preset} dtype={r0.dtype} "
-        f"mode={r0.mode} batch_size={r0.batch_size} steps={r0.steps} warmup={r0.warmup} seed={r0.seed}"
+        f"device={r0.device} gpu={r0.gpu} torch={r0.torch} preset={r0.preset} dtype={r0.dtype} mode={r0.mode} "
+        f"sampler={r0.sampler} batch_size={r0.batch_size} max_tokens={r0.max_tokens} steps={r0.steps} "
+        f"warmup={r0.warmup} seed={r0.seed} world_size={r0.world_size} parallel={r0.parallel}"
     )
     print(f"documents: {args.data_description}")
-    print(format_table(records))
+    print(format_table(shown))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=2)
     return 0
 
 
+def _exit_after_distributed(code: int) -> None:
+    """Leave a torchrun worker without Python finalisation.
+
+    After a clean barrier and destroy_process_group, gloo's C++ threads can still hold tensors whose
+    release at interpreter shutdown aborts the process (SIGABRT, "terminate called without an active
+    exception"; 3 of 12 two-rank FSDP2 runs on CPU here; pytorch/pytorch#179291). Everything is
+    written and flushed by then, so skipping finalisation loses nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_after_distributed(code)
+    sys.exit(code)

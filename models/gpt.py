@@ -119,16 +119,25 @@ class GPT(nn.Module):
         return batch.wrap(self.head(self.ln_f(x)))
 
 
-def lm_loss(logits: Tensor, batch: Batch) -> Tensor:
-    """Mean cross-entropy over the batch's real target tokens only.
+def lm_loss(logits: Tensor, batch: Batch, *, normalizer: int | Tensor | None = None) -> Tensor:
+    """Cross-entropy summed over the batch's real target tokens, divided by ``normalizer``.
 
-    Padding and positions whose label is ``ignore_index`` contribute nothing; the denominator is the
-    host int ``batch.num_targets``, so there is no device sync. A batch with no targets (only
-    length-1 token sequences) gives 0, which still backpropagates as zero gradient.
+    By default the normalizer is the host int ``batch.num_targets``: the mean over this batch's real
+    targets, with no device sync. Padding and positions whose label is ``ignore_index`` contribute
+    nothing. A batch with no targets (only length-1 token sequences) gives 0, which still
+    backpropagates as zero gradient.
+
+    For a global mean across gradient-accumulation steps and ranks, pass the total target count of
+    all of them (see :func:`packing.distributed.global_num_targets`): then every token weighs the
+    same, however the documents fell into batches.
 
     logits: in the batch's layout, (..., vocab); returns a scalar.
     """
     flat_logits = batch.unwrap(logits).flatten(0, -2)  # (slots, vocab)
     flat_labels = batch.unwrap(batch.labels).flatten()  # (slots,)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=batch.ignore_index, reduction="sum")
-    return total / max(batch.num_targets, 1)
+    if normalizer is None:
+        normalizer = batch.num_targets
+    if isinstance(normalizer, Tensor):
+        return total / normalizer.clamp(min=1)
+    return total / max(normalizer, 1)
