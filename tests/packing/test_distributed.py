@@ -56,3 +56,17 @@ def test_benchmark_under_torchrun_merges_rank_records(tmp_path, extra):
     assert len(merged) == 1 and merged[0]["tokens_per_s"] > 0
     assert merged[0]["loss"] == ranks[0]["loss"] == ranks[1]["loss"]  # the global mean, the same on every rank
     assert proc.stdout.count("real tok/s") == 1  # only rank 0 prints
+
+
+def test_rank_with_no_data_is_a_clear_error_on_every_rank(tmp_path):
+    import numpy as np
+
+    from packing.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes") as w:
+        w.write("only", np.ones(50, dtype=np.uint16))  # one document, two ranks
+    proc = torchrun("-m", "benchmarks.varlen", "--collate", "concat", "--device", "cpu", "--sampler", "pack",
+                    "--max-tokens", "256", "--data", str(tmp_path / "s"), "--steps", "1", "--warmup", "0")
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("python -m benchmarks.varlen: error:")]
+    assert len(errors) == 2 and all("a rank would get no data" in l for l in errors), proc.stderr[-2000:]
