@@ -3,9 +3,9 @@
     python -m benchmarks.samplers                    # 100k lengths U[1, 1023], budget 16,384
     python -m benchmarks.samplers --json out.json
 
-Efficiency is real tokens over positions computed: for random batches padded to max_len or to the
-longest, count x padded length; for LengthBucketSampler, count x longest; for PackingSampler and
-StreamPacker, the budget x packs (a row padded to the budget). Planning time is one epoch's plan of
+Efficiency is real tokens over positions computed, as :mod:`packing.report` defines it: random
+batches padded to max_len or to the longest, LengthBucketSampler's count x longest, and the budget x
+packs for PackingSampler and StreamPacker (a row padded to the budget). Planning time is one epoch's plan of
 1M lengths, best of three, on one core. Every row is measured in this run; targets come from the
 sampler issue.
 """
@@ -22,15 +22,7 @@ import numpy as np
 
 from benchmarks.cli import Parser
 from packing import LengthBucketSampler, PackingSampler, StreamPacker
-
-
-def random_batches_efficiency(lengths: np.ndarray, batch_size: int, pad_to: int | None, multiple: int, rng) -> float:
-    """Real / computed for shuffled fixed-size batches padded to ``pad_to`` (or the longest, rounded)."""
-    order = rng.permutation(len(lengths))
-    n = len(order) // batch_size * batch_size  # full batches only, like a loader with drop_last
-    groups = lengths[order[:n]].reshape(-1, batch_size)
-    width = np.full(len(groups), pad_to) if pad_to else -(-groups.max(1) // multiple) * multiple
-    return groups.sum() / (width * batch_size).sum()
+from packing.report import padding_report
 
 
 def plan_seconds(cls, lengths: np.ndarray, max_tokens: int) -> float:
@@ -67,25 +59,29 @@ def main(argv: list[str] | None = None) -> int:
     B = args.max_tokens
     packer = StreamPacker((range(int(n)) for n in lengths), max_tokens=B, buffer_size=args.buffer_size)
     packs = sum(1 for _ in packer)
+    exact = padding_report(lengths, max_len=args.max_len, batch_size=args.batch_size, token_budget=B,
+                           pad_to_multiple_of=1, seed=args.seed)
+    x64 = padding_report(lengths, max_len=args.max_len, batch_size=args.batch_size, token_budget=B,
+                         pad_to_multiple_of=64, seed=args.seed)
     rows = [
-        ("random batches padded to max_len", random_batches_efficiency(lengths, args.batch_size, args.max_len, 1, rng), None),
-        ("random batches padded to the longest", random_batches_efficiency(lengths, args.batch_size, None, 1, rng), None),
-        ("random batches padded to the longest, x64", random_batches_efficiency(lengths, args.batch_size, None, 64, rng), None),
-        ("LengthBucketSampler", LengthBucketSampler(lengths, max_tokens=B, seed=args.seed).efficiency(), 0.97),
-        ("PackingSampler", PackingSampler(lengths, max_tokens=B, seed=args.seed).efficiency(), 0.995),
+        (f"random batches of {args.batch_size} padded to max_len", exact.strategy("pad_max").efficiency, None),
+        (f"random batches of {args.batch_size} padded to the longest", exact.strategy("pad_longest").efficiency, None),
+        (f"random batches of {args.batch_size} padded to the longest, x64", x64.strategy("pad_longest").efficiency, None),
+        ("LengthBucketSampler", exact.strategy("bucket").efficiency, 0.97),
+        ("PackingSampler", exact.strategy("pack").efficiency, 0.995),
         (f"StreamPacker, buffer {args.buffer_size}", lengths.sum() / (B * packs), 0.985),
     ]
     plan_lengths = np.random.default_rng(args.seed + 1).integers(1, args.max_len, size=args.plan_docs)
     timing = [(cls.__name__, plan_seconds(cls, plan_lengths, B)) for cls in (PackingSampler, LengthBucketSampler)]
 
     print(f"{args.docs:,} lengths uniform in [1, {args.max_len - 1}], budget {B:,} tokens, seed {args.seed}")
-    print(f"{'strategy':44} {'efficiency':>10}  target")
+    print(f"{'strategy':50} {'efficiency':>10}  target")
     for name, eff, target in rows:
         verdict = "" if target is None else f">= {target:.1%} {'met' if eff >= target else 'MISSED'}"
-        print(f"{name:44} {eff:>10.2%}  {verdict}")
+        print(f"{name:50} {eff:>10.2%}  {verdict}")
     print(f"\nplanning one epoch of {args.plan_docs:,} lengths (best of 3, one core)")
     for name, seconds in timing:
-        print(f"{name:44} {seconds:>9.2f}s  <= 1 s {'met' if seconds <= 1 else 'MISSED'}")
+        print(f"{name:50} {seconds:>9.2f}s  <= 1 s {'met' if seconds <= 1 else 'MISSED'}")
     if args.json:
         record = {
             "docs": args.docs, "max_len": args.max_len, "max_tokens": B, "seed": args.seed,

@@ -73,7 +73,8 @@ def _as_ids(value: Any, index: int, what: str) -> Tensor:
     return t.to(device="cpu", dtype=torch.int64)
 
 
-def _is_pair(obj: Any) -> bool:
+def is_pair(obj: Any) -> bool:
+    """Whether ``obj`` is an ``(inputs, targets)`` pair of sequences, not a list of two token ids."""
     return (
         isinstance(obj, (tuple, list))
         and len(obj) == 2
@@ -100,7 +101,7 @@ def as_sample(obj: Any, index: int = 0, *, ignore_index: int = IGNORE_INDEX) -> 
                 "packing expects next-token targets (labels[i] = input_ids[i + 1]). "
                 "Drop 'labels' to have them derived"
             )
-    elif _is_pair(obj):
+    elif is_pair(obj):
         input_ids = _as_ids(obj[0], index, "inputs")
         labels = _as_ids(obj[1], index, "targets")
     else:

@@ -5,16 +5,16 @@ from __future__ import annotations
 from bisect import bisect_right, insort
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
-from torch import Tensor
 from torch.utils.data import IterableDataset
+
+from packing.sample import is_pair
 
 
 def sample_length(sample: Any) -> int:
     """Tokens in a sample of any form :mod:`packing.sample` accepts, without parsing it."""
     if isinstance(sample, dict):
         return len(sample["input_ids"])
-    if isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], (Tensor, np.ndarray, list, tuple)):
+    if is_pair(sample):
         return len(sample[0])
     return len(sample)
 
