@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast on CUDA, fp32 on CPU by default")
     p.add_argument("--steps", type=_positive, default=10, help="timed steps per collate (default 10)")
     p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="documents per step (default 32)")
+    p.add_argument("--batch-size", type=_positive, help="documents per step (default 32; 4 for the long preset)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the pad_max baseline row stays eager)")
     p.add_argument("--pad-to-multiple-of", type=_positive, default=64, help="pad_longest rounding (default 64)")
     p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
@@ -264,6 +265,10 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
     world = world_size()
     if world > 1:
         model = wrap_data_parallel(model, args.fsdp)
+    if args.compile:
+        # Shapes change with every batch: after the first recompile dynamo marks them dynamic, so
+        # the warm-up steps absorb the compilation (give --warmup 3 or more).
+        model = torch.compile(model)
     train = args.mode == "train"
     model.train(train)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
@@ -327,7 +332,7 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
         padding_fraction=1 - tokens / sum(b.num_slots for b in timed),
         peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         loss=loss.item(),
-        compile=False,
+        compile=args.compile,
         world_size=world,
         rank=torch.distributed.get_rank() if world > 1 else 0,
         parallel="none" if world == 1 else ("fsdp2" if args.fsdp else "ddp"),
@@ -401,6 +406,7 @@ def run(args: argparse.Namespace) -> list[Record]:
     world, rank = world_size(), (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
     args.preset = args.preset or ("seed" if device.type == "cuda" else "tiny")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    args.batch_size = args.batch_size or (4 if args.preset == "long" else 32)
     if args.fsdp and world == 1:
         raise ValueError("--fsdp shards across ranks: run under torchrun --nproc_per_node N with N >= 2")
     docs, lengths, config, args.data_description = load_documents(args, PRESETS[args.preset], world)
@@ -418,8 +424,11 @@ def run(args: argparse.Namespace) -> list[Record]:
     for name in names:
         get_adapter(attns[name], COLLATORS[name].layout, device)
         make_collator(name, config, args.pad_to_multiple_of)
+    # The ratio column is against pad_max + sdpa *eager*; with --compile, every other row compiles.
+    eager = {n: n == BASELINE and args.collate != BASELINE for n in names}
     return [
-        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name]}), config, device, docs, steps)
+        run_collate(name, argparse.Namespace(**{**vars(args), "attn": attns[name], "compile": args.compile and not eager[name]}),
+                    config, device, docs, steps)
         for name in names
     ]
 

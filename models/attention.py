@@ -193,9 +193,14 @@ class FlashVarlenAttention(AttentionAdapter):
     def available(cls, device: torch.device) -> bool:
         return device.type == "cuda" and flash_backend() is not None
 
+    def __init__(self, device: torch.device | str) -> None:
+        super().__init__(device)
+        # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
+        self._backend, self._run = flash_backend()
+
     @property
     def backend(self) -> str:
-        return flash_backend()[0]
+        return self._backend
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         if q.dtype not in (torch.bfloat16, torch.float16):
@@ -204,7 +209,7 @@ class FlashVarlenAttention(AttentionAdapter):
                 "run the model under torch.autocast('cuda', dtype=torch.bfloat16) or use attn='naive'"
             )
         n = batch.num_tokens
-        out = flash_backend()[1](q[:n], k[:n], v[:n], batch.cu_seqlens, batch.max_seqlen, causal)
+        out = self._run(q[:n], k[:n], v[:n], batch.cu_seqlens, batch.max_seqlen, causal)
         return _pad_rows(out, q.shape[0])
 
 
@@ -273,12 +278,16 @@ class XformersAttention(AttentionAdapter):
     def available(cls, device: torch.device) -> bool:
         return device.type == "cuda" and fmha_backend() is not None
 
+    def __init__(self, device: torch.device | str) -> None:
+        super().__init__(device)
+        self._backend, self._fmha = fmha_backend()  # resolved once, as for flash
+
     @property
     def backend(self) -> str:
-        return fmha_backend()[0]
+        return self._backend
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
-        _, fmha = fmha_backend()
+        fmha = self._fmha
         mask_cls = fmha.attn_bias.BlockDiagonalMask
         bias = batch.attn_bias
         if type(bias) is not mask_cls:  # absent (concat batch), or made by the other package
