@@ -28,7 +28,6 @@ import logging
 from typing import Any, ClassVar, Sequence
 
 import torch
-from torch import Tensor
 
 from packing.batch import Batch, cumulative_lengths, packed_positions
 from packing.sample import IGNORE_INDEX, Sample, as_sample
