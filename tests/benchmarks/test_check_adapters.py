@@ -29,3 +29,8 @@ def test_bad_lengths_is_one_line(capsys):
     assert capsys.readouterr().err.strip() == (
         "python -m benchmarks.check_adapters: error: --lengths '4,0' must hold at least one length, each >= 1"
     )
+
+
+def test_non_integer_lengths_is_one_line(capsys):
+    assert main(["--device", "cpu", "--lengths", "3,x"]) == 2
+    assert "--lengths '3,x' is not a comma-separated list of ints" in capsys.readouterr().err

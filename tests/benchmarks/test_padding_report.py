@@ -61,3 +61,14 @@ def test_empty_input_is_a_clear_error(tmp_path):
     proc = run("--lengths", str(empty))
     assert proc.returncode == 2 and f"--lengths '{empty}' holds no lengths" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_more_input_errors(tmp_path, capsys):
+    assert main(["--lengths", str(tmp_path / "missing.txt")]) == 2
+    assert "--lengths" in capsys.readouterr().err
+    two_d = tmp_path / "l.npy"
+    np.save(two_d, np.ones((2, 2), dtype=np.int64))
+    assert main(["--lengths", str(two_d)]) == 2
+    assert "holds int64 of shape (2, 2); expected 1-D integers" in capsys.readouterr().err
+    assert main(["--synthetic", "0"]) == 2
+    assert "--synthetic needs N >= 1" in capsys.readouterr().err

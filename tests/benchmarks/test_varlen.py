@@ -91,3 +91,29 @@ def test_data_from_shards(tmp_path):
     base = records[0]["loss"]
     assert all(abs(r["loss"] - base) / base <= 1e-5 for r in records)
     assert main(["--data", spec, "--steps", "50", "--batch-size", "4"]) == 2  # too few documents: one line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--fsdp"], "--fsdp shards across ranks: run under torchrun"),
+     (["--preset", "nope"], "argument --preset: invalid choice")],
+)
+def test_more_user_errors(args, message, capsys):
+    try:
+        rc = main(["--device", "cpu", *args])
+    except SystemExit as e:  # argparse errors exit directly
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_sampler_with_too_little_data_says_so(tmp_path, capsys):
+    import numpy as np
+
+    from packing.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes") as w:
+        for _ in range(6):
+            w.write("d", np.ones(100, dtype=np.uint16))
+    assert main(["--device", "cpu", "--data", str(tmp_path / "s"), "--sampler", "pack", "--max-tokens", "256",
+                 "--steps", "50"]) == 2
+    assert "--sampler pack makes 3 batches per rank from these documents; --warmup + --steps needs 52" in capsys.readouterr().err

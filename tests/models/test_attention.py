@@ -126,3 +126,14 @@ def test_adapter_unavailable_on_device_lists_alternatives(monkeypatch):
     with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu: it needs CUDA; adapters for 'packed' there: flex, naive"):
         get_adapter("cuda_only", "packed", "cpu")
     assert "cuda_only" in adapters_for("packed") and "cuda_only" not in adapters_for("packed", "cpu")
+
+
+def test_flash_refuses_fp32_with_the_fix():
+    from models.attention import FlashVarlenAttention, flash_backend
+
+    if flash_backend() is None:  # torch < 2.10 without varlen_attn: nothing to construct
+        pytest.skip("no varlen kernel importable in this torch")
+    batch = batch_for("packed")
+    q = torch.randn(batch.num_slots, H, D)
+    with pytest.raises(ValueError, match=r"'flash' needs bf16 or fp16 q/k/v, got torch.float32; run the model under torch.autocast"):
+        FlashVarlenAttention("cpu").attend(q, q, q, batch, causal=True)

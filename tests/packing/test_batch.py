@@ -150,3 +150,18 @@ def test_unwrap_wrap_round_trip(name):
     assert dense.shape == {"padded": (3, 8 if name == "pad_max" else 64), "nested": (7,), "packed": (7,)}[b.layout]
     again = b.wrap(dense)
     assert [t.tolist() for t in b.per_sequence(again)] == DOCS
+
+
+def test_more_invariants_are_named():
+    padded = get_collator("pad_longest", pad_to_multiple_of=4)(DOCS)
+    fields = {f.name: getattr(padded, f.name) for f in dataclasses.fields(padded) if f.init}
+    bias = get_collator("xformers")(DOCS).attn_bias
+    with pytest.raises(ValueError, match=r"Batch.attn_bias is set for layout 'padded'; only 'packed' has one"):
+        Batch(**{**fields, "attn_bias": bias})
+    with pytest.raises(ValueError, match=r"the padded layout is \(num_seqs=3, L\) with L >= max_seqlen = 3"):
+        Batch(**{**fields, **{k: fields[k][:2] for k in ("input_ids", "labels", "position_ids", "attention_mask")}})
+    nested = get_collator("nested")(DOCS)
+    nfields = {f.name: getattr(nested, f.name) for f in dataclasses.fields(nested) if f.init}
+    other = torch.nested.nested_tensor_from_jagged(nested.labels.values(), torch.tensor([0, 3, 5, 7]))
+    with pytest.raises(ValueError, match=r"Batch.labels offsets differ from input_ids offsets"):
+        Batch(**{**nfields, "labels": other})

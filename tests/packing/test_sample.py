@@ -53,3 +53,8 @@ def test_length_one_sample_has_no_target():
 def test_bad_samples_name_the_sample_and_the_fix(obj, exc, match):
     with pytest.raises(exc, match=match):
         as_sample(obj, 3)
+
+
+def test_object_array_is_refused():
+    with pytest.raises(TypeError, match=r"sample 0: input_ids is an object array; token ids must be integers"):
+        as_sample(np.array([1, "a"], dtype=object))

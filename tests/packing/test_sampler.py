@@ -193,3 +193,15 @@ def test_load_state_dict_rejects_what_it_cannot_resume():
 def test_state_dict_counts_what_the_loop_consumed():
     s = PackingSampler(SyntheticDocs(500, max_len=512).lengths, max_tokens=2048)
     assert s.state_dict(consumed=3)["consumed"] == 3
+
+
+def test_more_bad_settings():
+    with pytest.raises(ValueError, match=r"lengths has shape \(2, 2\); expected a 1-D sequence"):
+        PackingSampler([[1, 2], [3, 4]], max_tokens=10)
+    with pytest.raises(ValueError, match=r"max_seqs is 0; expected a positive int or None"):
+        PackingSampler([5], max_tokens=10, max_seqs=0)
+    with pytest.raises(ValueError, match=r"1 batches for num_replicas=2 with drop_last=True: every rank would get no data"):
+        len(PackingSampler([5], max_tokens=10, num_replicas=2, rank=0, drop_last=True))
+    s = PackingSampler([5] * 8, max_tokens=10, seed=1)
+    with pytest.raises(ValueError, match=r"sampler state has seed 1, this sampler has 2; use the same seed"):
+        PackingSampler([5] * 8, max_tokens=10, seed=2).load_state_dict(s.state_dict())

@@ -198,3 +198,25 @@ def test_cli_writes_shards(tmp_path, corpus):
     proc = subprocess.run([sys.executable, "-m", "packing.shards", "--input", str(corpus), "--output",
                            str(tmp_path / "o"), "--shard-size", "3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "wrote 4 documents" in proc.stdout and "skipped 1 empty" in proc.stdout
+
+
+def test_more_shard_errors(tmp_path, corpus):
+    out, _ = written(tmp_path, corpus)
+    sidecar = out / "shard-000000.lengths.npy"
+    sidecar.write_bytes(b"not npy")
+    with pytest.raises(ValueError, match=r"its length index shard-000000.lengths.npy is unreadable"):
+        ShardDataset(out)
+    np.save(sidecar, np.ones((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"its length index is not a 1-D array of positive ints"):
+        ShardDataset(out)
+    (out / "shard-000001.tar").write_bytes(b"\x01junk" * 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"no readable shard in"):
+            ShardDataset(out, skip_corrupt=True)
+    with pytest.raises(ValueError, match=r"already holds shards \(index.json\); choose an empty directory"):
+        ShardWriter(out, vocab_size=259, tokenizer="bytes")
+    bad_tok = tmp_path / "tok.json"
+    bad_tok.write_text("{}")
+    with pytest.raises(ValueError, match=r"is not a Hugging Face tokenizer.json"):
+        write_shards(iter_documents(corpus), tmp_path / "x", tokenizer=str(bad_tok), progress=False)
