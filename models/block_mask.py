@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from packing.batch import host_to_device
+
 BLOCK_SIZE = 128  # FlexAttention's default tile
 
 
@@ -60,11 +62,6 @@ def _as_kv_blocks(m: Tensor) -> tuple[Tensor, Tensor]:
     return num[None, None], indices[None, None]
 
 
-def _to(t: Tensor, device: torch.device) -> Tensor:
-    # Pinned + non_blocking: a pageable host-to-device copy would wait for the GPU's queued work.
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def document_block_mask(
     seq_lens: tuple[int, ...], total: int, *, causal: bool, device: torch.device, block_size: int = BLOCK_SIZE
 ) -> BlockMask:
@@ -78,7 +75,7 @@ def document_block_mask(
     partial, full = block_structure(doc, causal=causal, block_size=block_size)
     kv_num, kv_idx = _as_kv_blocks(partial)
     full_num, full_idx = _as_kv_blocks(full)
-    doc_dev = _to(doc, device)
+    doc_dev = host_to_device(doc, device)
 
     if causal:
 
@@ -91,10 +88,10 @@ def document_block_mask(
             return doc_dev[q_idx] == doc_dev[kv_idx]
 
     return BlockMask.from_kv_blocks(
-        _to(kv_num, device),
-        _to(kv_idx, device),
-        _to(full_num, device),
-        _to(full_idx, device),
+        host_to_device(kv_num, device),
+        host_to_device(kv_idx, device),
+        host_to_device(full_num, device),
+        host_to_device(full_idx, device),
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=(total, total),

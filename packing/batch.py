@@ -14,6 +14,13 @@ from packing.sample import IGNORE_INDEX, Sample
 LAYOUTS = ("padded", "nested", "packed")
 
 
+def host_to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Copy a host tensor to ``device`` without stalling the host: on CUDA through pinned memory with
+    ``non_blocking=True`` (a pageable copy waits for the GPU's queued work); elsewhere unchanged."""
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def cumulative_lengths(seq_lens: list[int] | tuple[int, ...]) -> Tensor:
     """(num_seqs + 1,) int32 cumulative lengths starting at 0: lengths 2, 3, 2 give [0, 2, 5, 7]."""
     cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from packing.batch import host_to_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -39,9 +41,7 @@ def global_num_targets(local: int, device: torch.device | str) -> torch.Tensor:
     It stays on the device, so dividing by it needs no host sync; the all-reduce is the one
     collective it costs. Without a process group it is ``local``.
     """
-    count = torch.tensor(local, dtype=torch.int64)
-    if torch.device(device).type == "cuda":  # pinned + non_blocking: a pageable copy would wait for the GPU
-        count = count.pin_memory().to(device, non_blocking=True)
+    count = host_to_device(torch.tensor(local, dtype=torch.int64), device)
     if is_distributed():
         dist.all_reduce(count)
     return count
