@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from packing.sampler import LengthBucketSampler, PackingSampler
+from packing.split import chunk_plan
 
 LONG_MODES = ("split", "truncate", "drop")
 
@@ -81,13 +82,12 @@ def fit_lengths(lengths: np.ndarray, max_len: int, mode: str) -> tuple[np.ndarra
     if mode == "drop":
         info.dropped_documents, info.dropped_tokens = int(long.sum()), int(lengths[long].sum())
         return lengths[~long], info
+    doc, _, fitted = chunk_plan(lengths, max_len, mode)  # the same cut SplitDocuments makes
     if mode == "truncate":
         info.truncated_tokens = int((lengths[long] - max_len).sum())
-        return np.minimum(lengths, max_len), info
-    full, rest = np.divmod(lengths[long], max_len)
-    chunks = np.concatenate([np.repeat(max_len, int(full.sum())), rest[rest > 0]]).astype(np.int64)
-    info.split_into = len(chunks)
-    return np.concatenate([lengths[~long], chunks]), info
+    else:
+        info.split_into = int(long[doc].sum())  # chunks made from the long documents
+    return fitted, info
 
 
 def _strategy(name: str, real: np.ndarray, computed_tokens: float, computed_attention: float, batches: int) -> Strategy:

@@ -12,6 +12,22 @@ from packing.sample import IGNORE_INDEX, Sample, as_sample
 MODES = ("split", "truncate")
 
 
+def chunk_plan(lengths: np.ndarray, max_len: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc, start, length) per chunk: each document cut into pieces of at most ``max_len`` tokens
+    ("split"), or cut to its first ``max_len`` ("truncate"). Chunks are in document order.
+
+    Example: lengths [5, 2], max_len 2, "split" -> doc [0, 0, 0, 1], start [0, 2, 4, 0], length [2, 2, 1, 2].
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode is {mode!r}; expected one of {MODES}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    chunks = np.maximum(-(-lengths // max_len), 1) if mode == "split" else np.ones_like(lengths)
+    doc = np.repeat(np.arange(len(lengths)), chunks)
+    first = np.cumsum(chunks) - chunks
+    start = (np.arange(len(doc)) - first[doc]) * max_len  # token offset in the document
+    return doc, start, np.minimum(lengths[doc] - start, max_len)
+
+
 class SplitDocuments(Dataset):
     """A map-style view of ``dataset`` in which no document is longer than ``max_len``.
 
@@ -31,20 +47,14 @@ class SplitDocuments(Dataset):
 
     def __init__(self, dataset: Any, lengths: Any, *, max_len: int, mode: str = "split",
                  ignore_index: int = IGNORE_INDEX) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode is {mode!r}; expected one of {MODES}")
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len is {max_len!r}; expected a positive int")
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) != len(dataset):
             raise ValueError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} documents")
         self.dataset, self.max_len, self.mode, self.ignore_index = dataset, max_len, mode, ignore_index
-        chunks = np.maximum(-(-lengths // max_len), 1) if mode == "split" else np.ones_like(lengths)
-        self._doc = np.repeat(np.arange(len(lengths)), chunks)  # (num_chunks,) source document
-        first = np.cumsum(chunks) - chunks
-        self._start = (np.arange(len(self._doc)) - first[self._doc]) * max_len  # token offset in the document
-        self._lengths = np.minimum(lengths[self._doc] - self._start, max_len)
-        self.num_split = int((chunks > 1).sum())
+        self._doc, self._start, self._lengths = chunk_plan(lengths, max_len, mode)  # (num_chunks,) each
+        self.num_split = int((lengths > max_len).sum()) if mode == "split" else 0
         self.dropped_tokens = int(np.maximum(lengths - max_len, 0).sum()) if mode == "truncate" else 0
         self.num_truncated = int((lengths > max_len).sum()) if mode == "truncate" else 0
 
