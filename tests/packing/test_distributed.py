@@ -58,7 +58,7 @@ def test_benchmark_under_torchrun_merges_rank_records(tmp_path, extra):
     assert proc.stdout.count("real tok/s") == 1  # only rank 0 prints
 
 
-def test_rank_with_no_data_is_a_clear_error_on_every_rank(tmp_path):
+def test_rank_with_no_data_is_a_clear_error(tmp_path):
     import numpy as np
 
     from packing.shards import ShardWriter
@@ -69,4 +69,7 @@ def test_rank_with_no_data_is_a_clear_error_on_every_rank(tmp_path):
                     "--max-tokens", "256", "--data", str(tmp_path / "s"), "--steps", "1", "--warmup", "0")
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("python -m benchmarks.varlen: error:")]
-    assert len(errors) == 2 and all("a rank would get no data" in l for l in errors), proc.stderr[-2000:]
+    # Both ranks raise it, but torchrun terminates the other worker as soon as one exits non-zero,
+    # so sometimes only one line gets out (seen in 1 of 4 full suite runs).
+    assert 1 <= len(errors) <= 2 and all("a rank would get no data" in l for l in errors), proc.stderr[-2000:]
+    assert "Traceback" not in "\n".join(l for l in proc.stderr.splitlines() if "benchmarks/varlen.py" in l)
