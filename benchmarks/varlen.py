@@ -50,6 +50,7 @@ from packing.distributed import global_num_targets, loss_scale, world_size
 from packing.shard_reader import ShardDataset
 
 BASELINE = "pad_max"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Record:
     loss: float
     compile: bool
     world_size: int
+    compile_mode: str | None = None
+    static: bool = False
     rank: int | None = 0  # None: the row that merges all ranks
     parallel: str = "none"  # "none", "ddp" or "fsdp2"
     sampler: str = "fixed"
@@ -112,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=_positive, help="documents per step (default 32; 4 for the long preset)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the pad_max baseline row stays eager)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile; reduce-overhead records CUDA graphs (default: default)")
+    p.add_argument("--static", action="store_true",
+                   help="static shapes for the packed collates, with --sampler pack: rows padded to --max-tokens, "
+                        "fixed-length cu_seqlens and a constant max_seqlen; with --compile, dynamic=False")
+    p.add_argument("--max-seqs", type=_positive, default=64,
+                   help="with --static: at most this many documents per pack (default 64)")
     p.add_argument("--pad-to-multiple-of", type=_positive, default=64, help="pad_longest rounding (default 64)")
     p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
@@ -127,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_collator(name: str, config: GPTConfig, pad_to_multiple_of: int):
+def make_collator(name: str, config: GPTConfig, args: argparse.Namespace):
     if name == "pad_max":
         return get_collator(name, max_len=config.max_len)
     if name == "pad_longest":
-        return get_collator(name, pad_to_multiple_of=pad_to_multiple_of)
+        return get_collator(name, pad_to_multiple_of=args.pad_to_multiple_of)
+    if args.static and COLLATORS[name].layout == "packed":
+        return get_collator(name, total_tokens=args.max_tokens, max_seqs=args.max_seqs, max_seqlen=config.max_len)
     return get_collator(name)
 
 
@@ -240,7 +252,8 @@ def plan_steps(args: argparse.Namespace, lengths: np.ndarray, world: int, rank: 
         order = np.arange(needed) if args.data is None else np.random.default_rng(args.seed).permutation(len(lengths))
         return [order[(i * world + rank) * B : (i * world + rank + 1) * B].tolist() for i in range(n_steps)]
     if args.sampler == "pack":
-        sampler = PackingSampler(lengths, max_tokens=args.max_tokens, seed=args.seed, num_replicas=world, rank=rank)
+        sampler = PackingSampler(lengths, max_tokens=args.max_tokens, seed=args.seed, num_replicas=world, rank=rank,
+                                 max_seqs=args.max_seqs if args.static else None)
     else:
         sampler = LengthBucketSampler(lengths, max_tokens=args.max_tokens, seed=args.seed, num_replicas=world,
                                       rank=rank, pad_to_multiple_of=args.pad_to_multiple_of)
@@ -254,7 +267,7 @@ def plan_steps(args: argparse.Namespace, lengths: np.ndarray, world: int, rank: 
 def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: torch.device, docs: Any,
                 steps: list[list[int]]) -> Record:
     """Time ``args.steps`` steps of collate ``name`` after ``args.warmup`` untimed ones."""
-    collator = make_collator(name, config, args.pad_to_multiple_of)
+    collator = make_collator(name, config, args)
     batches: list[Batch] = [collator([docs[j] for j in step]) for step in steps]
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
@@ -265,10 +278,13 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
     world = world_size()
     if world > 1:
         model = wrap_data_parallel(model, args.fsdp)
+    static = args.static and collator.layout == "packed"
     if args.compile:
-        # Shapes change with every batch: after the first recompile dynamo marks them dynamic, so
-        # the warm-up steps absorb the compilation (give --warmup 3 or more).
-        model = torch.compile(model)
+        # Static: one shape and one set of constants, compiled once (dynamic=False). Otherwise shapes
+        # change with every batch: after the first recompile dynamo marks them dynamic, so the
+        # warm-up steps absorb the compilation (give --warmup 3 or more).
+        model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode,
+                              dynamic=False if static else None)
     train = args.mode == "train"
     model.train(train)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
@@ -333,6 +349,8 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
         peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         loss=loss.item(),
         compile=args.compile,
+        compile_mode=args.compile_mode if args.compile else None,
+        static=static,
         world_size=world,
         rank=torch.distributed.get_rank() if world > 1 else 0,
         parallel="none" if world == 1 else ("fsdp2" if args.fsdp else "ddp"),
@@ -342,13 +360,20 @@ def run_collate(name: str, args: argparse.Namespace, config: GPTConfig, device: 
     )
 
 
+def setup_label(r: Record) -> str:
+    """How a row ran: eager or compiled (with its mode), and static shapes if so."""
+    how = "eager" if not r.compile else ("compiled" if r.compile_mode in (None, "default") else r.compile_mode)
+    return f"{how}, static" if r.static else how
+
+
 def format_table(records: list[Record]) -> str:
-    header = ["collate", "attn", "backend", "mode", "ms/step", "real tok/s", "padding", "peak mem", "loss", f"x {BASELINE}"]
+    header = ["collate", "attn", "backend", "setup", "mode", "ms/step", "real tok/s", "padding", "peak mem", "loss", f"x {BASELINE}"]
     rows = [
         [
             r.collate,
             r.attn,
             r.backend,
+            setup_label(r),
             r.mode,
             f"{r.ms_per_step:.1f}",
             f"{r.tokens_per_s:,.0f}",
@@ -409,6 +434,10 @@ def run(args: argparse.Namespace) -> list[Record]:
     args.batch_size = args.batch_size or (4 if args.preset == "long" else 32)
     if args.fsdp and world == 1:
         raise ValueError("--fsdp shards across ranks: run under torchrun --nproc_per_node N with N >= 2")
+    if args.static and args.sampler != "pack":
+        raise ValueError(f"--static pads every pack to --max-tokens: it needs --sampler pack, got --sampler {args.sampler}")
+    if args.compile_mode != "default" and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile")
     docs, lengths, config, args.data_description = load_documents(args, PRESETS[args.preset], world)
     steps = plan_steps(args, lengths, world, rank)
     names = list(COLLATORS) if args.collate == "all" else [args.collate]
@@ -423,7 +452,7 @@ def run(args: argparse.Namespace) -> list[Record]:
     # Fail on a bad --attn/--collate pairing or a missing optional package before any timing.
     for name in names:
         get_adapter(attns[name], COLLATORS[name].layout, device)
-        make_collator(name, config, args.pad_to_multiple_of)
+        make_collator(name, config, args)
     # The ratio column is against pad_max + sdpa *eager*; with --compile, every other row compiles.
     eager = {n: n == BASELINE and args.collate != BASELINE for n in names}
     return [

@@ -173,6 +173,11 @@ class FlashVarlenAttention(AttentionAdapter):
     """Varlen flash attention on the packed layout: q, k, v (T, H, D) with the batch's
     ``cu_seqlens`` and host-side ``max_seqlen``, so nothing is read back from the device.
 
+    A batch with ``static_cu_seqlens`` (``ConcatCuSeqlens(total_tokens=, max_seqs=, max_seqlen=)``)
+    runs over the whole padded row with those fixed-length boundaries and ``static_max_seqlen``:
+    the padding tail attends only within its own blocks, and the trailing empty sequences are
+    skipped by the kernel.
+
     Backends, first that loads wins (``backend`` says which ran):
 
     1. ``flash-attn-4``: ``flash_attn.cute.flash_attn_varlen_func``, on Hopper (sm90) or newer;
@@ -208,6 +213,10 @@ class FlashVarlenAttention(AttentionAdapter):
                 f"attention adapter 'flash' needs bf16 or fp16 q/k/v, got {q.dtype}; "
                 "run the model under torch.autocast('cuda', dtype=torch.bfloat16) or use attn='naive'"
             )
+        if batch.static_cu_seqlens is not None:
+            # Static shapes: the whole row, with boundaries of a fixed length and a constant
+            # max_seqlen, so a compiled step sees identical shapes and constants every batch.
+            return self._run(q, k, v, batch.static_cu_seqlens, batch.static_max_seqlen, causal)
         n = batch.num_tokens
         out = self._run(q[:n], k[:n], v[:n], batch.cu_seqlens, batch.max_seqlen, causal)
         return _pad_rows(out, q.shape[0])

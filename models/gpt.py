@@ -99,7 +99,15 @@ class GPT(nn.Module):
             self._adapters[key] = get_adapter(self.attn, layout, device)
         return self._adapters[key]
 
-    def forward(self, batch: Batch, *, causal: bool = True) -> Tensor:
+    @torch.compiler.disable
+    def check(self, batch: Batch) -> None:
+        """Raise if the batch does not fit the model: token ids below ``vocab_size``, sequences no
+        longer than ``max_len``.
+
+        It reads host ints only, so it never syncs with the device, and it runs outside
+        ``torch.compile``: traced, each new ``max_seqlen`` would be a guard that recompiles the model
+        under ``dynamic=False``.
+        """
         if not isinstance(batch, Batch):
             raise TypeError(f"GPT takes a packing.Batch, got {type(batch).__name__}; build one with a collator")
         # Host ints, so these checks never sync with the device.
@@ -113,6 +121,9 @@ class GPT(nn.Module):
                 f"batch holds a sequence of length {batch.max_seqlen} > max_len {self.config.max_len}; "
                 "split long documents or raise max_len"
             )
+
+    def forward(self, batch: Batch, *, causal: bool = True) -> Tensor:
+        self.check(batch)
         attn = self.adapter(batch.layout, batch.input_ids.device)
         ids, pos = batch.unwrap(batch.input_ids), batch.unwrap(batch.position_ids)
         x = self.tok_emb(ids) + self.pos_emb(pos)  # (B, L, dim) or (T, dim)

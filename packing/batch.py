@@ -28,6 +28,25 @@ def cumulative_lengths(seq_lens: list[int] | tuple[int, ...]) -> Tensor:
     return cu
 
 
+def static_boundaries(seq_lens: list[int] | tuple[int, ...], num_slots: int, length: int, max_seqlen: int) -> Tensor:
+    """(length,) int32 fixed-length sequence boundaries for a varlen kernel under static shapes.
+
+    The sequences' boundaries come first, then the padding tail ``[num_tokens, num_slots)`` cut into
+    blocks of at most ``max_seqlen`` slots (each attends only to itself, so real tokens never see
+    it), then repeats of ``num_slots``: empty sequences, which a varlen kernel skips. Lengths 2, 3
+    in 8 slots with length 6 and max_seqlen 2 give [0, 2, 5, 7, 8, 8].
+    """
+    cu = cumulative_lengths(seq_lens).tolist()
+    while cu[-1] < num_slots:
+        cu.append(min(cu[-1] + max_seqlen, num_slots))
+    if len(cu) > length:
+        raise ValueError(
+            f"{len(seq_lens)} sequences and a padding tail of {num_slots - sum(seq_lens)} slots need "
+            f"{len(cu)} boundaries > the static length {length}; raise max_seqs or cap the sampler's documents per batch"
+        )
+    return torch.tensor(cu + [num_slots] * (length - len(cu)), dtype=torch.int32)
+
+
 def packed_positions(seq_lens: list[int] | tuple[int, ...]) -> Tensor:
     """(num_tokens,) int64 positions restarting at 0 per sequence: 2, 3, 2 give [0, 1, 0, 1, 2, 0, 1]."""
     starts = cumulative_lengths(seq_lens)[:-1].long()
@@ -54,6 +73,14 @@ class Batch:
     With ``pad_to_multiple_of=4`` the row grows to T = 8: the extra slot holds the pad id, label
     -100 and position 0, and lies past ``cu_seqlens[-1]`` so no sequence attends to it.
 
+    Static shapes (``ConcatCuSeqlens(total_tokens=8, max_seqs=4, max_seqlen=3)``) add what a varlen
+    kernel needs to see the same shapes every step::
+
+        static_cu_seqlens [0, 2, 5, 7, 8, 8, 8, 8]   (max_seqs + ceil(T / max_seqlen) + 1,) int32
+        static_max_seqlen 3
+
+    The padding slot is a block of its own and the trailing entries are empty sequences.
+
     ``layout="padded"`` (``PadToLongest(pad_to_multiple_of=4)``), B = 3 rows of L = 4::
 
         input_ids      [[11, 12, 0, 0], [21, 22, 23, 0], [31, 32, 0, 0]]          (B, L)
@@ -78,6 +105,12 @@ class Batch:
         attention_mask: (B, L) bool key mask, True at real tokens; padded layout only.
         attn_bias: the xFormers ``BlockDiagonalMask`` (``XformersBlockDiagonal`` only). When the row
             is padded, the padding tail is one extra block of its own, so real tokens never see it.
+        static_cu_seqlens: packed layout only, optional: (S,) int32 boundaries of a fixed length S
+            for every batch of a static-shape run (see :func:`static_boundaries`). Its first
+            num_seqs + 1 entries are ``cu_seqlens``; the padding tail follows as blocks of at most
+            ``static_max_seqlen`` slots, then empty sequences up to ``num_slots``.
+        static_max_seqlen: host int, a fixed bound >= ``max_seqlen`` that goes to the kernel with
+            ``static_cu_seqlens``, so a compiled step sees the same constant every batch.
         ignore_index: the label value that contributes no loss.
         num_targets: host int, labels that are not ``ignore_index``: the loss denominator.
         max_token_id: host int, the largest id in ``input_ids`` and ``labels``, so a model can check
@@ -99,6 +132,8 @@ class Batch:
     cu_seqlens: Tensor
     attention_mask: Tensor | None = None
     attn_bias: Any = None
+    static_cu_seqlens: Tensor | None = None
+    static_max_seqlen: int | None = None
     ignore_index: int = IGNORE_INDEX
     num_targets: int | None = None
     max_token_id: int | None = None
@@ -152,6 +187,7 @@ class Batch:
         if self.attn_bias is not None and self.layout != "packed":
             raise ValueError(f"Batch.attn_bias is set for layout {self.layout!r}; only 'packed' has one")
 
+        self._check_static_shapes()
         if self.layout == "nested":
             for name in ("input_ids", "labels", "position_ids"):
                 t = getattr(self, name)
@@ -185,6 +221,21 @@ class Batch:
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else mask
             raise ValueError(f"Batch.attention_mask is {got}; the padded layout needs a bool mask of shape {shape}")
         return shape[0] * shape[1]
+
+    def _check_static_shapes(self) -> None:
+        cu, bound = self.static_cu_seqlens, self.static_max_seqlen
+        if cu is None and bound is None:
+            return
+        if self.layout != "packed":
+            raise ValueError(f"Batch.static_cu_seqlens is set for layout {self.layout!r}; only 'packed' has one")
+        if cu is None or bound is None:
+            raise ValueError("Batch.static_cu_seqlens and static_max_seqlen go together; set both or neither")
+        n = len(self.seq_lens)
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < n + 1:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise ValueError(f"Batch.static_cu_seqlens is {got}; expected int32 of shape (S,) with S >= {n + 1}")
+        if not isinstance(bound, int) or bound < self.max_seqlen:
+            raise ValueError(f"Batch.static_max_seqlen is {bound!r}; expected an int >= max_seqlen {self.max_seqlen}")
 
     def _check_values(self) -> None:
         """Check tensor contents (CPU only) and fill in num_targets and max_token_id.
@@ -235,6 +286,16 @@ class Batch:
             if given is not None and given != value:
                 raise ValueError(f"Batch.{name} is {given}; the tensors say {value}")
             self._set(name, value)
+        if self.static_cu_seqlens is not None:
+            expected_static = static_boundaries(
+                self.seq_lens, self.num_slots, self.static_cu_seqlens.shape[0], self.static_max_seqlen
+            )
+            if not torch.equal(self.static_cu_seqlens, expected_static):
+                raise ValueError(
+                    f"Batch.static_cu_seqlens is {self.static_cu_seqlens.tolist()}; expected "
+                    f"{expected_static.tolist()} (the sequences, the padding tail in blocks of at most "
+                    f"static_max_seqlen {self.static_max_seqlen}, then empty sequences)"
+                )
         if self.attn_bias is not None:
             starts_py = list(self.attn_bias.q_seqinfo.seqstart_py)
             expected = expected_cu.tolist() + ([self.num_slots] if self.num_slots > self.num_tokens else [])
@@ -309,6 +370,8 @@ class Batch:
     def _map(self, fn: Callable[[Tensor], Tensor], bias_fn: Callable[[Any], Any] | None = None) -> Batch:
         """A new Batch with ``fn`` applied to every tensor; NestedTensors keep one shared offsets."""
         changes: dict[str, Any] = {"cu_seqlens": fn(self.cu_seqlens)}
+        if self.static_cu_seqlens is not None:
+            changes["static_cu_seqlens"] = fn(self.static_cu_seqlens)
         if self.layout == "nested":
             offsets = fn(self.input_ids.offsets())
             for name in ("input_ids", "labels", "position_ids"):

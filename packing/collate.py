@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from packing.batch import Batch, cumulative_lengths, packed_positions
+from packing.batch import Batch, cumulative_lengths, packed_positions, static_boundaries
 from packing.sample import IGNORE_INDEX, Sample, as_sample
 
 
@@ -174,6 +174,17 @@ class ConcatCuSeqlens(Collator):
     This is the layout of flash-attn's ``flash_attn_varlen_func`` and torch's ``varlen_attn``.
     For static shapes, pad the row with ``pad_to_multiple_of`` or to a fixed ``total_tokens``; the
     padding lies past ``cu_seqlens[-1]``, so no real token attends to it.
+
+    Fully static shapes, so that ``torch.compile(dynamic=False)`` compiles once and CUDA graphs can
+    replay: give ``total_tokens``, ``max_seqs`` and ``max_seqlen``. Then every batch also carries
+    ``static_cu_seqlens`` of one fixed length, ``max_seqs + ceil(total_tokens / max_seqlen) + 1``,
+    and the constant ``static_max_seqlen = max_seqlen``; the ``flash`` adapter hands those to the
+    kernel instead of the per-batch ones, over the whole padded row.
+
+    Example:
+        >>> c = ConcatCuSeqlens(total_tokens=8, max_seqs=4, max_seqlen=3)
+        >>> c([[5, 6], [7, 8, 9], [1, 2]]).static_cu_seqlens.tolist()
+        [0, 2, 5, 7, 8, 8, 8, 8]
     """
 
     name = "concat"
@@ -184,19 +195,37 @@ class ConcatCuSeqlens(Collator):
         *,
         pad_to_multiple_of: int | None = None,
         total_tokens: int | None = None,
+        max_seqs: int | None = None,
+        max_seqlen: int | None = None,
         pad_id: int = 0,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(pad_id=pad_id, ignore_index=ignore_index)
-        _positive_int("pad_to_multiple_of", pad_to_multiple_of, allow_none=True)
-        _positive_int("total_tokens", total_tokens, allow_none=True)
+        for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("total_tokens", total_tokens),
+                            ("max_seqs", max_seqs), ("max_seqlen", max_seqlen)):
+            _positive_int(name, value, allow_none=True)
         if pad_to_multiple_of is not None and total_tokens is not None:
             raise ValueError(
                 f"pad_to_multiple_of={pad_to_multiple_of} and total_tokens={total_tokens} both set; "
                 "choose one way to pad the row"
             )
+        if (max_seqs is None) != (max_seqlen is None) or (max_seqs is not None and total_tokens is None):
+            raise ValueError(
+                f"max_seqs={max_seqs}, max_seqlen={max_seqlen}, total_tokens={total_tokens}: static shapes "
+                "need all three (the row length, the most sequences and the longest sequence per batch)"
+            )
         self.pad_to_multiple_of = pad_to_multiple_of
         self.total_tokens = total_tokens
+        self.max_seqs = max_seqs
+        self.max_seqlen = max_seqlen
+
+    @property
+    def static_length(self) -> int | None:
+        """Entries of ``static_cu_seqlens``: room for ``max_seqs`` sequences, the padding tail in
+        blocks of at most ``max_seqlen``, and the leading 0; None without static shapes."""
+        if self.max_seqs is None:
+            return None
+        return self.max_seqs + -(-self.total_tokens // self.max_seqlen) + 1
 
     def _row_length(self, num_tokens: int) -> int:
         if self.total_tokens is None:
@@ -207,6 +236,24 @@ class ConcatCuSeqlens(Collator):
                 "raise total_tokens or put fewer tokens in each batch"
             )
         return self.total_tokens
+
+    def _static(self, lens: list[int], T: int) -> dict[str, Any]:
+        if self.max_seqs is None:
+            return {}
+        if len(lens) > self.max_seqs:
+            raise ValueError(
+                f"batch has {len(lens)} sequences > max_seqs {self.max_seqs}; raise max_seqs or cap the "
+                "sampler's documents per batch (PackingSampler(max_seqs=...))"
+            )
+        if max(lens) > self.max_seqlen:
+            raise ValueError(
+                f"batch holds a sequence of length {max(lens)} > max_seqlen {self.max_seqlen}; "
+                "raise max_seqlen or split long documents (packing.SplitDocuments)"
+            )
+        return {
+            "static_cu_seqlens": static_boundaries(lens, T, self.static_length, self.max_seqlen),
+            "static_max_seqlen": self.max_seqlen,
+        }
 
     def collate(self, samples: list[Sample]) -> Batch:
         lens = [len(s.input_ids) for s in samples]
@@ -228,6 +275,7 @@ class ConcatCuSeqlens(Collator):
             cu_seqlens=cu,
             attn_bias=self._bias(lens, T - N),
             ignore_index=self.ignore_index,
+            **self._static(lens, T),
         )
 
     def _bias(self, lens: list[int], pad: int) -> Any:

@@ -96,7 +96,9 @@ def test_data_from_shards(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [(["--fsdp"], "--fsdp shards across ranks: run under torchrun"),
-     (["--preset", "nope"], "argument --preset: invalid choice")],
+     (["--preset", "nope"], "argument --preset: invalid choice"),
+     (["--static"], "--static pads every pack to --max-tokens: it needs --sampler pack, got --sampler fixed"),
+     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile")],
 )
 def test_more_user_errors(args, message, capsys):
     try:
@@ -117,3 +119,17 @@ def test_sampler_with_too_little_data_says_so(tmp_path, capsys):
     assert main(["--device", "cpu", "--data", str(tmp_path / "s"), "--sampler", "pack", "--max-tokens", "256",
                  "--steps", "50"]) == 2
     assert "--sampler pack makes 3 batches per rank from these documents; --warmup + --steps needs 52" in capsys.readouterr().err
+
+
+def test_static_packs_keep_the_loss_and_fix_the_row(tmp_path):
+    # Static shapes change the layout's padding, never what is computed on the real tokens.
+    out = tmp_path / "r.json"
+    common = ["--device", "cpu", "--collate", "concat", "--sampler", "pack", "--max-tokens", "512", "--steps", "2",
+              "--warmup", "0", "--no-baseline"]
+    assert main([*common, "--json", str(out)]) == 0
+    plain = json.loads(out.read_text())[0]
+    assert main([*common, "--static", "--max-seqs", "16", "--json", str(out)]) == 0
+    static = json.loads(out.read_text())[0]
+    assert static["static"] is True and plain["static"] is False
+    assert static["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert static["padding_fraction"] > plain["padding_fraction"]  # every row padded to 512 slots

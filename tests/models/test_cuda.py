@@ -128,3 +128,51 @@ def test_auto_on_cuda_prefers_the_kernels():
     assert get_adapter("auto", "nested", "cuda").name == "sdpa_nested"
     packed = get_adapter("auto", "packed", "cuda").name
     assert packed == adapters_for("packed", "cuda")[0] and packed in ("flash", "xformers")
+
+
+def static_collator(samples, extra_tail):
+    # A tail longer than max_len, so it is cut into several blocks: the case that needs care.
+    total = get_collator("concat")(samples).num_tokens + extra_tail
+    return get_collator("concat", total_tokens=total, max_seqs=16, max_seqlen=CONFIG.max_len)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_static_shapes_match_fp32_reference(causal, setup):
+    # The whole padded row goes to the kernel with fixed-length boundaries; real tokens must not notice.
+    weights, samples, refs = setup
+    ref_logits, ref_loss, ref_grads = refs[causal]
+    model = model_with("flash", weights)
+    batch = static_collator(samples, 2 * CONFIG.max_len + 5)(samples).to("cuda")
+    assert batch.static_cu_seqlens is not None and batch.num_slots - batch.num_tokens > CONFIG.max_len
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(batch, causal=causal)
+        loss = lm_loss(logits, batch)
+    loss.backward()
+    assert torch.isfinite(logits).all()  # the padding tail's rows are computed too, and stay finite
+    errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(logits), ref_logits))}
+    errors["loss"] = rel(loss.detach(), ref_loss)
+    errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, (worst, errors[worst])
+
+
+def test_static_shapes_compile_once(setup):
+    # dynamic=False with static packs: batches with different document counts and longest documents
+    # reuse the first compilation (a recompile raises here).
+    import torch._dynamo
+
+    weights, samples, _ = setup
+    model = torch.compile(model_with("flash", weights), dynamic=False)
+    collate = static_collator(samples, 0)
+    batches = [collate(samples[:k]).to("cuda") for k in (8, 3, 5, 1)]
+    assert len({b.max_seqlen for b in batches}) > 1 and len({len(b.seq_lens) for b in batches}) == 4
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lm_loss(model(batch, causal=True), batch).backward()
+
+    torch._dynamo.reset()
+    step(batches[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in batches[1:]:
+            step(batch)

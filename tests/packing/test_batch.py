@@ -165,3 +165,38 @@ def test_more_invariants_are_named():
     other = torch.nested.nested_tensor_from_jagged(nested.labels.values(), torch.tensor([0, 3, 5, 7]))
     with pytest.raises(ValueError, match=r"Batch.labels offsets differ from input_ids offsets"):
         Batch(**{**nfields, "labels": other})
+
+
+def test_worked_example_static_shapes():
+    b = get_collator("concat", total_tokens=8, max_seqs=4, max_seqlen=3)(DOCS)
+    assert b.static_cu_seqlens.tolist() == [0, 2, 5, 7, 8, 8, 8, 8] and b.static_cu_seqlens.dtype == torch.int32
+    assert b.static_max_seqlen == 3 and b.cu_seqlens.tolist() == [0, 2, 5, 7]
+    moved = b.to("meta")
+    assert moved.static_cu_seqlens.device.type == "meta" and moved.static_max_seqlen == 3
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"static_max_seqlen": None}, r"static_cu_seqlens and static_max_seqlen go together; set both or neither"),
+        ({"static_max_seqlen": 2}, r"Batch.static_max_seqlen is 2; expected an int >= max_seqlen 3"),
+        ({"static_cu_seqlens": torch.tensor([0, 2, 5], dtype=torch.int32)},
+         r"Batch.static_cu_seqlens is torch.int32 \(3,\); expected int32 of shape \(S,\) with S >= 4"),
+        ({"static_cu_seqlens": torch.tensor([0, 2, 5, 7, 8, 8, 8, 8])},
+         r"Batch.static_cu_seqlens is torch.int64 \(8,\); expected int32"),
+        ({"static_cu_seqlens": torch.tensor([0, 2, 5, 7, 7, 8, 8, 8], dtype=torch.int32)},
+         r"static_cu_seqlens is \[0, 2, 5, 7, 7, 8, 8, 8\]; expected \[0, 2, 5, 7, 8, 8, 8, 8\] \(the sequences, "
+         r"the padding tail in blocks of at most static_max_seqlen 3, then empty sequences\)"),
+    ],
+)
+def test_static_boundaries_invariants(changes, match):
+    b = get_collator("concat", total_tokens=8, max_seqs=4, max_seqlen=3)(DOCS)
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(b, **changes)
+
+
+def test_static_boundaries_only_in_the_packed_layout():
+    static = get_collator("concat", total_tokens=8, max_seqs=4, max_seqlen=3)(DOCS)
+    padded = get_collator("pad_longest")(DOCS)
+    with pytest.raises(ValueError, match=r"static_cu_seqlens is set for layout 'padded'; only 'packed' has one"):
+        dataclasses.replace(padded, static_cu_seqlens=static.static_cu_seqlens, static_max_seqlen=3)

@@ -159,3 +159,39 @@ def test_xformers_mask_is_built_on_the_host_even_when_cuda_exists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     batch = c(random_samples([3, 4]))
     assert batch.attn_bias.q_seqinfo.seqstart.device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["concat", "xformers"])
+def test_static_shapes_fix_every_kernel_argument(name):
+    # Whatever the documents, a static collator gives one row length, one boundary length and one
+    # max_seqlen; the boundaries start with cu_seqlens and cut the tail into blocks <= max_seqlen.
+    c = collator(name, total_tokens=64, max_seqs=6, max_seqlen=20)
+    assert c.static_length == 6 + 4 + 1
+    for lens in ([5, 1, 17], [20], [20, 20, 20, 4], [1, 1, 1, 1, 1, 1]):
+        b = c(random_samples(lens))
+        cu = b.static_cu_seqlens
+        assert b.input_ids.shape == (1, 64) and cu.shape == (11,) and b.static_max_seqlen == 20
+        assert cu[: len(lens) + 1].tolist() == b.cu_seqlens.tolist() and cu[-1] == 64
+        blocks = cu.diff()
+        assert (blocks >= 0).all() and (blocks <= 20).all()
+
+
+def test_static_boundaries_bounds():
+    from packing.batch import static_boundaries
+
+    assert static_boundaries([2, 3], 12, 7, 3).tolist() == [0, 2, 5, 8, 11, 12, 12]
+    with pytest.raises(ValueError, match=r"2 sequences and a padding tail of 7 slots need 6 boundaries > the "
+                                         r"static length 5; raise max_seqs"):
+        static_boundaries([2, 3], 12, 5, 3)
+
+
+def test_static_shapes_refuse_what_does_not_fit():
+    c = collator("concat", total_tokens=64, max_seqs=2, max_seqlen=16)
+    with pytest.raises(ValueError, match=r"batch has 3 sequences > max_seqs 2; raise max_seqs or cap the sampler's "
+                                         r"documents per batch \(PackingSampler\(max_seqs=...\)\)"):
+        c(random_samples([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"batch holds a sequence of length 17 > max_seqlen 16; raise max_seqlen or split"):
+        c(random_samples([17]))
+    for options in ({"max_seqs": 4, "max_seqlen": 16}, {"total_tokens": 64, "max_seqs": 4}):
+        with pytest.raises(ValueError, match=r"static shapes need all three"):
+            collator("concat", **options)
