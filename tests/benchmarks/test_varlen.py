@@ -132,4 +132,4 @@ def test_static_packs_keep_the_loss_and_fix_the_row(tmp_path):
     static = json.loads(out.read_text())[0]
     assert static["static"] is True and plain["static"] is False
     assert static["loss"] == pytest.approx(plain["loss"], rel=1e-5)
-    assert static["padding_fraction"] > plain["padding_fraction"]  # every row padded to 512 slots
+    assert static["padding_fraction"] >= plain["padding_fraction"]  # rows padded to 512 slots, never fewer

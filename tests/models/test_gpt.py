@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models import GPT, GPTConfig, adapters_for, lm_loss
+from models import GPT, PRESETS, GPTConfig, adapters_for, lm_loss
 from packing import COLLATORS, get_collator
 
 CONFIG = GPTConfig(vocab_size=97, max_len=64, n_layers=2, dim=32, n_heads=4)
@@ -196,3 +196,13 @@ def test_compiled_model_matches_each_sequence_alone(collate, attn, weights):
     assert rel(loss.detach(), ref_loss) <= TOL
     for name, p in model.named_parameters():
         assert rel(p.grad, ref_grads[name]) <= TOL, name
+
+
+def test_compiled_forward_leaves_the_check_to_the_caller():
+    # Traced, the check's host ints would be guards that recompile per batch; the caller runs it.
+    model = GPT(PRESETS["tiny"], attn="naive")
+    bad = get_collator("concat")([[5, 6, 2000]])
+    with pytest.raises(ValueError, match=r"batch holds token id 2000 >= vocab_size 1024"):
+        model(bad)
+    with pytest.raises(ValueError, match=r"batch holds token id 2000 >= vocab_size 1024"):
+        torch.compile(model, backend="eager").check(bad)
