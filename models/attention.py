@@ -198,17 +198,30 @@ class FlashVarlenAttention(AttentionAdapter):
     def available(cls, device: torch.device) -> bool:
         return device.type == "cuda" and flash_backend() is not None
 
-    def __init__(self, device: torch.device | str) -> None:
+    # What the flash kernels take; a ``kernel`` given to __init__ may take more.
+    kernel_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16)
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        kernel: tuple[str, Callable[..., Tensor]] | None = None,
+        kernel_dtypes: tuple[torch.dtype, ...] | None = None,
+    ) -> None:
+        """``kernel``: (name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) to run instead of
+        :func:`flash_backend`'s, with the dtypes it takes; tests pass an fp32 reference here to check
+        this adapter's own logic on a CPU."""
         super().__init__(device)
         # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
-        self._backend, self._run = flash_backend()
+        self._backend, self._run = kernel if kernel is not None else flash_backend()
+        if kernel_dtypes is not None:
+            self.kernel_dtypes = kernel_dtypes
 
     @property
     def backend(self) -> str:
         return self._backend
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
-        if q.dtype not in (torch.bfloat16, torch.float16):
+        if q.dtype not in self.kernel_dtypes:
             raise ValueError(
                 f"attention adapter 'flash' needs bf16 or fp16 q/k/v, got {q.dtype}; "
                 "run the model under torch.autocast('cuda', dtype=torch.bfloat16) or use attn='naive'"

@@ -92,8 +92,13 @@ class GPT(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._adapters: dict[tuple[str, str], AttentionAdapter] = {}
 
+    @torch.compiler.disable
     def adapter(self, layout: str, device: torch.device) -> AttentionAdapter:
-        """The attention adapter used for ``layout`` on ``device``."""
+        """The attention adapter used for ``layout`` on ``device``.
+
+        Outside ``torch.compile`` (a graph break at the start of ``forward``): traced, the first
+        call's cache insert would be a guard, and the second step would recompile the model.
+        """
         key = (layout, torch.device(device).type)
         if key not in self._adapters:
             self._adapters[key] = get_adapter(self.attn, layout, device)
