@@ -245,6 +245,10 @@ def flash_backend() -> tuple[str, Callable[..., Tensor]] | None:
             pass
         else:
 
+            # Opaque to torch.compile: traced, FA4's Python launcher (CuTe DSL) broke the graph
+            # and recompiled on every layer (H200: 29 recompiles, 61 graph breaks in 23 steps,
+            # and the compiled seed step ran at 1.01x pad_max against 1.93x with torch's kernel).
+            @torch.compiler.disable
             def run_fa4(q, k, v, cu, max_len, causal):
                 # FA4 puts qv fourth, so everything after v goes by keyword; it returns (out, lse).
                 return fa4(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
