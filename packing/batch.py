@@ -390,6 +390,18 @@ class Batch:
             changes["attn_bias"] = bias_fn(self.attn_bias)
         return dataclasses.replace(self, **changes)
 
+    def hf_kwargs(self, model_or_name: Any, *, mask_dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """Keyword arguments for a Hugging Face transformers model: ``model(**batch.hf_kwargs(model))``.
+
+        Packed layout only. Labels follow transformers' convention (shifted right by one, -100 at
+        each document's first token), and the boundaries go in the form the model's attention
+        implementation reads; one that would attend across documents is refused. See
+        :func:`packing.hf.hf_kwargs`.
+        """
+        from packing.hf import hf_kwargs  # packing.hf imports this module
+
+        return hf_kwargs(self, model_or_name, mask_dtype=mask_dtype)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move every tensor, the xFormers bias included, to ``device``."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking), lambda b: b.to(device))

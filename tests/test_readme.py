@@ -6,7 +6,7 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) >= 2, "README lost its python examples"
+    assert len(blocks) >= 3, "README lost its python examples"
     first: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), first)  # the DataLoader example
     assert first["batch"].layout == "packed"
@@ -14,6 +14,9 @@ def test_readme_examples_run():
     second: dict = {}
     exec(compile(blocks[1], "README.md", "exec"), second)  # the sampler example
     assert second["batch"].num_tokens <= 16384 and second["sampler"].epoch == 1
+    third: dict = {}
+    exec(compile(blocks[2], "README.md", "exec"), third)  # the transformers example
+    assert "cu_seq_lens_q" in third["kwargs"] and third["model"].config._attn_implementation == "packing_varlen"
 
 
 def test_readme_commands_are_the_ci_commands():

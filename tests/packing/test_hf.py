@@ -1,0 +1,160 @@
+"""Hugging Face interop: one packed row through a transformers model equals each document alone.
+
+Small randomly initialised Llama and GPT-2 models (no download), fp32 on CPU, for every attention
+implementation that packing.hf accepts on a CPU: sdpa (4-D bool mask), eager (4-D additive mask) and
+packing_varlen (cu_seq_lens kwargs). flash_attention_2/3/4 take the same cu_seq_lens kwargs as
+packing_varlen but need the flash-attn package and a GPU.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+
+from models.hf_attention import register  # noqa: E402
+from packing import get_collator  # noqa: E402
+from packing.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
+
+TOL = 1e-5
+LENS = [5, 1, 9, 4]  # a one-token document too: it predicts nothing and must not see its neighbours
+IMPLEMENTATIONS = ["sdpa", "eager", register()]
+
+
+def tiny(arch, impl):
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          attn_implementation=impl)
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                     attn_implementation=impl)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def docs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 97, (n,), generator=g) for n in LENS]
+
+
+def rel(got, ref):
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def each_alone(model, samples):
+    """Per-document logits, the token-mean loss over all documents' targets, and the gradients."""
+    logits, total, count = [], 0.0, 0
+    for s in samples:
+        out = model(input_ids=s[None]).logits[0]
+        if len(s) > 1:
+            total = total + torch.nn.functional.cross_entropy(out[:-1], s[1:], reduction="sum")
+            count += len(s) - 1
+        logits.append(out.detach())
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return logits, loss.detach(), grads
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("pad", [None, 32], ids=["exact", "padded-row"])
+def test_packed_row_equals_each_document_alone(arch, impl, pad):
+    model = tiny(arch, impl)
+    samples = docs()
+    # The reference runs each document alone through the same weights; a lone document needs no mask.
+    ref_logits, ref_loss, ref_grads = each_alone(tiny(arch, "sdpa"), samples)
+    batch = get_collator("concat", pad_to_multiple_of=pad)(samples)
+    out = model(**hf_kwargs(batch, model))
+    out.loss.backward()
+    errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(out.logits), ref_logits))}
+    errors["loss"] = rel(out.loss.detach(), ref_loss)
+    errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads})
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, (worst, errors[worst])
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_position_ids_alone_would_mix_documents(arch):
+    # Why hf_kwargs never hands sdpa or eager a packed row without a mask: it is silently wrong.
+    model = tiny(arch, "sdpa").eval()
+    samples = docs()
+    with torch.no_grad():
+        ref = torch.cat([model(input_ids=s[None]).logits[0] for s in samples])
+        batch = get_collator("concat")(samples)
+        mixed = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[0]
+    assert rel(mixed, ref) > 1e-2
+
+
+def test_labels_never_cross_a_document():
+    batch = get_collator("concat", pad_to_multiple_of=8)([[11, 12], [21, 22, 23]])
+    kw = hf_kwargs(batch, "flash_attention_2")
+    assert kw["input_ids"].tolist() == [[11, 12, 21, 22, 23, 0, 0, 0]]
+    assert kw["labels"].tolist() == [[-100, 12, -100, 22, 23, -100, -100, -100]]
+    assert kw["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 0]]
+    # The padding tail is a block of its own, so a varlen kernel computes (finite) rows for it.
+    assert kw["cu_seq_lens_q"].tolist() == [0, 2, 5, 8] and kw["cu_seq_lens_q"].dtype == torch.int32
+    assert kw["max_length_q"] == kw["max_length_k"] == 3
+
+
+def test_masks_for_sdpa_and_eager():
+    batch = get_collator("concat")([[1, 2], [3, 4, 5]])
+    expected = block_causal_mask([2, 3])
+    assert expected.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert torch.equal(hf_kwargs(batch, "sdpa")["attention_mask"], expected[None, None])
+    additive = hf_kwargs(batch, "eager", mask_dtype=torch.bfloat16)["attention_mask"]
+    assert additive.dtype == torch.bfloat16 and additive.shape == (1, 1, 5, 5)
+    assert torch.equal(additive[0, 0] == 0, expected)
+    assert "cu_seq_lens_q" not in hf_kwargs(batch, "sdpa")
+
+
+def test_matches_data_collator_with_flattening():
+    # The incumbent: the same tokens, positions, labels and boundaries on the same documents. Ours
+    # differs in what it refuses (sdpa/eager without a mask, a non-packed batch) and in padding tails.
+    samples = docs()
+    theirs = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(
+        [{"input_ids": s.tolist()} for s in samples])
+    ours = hf_kwargs(get_collator("concat")(samples), "flash_attention_2")
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(ours[key].long(), theirs[key].long()), key
+    assert ours["max_length_q"] == int(theirs["max_length_q"])
+
+
+def test_refusals_say_how_to_fix():
+    packed = get_collator("concat")([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"hf_kwargs needs a packed batch, got layout 'padded'; collate with "
+                                         r"get_collator\('concat'\)"):
+        hf_kwargs(get_collator("pad_longest")([[1, 2, 3]]), "sdpa")
+    with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention' is refused: .* it would attend across "
+                                         r"them silently; load the model with one of flash_attention_2"):
+        hf_kwargs(packed, "flex_attention")
+    with pytest.raises(ValueError, match=r"attn_implementation 'my_kernel' is refused"):
+        HFPackedCollator("my_kernel")
+    with pytest.raises(TypeError, match=r"expected a transformers model \(with config._attn_implementation\) or an "
+                                        r"implementation name, got int"):
+        hf_kwargs(packed, 3)
+    with pytest.raises(TypeError, match=r"hf_kwargs takes a packing.Batch, got dict"):
+        hf_kwargs({"input_ids": None}, "sdpa")
+
+
+def test_packing_varlen_refuses_what_it_cannot_compute():
+    model = tiny("gpt2", register())
+    batch = get_collator("concat")([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match=r"'packing_varlen' needs cu_seq_lens_q and max_length_q; call "
+                                         r"model\(\*\*packing.hf.hf_kwargs\(batch, model\)\)"):
+        model(input_ids=batch.input_ids)
+    dropout = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=97, n_embd=32, n_layer=1, n_head=4, attn_pdrop=0.1, attn_implementation=register())).train()
+    with pytest.raises(ValueError, match=r"'packing_varlen' has no attention dropout, got dropout=0.1; set the config's"):
+        dropout(**hf_kwargs(batch, dropout))
+
+
+def test_collator_feeds_a_dataloader():
+    model = tiny("llama", register())
+    loader = torch.utils.data.DataLoader(docs(), batch_size=4, collate_fn=HFPackedCollator(register(), pad_to_multiple_of=8))
+    kwargs = next(iter(loader))
+    assert kwargs["input_ids"].shape == (1, 24) and kwargs["cu_seq_lens_q"].tolist() == [0, 5, 6, 15, 19, 24]
+    assert torch.isfinite(model(**kwargs).loss)
