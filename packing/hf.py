@@ -3,7 +3,9 @@
 transformers computes a causal LM's loss by shifting ``labels`` itself (position t predicts
 ``labels[t + 1]``), so :func:`hf_kwargs` returns labels shifted right by one against ours: the first
 token of every document holds -100, and no document's last token learns to predict the next
-document. How the document boundaries reach attention depends on the model's attention
+document. It also returns ours unshifted as ``shift_labels``, which transformers' causal-LM loss
+uses as given: the shifted form has no slot for the last token's target of a sample given as an
+(inputs, targets) pair. How the document boundaries reach attention depends on the model's attention
 implementation, and one that would let documents attend to each other is refused:
 
 ===============================================  ==============================================
@@ -38,9 +40,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from packing.batch import Batch, cumulative_lengths
+from packing.batch import Batch
 from packing.collate import ConcatCuSeqlens
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")
@@ -69,7 +72,7 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         mask_dtype: the additive mask's dtype for ``eager``; by default the model's dtype, or
             float32 given a name.
 
-    Returns ``input_ids``, ``labels`` and ``position_ids``, each (1, T) int64, plus the boundaries
+    Returns ``input_ids``, ``labels``, ``shift_labels`` and ``position_ids``, each (1, T) int64, plus the boundaries
     in the form the implementation reads (see the module table). A padding tail past the last
     document becomes one more block that attends only to itself, so every row stays finite.
 
@@ -92,13 +95,24 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         )
     labels = torch.full_like(batch.labels, batch.ignore_index)
     labels[:, 1:] = batch.labels[:, :-1]  # transformers shifts back: position t predicts labels[t + 1]
-    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "labels": labels, "position_ids": batch.position_ids}
-    blocks = list(batch.seq_lens) + ([batch.num_slots - batch.num_tokens] if batch.num_slots > batch.num_tokens else [])
+    kwargs: dict[str, Any] = {
+        "input_ids": batch.input_ids,
+        "labels": labels,
+        # Our labels are already per position. transformers' causal-LM loss takes them as they are
+        # (shift_labels), which keeps the one target the shifted form cannot hold: that of the row's
+        # last token, when a sample came with explicit targets and no padding follows.
+        "shift_labels": batch.labels,
+        "position_ids": batch.position_ids,
+    }
+    # The padding tail, if any, becomes one more block. Built on the batch's device from its
+    # cu_seqlens, so a GPU batch needs no host-to-device copy (a pageable one would wait for the GPU).
+    T = batch.num_slots
+    cu = batch.cu_seqlens if T == batch.num_tokens else F.pad(batch.cu_seqlens, (0, 1), value=T)
     if name in VARLEN_IMPLEMENTATIONS:
-        cu = cumulative_lengths(blocks).to(batch.input_ids.device)
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(blocks), max_length_k=max(blocks))
+        longest = max(batch.max_seqlen, T - batch.num_tokens)  # a host int: no sync
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kwargs
-    allowed = block_causal_mask(blocks).to(batch.input_ids.device)  # (T, T)
+    allowed = block_causal_mask(cu, T)  # (T, T)
     if name == "sdpa":
         kwargs["attention_mask"] = allowed[None, None]
     else:  # eager adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
@@ -108,14 +122,18 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
     return kwargs
 
 
-def block_causal_mask(blocks: list[int]) -> Tensor:
-    """(T, T) bool, True where query i may attend to key j: same block and j <= i.
+def block_causal_mask(cu_seqlens: Tensor, num_slots: int) -> Tensor:
+    """(T, T) bool on ``cu_seqlens``' device, True where query i may attend to key j: the same block
+    of ``cu_seqlens`` (which must end at T = ``num_slots``) and j <= i.
 
-    Blocks 2, 3 give rows [T F F F F], [T T F F F], [F F T F F], [F F T T F], [F F T T T].
+    Boundaries [0, 2, 5] give rows [T F F F F], [T T F F F], [F F T F F], [F F T T F], [F F T T T].
     """
-    block = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
-    T = block.numel()
-    return (block[:, None] == block[None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    device = cu_seqlens.device
+    lengths = cu_seqlens.diff()
+    # output_size: the total is known on the host, so repeat_interleave needs no device sync
+    block = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=num_slots)
+    index = torch.arange(num_slots, device=device)
+    return (block[:, None] == block[None, :]) & (index[:, None] >= index[None, :])
 
 
 class HFPackedCollator:
