@@ -174,6 +174,10 @@ def test_static_shapes_compile_once(setup):
     import torch._dynamo
 
     weights, samples, _ = setup
+    if model_with("flash", weights).adapter("packed", "cuda").backend == "flash-attn-4":
+        # Known and measured (benchmarks/results/2026-11-22-h200-static): FA4's Python launcher runs
+        # outside the graph, and each graph break lets dynamo guard on the batch's document count.
+        pytest.xfail("FlashAttention-4 under torch.compile recompiles per document count")
     model = torch.compile(model_with("flash", weights), dynamic=False)
     collate = static_collator(samples, 0)
     batches = [collate(samples[:k]).to("cuda") for k in (8, 3, 5, 1)]
