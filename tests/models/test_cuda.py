@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from equivalence import assert_within, errors_against
 from models import GPT, GPTConfig, adapters_for, lm_loss
 from packing import COLLATORS, SyntheticDocs, get_collator
 from packing.collate import block_diagonal_mask_class
@@ -27,10 +28,6 @@ def _mask_class_loads() -> bool:
 
 COLLATES = [c for c in COLLATORS if c != "xformers" or _mask_class_loads()]
 PAIRS = [(c, a) for c in COLLATES for a in adapters_for(COLLATORS[c].layout, "cuda")]
-
-
-def rel(got, ref):
-    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def collator(name):
@@ -80,9 +77,7 @@ def test_bf16_matches_fp32_reference(collate, attn, causal, setup):
         logits = model(batch, causal=causal)
         loss = lm_loss(logits, batch)
     loss.backward()
-    errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(logits), ref_logits))}
-    errors["loss"] = rel(loss.detach(), ref_loss)
-    errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
+    errors = errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads)
     worst = max(errors, key=errors.get)
     print(f"{collate}-{attn} causal={causal} backend={model.adapter(batch.layout, 'cuda').backend}: "
           f"worst {worst} {errors[worst]:.2e}, loss {errors['loss']:.2e}")
@@ -161,11 +156,7 @@ def test_static_shapes_match_fp32_reference(causal, setup):
         loss = lm_loss(logits, batch)
     loss.backward()
     assert torch.isfinite(logits).all()  # the padding tail's rows are computed too, and stay finite
-    errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(logits), ref_logits))}
-    errors["loss"] = rel(loss.detach(), ref_loss)
-    errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= TOL, (worst, errors[worst])
+    assert_within(errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads), TOL)
 
 
 def test_static_shapes_compile_once(setup):

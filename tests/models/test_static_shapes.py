@@ -16,7 +16,8 @@ from models import lm_loss
 from models.attention import FlashVarlenAttention
 from packing import get_collator
 
-from test_gpt import CONFIG, TOL, docs, each_alone, model_with, rel, weights  # noqa: F401 (fixture)
+from equivalence import assert_within, errors_against
+from test_gpt import CONFIG, TOL, docs, each_alone, model_with, weights  # noqa: F401 (fixture)
 
 
 def reference_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
@@ -49,11 +50,7 @@ def test_static_row_equals_each_sequence_alone(causal, weights):
     loss = lm_loss(logits, batch)
     loss.backward()
     assert torch.isfinite(logits).all()
-    errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(logits), ref_logits))}
-    errors["loss"] = rel(loss.detach(), ref_loss)
-    errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= TOL, (worst, errors[worst])
+    assert_within(errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads), TOL)
 
 
 def test_static_batches_compile_once(weights):

@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
+from equivalence import assert_within, errors_against, rel  # noqa: E402
 from models.hf_attention import register  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
@@ -36,10 +37,6 @@ def tiny(arch, impl):
 def docs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 97, (n,), generator=g) for n in LENS]
-
-
-def rel(got, ref):
-    return ((got - ref).norm() / ref.norm()).item()
 
 
 def each_alone(model, samples):
@@ -69,11 +66,7 @@ def test_packed_row_equals_each_document_alone(arch, impl, pad):
     batch = get_collator("concat", pad_to_multiple_of=pad)(samples)
     out = model(**hf_kwargs(batch, model))
     out.loss.backward()
-    errors = {f"logits[{i}]": rel(g.detach(), r) for i, (g, r) in enumerate(zip(batch.per_sequence(out.logits), ref_logits))}
-    errors["loss"] = rel(out.loss.detach(), ref_loss)
-    errors.update({f"grad {n}": rel(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads})
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= TOL, (worst, errors[worst])
+    assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), TOL)
     assert torch.isfinite(out.logits).all()
 
 
