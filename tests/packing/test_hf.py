@@ -21,14 +21,14 @@ LENS = [5, 1, 9, 4]  # a one-token document too: it predicts nothing and must no
 IMPLEMENTATIONS = ["sdpa", "eager", register()]
 
 
-def tiny(arch, impl):
+def tiny(arch, impl, dim=32):
     torch.manual_seed(0)
     if arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = transformers.LlamaConfig(vocab_size=97, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           attn_implementation=impl)
         return transformers.LlamaForCausalLM(config)
-    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
+    config = transformers.GPT2Config(vocab_size=97, n_embd=dim, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
                                      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                                      attn_implementation=impl)
     return transformers.GPT2LMHeadModel(config)
@@ -166,3 +166,26 @@ def test_explicit_targets_keep_the_last_one(impl):
         loss = torch.nn.functional.cross_entropy(ref, torch.cat([y for _, y in pairs]))
         out = model(**hf_kwargs(get_collator("concat")(pairs), model))
     assert rel(out.loss, loss) <= TOL
+
+
+CUDA_IMPLEMENTATIONS = ["packing_varlen", "flash_attention_2", "flash_attention_3", "flash_attention_4"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", CUDA_IMPLEMENTATIONS)
+def test_cuda_varlen_implementations_match_fp32_reference(impl):
+    # The cu_seq_lens kwargs through transformers' own flash integrations (where their package is
+    # installed) and through packing_varlen, in bf16, against each document alone in fp32: 2e-2.
+    try:
+        model = tiny("llama", impl, dim=256).cuda()  # head dim 64, which every flash kernel takes
+    except (ImportError, ValueError) as e:  # transformers refuses an implementation whose package is missing
+        pytest.skip(f"{impl} is not usable here: {str(e).splitlines()[0]}")
+    reference = tiny("llama", "sdpa", dim=256).cuda()
+    samples = [s.cuda() for s in docs()]
+    ref_logits, ref_loss, ref_grads = each_alone(reference, samples)
+    batch = get_collator("concat", pad_to_multiple_of=32)([s.cpu() for s in samples]).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**hf_kwargs(batch, model))
+    out.loss.backward()
+    assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), 2e-2)
