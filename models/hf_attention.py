@@ -75,6 +75,10 @@ def varlen_attention(
         backend = flash_backend()
         if backend is None:
             raise ValueError("'packing_varlen' on CUDA needs a varlen kernel: torch >= 2.10, flash-attn-4 or flash-attn 2")
+        if q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+            # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 even under
+            # autocast (seen on an H200); the kernel takes the autocast dtype, as transformers' flash path does.
+            q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
         if q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {q.dtype}; run under torch.autocast")
         out = backend[1](q, k, v, cu, max_len, causal)
