@@ -32,7 +32,7 @@ import torch
 from benchmarks.cli import Parser, resolve_device
 from benchmarks.varlen import StepClock, _non_negative, _positive, _sync
 from packing import Batch, SyntheticDocs, get_collator
-from packing.hf import hf_kwargs
+from packing.hf import hf_kwargs, shifted_labels
 
 METHODS = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2")
 BASELINE = METHODS[0]
@@ -91,10 +91,8 @@ def gpt2(args: Any, attn_implementation: str):
 
 def padded_kwargs(batch: Batch) -> dict[str, Any]:
     """transformers' kwargs for a padded batch: a 2-D mask and labels shifted right, -100 at padding."""
-    labels = torch.full_like(batch.labels, batch.ignore_index)
-    labels[:, 1:] = batch.labels[:, :-1]
-    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long(), "labels": labels,
-            "shift_labels": batch.labels}
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long(),
+            "labels": shifted_labels(batch), "shift_labels": batch.labels}
 
 
 def run_method(method: str, args: Any, device: torch.device, batches: list[Batch]) -> HFRecord:

@@ -93,11 +93,9 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
             f"it would attend across them silently; load the model with one of "
             f"{', '.join(VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS)}"
         )
-    labels = torch.full_like(batch.labels, batch.ignore_index)
-    labels[:, 1:] = batch.labels[:, :-1]  # transformers shifts back: position t predicts labels[t + 1]
     kwargs: dict[str, Any] = {
         "input_ids": batch.input_ids,
-        "labels": labels,
+        "labels": shifted_labels(batch),
         # Our labels are already per position. transformers' causal-LM loss takes them as they are
         # (shift_labels), which keeps the one target the shifted form cannot hold: that of the row's
         # last token, when a sample came with explicit targets and no padding follows.
@@ -120,6 +118,14 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         kwargs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
     return kwargs
+
+
+def shifted_labels(batch: Batch) -> Tensor:
+    """Our per-position labels (B, L) in transformers' convention, shifted right by one: transformers
+    shifts them back, so position t predicts ``labels[t + 1]``. Each row starts with ignore_index."""
+    labels = torch.full_like(batch.labels, batch.ignore_index)
+    labels[:, 1:] = batch.labels[:, :-1]
+    return labels
 
 
 def block_causal_mask(cu_seqlens: Tensor, num_slots: int) -> Tensor:
