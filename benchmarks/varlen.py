@@ -3,6 +3,7 @@
     python -m benchmarks.varlen --collate concat            # concat, against the pad_max baseline
     python -m benchmarks.varlen --collate all --mode eval   # all five collates
     python -m benchmarks.varlen --collate all --json out.json
+    python -m benchmarks.varlen --sampler pack --max-tokens 16384 --static --compile   # one shape, compiled once
 
 Step i of every collate sees the same ``--batch-size`` documents of the seed distribution (lengths
 uniform in [1, max_len - 1], tokens uniform in [1, vocab - 1]) and a model built from the same seed,
