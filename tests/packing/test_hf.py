@@ -189,3 +189,22 @@ def test_cuda_varlen_implementations_match_fp32_reference(impl):
         out = model(**hf_kwargs(batch, model))
     out.loss.backward()
     assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), 2e-2)
+
+
+def test_trainer_takes_the_collator(tmp_path):
+    # transformers' Trainer with HFPackedCollator as its data_collator: it moves the kwargs, counts
+    # the targets from shift_labels, and its loss is ours (one step at learning rate 0; the packed
+    # loss does not depend on the order the sampler puts the documents in).
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the dev extra has it)")
+    model = tiny("gpt2", register())
+    collate = HFPackedCollator(register())
+    samples = docs() + docs(seed=1)
+    with torch.no_grad():
+        expected = model(**collate(samples)).loss.item()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(samples),
+                                          learning_rate=0.0, logging_steps=1, report_to=[], use_cpu=True,
+                                          save_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=samples, data_collator=collate)
+    trainer.train()
+    logged = trainer.state.log_history[0]["loss"]
+    assert logged == pytest.approx(expected, rel=1e-5)
