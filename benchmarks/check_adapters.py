@@ -160,7 +160,8 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
         args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -168,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n, cls in ADAPTERS.items() if n != "naive" and cls.available(device)]
         checks = [c for name in names for c in check_adapter(name, lengths, args, device)]
     except (ValueError, TypeError) as e:
-        print(f"python -m benchmarks.check_adapters: error: {e}", file=sys.stderr)
-        return 2
+        return parser.fail(e)
     unavailable = [n for n, cls in ADAPTERS.items() if n != "naive" and not cls.available(device)]
     print(f"device={device.type} gpu={checks[0].gpu if checks else None} torch={torch.__version__} dtype={args.dtype} "
           f"lengths={lengths} tol={args.tol}")

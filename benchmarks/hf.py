@@ -174,13 +174,13 @@ def run(args: Any) -> list[HFRecord]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         records = run(args)
     except (ValueError, TypeError, ImportError) as e:
-        print(f"python -m benchmarks.hf: error: {e}", file=sys.stderr)
-        return 2
-    command = " ".join(["python -m benchmarks.hf", *(sys.argv[1:] if argv is None else argv)])
+        return parser.fail(e)
+    command = parser.command(argv)
     r0 = records[0]
     print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} mode={r0.mode} batch_size={r0.batch_size} "
           f"steps={r0.steps} warmup={r0.warmup} layers={args.layers} dim={args.dim}")

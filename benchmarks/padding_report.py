@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
     except ValueError as e:
-        print(f"python -m benchmarks.padding_report: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     lg = report.long
     print(f"{source_name}: {report.documents:,} documents, {report.real_tokens:,} tokens")
     print(f"longer than --max-len {lg.max_len}: {lg.long_documents:,} documents, "

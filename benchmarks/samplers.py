@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "docs": args.docs, "max_len": args.max_len, "max_tokens": B, "seed": args.seed,
             "efficiency": [{"strategy": n, "efficiency": e, "target": t} for n, e, t in rows],
             "plan_seconds": [{"sampler": n, "docs": args.plan_docs, "seconds": s} for n, s in timing],
-            "command": " ".join(["python -m benchmarks.samplers", *(sys.argv[1:] if argv is None else argv)]),
+            "command": p.command(argv),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores_visible": len(os.sched_getaffinity(0)),
                         "python": platform.python_version(), "numpy": np.__version__},
         }

@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [("map-style: ShardDataset + PackingSampler + concat", *time_map_style(spec, args.max_tokens)),
                     ("streaming: ShardStream + StreamPacker + concat", *time_streaming(spec, args.max_tokens))]
         except ValueError as e:
-            print(f"python -m benchmarks.shards: error: {e}", file=sys.stderr)
-            return 2
+            return p.fail(e)
     print(f"data: {args.data or f'{args.docs:,} synthetic seed documents'}"
           + (f" (written in {wrote:.1f} s)" if wrote is not None else "") + "; one process, as one DataLoader worker")
     print(f"{'path':52} {'real tok/s':>12} {'x 1M target':>12} {'x 200k step':>12}")
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"data": args.data or f"synthetic:{args.docs}", "max_tokens": args.max_tokens,
                        "rows": [{"path": n, "seconds": s, "tokens": t, "tokens_per_s": t / s} for n, s, t in rows],
-                       "command": " ".join(["python -m benchmarks.shards", *(sys.argv[1:] if argv is None else argv)])},
+                       "command": p.command(argv)},
                       f, indent=2)
     return 0
 

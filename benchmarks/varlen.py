@@ -469,13 +469,13 @@ def run(args: argparse.Namespace) -> list[Record]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         records = run(args)
     except (ValueError, TypeError, ImportError) as e:
-        print(f"python -m benchmarks.varlen: error: {e}", file=sys.stderr)
-        return 2
-    command = " ".join(["python -m benchmarks.varlen", *(sys.argv[1:] if argv is None else argv)])
+        return parser.fail(e)
+    command = parser.command(argv)
     if world_size() > 1:
         command = f"torchrun --nproc_per_node {world_size()} -m benchmarks.varlen " + command.split(" ", 3)[-1]
     for r in records:

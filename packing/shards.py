@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                shard_size=args.shard_size, add_bos=args.add_bos, add_eos=args.add_eos,
                                total=count_documents(args.input), progress=sys.stderr.isatty())
     except (ValueError, ImportError) as e:
-        print(f"python -m packing.shards: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     print(f"wrote {summary['docs']:,} documents, {summary['tokens']:,} tokens in {len(summary['shards'])} shards "
           f"to {args.output}; skipped {summary['skipped_empty']} empty"
           + (f"; {summary['replaced_invalid_utf8']} had invalid UTF-8 replaced" if summary["replaced_invalid_utf8"] else ""))
