@@ -50,15 +50,22 @@ VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_atten
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def attn_implementation_of(model_or_name: Any) -> str:
-    """The attention implementation of a transformers model (``config._attn_implementation``), or the name itself."""
-    if isinstance(model_or_name, str):
-        return model_or_name
-    name = getattr(getattr(model_or_name, "config", None), "_attn_implementation", None)
+def accepted_implementation(model_or_name: Any) -> str:
+    """The attention implementation of a transformers model (``config._attn_implementation``), or
+    the name itself; a ValueError if it is one that would attend across documents."""
+    name = model_or_name
     if not isinstance(name, str):
-        raise TypeError(
-            f"expected a transformers model (with config._attn_implementation) or an implementation name, "
-            f"got {type(model_or_name).__name__}"
+        name = getattr(getattr(model_or_name, "config", None), "_attn_implementation", None)
+        if not isinstance(name, str):
+            raise TypeError(
+                f"expected a transformers model (with config._attn_implementation) or an implementation name, "
+                f"got {type(model_or_name).__name__}"
+            )
+    if name not in VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation {name!r} is refused: packing.hf cannot keep its documents apart, and "
+            f"it would attend across them silently; load the model with one of "
+            f"{', '.join(VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS)}"
         )
     return name
 
@@ -86,13 +93,7 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
             f"hf_kwargs needs a packed batch, got layout {batch.layout!r}; collate with "
             "get_collator('concat') (or packing.hf.HFPackedCollator) to get one row with cu_seqlens"
         )
-    name = attn_implementation_of(model_or_name)
-    if name not in VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation {name!r} is refused: packing.hf cannot keep its documents apart, and "
-            f"it would attend across them silently; load the model with one of "
-            f"{', '.join(VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS)}"
-        )
+    name = accepted_implementation(model_or_name)
     kwargs: dict[str, Any] = {
         "input_ids": batch.input_ids,
         "labels": shifted_labels(batch),
@@ -159,8 +160,7 @@ class HFPackedCollator:
     """
 
     def __init__(self, attn_implementation: str, *, dtype: torch.dtype = torch.float32, **options: Any) -> None:
-        hf_kwargs(ConcatCuSeqlens()([[0]]), attn_implementation)  # refuse a mixing implementation now
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = accepted_implementation(attn_implementation)  # refuse a mixing one now
         self.dtype = dtype
         self.collator = ConcatCuSeqlens(**options)
 
