@@ -237,24 +237,17 @@ class FlashVarlenAttention(AttentionAdapter):
 
 @functools.cache
 def flash_backend() -> tuple[str, Callable[..., Tensor]] | None:
-    """(name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) for the best varlen kernel, or None."""
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
-        try:
-            from flash_attn.cute import flash_attn_varlen_func as fa4
-        except ImportError:
-            pass
-        else:
+    """(name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) for the best varlen kernel, or None.
 
-            # Opaque to torch.compile: traced, FA4's Python launcher (CuTe DSL) broke the graph
-            # and recompiled on every layer (H200: 29 recompiles, 61 graph breaks in 23 steps,
-            # and the compiled seed step ran at 1.01x pad_max against 1.93x with torch's kernel).
-            @torch.compiler.disable
-            def run_fa4(q, k, v, cu, max_len, causal):
-                # FA4 puts qv fourth, so everything after v goes by keyword; it returns (out, lse).
-                return fa4(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                           max_seqlen_k=max_len, causal=causal)[0]
+    q is (T, H, D); k and v may have fewer heads, (T, H_kv, D) with H a multiple of H_kv: every
+    backend runs grouped-query attention in the kernel, without repeating k and v.
+    """
+    from models.flash4 import fa4_available, fa4_varlen
 
-            return "flash-attn-4", run_fa4
+    if fa4_available():
+        # A custom op (models.flash4): traced as Python, FA4's launcher broke the graph and
+        # recompiled on every layer; behind torch.compiler.disable it broke the graph twice a layer.
+        return "flash-attn-4", fa4_varlen
     try:
         import flash_attn
 
@@ -272,15 +265,19 @@ def flash_backend() -> tuple[str, Callable[..., Tensor]] | None:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    if "window_size" in inspect.signature(varlen_attn).parameters:  # torch >= 2.11
+    params = inspect.signature(varlen_attn).parameters
+    # Where varlen_attn has enable_gqa it refuses fewer key/value heads without it; where it has
+    # not, it hands them to the FA2 kernel, which takes them as they are.
+    gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
+    if "window_size" in params:  # torch >= 2.11
 
         def run_torch(q, k, v, cu, max_len, causal):
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1))
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1), **gqa)
 
     else:  # torch 2.10
 
         def run_torch(q, k, v, cu, max_len, causal):
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal)
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, **gqa)
 
     return "torch.varlen_attn", run_torch
 

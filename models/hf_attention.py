@@ -13,27 +13,41 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention import flash_backend
+from packing.hf import block_causal_mask
 
 NAME = "packing_varlen"
+
+# The CUDA kernel, resolved once by register(): a lookup inside every layer's call breaks the
+# torch.compile graph (seen on an H200: 22 graphs for a compiled Llama).
+_kernel: tuple[str, Callable[..., Tensor]] | None = None
 
 
 def register() -> str:
     """Register ``packing_varlen`` with transformers' ``AttentionInterface``; returns the name.
 
-    It registers no mask function on purpose: for an implementation without one, transformers
-    builds no attention mask, and the boundaries come only from ``cu_seq_lens_q``.
+    It resolves the CUDA kernel here, once (:func:`kernel_name` says which). It registers no mask
+    function on purpose: for an implementation without one, transformers builds no attention mask,
+    and the boundaries come only from ``cu_seq_lens_q``.
     """
     from transformers import AttentionInterface
 
+    global _kernel
+    _kernel = flash_backend() if torch.cuda.is_available() else None
     AttentionInterface.register(NAME, varlen_attention)
     return NAME
+
+
+def kernel_name() -> str | None:
+    """The kernel ``packing_varlen`` runs on CUDA (``flash-attn-4``, ``flash-attn-2`` or
+    ``torch.varlen_attn``), or None where there is none (a CPU machine, or before :func:`register`)."""
+    return None if _kernel is None else _kernel[0]
 
 
 def varlen_attention(
@@ -48,7 +62,12 @@ def varlen_attention(
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """transformers' attention signature: query (1, H, T, D), key and value (1, H_kv, T, D); returns
-    ((1, T, H, D), None). The documents are the blocks of ``kwargs["cu_seq_lens_q"]`` (num_docs + 1,)."""
+    ((1, T, H, D), None). The documents are the blocks of ``kwargs["cu_seq_lens_q"]`` (num_docs + 1,).
+
+    Nothing here reads a tensor's values on the host, so under ``torch.compile`` the call is part of
+    the graph, and with static kwargs (``HFPackedCollator(..., total_tokens=, max_seqs=,
+    max_seqlen=)``) every batch has the same shapes and constants: one compilation.
+    """
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
         raise ValueError(
@@ -68,30 +87,27 @@ def varlen_attention(
     if scaling is not None and abs(scaling - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
         raise ValueError(f"'packing_varlen' scales by 1/sqrt(head_dim) = {head_dim**-0.5:g}, the model asks {scaling:g}")
     causal = module.is_causal if is_causal is None else is_causal
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D), (T, H_kv, D)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves H / H_kv query heads
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    if q.is_cuda:
-        backend = flash_backend()
-        if backend is None:
-            raise ValueError("'packing_varlen' on CUDA needs a varlen kernel: torch >= 2.10, flash-attn-4 or flash-attn 2")
-        if q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-            # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 even under
-            # autocast (seen on an H200); the kernel takes the autocast dtype, as transformers' flash path does.
-            q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
-        if q.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {q.dtype}; run under torch.autocast")
-        out = backend[1](q, k, v, cu, max_len, causal)
-    else:
-        out = _per_document(q, k, v, cu.tolist(), causal)  # a CPU tensor: reading it costs no sync
-    return out[None], None
+    # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    if not q.is_cuda:
+        return _masked(q, k, v, cu, causal)[None], None
+    if _kernel is None:
+        raise ValueError(
+            "'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-4 or flash-attn 2), "
+            "resolved by models.hf_attention.register(): call it after CUDA is available"
+        )
+    if v.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {v.dtype}; run under torch.autocast")
+    # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 under autocast
+    # while v comes from a bf16 projection (seen on an H200); the kernel takes v's dtype.
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    return _kernel[1](q, k, v, cu, max_len, causal)[None], None
 
 
-def _per_document(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], causal: bool) -> Tensor:
-    """Exact attention within each [bounds[i], bounds[i + 1]) block, for the CPU."""
-    out = torch.zeros_like(q)  # rows outside every block (none, from hf_kwargs) stay 0
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1)
-    return out
+def _masked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool) -> Tensor:
+    """Exact attention within each block of ``cu_seqlens``, for the CPU: SDPA with a (T, T) document
+    mask built on the device from the boundaries, so it compiles without reading them on the host."""
+    allowed = block_causal_mask(cu_seqlens, q.shape[0], causal=causal)  # (T, T)
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=allowed,
+                                         enable_gqa=k.shape[1] != q.shape[1])  # (H, T, D)
+    return out.transpose(0, 1)

@@ -25,6 +25,14 @@ float mask (8e-8). The 4-D masks cost T x T memory (256 MiB of bools at T = 16,3
 use a varlen implementation. ``packing_varlen`` is this project's (see
 :mod:`models.hf_attention`): the varlen kernels on CUDA without the flash-attn package.
 
+Under ``torch.compile``, ask for static shapes: give the collator a fixed row length, the most
+documents a row may hold and the longest document (``HFPackedCollator("packing_varlen",
+total_tokens=16384, max_seqs=64, max_seqlen=1024)``). Every row is then padded to ``total_tokens``,
+``cu_seq_lens_q/k`` always have ``max_seqs + ceil(total_tokens / max_seqlen) + 1`` entries (the
+padding tail in blocks of at most ``max_seqlen``, then empty documents) and ``max_length_q/k`` is
+always ``max_seqlen``, so the model compiles once. A row with more documents or more tokens is a
+ValueError, never truncated. The kwargs always carry ``use_cache=False``: a packed row is for a loss.
+
 Example:
     >>> from packing import get_collator
     >>> batch = get_collator("concat")([[11, 12], [21, 22, 23]])
@@ -33,6 +41,10 @@ Example:
     ([[-100, 12, -100, 22, 23]], [[0, 1, 0, 1, 2]])
     >>> kw["cu_seq_lens_q"].tolist(), kw["max_length_q"]
     ([0, 2, 5], 3)
+    >>> static = get_collator("concat", total_tokens=8, max_seqs=3, max_seqlen=4)([[11, 12], [21, 22, 23]])
+    >>> kw = hf_kwargs(static, "packing_varlen")
+    >>> kw["cu_seq_lens_q"].tolist(), kw["max_length_q"]
+    ([0, 2, 5, 8, 8, 8], 4)
 """
 
 from __future__ import annotations
@@ -94,6 +106,8 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
             "get_collator('concat') (or packing.hf.HFPackedCollator) to get one row with cu_seqlens"
         )
     name = accepted_implementation(model_or_name)
+    if batch.static_cu_seqlens is not None and name not in VARLEN_IMPLEMENTATIONS:
+        raise ValueError(_static_refusal(name))
     kwargs: dict[str, Any] = {
         "input_ids": batch.input_ids,
         "labels": shifted_labels(batch),
@@ -102,15 +116,25 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         # last token, when a sample came with explicit targets and no padding follows.
         "shift_labels": batch.labels,
         "position_ids": batch.position_ids,
+        # A packed row is for a loss, never for generation. With the cache on, transformers builds
+        # a DynamicCache whose guards recompiled a compiled Llama once per layer (H200, 22 graphs).
+        "use_cache": False,
     }
-    # The padding tail, if any, becomes one more block. Built on the batch's device from its
-    # cu_seqlens, so a GPU batch needs no host-to-device copy (a pageable one would wait for the GPU).
     T = batch.num_slots
-    cu = batch.cu_seqlens if T == batch.num_tokens else F.pad(batch.cu_seqlens, (0, 1), value=T)
     if name in VARLEN_IMPLEMENTATIONS:
-        longest = max(batch.max_seqlen, T - batch.num_tokens)  # a host int: no sync
+        if batch.static_cu_seqlens is not None:
+            # Static shapes: boundaries of one fixed length (the padding tail in blocks of at most
+            # static_max_seqlen, then empty sequences) and a constant max_length, so a compiled
+            # model sees the same shapes and constants for every batch and compiles once.
+            cu, longest = batch.static_cu_seqlens, batch.static_max_seqlen
+        else:
+            # The padding tail, if any, becomes one more block. Built on the batch's device from its
+            # cu_seqlens, so a GPU batch needs no host-to-device copy (a pageable one would wait).
+            cu = batch.cu_seqlens if T == batch.num_tokens else F.pad(batch.cu_seqlens, (0, 1), value=T)
+            longest = max(batch.max_seqlen, T - batch.num_tokens)  # a host int: no sync
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kwargs
+    cu = batch.cu_seqlens  # the mask puts slots past the last boundary, the padding tail, in a block of their own
     allowed = block_causal_mask(cu, T)  # (T, T)
     if name == "sdpa":
         kwargs["attention_mask"] = allowed[None, None]
@@ -121,6 +145,14 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
     return kwargs
 
 
+def _static_refusal(name: str) -> str:
+    return (
+        f"static boundaries (max_seqs, max_seqlen) are for varlen implementations ("
+        f"{', '.join(VARLEN_IMPLEMENTATIONS)}), not {name!r}: it takes a (T, T) mask, whose shape is fixed by "
+        "total_tokens alone; drop max_seqs and max_seqlen, or load the model with attn_implementation='packing_varlen'"
+    )
+
+
 def shifted_labels(batch: Batch) -> Tensor:
     """Our per-position labels (B, L) in transformers' convention, shifted right by one: transformers
     shifts them back, so position t predicts ``labels[t + 1]``. Each row starts with ignore_index."""
@@ -129,18 +161,18 @@ def shifted_labels(batch: Batch) -> Tensor:
     return labels
 
 
-def block_causal_mask(cu_seqlens: Tensor, num_slots: int) -> Tensor:
+def block_causal_mask(cu_seqlens: Tensor, num_slots: int, *, causal: bool = True) -> Tensor:
     """(T, T) bool on ``cu_seqlens``' device, True where query i may attend to key j: the same block
-    of ``cu_seqlens`` (which must end at T = ``num_slots``) and j <= i.
+    of ``cu_seqlens`` and, if ``causal``, j <= i. Boundaries may repeat (empty blocks, as in
+    ``static_cu_seqlens``); slots past ``cu_seqlens[-1]`` form one block of their own.
 
     Boundaries [0, 2, 5] give rows [T F F F F], [T T F F F], [F F T F F], [F F T T F], [F F T T T].
+    Built from the boundaries on the device, with no host read, so it also runs inside torch.compile.
     """
-    device = cu_seqlens.device
-    lengths = cu_seqlens.diff()
-    # output_size: the total is known on the host, so repeat_interleave needs no device sync
-    block = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=num_slots)
-    index = torch.arange(num_slots, device=device)
-    return (block[:, None] == block[None, :]) & (index[:, None] >= index[None, :])
+    index = torch.arange(num_slots, device=cu_seqlens.device)
+    block = torch.searchsorted(cu_seqlens, index.to(cu_seqlens.dtype), right=True)  # (T,) block of each slot
+    allowed = block[:, None] == block[None, :]
+    return allowed & (index[:, None] >= index[None, :]) if causal else allowed
 
 
 class HFPackedCollator:
@@ -152,6 +184,8 @@ class HFPackedCollator:
             that would mix documents fails at construction, not after a training run.
         dtype: the model's dtype, for the additive mask of the ``eager`` implementation.
         **options: ``ConcatCuSeqlens`` options (``pad_to_multiple_of``, ``total_tokens``, ...).
+            ``total_tokens``, ``max_seqs`` and ``max_seqlen`` together give static kwargs for a
+            compiled model (module docstring); they need a varlen implementation.
 
     Example:
         >>> collate = HFPackedCollator("sdpa")
@@ -163,6 +197,8 @@ class HFPackedCollator:
         self.attn_implementation = accepted_implementation(attn_implementation)  # refuse a mixing one now
         self.dtype = dtype
         self.collator = ConcatCuSeqlens(**options)
+        if self.collator.static_length is not None and self.attn_implementation not in VARLEN_IMPLEMENTATIONS:
+            raise ValueError(_static_refusal(self.attn_implementation))
 
     def __call__(self, samples: Any) -> dict[str, Any]:
         return hf_kwargs(self.collator(samples), self.attn_implementation, mask_dtype=self.dtype)

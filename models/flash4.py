@@ -1,0 +1,89 @@
+"""FlashAttention-4's varlen kernel as a torch custom op, so ``torch.compile`` keeps it in the graph.
+
+Traced as plain Python, FA4's CuTe-DSL launcher breaks the graph and recompiles on every layer (an
+H200, our GPT: 29 recompiles and 61 graph breaks in 23 steps). Called through
+``torch.compiler.disable`` it breaks the graph twice per layer instead. As a custom op with a fake
+(shape-only) implementation and an autograd registration, dynamo and AOTAutograd see one opaque node
+for the forward and one for the backward, and the compiled step is one graph.
+
+Shapes, for T packed tokens, H query heads, H_kv key/value heads (H a multiple of H_kv: grouped-query
+attention runs in the kernel, no repeat) and head dimension D:
+
+- q (T, H, D), k and v (T, H_kv, D), bf16 or fp16, on a Hopper-or-newer GPU;
+- cu_seqlens (num_seqs + 1,) int32, non-decreasing from 0 to at most T; an empty sequence is allowed;
+- returns out (T, H, D); the forward op also returns lse (H, T) fp32 for the backward.
+
+Example (needs FA4 and a Hopper GPU):
+    >>> from models.flash4 import fa4_varlen  # doctest: +SKIP
+    >>> out = fa4_varlen(q, k, v, cu_seqlens, max_seqlen=1024, causal=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fa4_available() -> bool:
+    """Whether FlashAttention-4 imports and the GPU is Hopper (sm90) or newer."""
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
+        return False
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.library.custom_op("varlen_packing::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
+def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                   max_seqlen_k=max_seqlen, causal=causal, return_lse=True)
+    return out, lse
+
+
+@_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal):
+    # Contiguous out and lse (H, T) fp32, as FA4 allocates them; the backward's dq, dk, dv are
+    # empty_like(q, k, v) in FA4, strides included.
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("varlen_packing::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
+def _bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, None, causal, cu_seqlens_q=cu_seqlens,
+                                 cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    return dq, dk, dv
+
+
+@_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.causal = max_seqlen, causal
+
+
+def _backward(ctx, dout: Tensor, dlse: Tensor | None):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
+    """softmax(q kᵀ / sqrt(D)) v within each block of ``cu_seqlens``: (T, H, D), see the module docstring."""
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, causal)[0]
