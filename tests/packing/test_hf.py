@@ -34,9 +34,25 @@ def tiny(arch, impl, dim=32):
     return transformers.GPT2LMHeadModel(config)
 
 
-def docs(seed=0):
+def docs(seed=0, lens=LENS):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 97, (n,), generator=g) for n in LENS]
+    return [torch.randint(1, 97, (n,), generator=g) for n in lens]
+
+
+# Static kwargs: every row 48 slots, at most 6 documents of at most 16 tokens. The batches differ in
+# document count, lengths, longest document and padding tail, as a sampler's packs do.
+STATIC = dict(total_tokens=48, max_seqs=6, max_seqlen=16)
+STATIC_LENS = [[5, 1, 9, 4], [16, 16, 16], [3], [7, 7, 7, 7, 7, 7]]
+
+
+def compiled(arch, impl, **options):
+    """tiny() compiled in one graph (fullgraph=True: any graph break is an error)."""
+    model = tiny(arch, impl)
+    # GPT2LMHeadModel has no loss_type that transformers recognises, and the warning it logs on
+    # every call breaks the graph (transformers 5.23); naming the loss it falls back to avoids that.
+    model.loss_type = "ForCausalLM"
+    torch._dynamo.reset()
+    return model, torch.compile(model, fullgraph=True, **options)
 
 
 def each_alone(model, samples):
@@ -208,3 +224,82 @@ def test_trainer_takes_the_collator(tmp_path):
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
     assert logged == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # llama: grouped-query attention, 4 query heads on 2 kv heads
+def test_compiled_static_rows_compile_once_and_equal_each_document_alone(arch):
+    # The compiled recipe: static kwargs into a compiled model. One graph, no recompile across packs
+    # of other document counts, and every pack still equals its documents run alone (fp32, 1e-5).
+    model, step = compiled(arch, register(), backend="aot_eager")
+    collate = HFPackedCollator(register(), **STATIC)
+    reference = tiny(arch, "sdpa")  # the same weights
+    for i, lens in enumerate(STATIC_LENS):
+        samples = docs(seed=i, lens=lens)
+        ref_logits, ref_loss, ref_grads = each_alone(reference, samples)
+        batch = collate.collator(samples)
+        kwargs = collate(samples)
+        assert kwargs["input_ids"].shape == (1, 48) and kwargs["cu_seq_lens_q"].shape == (6 + 3 + 1,)
+        assert kwargs["max_length_q"] == 16
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = step(**kwargs)
+            out.loss.backward()
+        assert out.past_key_values is None  # use_cache=False: no DynamicCache, whose guards recompiled
+        assert torch.isfinite(out.logits).all()
+        assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), TOL)
+        model.zero_grad()
+
+
+def test_static_kwargs_refusals_say_how_to_fix():
+    with pytest.raises(ValueError, match=r"static boundaries \(max_seqs, max_seqlen\) are for varlen implementations "
+                                         r"\(.*\), not 'sdpa': it takes a \(T, T\) mask, whose shape is fixed by "
+                                         r"total_tokens alone; drop max_seqs and max_seqlen"):
+        HFPackedCollator("sdpa", **STATIC)
+    static = get_collator("concat", **STATIC)([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"not 'eager': it takes a \(T, T\) mask"):
+        hf_kwargs(static, "eager")
+    collate = HFPackedCollator(register(), **STATIC)
+    # Never truncated: a pack over either limit is refused with the limit and the fix.
+    with pytest.raises(ValueError, match=r"batch has 7 sequences > max_seqs 6; raise max_seqs or cap the sampler's "
+                                         r"documents per batch \(PackingSampler\(max_seqs=...\)\)"):
+        collate(docs(lens=[2] * 7))
+    with pytest.raises(ValueError, match=r"batch has 49 tokens > total_tokens 48; raise total_tokens"):
+        collate(docs(lens=[16, 16, 16, 1]))
+    with pytest.raises(ValueError, match=r"batch holds a sequence of length 17 > max_seqlen 16; raise max_seqlen or "
+                                         r"split long documents"):
+        collate(docs(lens=[17]))
+    # total_tokens alone keeps the mask's shape fixed, and sdpa takes it.
+    assert HFPackedCollator("sdpa", total_tokens=48)([[1, 2, 3]])["attention_mask"].shape == (1, 1, 48, 48)
+
+
+def test_trainer_compiles_once(tmp_path):
+    # transformers' Trainer with torch_compile=True and static kwargs from HFPackedCollator: steps
+    # of 4, 4 and 2 documents (the last batch is short) run on the first compilation.
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the dev extra has it)")
+    model = tiny("llama", register())
+    samples = docs(lens=[5, 9, 1, 12, 3, 16, 8, 2, 11, 6])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
+                                          save_strategy="no", torch_compile=True, torch_compile_backend="aot_eager")
+    counts = []
+
+    class Counting(HFPackedCollator):
+        def __call__(self, batch):
+            counts.append(len(batch))
+            return super().__call__(batch)
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=samples,
+                                   data_collator=Counting(register(), **STATIC))
+    use_cache, compute_loss = [], trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        use_cache.append(inputs["use_cache"])  # what the Trainer hands the model
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the first compilation is not a recompile
+        trainer.train()
+    assert sorted(counts) == [2, 4, 4] and use_cache == [False] * 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # and no graph break
