@@ -1,21 +1,30 @@
-"""A Hugging Face GPT-2 of the seed model's size, padded against packed, on the same documents.
+"""Seed-size transformers models (GPT-2 or Llama), padded against packed, eager and compiled, on the same documents.
 
-    python -m benchmarks.hf                          # train steps, every method that runs here
+    python -m benchmarks.hf --arch llama --compile   # the compiled comparison: padded, static packs, the peer
+    python -m benchmarks.hf                          # GPT-2 train steps, every eager method that runs here
     python -m benchmarks.hf --mode eval --json out.json
 
-The seed article's last section trains ``GPT2LMHeadModel`` on packed rows; this runs that model
-(24 layers, dim 1024, 16 heads, vocab 1024, 1024 positions, no dropout) on the seed distribution
-(``--batch-size`` documents a step, lengths uniform in [1, 1023]) in bf16 autocast with SGD. Rows:
+The model is the seed article's size with random weights (24 layers, hidden 1024, 16 heads, vocab
+1024, 1024 positions, no dropout; Llama with intermediate 4096 and ``--kv-heads`` key/value heads)
+in bf16 autocast with SGD. One pool of seed documents (lengths uniform in [1, 1023]) feeds every
+row, with ``use_cache=False`` everywhere (a cache is for generation):
 
-- ``pad_max + sdpa``: every document padded to 1024 with a 2-D attention mask (the baseline);
-- ``pad_longest + sdpa``: padded to the longest, rounded up to 64;
-- ``concat + packing_varlen``: one packed row, ``cu_seq_lens`` into torch's varlen kernel;
-- ``concat + sdpa``: one packed row with a 4-D block-causal bool mask (T x T);
-- ``concat + flash_attention_2``: only where the flash-attn package is installed.
+- ``pad_max+sdpa``: ``--batch-size`` documents a step padded to 1024, 2-D mask (the baseline);
+- ``pad_longest+sdpa``: the same steps padded to the longest, rounded up to 64;
+- ``concat+packing_varlen`` / ``concat+sdpa``: the same steps as one packed row, into this
+  project's varlen attention, or into sdpa with a 4-D block-causal mask;
+- ``static+packing_varlen``: ``PackingSampler`` packs of at most ``--max-tokens`` tokens and
+  ``--max-seqs`` documents, static kwargs (``HFPackedCollator(total_tokens=, max_seqs=, max_seqlen=)``):
+  every step the same shapes, so a compiled model compiles once;
+- ``static+packing_varlen_repeat_kv``: the same, with k and v repeated to every query head before the
+  kernel (what grouped-query attention costs without the kernel's own support; use ``--kv-heads``);
+- ``flatten+<impl>``: the same packs through transformers' ``DataCollatorWithFlattening``, the peer,
+  into ``flash_attention_4|3|2``, whichever loads (else ``packing_varlen``).
 
-Every row starts from the same weights and sees the same documents; the ratio column is against
-pad_max + sdpa in the same run. Throughput counts real tokens only. Eval is causal here (GPT-2 has
-no bidirectional mode), unlike the seed article's eval.
+``--compile`` runs every method eager and then under ``torch.compile(model)``, and records each
+row's dynamo graphs, graph breaks and the compilations after its first step (recompiles). Ratios:
+real tokens per second against pad_max + sdpa eager, and for compiled rows also against pad_max +
+sdpa compiled, both measured in the same run. Throughput counts real tokens only. Eval is causal.
 """
 
 from __future__ import annotations
@@ -25,17 +34,24 @@ import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from benchmarks.cli import Parser, resolve_device
 from benchmarks.varlen import StepClock, _non_negative, _positive, _sync
-from packing import Batch, SyntheticDocs, get_collator
+from packing import Batch, PackingSampler, SyntheticDocs, get_collator
 from packing.hf import hf_kwargs, shifted_labels
 
-METHODS = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2")
+PEER_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_3", "flash_attention_2")
+METHODS = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2",
+           "static+packing_varlen", "static+packing_varlen_repeat_kv", "flatten")
 BASELINE = METHODS[0]
+# Defaults: without --compile, the eager comparison of batch layouts; with it, the compiled recipe
+# against compiled padding and the peer.
+EAGER_DEFAULT = METHODS[:4]
+COMPILE_DEFAULT = ("pad_max+sdpa", "static+packing_varlen", "flatten")
+MAX_LEN = 1024
 
 
 @dataclass
@@ -43,133 +59,260 @@ class HFRecord:
     """One row, as written to ``--json``."""
 
     method: str
+    arch: str
     mode: str
+    compiled: bool
     gpu: str | None
     torch: str
     transformers: str
+    kernel: str | None  # what packing_varlen ran on CUDA; the peer's implementation for flatten rows
     batch_size: int
     steps: int
     warmup: int
+    doc_counts: list[int]  # documents in each timed step
     ms_per_step: float
     median_ms_per_step: float
     tokens_per_s: float
     padding_fraction: float
     peak_mem_bytes: int | None
     loss: float
-    speedup_vs_baseline: float | None = None
+    graphs: int | None = None  # dynamo graphs compiled for the row (None: eager)
+    graph_breaks: int | None = None
+    recompiles: int | None = None  # dynamo compilations after the row's first step
+    speedup_vs_baseline: float | None = None  # against pad_max+sdpa eager
+    speedup_vs_compiled_baseline: float | None = None  # against pad_max+sdpa compiled
     command: str = ""
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m benchmarks.hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="model architecture (default gpt2)")
     p.add_argument("--mode", default="train", choices=["train", "eval"], help="train step (SGD) or forward only")
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="rows to run (default: all that run here)")
+    p.add_argument("--compile", action="store_true", help="run every method eager and under torch.compile")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="rows to run (default: see above)")
     p.add_argument("--device", help="cuda if available, else cpu")
-    p.add_argument("--steps", type=_positive, default=20, help="timed steps per method (default 20)")
+    p.add_argument("--steps", type=_positive, default=20, help="timed padded steps per method (default 20)")
     p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="documents per step (default 32)")
-    p.add_argument("--layers", type=_positive, default=24, help="GPT-2 layers (default 24, the seed model)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="documents per padded step (default 32)")
+    p.add_argument("--max-tokens", type=_positive, default=16384, help="tokens per pack (default 16384)")
+    p.add_argument("--max-seqs", type=_positive, default=64, help="documents per pack at most (default 64)")
+    p.add_argument("--layers", type=_positive, default=24, help="layers (default 24, the seed model)")
     p.add_argument("--dim", type=_positive, default=1024, help="hidden size (default 1024; 16 heads of dim / 16)")
+    p.add_argument("--kv-heads", type=_positive, default=16, help="Llama key/value heads (default 16; fewer is GQA)")
     p.add_argument("--seed", type=int, default=0, help="documents and weights (default 0)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     return p
 
 
-def gpt2(args: Any, attn_implementation: str):
-    import transformers
-    from models.hf_attention import register
+def register_repeat_kv() -> str:
+    """``packing_varlen_repeat_kv``: packing_varlen with k and v repeated to every query head, the
+    way a kernel without grouped-query support must be fed; only for measuring that cost."""
+    from transformers import AttentionInterface
 
-    register()
-    config = transformers.GPT2Config(
-        vocab_size=1024, n_positions=1024, n_embd=args.dim, n_layer=args.layers, n_head=16,
-        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-        attn_implementation=attn_implementation,
-    )
+    from models.hf_attention import varlen_attention
+
+    def repeat_kv(module, query, key, value, *args, **kwargs):
+        group = query.shape[1] // key.shape[1]
+        key, value = (t.repeat_interleave(group, dim=1) for t in (key, value))  # (1, H, T, D)
+        return varlen_attention(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("packing_varlen_repeat_kv", repeat_kv)
+    return "packing_varlen_repeat_kv"
+
+
+def build_model(args: Any, attn_implementation: str):
+    import transformers
+
     torch.manual_seed(args.seed)  # the same weights for every row
-    return transformers.GPT2LMHeadModel(config)
+    if args.arch == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=1024, hidden_size=args.dim, intermediate_size=4 * args.dim, num_hidden_layers=args.layers,
+            num_attention_heads=16, num_key_value_heads=args.kv_heads, max_position_embeddings=MAX_LEN,
+            attention_dropout=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.GPT2Config(
+        vocab_size=1024, n_positions=MAX_LEN, n_embd=args.dim, n_layer=args.layers, n_head=16, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
+    model = transformers.GPT2LMHeadModel(config)
+    # transformers recognises no loss_type for GPT2LMHeadModel and logs a warning on every call,
+    # which breaks a compiled graph (transformers 5.17 and 5.23); name the loss it falls back to.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def padded_kwargs(batch: Batch) -> dict[str, Any]:
     """transformers' kwargs for a padded batch: a 2-D mask and labels shifted right, -100 at padding."""
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long(),
-            "labels": shifted_labels(batch), "shift_labels": batch.labels}
+            "labels": shifted_labels(batch), "shift_labels": batch.labels, "use_cache": False}
 
 
-def run_method(method: str, args: Any, device: torch.device, batches: list[Batch]) -> HFRecord:
-    collate, impl = method.split("+")
-    model = gpt2(args, impl).to(device)
+def peer_implementation(device: torch.device) -> str:
+    """The first of transformers' own varlen implementations that loads here, else packing_varlen."""
+    import transformers
+
+    if device.type == "cuda":
+        for impl in PEER_IMPLEMENTATIONS:
+            try:
+                transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=1, vocab_size=8,
+                                                                     attn_implementation=impl))
+            except (ImportError, ValueError):  # transformers refuses one whose package is missing
+                continue
+            return impl
+    return "packing_varlen"
+
+
+@dataclass
+class Plan:
+    """What a method runs: the model's attention implementation, its steps (host batches or peer
+    dicts, pinned), how a step becomes the model's kwargs on the device, and each step's counts."""
+
+    impl: str
+    steps: list[Any]
+    kwargs: Callable[[Any, torch.device], dict[str, Any]]
+    real_tokens: list[int]
+    slots: list[int]
+    doc_counts: list[int]
+
+
+def plan(method: str, args: Any, device: torch.device, docs: SyntheticDocs, fixed: list[list[int]],
+         packs: list[list[int]]) -> Plan:
+    layout, _, impl = method.partition("+")
+    pin = device.type == "cuda"
+    if layout == "flatten":
+        from transformers import DataCollatorWithFlattening
+
+        impl = peer_implementation(device)
+        collate = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")
+        # Its own convention: labels from input_ids, so each document's last target (which our
+        # (inputs, targets) samples carry) is not trained; the computed positions are the same.
+        steps = [collate([{"input_ids": docs[i][0].tolist()} for i in pack]) for pack in packs]
+        if pin:
+            steps = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in s.items()} for s in steps]
+        counts = [int(sum(docs.lengths[i] for i in pack)) for pack in packs]
+
+        def peer_kwargs(step: dict[str, Any], device: torch.device) -> dict[str, Any]:
+            moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in step.items()}
+            return {**moved, "use_cache": False}
+
+        return Plan(impl, steps, peer_kwargs, counts, counts, [len(p) for p in packs])
+    if layout == "static":
+        collate = get_collator("concat", total_tokens=args.max_tokens, max_seqs=args.max_seqs, max_seqlen=MAX_LEN)
+        groups = packs
+    else:
+        collate = {"pad_max": get_collator("pad_max", max_len=MAX_LEN),
+                   "pad_longest": get_collator("pad_longest", pad_to_multiple_of=64),
+                   "concat": get_collator("concat")}[layout]
+        groups = fixed
+    batches = [collate([docs[i] for i in group]) for group in groups]
+    if pin:
+        batches = [b.pin_memory() for b in batches]
+    name = "packing_varlen" if impl == "packing_varlen_repeat_kv" else impl  # the kwargs it reads
+
+    def batch_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
+        batch = batch.to(device, non_blocking=True)
+        return padded_kwargs(batch) if batch.layout == "padded" else hf_kwargs(batch, name)
+
+    return Plan(impl, batches, batch_kwargs, [b.num_tokens for b in batches], [b.num_slots for b in batches],
+                [len(b.seq_lens) for b in batches])
+
+
+def dynamo_counts() -> tuple[int, int, int]:
+    """(graphs, graph breaks, frames compiled) so far in this process, from dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    return (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()), counters["frames"]["total"])
+
+
+def run_method(method: str, compiled: bool, args: Any, device: torch.device, p: Plan) -> HFRecord:
+    import transformers
+
+    from models.hf_attention import kernel_name
+
+    model = build_model(args, p.impl).to(device)
     train = args.mode == "train"
     model.train(train)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     bf16 = device.type == "cuda"
+    if compiled:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    forward = torch.compile(model) if compiled else model
 
-    def step(batch: Batch) -> torch.Tensor:
-        batch = batch.to(device, non_blocking=True)
-        kwargs = padded_kwargs(batch) if batch.layout == "padded" else hf_kwargs(batch, model)
+    def step(host: Any) -> torch.Tensor:
+        kwargs = p.kwargs(host, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if not train:
                 with torch.inference_mode():
-                    return model(**kwargs).loss
-            loss = model(**kwargs).loss
+                    return forward(**kwargs).loss
+            loss = forward(**kwargs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    for batch in batches[: args.warmup]:
-        step(batch)
+    warm = max(args.warmup, 1) if compiled else args.warmup  # a compiled row's first step compiles
+    step(p.steps[0]) if warm else None
+    after_first = dynamo_counts()
+    for host in p.steps[1:warm]:
+        step(host)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock, losses = StepClock(device), []
-    timed = batches[args.warmup :]
-    for batch in timed:
+    timed = range(warm, len(p.steps))
+    for i in timed:
         with clock:
-            losses.append(step(batch))
+            losses.append(step(p.steps[i]))
     _sync(device)
     elapsed = clock.total_s()
-    import transformers
-
+    graphs, breaks, frames = dynamo_counts()
+    real = sum(p.real_tokens[i] for i in timed)
+    kernel = kernel_name() if "packing_varlen" in p.impl and device.type == "cuda" else None
     return HFRecord(
-        method=method, mode=args.mode, gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        torch=torch.__version__, transformers=transformers.__version__, batch_size=args.batch_size,
-        steps=args.steps, warmup=args.warmup, ms_per_step=1000 * elapsed / args.steps,
-        median_ms_per_step=statistics.median(clock.step_ms()), tokens_per_s=sum(b.num_tokens for b in timed) / elapsed,
-        padding_fraction=1 - sum(b.num_tokens for b in timed) / sum(b.num_slots for b in timed),
+        method=method if not method == "flatten" else f"flatten+{p.impl}", arch=args.arch, mode=args.mode,
+        compiled=compiled, gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        torch=torch.__version__, transformers=transformers.__version__, kernel=kernel,
+        batch_size=args.batch_size, steps=len(timed), warmup=warm, doc_counts=[p.doc_counts[i] for i in timed],
+        ms_per_step=1000 * elapsed / len(timed), median_ms_per_step=statistics.median(clock.step_ms()),
+        tokens_per_s=real / elapsed, padding_fraction=1 - real / sum(p.slots[i] for i in timed),
         peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         loss=torch.stack(losses).float().mean().item(),
+        graphs=graphs if compiled else None, graph_breaks=breaks if compiled else None,
+        recompiles=frames - after_first[2] if compiled else None,
     )
-
-
-def available_methods(device: torch.device) -> list[str]:
-    methods = [m for m in METHODS if m != "concat+flash_attention_2"]
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        methods.append("concat+flash_attention_2")
-    return methods
 
 
 def run(args: Any) -> list[HFRecord]:
     if importlib.util.find_spec("transformers") is None:
         raise ImportError("benchmarks.hf needs transformers: pip install -e '.[hf]'")
+    from models.hf_attention import register
+
     device = resolve_device(args.device)
-    methods = args.methods or available_methods(device)
-    if "concat+flash_attention_2" in methods and "concat+flash_attention_2" not in available_methods(device):
+    methods = list(args.methods or (COMPILE_DEFAULT if args.compile else EAGER_DEFAULT))
+    if "concat+flash_attention_2" in methods and not (device.type == "cuda" and importlib.util.find_spec("flash_attn")):
         raise ValueError("concat+flash_attention_2 needs CUDA and the flash-attn package; leave it out of --methods")
+    if args.warmup + 1 >= args.steps + args.warmup and args.compile:
+        raise ValueError("--compile needs --steps >= 2: the first step compiles and is never timed")
     if BASELINE not in methods:
         methods.insert(0, BASELINE)
-    docs = SyntheticDocs((args.warmup + args.steps) * args.batch_size, max_len=1024, vocab_size=1024, seed=args.seed)
-    steps = [[docs[j] for j in range(i * args.batch_size, (i + 1) * args.batch_size)] for i in range(args.warmup + args.steps)]
-    collators = {"pad_max": get_collator("pad_max", max_len=1024),
-                 "pad_longest": get_collator("pad_longest", pad_to_multiple_of=64), "concat": get_collator("concat")}
+    register()
+    register_repeat_kv()
+    n = (args.warmup + args.steps) * args.batch_size
+    docs = SyntheticDocs(n, max_len=MAX_LEN, vocab_size=1024, seed=args.seed)
+    fixed = [list(range(i, i + args.batch_size)) for i in range(0, n, args.batch_size)]
+    # The same documents in packs: one epoch of PackingSampler over the pool, in its (shuffled) order.
+    packs = [list(p) for p in PackingSampler(docs.lengths, max_tokens=args.max_tokens, max_seqs=args.max_seqs,
+                                             seed=args.seed, num_replicas=1, rank=0)]
     records = []
     for method in methods:
-        batches = [collators[method.split("+")[0]](s) for s in steps]
-        if device.type == "cuda":
-            batches = [b.pin_memory() for b in batches]
-        records.append(run_method(method, args, device, batches))
-    base = records[0]
+        p = plan(method, args, device, docs, fixed, packs)
+        for compiled in (False, True) if args.compile else (False,):
+            records.append(run_method(method, compiled, args, device, p))
+    base = {r.compiled: r for r in records if r.method == BASELINE}
     for r in records:
-        r.speedup_vs_baseline = r.tokens_per_s / base.tokens_per_s
+        r.speedup_vs_baseline = r.tokens_per_s / base[False].tokens_per_s
+        if r.compiled:
+            r.speedup_vs_compiled_baseline = r.tokens_per_s / base[True].tokens_per_s
     return records
 
 
@@ -182,14 +325,20 @@ def main(argv: list[str] | None = None) -> int:
         return parser.fail(e)
     command = parser.command(argv)
     r0 = records[0]
-    print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} mode={r0.mode} batch_size={r0.batch_size} "
-          f"steps={r0.steps} warmup={r0.warmup} layers={args.layers} dim={args.dim}")
-    print(f"{'method':<26}{'ms/step':>9}{'real tok/s':>12}{'padding':>9}{'peak mem':>11}{'loss':>9}  x {BASELINE}")
+    print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} arch={r0.arch} mode={r0.mode} "
+          f"layers={args.layers} dim={args.dim} kv_heads={args.kv_heads if args.arch == 'llama' else 16} "
+          f"padded batch_size={r0.batch_size} max_tokens={args.max_tokens}")
+    print(f"{'method':<36}{'how':>9}{'steps':>6}{'docs/step':>10}{'ms/step':>9}{'real tok/s':>12}{'padding':>9}"
+          f"{'peak mem':>11}{'loss':>8}{'graphs':>7}{'recomp':>7}  x pad eager  x pad compiled")
     for r in records:
         r.command = command
-        mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**30:.2f} GiB"
-        print(f"{r.method:<26}{r.ms_per_step:>9.1f}{r.tokens_per_s:>12,.0f}{100 * r.padding_fraction:>8.1f}%"
-              f"{mem:>11}{r.loss:>9.4f}  {r.speedup_vs_baseline:.2f}")
+        mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**30:.1f} GiB"
+        docs = f"{min(r.doc_counts)}-{max(r.doc_counts)}"
+        compiled = "-" if r.speedup_vs_compiled_baseline is None else f"{r.speedup_vs_compiled_baseline:.2f}"
+        print(f"{r.method:<36}{'compiled' if r.compiled else 'eager':>9}{r.steps:>6}{docs:>10}{r.ms_per_step:>9.1f}"
+              f"{r.tokens_per_s:>12,.0f}{100 * r.padding_fraction:>8.1f}%{mem:>11}{r.loss:>8.4f}"
+              f"{'-' if r.graphs is None else r.graphs:>7}{'-' if r.recompiles is None else r.recompiles:>7}"
+              f"  {r.speedup_vs_baseline:>11.2f}  {compiled:>14}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=2)

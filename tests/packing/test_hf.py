@@ -45,9 +45,9 @@ STATIC = dict(total_tokens=48, max_seqs=6, max_seqlen=16)
 STATIC_LENS = [[5, 1, 9, 4], [16, 16, 16], [3], [7, 7, 7, 7, 7, 7]]
 
 
-def compiled(arch, impl, **options):
+def compiled(arch, impl, dim=32, **options):
     """tiny() compiled in one graph (fullgraph=True: any graph break is an error)."""
-    model = tiny(arch, impl)
+    model = tiny(arch, impl, dim=dim)
     # GPT2LMHeadModel has no loss_type that transformers recognises, and the warning it logs on
     # every call breaks the graph (transformers 5.23); naming the loss it falls back to avoids that.
     model.loss_type = "ForCausalLM"
@@ -205,6 +205,27 @@ def test_cuda_varlen_implementations_match_fp32_reference(impl):
         out = model(**hf_kwargs(batch, model))
     out.loss.backward()
     assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cuda_compiled_static_rows_match_fp32_reference(arch):
+    # The compiled recipe on the GPU (inductor, bf16 autocast) with packing_varlen's kernel (FA4
+    # where it loads): one graph, no recompile, every pack within 2e-2 of its documents alone in fp32.
+    model, step = compiled(arch, register(), dim=256)  # head dim 64, which every flash kernel takes
+    model.cuda()
+    reference = tiny(arch, "sdpa", dim=256).cuda()
+    collate = HFPackedCollator(register(), **STATIC)
+    for i, lens in enumerate(STATIC_LENS):
+        samples = docs(seed=i, lens=lens)
+        ref_logits, ref_loss, ref_grads = each_alone(reference, [s.cuda() for s in samples])
+        batch = collate.collator(samples).to("cuda")
+        with torch._dynamo.config.patch(error_on_recompile=i > 0), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = step(**hf_kwargs(batch, register()))
+        out.loss.backward()
+        assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), 2e-2)
+        model.zero_grad()
 
 
 def test_trainer_takes_the_collator(tmp_path):
