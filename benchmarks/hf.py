@@ -302,8 +302,6 @@ def run(args: Any) -> list[HFRecord]:
     methods = list(args.methods or (COMPILE_DEFAULT if args.compile else EAGER_DEFAULT))
     if "concat+flash_attention_2" in methods and not (device.type == "cuda" and importlib.util.find_spec("flash_attn")):
         raise ValueError("concat+flash_attention_2 needs CUDA and the flash-attn package; leave it out of --methods")
-    if args.warmup + 1 >= args.steps + args.warmup and args.compile:
-        raise ValueError("--compile needs --steps >= 2: the first step compiles and is never timed")
     if BASELINE not in methods:
         methods.insert(0, BASELINE)
     register()
@@ -314,9 +312,16 @@ def run(args: Any) -> list[HFRecord]:
     # The same documents in packs: one epoch of PackingSampler over the pool, in its (shuffled) order.
     packs = [list(p) for p in PackingSampler(docs.lengths, max_tokens=args.max_tokens, max_seqs=args.max_seqs,
                                              seed=args.seed, num_replicas=1, rank=0)]
+    plans = {method: plan(method, args, device, docs, fixed, packs) for method in methods}
+    warm = max(args.warmup, 1) if args.compile else args.warmup  # a compiled row's first step compiles
+    for method, p in plans.items():
+        if len(p.steps) <= warm:
+            raise ValueError(
+                f"{method} has {len(p.steps)} steps ({n} documents), none left to time after {warm} warm-up "
+                "step(s); raise --steps or lower --max-tokens"
+            )
     records = []
-    for method in methods:
-        p = plan(method, args, device, docs, fixed, packs)
+    for method, p in plans.items():
         for compiled in (False, True) if args.compile else (False,):
             records.append(run_method(method, compiled, args, device, p))
             r = records[-1]

@@ -2,9 +2,10 @@
 
 Traced as plain Python, FA4's CuTe-DSL launcher breaks the graph and recompiles on every layer (an
 H200, our GPT: 29 recompiles and 61 graph breaks in 23 steps). Called through
-``torch.compiler.disable`` it breaks the graph twice per layer instead. As a custom op with a fake
-(shape-only) implementation and an autograd registration, dynamo and AOTAutograd see one opaque node
-for the forward and one for the backward, and the compiled step is one graph.
+``torch.compiler.disable`` it still broke the graph in each of the 24 layers, and dynamo recompiled 15
+times in 23 steps. As a custom op with a fake (shape-only) implementation and an autograd
+registration, dynamo and AOTAutograd see one opaque node for the forward and one for the backward,
+and the compiled step is one graph (benchmarks/results/2026-11-24-h100-hf-compiled).
 
 Shapes, for T packed tokens, H query heads, H_kv key/value heads (H a multiple of H_kv: grouped-query
 attention runs in the kernel, no repeat) and head dimension D:

@@ -1,8 +1,9 @@
 """``packing_varlen``: an attention implementation for transformers models that reads the packed
 row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.hf.hf_kwargs`) and runs this
 project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-4/2 when installed) on CUDA,
-exact per-document attention on a CPU. It needs no flash-attn package, and it refuses what it
-cannot compute instead of attending across documents.
+exact per-document attention on a CPU (SDPA with a (T, T) document mask: T² bools, so keep long rows
+on a GPU). It needs no flash-attn package, it compiles to one graph with no host read, and it
+refuses what it cannot compute instead of attending across documents.
 
 Example:
     >>> from models.hf_attention import register

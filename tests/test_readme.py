@@ -1,6 +1,9 @@
 import pathlib
 import re
 
+import torch
+import torch._dynamo
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -15,8 +18,10 @@ def test_readme_examples_run():
     exec(compile(blocks[1], "README.md", "exec"), second)  # the sampler example
     assert second["batch"].num_tokens <= 16384 and second["sampler"].epoch == 1
     third: dict = {}
-    exec(compile(blocks[2], "README.md", "exec"), third)  # the transformers example
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the compiled recipe compiles once
+        exec(compile(blocks[2], "README.md", "exec"), third)  # the transformers example
     assert "cu_seq_lens_q" in third["kwargs"] and third["model"].config._attn_implementation == "packing_varlen"
+    assert third["kwargs"]["input_ids"].shape == (1, 2048) and third["kwargs"]["max_length_q"] == 256
 
 
 def test_readme_commands_are_the_ci_commands():
