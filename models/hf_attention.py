@@ -25,8 +25,8 @@ from packing.hf import block_causal_mask
 
 NAME = "packing_varlen"
 
-# The CUDA kernel, resolved once by register(): a lookup inside every layer's call breaks the
-# torch.compile graph (seen on an H200: 22 graphs for a compiled Llama).
+# The CUDA kernel, resolved once by register(): the cached lookup that every layer's call made broke
+# the torch.compile graph (issue 13, H200: with it and the cache on, a compiled Llama ran as 22 graphs).
 _kernel: tuple[str, Callable[..., Tensor]] | None = None
 
 

@@ -27,10 +27,11 @@ use a varlen implementation. ``packing_varlen`` is this project's (see
 
 Under ``torch.compile``, ask for static shapes: give the collator a fixed row length, the most
 documents a row may hold and the longest document (``HFPackedCollator("packing_varlen",
-total_tokens=16384, max_seqs=64, max_seqlen=1024)``). Every row is then padded to ``total_tokens``,
-``cu_seq_lens_q/k`` always have ``max_seqs + ceil(total_tokens / max_seqlen) + 1`` entries (the
-padding tail in blocks of at most ``max_seqlen``, then empty documents) and ``max_length_q/k`` is
-always ``max_seqlen``, so the model compiles once. A row with more documents or more tokens is a
+total_tokens=16384, max_seqs=256, max_seqlen=1024)``, and the same ``max_tokens`` and ``max_seqs``
+to ``PackingSampler``; a low ``max_seqs`` leaves the shortest documents in part-filled packs). Every
+row is then padded to ``total_tokens``, ``cu_seq_lens_q/k`` always have ``max_seqs +
+ceil(total_tokens / max_seqlen) + 1`` entries (the padding tail in blocks of at most ``max_seqlen``,
+then empty documents) and ``max_length_q/k`` is always ``max_seqlen``, so the model compiles once. A row with more documents or more tokens is a
 ValueError, never truncated. The kwargs always carry ``use_cache=False``: a packed row is for a loss.
 
 Example:
@@ -117,7 +118,7 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         "shift_labels": batch.labels,
         "position_ids": batch.position_ids,
         # A packed row is for a loss, never for generation. With the cache on, transformers builds
-        # a DynamicCache whose guards recompiled a compiled Llama once per layer (H200, 22 graphs).
+        # a DynamicCache whose guards recompiled a compiled Llama once per layer (issue 13, H200).
         "use_cache": False,
     }
     T = batch.num_slots
