@@ -261,6 +261,9 @@ def test_compiled_static_rows_compile_once_and_equal_each_document_alone(arch):
         kwargs = collate(samples)
         assert kwargs["input_ids"].shape == (1, 48) and kwargs["cu_seq_lens_q"].shape == (6 + 3 + 1,)
         assert kwargs["max_length_q"] == 16
+        tail = slice(batch.num_tokens, None)  # the padding slots: no target, and blocks of their own
+        assert (kwargs["labels"][0, tail] == -100).all() and (kwargs["shift_labels"][0, tail] == -100).all()
+        assert kwargs["cu_seq_lens_q"][len(lens)].item() == batch.num_tokens
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             out = step(**kwargs)
             out.loss.backward()
