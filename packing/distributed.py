@@ -35,6 +35,10 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
 def global_num_targets(local: int, device: torch.device | str) -> torch.Tensor:
     """The sum of ``local`` over all ranks, as a 0-d int64 tensor on ``device``.
 

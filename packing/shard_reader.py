@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -72,9 +73,17 @@ class ShardInfo:
     id_sizes: np.ndarray
 
 
+def _index_path(path: str) -> str:
+    return path[: -len(".tar")] + ".lengths.npy" if path.endswith(".tar") else path + ".lengths.npy"
+
+
+def _index_size(path: str) -> int:
+    return os.path.getsize(_index_path(path)) if os.path.isfile(_index_path(path)) else -1
+
+
 def scan_shard(path: str) -> ShardInfo:
     """Read a shard's tar headers and its length index, and check that they agree."""
-    sidecar = path[: -len(".tar")] + ".lengths.npy" if path.endswith(".tar") else path + ".lengths.npy"
+    sidecar = _index_path(path)
     if not os.path.isfile(sidecar):
         raise ValueError(f"shard {path} has no length index {os.path.basename(sidecar)} beside it; "
                          "write shards with python -m packing.shards")
@@ -201,11 +210,23 @@ class ShardDataset(Dataset):
 
 
 class ShardStream(IterableDataset):
-    """Stream documents shard by shard, for ``StreamPacker`` or any collator.
+    """Stream documents shard by shard, for ``StreamPacker`` or any collator; resumable.
 
-    Each epoch the shard order is shuffled (``seed``, ``set_epoch``), then webdataset's
-    ``split_by_node`` and ``split_by_worker`` give every rank and DataLoader worker its own shards.
-    Yields 1-D int64 token tensors, or ``{"input_ids", "id"}`` dicts with ``with_ids=True``.
+    Each epoch the shard order is shuffled (``seed``, ``set_epoch``), then every rank takes every
+    ``world_size``-th shard of that order and every DataLoader worker every ``num_workers``-th shard
+    of its rank's (as webdataset's ``split_by_node`` and ``split_by_worker`` do). Yields 1-D int64
+    token tensors, or ``{"input_ids", "id"}`` dicts with ``with_ids=True``.
+
+    **Resume.** ``state_dict()`` is this process's (or worker's) place in its stream: the epoch, the
+    seed, a fingerprint of the shard set, the rank, world size, worker and worker count, and
+    ``position``, how many documents of its share it has yielded. ``load_state_dict`` makes the next
+    iteration start there. torchdata's ``StatefulDataLoader`` saves and restores these per worker.
+    A state from another shard set, seed, world size, rank, worker count or worker is refused with a
+    ``ValueError``; it is never silently restarted. Positions count the documents in each shard's
+    length index, so a shard skipped as corrupt still occupies its place.
+
+    ``documents(positions)`` reads documents of the share by position, so ``StreamPacker`` can
+    restore a buffer it saved as positions, not tokens.
     """
 
     def __init__(self, shards: str | Path | list[str], *, shuffle: bool = True, seed: int = 0,
@@ -213,28 +234,111 @@ class ShardStream(IterableDataset):
         self.paths = expand_shards(shards)
         self.shuffle, self.seed, self.skip_corrupt, self.with_ids = shuffle, seed, skip_corrupt, with_ids
         self.epoch = 0
+        self.position = 0  # documents of this share yielded in this epoch
+        self._resume: dict[str, Any] | None = None
         self._files = _ShardFiles()
+        self._counts: dict[str, int] = {}
+        # The shard set: names and sizes of every tar and length index, so a state from other data
+        # is refused without reading the shards.
+        digest = hashlib.sha256()
+        for path in self.paths:
+            digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}:{_index_size(path)};".encode())
+        self.fingerprint = digest.hexdigest()[:16]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _urls(self) -> Iterator[str]:
-        import webdataset as wds
+    def _place(self) -> dict[str, int]:
+        from packing.distributed import rank, world_size
 
+        info = torch.utils.data.get_worker_info()
+        return {"rank": rank(), "world_size": world_size(), "worker": 0 if info is None else info.id,
+                "num_workers": 1 if info is None else info.num_workers}
+
+    def share(self) -> list[str]:
+        """This rank's and worker's shards for the current epoch, in stream order."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths)) if self.shuffle else range(len(self.paths))
-        urls = ({"url": self.paths[i]} for i in order)
-        for item in wds.split_by_worker(wds.split_by_node(urls)):
-            yield item["url"]
+        place = self._place()
+        mine = list(order)[place["rank"]:: place["world_size"]][place["worker"]:: place["num_workers"]]
+        return [self.paths[i] for i in mine]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle, "fingerprint": self.fingerprint,
+                "position": self.position, **self._place()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``'s position on the next iteration; see the class docstring."""
+        unknown = set(state) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"ShardStream state has unknown keys {sorted(unknown)}; it is not a ShardStream state")
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"ShardStream state is from another shard set (fingerprint {state.get('fingerprint')!r}, these "
+                f"{len(self.paths)} shards give {self.fingerprint!r}); resume with the shards it was saved with"
+            )
+        for key in ("seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"ShardStream state has {key}={state[key]!r}, this stream {key}={getattr(self, key)!r}; "
+                                 f"construct the stream with {key}={state[key]!r} to resume it")
+        place = self._place()
+        for key in ("world_size", "rank", "num_workers", "worker"):
+            if state[key] != place[key]:
+                raise ValueError(
+                    f"ShardStream state was saved with {key}={state[key]}, this process has {key}={place[key]}; "
+                    f"positions belong to one share of the shards: resume with the same world size and DataLoader workers"
+                )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._resume = state
+
+    def _count(self, path: str) -> int:
+        """Documents in a shard's length index (0 if it is unreadable): its width in positions."""
+        if path not in self._counts:
+            try:
+                self._counts[path] = len(np.load(_index_path(path), allow_pickle=False))
+            except (ValueError, OSError, EOFError):
+                self._counts[path] = 0
+        return self._counts[path]
+
+    def _sample(self, info: ShardInfo, j: int) -> Any:
+        data = self._files.read(info.path, int(info.offsets[j]), int(info.sizes[j]))
+        tokens = _decode_tokens(data, info.path, j, int(info.lengths[j]))
+        if not self.with_ids:
+            return tokens
+        raw = self._files.read(info.path, int(info.id_offsets[j]), int(info.id_sizes[j]))
+        return {"input_ids": tokens, "id": raw.decode("utf-8", "surrogateescape")}
+
+    def documents(self, positions: list[int]) -> list[Any]:
+        """The documents at these positions of this share (this epoch), in the order given."""
+        starts, first = {}, 0
+        for path in self.share():
+            starts[path] = first
+            first += self._count(path)
+        bounds = sorted(starts.items(), key=lambda kv: kv[1])
+        out, infos = [], {}
+        for p in positions:
+            path, start = next((pth, st) for pth, st in reversed(bounds) if st <= p)
+            if not 0 <= p - start < self._count(path):
+                raise ValueError(f"position {p} is past this share's {first} documents")
+            if path not in infos:
+                infos[path] = _scan_all([path], False)[0][0]
+            out.append(self._sample(infos[path], p - start))
+        return out
 
     def __iter__(self) -> Iterator[Any]:
-        for path in self._urls():
+        skip = self.position if self._resume is not None else 0
+        self._resume, self.position = None, skip
+        for path in self.share():
+            width = self._count(path)
+            if skip and skip >= width:  # taken before the saved state (a width-0 shard is still checked below)
+                skip -= width
+                continue
             infos, _ = _scan_all([path], self.skip_corrupt)  # validated before its first document
-            for info in infos:
-                for j in range(len(info.lengths)):
-                    data = self._files.read(info.path, int(info.offsets[j]), int(info.sizes[j]))
-                    tokens = _decode_tokens(data, info.path, j, int(info.lengths[j]))
-                    if self.with_ids:
-                        raw = self._files.read(info.path, int(info.id_offsets[j]), int(info.id_sizes[j]))
-                        yield {"input_ids": tokens, "id": raw.decode("utf-8", "surrogateescape")}
-                    else:
-                        yield tokens
+            if not infos:  # skipped as corrupt: its positions pass without documents
+                self.position += width - skip
+                skip = 0
+                continue
+            for j in range(skip, len(infos[0].lengths)):
+                sample = self._sample(infos[0], j)
+                self.position += 1  # before the yield: a saved state counts this document as taken
+                yield sample
+            skip = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bisect import bisect_right, insort
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 from torch.utils.data import IterableDataset
 
 from packing.sample import is_pair
@@ -62,14 +63,66 @@ class StreamPacker(IterableDataset):
         self.buffer_size = buffer_size
         self.max_seqs = max_seqs
         self.length = length
+        self._live: dict[int, None] = {}  # positions of the waiting documents (see __iter__)
+        self._resume: dict[str, Any] | None = None
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def _resumable_source(self) -> Any:
+        if not all(hasattr(self.source, a) for a in ("state_dict", "load_state_dict", "documents", "position")):
+            raise TypeError(
+                f"StreamPacker can save and resume only a source with state_dict, load_state_dict, position and "
+                f"documents(positions), such as packing.ShardStream; got {type(self.source).__name__}"
+            )
+        return self.source
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the packing stands: the source's state and the documents waiting in the buffer, as
+        positions in the source (a bitmap from the first waiting one), never tokens. Taken between
+        packs, it resumes to the same packs in the same order. The source must be resumable (a
+        :class:`~packing.shard_reader.ShardStream`)."""
+        source = self._resumable_source()
+        waiting = np.fromiter(self._live, dtype=np.int64, count=len(self._live))  # ascending: read order
+        start = int(waiting[0]) if len(waiting) else source.position
+        bits = np.zeros(source.position - start, dtype=bool)
+        bits[waiting - start] = True
+        return {"source": source.state_dict(), "buffer_start": start, "buffer": np.packbits(bits).tobytes(),
+                "max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "max_seqs": self.max_seqs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` on the next iteration: the source restarts where it was and
+        the waiting documents are read back by position. Refused with a ValueError when the state is
+        from other packing settings, or when the source refuses its part."""
+        source = self._resumable_source()
+        expected = {"source", "buffer_start", "buffer", "max_tokens", "buffer_size", "max_seqs"}
+        if set(state) != expected:
+            raise ValueError(f"StreamPacker state has keys {sorted(state)}, expected {sorted(expected)}")
+        for key in ("max_tokens", "buffer_size", "max_seqs"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"StreamPacker state was saved with {key}={state[key]}, this packer has {key}={getattr(self, key)}; "
+                    f"other settings make other packs: construct it with {key}={state[key]} to resume"
+                )
+        source.load_state_dict(state["source"])
+        self._resume = state
+
+    def _restored(self) -> list[tuple[int, Any]]:
+        """The waiting documents of a loaded state, (position, sample) in read order."""
+        state, self._resume = self._resume, None
+        if state is None:
+            return []
+        start, end = state["buffer_start"], state["source"]["position"]
+        bits = np.unpackbits(np.frombuffer(state["buffer"], dtype=np.uint8), count=end - start).astype(bool)
+        positions = (np.flatnonzero(bits) + start).tolist()
+        return list(zip(positions, self.source.documents(positions)))
 
     def __iter__(self) -> Iterator[list[Any]]:
-        waiting: dict[int, list[Any]] = {}  # length -> documents of that length
+        waiting: dict[int, list[tuple[int, Any]]] = {}  # length -> (position, document) of that length
         present: list[int] = []  # sorted lengths that have waiting documents
-        held = 0
+        self._live = live = {}  # positions of the waiting documents, in read order, for state_dict
+        resumable = hasattr(self.source, "position")
 
         def take_pack() -> list[Any]:
-            nonlocal held
             pack, room = [], self.max_tokens
             while present and (self.max_seqs is None or len(pack) < self.max_seqs):
                 i = bisect_right(present, room) - 1  # the longest waiting document that fits
@@ -77,14 +130,15 @@ class StreamPacker(IterableDataset):
                     break
                 n = present[i]
                 docs = waiting[n]
-                pack.append(docs.pop())
+                position, sample = docs.pop()
+                del live[position]
+                pack.append(sample)
                 if not docs:
                     del waiting[n], present[i]
                 room -= n
-            held -= len(pack)
             return pack
 
-        for position, sample in enumerate(self.source):
+        def add(position: int, sample: Any) -> None:
             n = self.length(sample)
             if not 1 <= n <= self.max_tokens:
                 raise ValueError(
@@ -94,9 +148,14 @@ class StreamPacker(IterableDataset):
             if n not in waiting:
                 waiting[n] = []
                 insort(present, n)
-            waiting[n].append(sample)
-            held += 1
-            if held >= self.buffer_size:
+            waiting[n].append((position, sample))
+            live[position] = None
+
+        for position, sample in self._restored():
+            add(position, sample)
+        for count, sample in enumerate(self.source):
+            add(self.source.position - 1 if resumable else count, sample)
+            if len(live) >= self.buffer_size:
                 yield take_pack()
-        while held:
+        while live:
             yield take_pack()
