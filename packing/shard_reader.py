@@ -328,13 +328,13 @@ class ShardStream(IterableDataset):
         skip = self.position if self._resume is not None else 0
         self._resume, self.position = None, skip
         for path in self.share():
-            width = self._count(path)
-            if skip and skip >= width:  # taken before the saved state (a width-0 shard is still checked below)
-                skip -= width
+            # The width (its length index's count) is read only to skip; a valid shard's scan has it.
+            if skip and skip >= self._count(path):  # taken before the saved state
+                skip -= self._count(path)
                 continue
             infos, _ = _scan_all([path], self.skip_corrupt)  # validated before its first document
             if not infos:  # skipped as corrupt: its positions pass without documents
-                self.position += width - skip
+                self.position += self._count(path) - skip
                 skip = 0
                 continue
             for j in range(skip, len(infos[0].lengths)):

@@ -63,7 +63,11 @@ class StreamPacker(IterableDataset):
         self.buffer_size = buffer_size
         self.max_seqs = max_seqs
         self.length = length
-        self._live: dict[int, None] = {}  # positions of the waiting documents (see __iter__)
+        # Which read positions still wait in the buffer, one bool each from position _base: kept as
+        # the documents come and go, so state_dict() is a slice and packbits (a dict of positions
+        # turned into an array cost 48 us a call at 4096 documents, 3.6% of streaming throughput).
+        self._waiting = np.zeros(0, dtype=bool)
+        self._base = 0
         self._resume: dict[str, Any] | None = None
 
     # -- resume ---------------------------------------------------------------------------------
@@ -82,11 +86,10 @@ class StreamPacker(IterableDataset):
         packs, it resumes to the same packs in the same order. The source must be resumable (a
         :class:`~packing.shard_reader.ShardStream`)."""
         source = self._resumable_source()
-        waiting = np.fromiter(self._live, dtype=np.int64, count=len(self._live))  # ascending: read order
-        start = int(waiting[0]) if len(waiting) else source.position
-        bits = np.zeros(source.position - start, dtype=bool)
-        bits[waiting - start] = True
-        return {"source": source.state_dict(), "buffer_start": start, "buffer": np.packbits(bits).tobytes(),
+        bits = self._waiting[: source.position - self._base]  # one bool a read position, from _base
+        start = int(bits.argmax()) if bits.any() else len(bits)
+        return {"source": source.state_dict(), "buffer_start": self._base + start,
+                "buffer": np.packbits(bits[start:]).tobytes(),
                 "max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "max_seqs": self.max_seqs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,13 +119,27 @@ class StreamPacker(IterableDataset):
         positions = (np.flatnonzero(bits) + start).tolist()
         return list(zip(positions, self.source.documents(positions)))
 
+    def _mark(self, position: int, waiting: bool) -> None:
+        i = position - self._base
+        if i >= len(self._waiting):  # grow, dropping the positions before the first waiting one
+            first = int(self._waiting.argmax()) if self._waiting.any() else i
+            kept = self._waiting[first:]
+            self._waiting = np.zeros(max(2 * (i - first + 1), 2 * self.buffer_size), dtype=bool)
+            self._waiting[: len(kept)] = kept
+            self._base += first
+            i = position - self._base
+        self._waiting[i] = waiting
+
     def __iter__(self) -> Iterator[list[Any]]:
         waiting: dict[int, list[tuple[int, Any]]] = {}  # length -> (position, document) of that length
         present: list[int] = []  # sorted lengths that have waiting documents
-        self._live = live = {}  # positions of the waiting documents, in read order, for state_dict
         resumable = hasattr(self.source, "position")
+        restored = self._restored()
+        self._waiting, self._base = np.zeros(2 * self.buffer_size, dtype=bool), restored[0][0] if restored else 0
+        held = 0
 
         def take_pack() -> list[Any]:
+            nonlocal held
             pack, room = [], self.max_tokens
             while present and (self.max_seqs is None or len(pack) < self.max_seqs):
                 i = bisect_right(present, room) - 1  # the longest waiting document that fits
@@ -131,14 +148,16 @@ class StreamPacker(IterableDataset):
                 n = present[i]
                 docs = waiting[n]
                 position, sample = docs.pop()
-                del live[position]
+                self._mark(position, False)
                 pack.append(sample)
                 if not docs:
                     del waiting[n], present[i]
                 room -= n
+            held -= len(pack)
             return pack
 
         def add(position: int, sample: Any) -> None:
+            nonlocal held
             n = self.length(sample)
             if not 1 <= n <= self.max_tokens:
                 raise ValueError(
@@ -149,13 +168,14 @@ class StreamPacker(IterableDataset):
                 waiting[n] = []
                 insort(present, n)
             waiting[n].append((position, sample))
-            live[position] = None
+            self._mark(position, True)
+            held += 1
 
-        for position, sample in self._restored():
+        for position, sample in restored:
             add(position, sample)
         for count, sample in enumerate(self.source):
             add(self.source.position - 1 if resumable else count, sample)
-            if len(live) >= self.buffer_size:
+            if held >= self.buffer_size:
                 yield take_pack()
-        while live:
+        while held:
             yield take_pack()

@@ -26,6 +26,8 @@ def test_shard_throughput_benchmark_runs(tmp_path, capsys):
     out = tmp_path / "t.json"
     assert shards_main(["--docs", "300", "--max-tokens", "4096", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 and all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
-    assert rows[0]["tokens"] == rows[1]["tokens"]  # both paths read every token once
+    assert len(rows) == 5 and all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert len({r["tokens"] for r in rows}) == 1  # every path reads every token once
+    saved = [r for r in rows if "state_bytes" in r]
+    assert len(saved) == 2 and all(0 < r["state_bytes"] < 10_000 and r["state_us"] > 0 for r in saved)
     assert shards_main(["--data", str(tmp_path / "nothing-{0..1}.tar")]) == 2
