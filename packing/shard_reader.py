@@ -255,12 +255,32 @@ class ShardStream(IterableDataset):
         return {"rank": rank(), "world_size": world_size(), "worker": 0 if info is None else info.id,
                 "num_workers": 1 if info is None else info.num_workers}
 
-    def share(self) -> list[str]:
-        """This rank's and worker's shards for the current epoch, in stream order."""
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths)) if self.shuffle else range(len(self.paths))
+    def share(self, rank: int | None = None, worker: int | None = None, world_size: int | None = None,
+              num_workers: int | None = None) -> list[str]:
+        """A rank's and worker's shards for the current epoch, in stream order; by default this
+        process's own."""
         place = self._place()
-        mine = list(order)[place["rank"]:: place["world_size"]][place["worker"]:: place["num_workers"]]
-        return [self.paths[i] for i in mine]
+        rank, worker = place["rank"] if rank is None else rank, place["worker"] if worker is None else worker
+        world_size = place["world_size"] if world_size is None else world_size
+        num_workers = place["num_workers"] if num_workers is None else num_workers
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths)) if self.shuffle else range(len(self.paths))
+        return [self.paths[i] for i in list(order)[rank::world_size][worker::num_workers]]
+
+    def share_lengths(self, rank: int, worker: int, world_size: int, num_workers: int) -> np.ndarray:
+        """(docs,) token counts of a share's documents in stream order, from the length indexes alone
+        (no tar is read): what StreamPacker needs to count every rank's packs in advance."""
+        if self.skip_corrupt:
+            raise ValueError(
+                "skip_corrupt=True with several ranks: a shard skipped while reading would change one rank's pack "
+                "count after the ranks agreed on it, and DDP would hang; repair or remove the corrupt shards instead"
+            )
+        arrays = []
+        for path in self.share(rank, worker, world_size, num_workers):
+            try:
+                arrays.append(np.load(_index_path(path), allow_pickle=False))
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"shard {path}: its length index is unreadable ({e})") from None
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle, "fingerprint": self.fingerprint,

@@ -20,6 +20,52 @@ def sample_length(sample: Any) -> int:
     return len(sample)
 
 
+class _BestFitBuffer:
+    """Documents waiting by length; :meth:`take` forms one pack: the longest waiting document, then
+    repeatedly the longest that still fits the room left. Items are opaque to it."""
+
+    def __init__(self, max_tokens: int, max_seqs: int | None) -> None:
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.waiting: dict[int, list[Any]] = {}  # length -> items of that length, in arrival order
+        self.present: list[int] = []  # sorted lengths that have waiting items
+        self.held = 0
+
+    def add(self, n: int, item: Any) -> None:
+        if n not in self.waiting:
+            self.waiting[n] = []
+            insort(self.present, n)
+        self.waiting[n].append(item)
+        self.held += 1
+
+    def take(self) -> list[Any]:
+        pack, room = [], self.max_tokens
+        while self.present and (self.max_seqs is None or len(pack) < self.max_seqs):
+            i = bisect_right(self.present, room) - 1  # the longest waiting document that fits
+            if i < 0:
+                break
+            n = self.present[i]
+            items = self.waiting[n]
+            pack.append(items.pop())
+            if not items:
+                del self.waiting[n], self.present[i]
+            room -= n
+        self.held -= len(pack)
+        return pack
+
+
+def pack_sizes(lengths: Iterable[int], *, max_tokens: int, buffer_size: int, max_seqs: int | None = None) -> list[int]:
+    """Documents in each pack that :class:`StreamPacker` makes of a stream with these lengths: the
+    packing depends on the lengths alone, so every rank can count every rank's packs in advance."""
+    buffer, sizes = _BestFitBuffer(max_tokens, max_seqs), []
+    for n in lengths:
+        buffer.add(int(n), None)
+        if buffer.held >= buffer_size:
+            sizes.append(len(buffer.take()))
+    while buffer.held:
+        sizes.append(len(buffer.take()))
+    return sizes
+
+
 class StreamPacker(IterableDataset):
     """Yields packs (lists of samples) of at most ``max_tokens`` tokens from an iterable of samples.
 
@@ -68,6 +114,8 @@ class StreamPacker(IterableDataset):
         # turned into an array cost 48 us a call at 4096 documents, 3.6% of streaming throughput).
         self._waiting = np.zeros(0, dtype=bool)
         self._base = 0
+        self._taken = 0  # takes from the buffer so far this epoch (a split take yields two packs)
+        self._pending: list[tuple[int, Any]] = []  # a split pack's second half, not yet yielded
         self._resume: dict[str, Any] | None = None
 
     # -- resume ---------------------------------------------------------------------------------
@@ -89,7 +137,8 @@ class StreamPacker(IterableDataset):
         bits = self._waiting[: source.position - self._base]  # one bool a read position, from _base
         start = int(bits.argmax()) if bits.any() else len(bits)
         return {"source": source.state_dict(), "buffer_start": self._base + start,
-                "buffer": np.packbits(bits[start:]).tobytes(),
+                "buffer": np.packbits(bits[start:]).tobytes(), "taken": self._taken,
+                "pending": [position for position, _ in self._pending],
                 "max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "max_seqs": self.max_seqs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -97,7 +146,7 @@ class StreamPacker(IterableDataset):
         the waiting documents are read back by position. Refused with a ValueError when the state is
         from other packing settings, or when the source refuses its part."""
         source = self._resumable_source()
-        expected = {"source", "buffer_start", "buffer", "max_tokens", "buffer_size", "max_seqs"}
+        expected = {"source", "buffer_start", "buffer", "taken", "pending", "max_tokens", "buffer_size", "max_seqs"}
         if set(state) != expected:
             raise ValueError(f"StreamPacker state has keys {sorted(state)}, expected {sorted(expected)}")
         for key in ("max_tokens", "buffer_size", "max_seqs"):
@@ -109,15 +158,18 @@ class StreamPacker(IterableDataset):
         source.load_state_dict(state["source"])
         self._resume = state
 
-    def _restored(self) -> list[tuple[int, Any]]:
-        """The waiting documents of a loaded state, (position, sample) in read order."""
+    def _restored(self) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]], int]:
+        """From a loaded state: the waiting documents and a split pack's pending half, each as
+        (position, sample) in their order, and the takes so far."""
         state, self._resume = self._resume, None
         if state is None:
-            return []
+            return [], [], 0
         start, end = state["buffer_start"], state["source"]["position"]
         bits = np.unpackbits(np.frombuffer(state["buffer"], dtype=np.uint8), count=end - start).astype(bool)
         positions = (np.flatnonzero(bits) + start).tolist()
-        return list(zip(positions, self.source.documents(positions)))
+        waiting = list(zip(positions, self.source.documents(positions)))
+        pending = list(zip(state["pending"], self.source.documents(state["pending"])))
+        return waiting, pending, state["taken"]
 
     def _mark(self, position: int, waiting: bool) -> None:
         i = position - self._base
@@ -130,52 +182,79 @@ class StreamPacker(IterableDataset):
             i = position - self._base
         self._waiting[i] = waiting
 
-    def __iter__(self) -> Iterator[list[Any]]:
-        waiting: dict[int, list[tuple[int, Any]]] = {}  # length -> (position, document) of that length
-        present: list[int] = []  # sorted lengths that have waiting documents
-        resumable = hasattr(self.source, "position")
-        restored = self._restored()
-        self._waiting, self._base = np.zeros(2 * self.buffer_size, dtype=bool), restored[0][0] if restored else 0
-        held = 0
+    def _splits(self) -> set[int]:
+        """Which of this worker's packs to split in two so every rank yields as many packs.
 
-        def take_pack() -> list[Any]:
-            nonlocal held
-            pack, room = [], self.max_tokens
-            while present and (self.max_seqs is None or len(pack) < self.max_seqs):
-                i = bisect_right(present, room) - 1  # the longest waiting document that fits
-                if i < 0:
-                    break
-                n = present[i]
-                docs = waiting[n]
-                position, sample = docs.pop()
-                self._mark(position, False)
-                pack.append(sample)
-                if not docs:
-                    del waiting[n], present[i]
-                room -= n
-            held -= len(pack)
-            return pack
+        Ranks stream different shards, so their pack counts differ, and DDP hangs on the rank that
+        runs out first. Packing depends on lengths alone: from the length indexes every worker counts
+        every rank's packs (:func:`pack_sizes`), and a rank short of the largest count splits that
+        many of its packs of two or more documents in two, spread over its workers in order. Nothing
+        is dropped or duplicated. Empty set: one rank, or a source that cannot tell its shares.
+        """
+        if not hasattr(self.source, "share_lengths"):
+            return set()
+        place = self.source._place()
+        world, workers = place["world_size"], place["num_workers"]
+        if world == 1:
+            return set()
+        sizes = {(r, w): pack_sizes(self.source.share_lengths(r, w, world, workers), max_tokens=self.max_tokens,
+                                    buffer_size=self.buffer_size, max_seqs=self.max_seqs)
+                 for r in range(world) for w in range(workers)}
+        counts = [sum(len(sizes[r, w]) for w in range(workers)) for r in range(world)]
+        deficit = max(counts) - counts[place["rank"]]
+        splittable = [[i for i, k in enumerate(sizes[place["rank"], w]) if k >= 2] for w in range(workers)]
+        if deficit > sum(map(len, splittable)):
+            raise ValueError(
+                f"rank {place['rank']} gets {counts[place['rank']]} packs from its shards and rank "
+                f"{counts.index(max(counts))} gets {max(counts)}; splitting all its {sum(map(len, splittable))} packs "
+                "of two or more documents cannot even them out: write more, smaller shards (python -m packing.shards "
+                "--shard-size), or use fewer ranks or DataLoader workers"
+            )
+        for w in range(workers):  # the deficit goes to the workers in order, as far as each can split
+            mine = splittable[w][:deficit]
+            deficit -= len(mine)
+            if w == place["worker"]:
+                return set(mine)
+        return set()
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        buffer = _BestFitBuffer(self.max_tokens, self.max_seqs)
+        resumable = hasattr(self.source, "position")
+        restored, pending, taken = self._restored()
+        self._waiting, self._base = np.zeros(2 * self.buffer_size, dtype=bool), restored[0][0] if restored else 0
+        splits = self._splits() if resumable else set()
+        self._taken, self._pending = taken, []
 
         def add(position: int, sample: Any) -> None:
-            nonlocal held
             n = self.length(sample)
             if not 1 <= n <= self.max_tokens:
                 raise ValueError(
                     f"document {position} of the stream has length {n}; StreamPacker takes 1 to max_tokens="
                     f"{self.max_tokens} tokens. Filter empty documents, or split long ones before packing"
                 )
-            if n not in waiting:
-                waiting[n] = []
-                insort(present, n)
-            waiting[n].append((position, sample))
+            buffer.add(n, (position, sample))
             self._mark(position, True)
-            held += 1
 
+        def packs() -> Iterator[list[Any]]:
+            """One take: a pack, or a split pack's two halves (the second held as pending)."""
+            pack = buffer.take()
+            for position, _ in pack:
+                self._mark(position, False)
+            self._taken += 1
+            if self._taken - 1 in splits:
+                half = len(pack) // 2
+                self._pending = pack[half:]  # saved with the state until it is yielded
+                yield [sample for _, sample in pack[:half]]
+                pack, self._pending = self._pending, []
+            yield [sample for _, sample in pack]
+
+        if pending:
+            yield [sample for _, sample in pending]
         for position, sample in restored:
             add(position, sample)
         for count, sample in enumerate(self.source):
             add(self.source.position - 1 if resumable else count, sample)
-            if held >= self.buffer_size:
-                yield take_pack()
-        while held:
-            yield take_pack()
+            if buffer.held >= self.buffer_size:
+                yield from packs()
+        while buffer.held:
+            yield from packs()

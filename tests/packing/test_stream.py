@@ -57,3 +57,15 @@ def test_sample_forms_are_measured():
 def test_bad_settings():
     with pytest.raises(ValueError, match=r"buffer_size is 0; expected a positive int"):
         StreamPacker([], max_tokens=8, buffer_size=0)
+
+
+# Invariant: pack_sizes counts exactly the packs StreamPacker makes, from the lengths alone (what lets
+# every rank agree on every rank's pack count before reading a token).
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), max_size=200), buffer=st.integers(1, 30),
+       max_seqs=st.one_of(st.none(), st.integers(1, 5)))
+def test_pack_sizes_predicts_the_packer(lengths, buffer, max_seqs):
+    from packing.stream import pack_sizes
+
+    packs = StreamPacker([[1] * n for n in lengths], max_tokens=64, buffer_size=buffer, max_seqs=max_seqs)
+    assert pack_sizes(lengths, max_tokens=64, buffer_size=buffer, max_seqs=max_seqs) == [len(p) for p in packs]

@@ -23,6 +23,7 @@ pytest.importorskip("torchdata", reason="the stream extra: pip install -e '.[str
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 from packing import StreamPacker  # noqa: E402
+from packing.stream import pack_sizes  # noqa: E402
 from packing.shard_reader import ShardStream  # noqa: E402
 from packing.shards import ShardWriter  # noqa: E402
 
@@ -104,7 +105,7 @@ def test_state_holds_positions_not_tokens(shards):
     waiting = np.unpackbits(np.frombuffer(state["buffer"], np.uint8), count=read - state["buffer_start"]).sum()
     # Every document read and not yet packed waits; the buffer refilled to 16 before giving the 3rd pack.
     assert waiting == read - taken == 16 - len(_last_pack(packer, shards, 3))
-    assert set(state) == {"source", "buffer_start", "buffer", "max_tokens", "buffer_size", "max_seqs"}
+    assert set(state) == {"source", "buffer_start", "buffer", "taken", "pending", "max_tokens", "buffer_size", "max_seqs"}
     assert len(state["buffer"]) <= read // 8 + 1  # one bit a document read, at most
 
 
@@ -157,3 +158,69 @@ def test_epoch_end_state_resumes_to_nothing(shards):
     again.load_state_dict(state)
     assert list(again) == [] and len(all_packs) > 0
     assert len(list(again)) == len(all_packs)  # the next iteration is a fresh epoch
+
+
+def placed(shards, monkeypatch, rank, worker, world_size, num_workers, **options):
+    """A packer whose stream believes it is this rank's and worker's (what torchrun and a DataLoader
+    worker would tell it), so several ranks can run in one test process."""
+    stream = ShardStream(shards, seed=3)
+    place = {"rank": rank, "world_size": world_size, "worker": worker, "num_workers": num_workers}
+    monkeypatch.setattr(stream, "_place", lambda: dict(place))
+    return StreamPacker(stream, max_tokens=128, buffer_size=options.get("buffer_size", 4))
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 1), (3, 1), (2, 2), (5, 1)])
+def test_ranks_get_equal_pack_counts_and_every_document_once(shards, monkeypatch, world_size, num_workers):
+    # Ranks stream different shards, so without equalising, their pack counts differ and DDP hangs.
+    counts, documents = [], []
+    for rank in range(world_size):
+        total = 0
+        for worker in range(num_workers):
+            packer = placed(shards, monkeypatch, rank, worker, world_size, num_workers)
+            packs = list(packer)
+            total += len(packs)
+            documents += [doc[0].item() for pack in packs for doc in pack]
+            assert all(1 <= len(p) and sum(map(len, p)) <= 128 for p in packs)
+        counts.append(total)
+    assert len(set(counts)) == 1, counts
+    assert sorted(documents) == sorted(100 * i + 1 for i in range(DOCS))  # none dropped, none twice
+
+
+def test_unequal_shares_are_evened_by_splitting(shards, monkeypatch):
+    # 12 shards over 5 ranks: 3, 3, 2, 2, 2 shards. Unevened, the pack counts differ; the short ranks split.
+    natural = [len(pack_sizes(placed(shards, monkeypatch, r, 0, 5, 1).source.share_lengths(r, 0, 5, 1),
+                              max_tokens=128, buffer_size=4)) for r in range(5)]
+    splits = [len(placed(shards, monkeypatch, r, 0, 5, 1)._splits()) for r in range(5)]
+    assert len(set(natural)) > 1 and [n + k for n, k in zip(natural, splits)] == [max(natural)] * 5
+
+
+def test_resume_inside_a_split_pack(shards, monkeypatch):
+    # The rank that splits packs: a state saved between a split pack's two halves resumes to the same packs.
+    world = 5
+    rank = next(r for r in range(world) if placed(shards, monkeypatch, r, 0, world, 1)._splits())
+    full = [[d.tolist() for d in p] for p in placed(shards, monkeypatch, rank, 0, world, 1)]
+    splits = placed(shards, monkeypatch, rank, 0, world, 1)._splits()
+    assert splits
+    for k in range(1, len(full)):
+        packer = placed(shards, monkeypatch, rank, 0, world, 1)
+        it = iter(packer)
+        head = [[d.tolist() for d in next(it)] for _ in range(k)]
+        state = packer.state_dict()
+        again = placed(shards, monkeypatch, rank, 0, world, 1)
+        again.load_state_dict(state)
+        assert head + [[d.tolist() for d in p] for p in again] == full, k
+
+
+def test_too_few_shards_for_the_ranks_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "few"
+    with ShardWriter(str(out), vocab_size=300, tokenizer="bytes", shard_size=3) as w:
+        for i in range(4):  # two shards, of 3 documents and of 1, each document a pack of its own
+            w.write(f"d{i}", np.arange(1, 100, dtype=np.uint16))
+    short = next(r for r in range(2) if len(placed(str(out), monkeypatch, r, 0, 2, 1).source.share_lengths(r, 0, 2, 1)) == 1)
+    with pytest.raises(ValueError, match=rf"rank {short} gets 1 packs from its shards and rank {1 - short} gets 3; "
+                                         r"splitting all its 0 packs of two or more documents cannot even them out: "
+                                         r"write more, smaller shards"):
+        list(placed(str(out), monkeypatch, short, 0, 2, 1, buffer_size=1))
+    with pytest.raises(ValueError, match=r"skip_corrupt=True with several ranks: a shard skipped while reading would "
+                                         r"change one rank's pack count"):
+        ShardStream(str(out), skip_corrupt=True).share_lengths(0, 0, 2, 1)
