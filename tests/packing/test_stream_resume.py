@@ -32,23 +32,35 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS, SHARD_SIZE = 180, 15  # 12 shards
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """12 shards of 15 documents, lengths 1 to 59, every document's tokens unique to it."""
-    out = tmp_path_factory.mktemp("stream") / "shards"
+def write(out, docs):
+    """Shards of 15 documents, lengths 1 to 59; document i's tokens start at 100 i + 1, unique to it."""
     rng = np.random.default_rng(0)
     with ShardWriter(str(out), vocab_size=60_000, tokenizer="bytes", shard_size=SHARD_SIZE) as w:
-        for i in range(DOCS):
+        for i in range(docs):
             n = int(rng.integers(1, 60))
             w.write(f"doc{i}", (np.arange(n) + 100 * i + 1).astype(np.uint16))
     return str(out)
 
 
-def run(shards, tmp, workers, buffer, kill_after=-1, resume=False, out="packs.jsonl"):
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("stream") / "shards", DOCS)  # 12 shards
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("uneven") / "shards", 105)  # 7 shards: 4 for one rank, 3 for the other
+
+
+def run(shards, tmp, workers, buffer, kill_after=-1, resume=0, out="packs.jsonl", ranks=0):
+    """The worker script, in one process or under torchrun; ``resume=k`` starts from step k's state."""
+    launch = [sys.executable] if not ranks else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={ranks}"]
     proc = subprocess.run(
-        [sys.executable, str(WORKER), shards, str(tmp / out), str(tmp / "state.pt"), str(workers), str(buffer),
-         str(kill_after), "1" if resume else "0"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [*launch, str(WORKER), shards, str(tmp / out), str(tmp / "state.pt"), str(workers), str(buffer),
+         str(kill_after), str(resume)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
     )
     return proc
 
@@ -70,12 +82,38 @@ def test_killed_stream_resumes_to_the_same_packs(shards, tmp_path_factory, worke
     killed = run(shards, tmp, workers, buffer, kill_after=k)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert len(packs(tmp / "packs.jsonl")) == k
-    resumed = run(shards, tmp, workers, buffer, resume=True)
+    resumed = run(shards, tmp, workers, buffer, resume=k)
     assert resumed.returncode == 0, resumed.stderr
     got = packs(tmp / "packs.jsonl")
     assert got == expected
     documents = sorted(doc[0] for pack in got for doc in pack)
     assert documents == sorted(100 * i + 1 for i in range(DOCS))  # every document once
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_killed_and_resumed_under_torchrun(uneven, tmp_path, workers):
+    # 2 gloo ranks on 7 shards, an all-reduce every step (a rank with fewer packs would hang it), rank
+    # 0 SIGKILLed after step 3 (torchrun then ends rank 1), both resumed from their step-3 states.
+    natural = [sum(len(pack_sizes(ShardStream(uneven, seed=3).share_lengths(r, w, 2, max(workers, 1)),
+                                  max_tokens=128, buffer_size=4)) for w in range(max(workers, 1))) for r in range(2)]
+    assert natural[0] != natural[1]  # unevened, this run would hang at the epoch's end
+    shards = uneven
+    full = run(shards, tmp_path, workers, 4, out="full.jsonl", ranks=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = [packs(tmp_path / f"full.jsonl.{r}") for r in range(2)]
+    assert len(expected[0]) == len(expected[1]) == max(natural)  # equal counts: the run ended without a hang
+    documents = sorted(doc[0] for rank in expected for pack in rank for doc in pack)
+    assert documents == sorted(100 * i + 1 for i in range(105))
+    killed = run(shards, tmp_path, workers, 4, kill_after=3, ranks=2)
+    assert killed.returncode != 0
+    assert len(packs(tmp_path / "packs.jsonl.0")) == 3
+    for r in range(2):  # rank 1 may have run a step past the all-reduce of step 3 before torchrun ended it:
+        # the job resumes from the checkpoint every rank reached, step 3, as a real job would
+        lines = (tmp_path / f"packs.jsonl.{r}").read_text().splitlines()[:3]
+        (tmp_path / f"packs.jsonl.{r}").write_text("".join(line + "\n" for line in lines))
+    resumed = run(shards, tmp_path, workers, 4, resume=3, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [packs(tmp_path / f"packs.jsonl.{r}") for r in range(2)] == expected
 
 
 @pytest.mark.parametrize("workers", [0, 2])
