@@ -6,6 +6,7 @@ from bisect import bisect_right, insort
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset
 
 from packing.sample import is_pair
@@ -137,7 +138,8 @@ class StreamPacker(IterableDataset):
         bits = self._waiting[: source.position - self._base]  # one bool a read position, from _base
         start = int(bits.argmax()) if bits.any() else len(bits)
         return {"source": source.state_dict(), "buffer_start": self._base + start,
-                "buffer": np.packbits(bits[start:]).tobytes(), "taken": self._taken,
+                # a uint8 tensor, not bytes: torch.load(weights_only=True) takes tensors, not bytes
+                "buffer": torch.from_numpy(np.packbits(bits[start:])), "taken": self._taken,
                 "pending": [position for position, _ in self._pending],
                 "max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "max_seqs": self.max_seqs}
 
@@ -165,7 +167,7 @@ class StreamPacker(IterableDataset):
         if state is None:
             return [], [], 0
         start, end = state["buffer_start"], state["source"]["position"]
-        bits = np.unpackbits(np.frombuffer(state["buffer"], dtype=np.uint8), count=end - start).astype(bool)
+        bits = np.unpackbits(state["buffer"].numpy(), count=end - start).astype(bool)
         positions = (np.flatnonzero(bits) + start).tolist()
         waiting = list(zip(positions, self.source.documents(positions)))
         pending = list(zip(state["pending"], self.source.documents(state["pending"])))

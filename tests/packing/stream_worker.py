@@ -36,7 +36,7 @@ def main(shards, out, state_path, workers, buffer, kill_after, resume):
     packer = StreamPacker(ShardStream(shards, seed=3), max_tokens=MAX_TOKENS, buffer_size=buffer)
     loader = StatefulDataLoader(packer, batch_size=None, num_workers=workers, collate_fn=as_lists)
     if resume:
-        loader.load_state_dict(torch.load(f"{state_path}.{resume}", weights_only=False))
+        loader.load_state_dict(torch.load(f"{state_path}.{resume}"))  # weights_only: the state is plain data
     with open(out, "a") as f:
         for step, pack in enumerate(loader, start=resume + 1):
             f.write(json.dumps(pack) + "\n")
