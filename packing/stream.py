@@ -83,7 +83,12 @@ class StreamPacker(IterableDataset):
         loader = DataLoader(packs, batch_size=None, collate_fn=ConcatCuSeqlens(total_tokens=16384))
 
     With DataLoader workers, each worker packs the share of ``source`` it iterates; make ``source``
-    split itself across workers (webdataset's ``split_by_worker`` does).
+    split itself across workers (``ShardStream`` and webdataset's ``split_by_worker`` do).
+
+    Over a :class:`~packing.shard_reader.ShardStream`, the packer is resumable (``state_dict`` /
+    ``load_state_dict``, saved per worker by torchdata's ``StatefulDataLoader``): a resumed run gives
+    the packs an uninterrupted one would, in the same order. Across several ranks it also evens out
+    their pack counts, which DDP needs (see :meth:`_splits`).
 
     Args:
         source: an iterable of samples (token ids, dicts with ``input_ids``, or (inputs, targets)).
