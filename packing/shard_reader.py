@@ -236,6 +236,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.position = 0  # documents of this share yielded in this epoch
         self._resume: dict[str, Any] | None = None
+        self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see _place
         self._files = _ShardFiles()
         self._counts: dict[str, int] = {}
         # The shard set: names and sizes of every tar and length index, so a state from other data
@@ -249,11 +250,18 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
 
     def _place(self) -> dict[str, int]:
+        """This process's rank, world size, DataLoader worker and worker count (fixed for a process:
+        kept after the first call in it, since state_dict() asks after every batch)."""
+        if self._placed is not None and self._placed[0] == os.getpid():
+            return dict(self._placed[1])
         from packing.distributed import rank, world_size
 
         info = torch.utils.data.get_worker_info()
-        return {"rank": rank(), "world_size": world_size(), "worker": 0 if info is None else info.id,
-                "num_workers": 1 if info is None else info.num_workers}
+        place = {"rank": rank(), "world_size": world_size(), "worker": 0 if info is None else info.id,
+                 "num_workers": 1 if info is None else info.num_workers}
+        if info is not None or rank() or world_size() > 1:  # a worker or a rank: its place cannot change
+            self._placed = (os.getpid(), place)
+        return dict(place)
 
     def share(self, rank: int | None = None, worker: int | None = None, world_size: int | None = None,
               num_workers: int | None = None) -> list[str]:

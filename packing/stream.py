@@ -141,7 +141,9 @@ class StreamPacker(IterableDataset):
         :class:`~packing.shard_reader.ShardStream`)."""
         source = self._resumable_source()
         bits = self._waiting[: source.position - self._base]  # one bool a read position, from _base
-        start = int(bits.argmax()) if bits.any() else len(bits)
+        start = int(bits.argmax()) if len(bits) else 0  # the first waiting one (argmax: one pass)
+        if len(bits) and not bits[start]:
+            start = len(bits)  # none waits
         return {"source": source.state_dict(), "buffer_start": self._base + start,
                 # a uint8 tensor, not bytes: torch.load(weights_only=True) takes tensors, not bytes
                 "buffer": torch.from_numpy(np.packbits(bits[start:])), "taken": self._taken,
@@ -240,13 +242,16 @@ class StreamPacker(IterableDataset):
                     f"{self.max_tokens} tokens. Filter empty documents, or split long ones before packing"
                 )
             buffer.add(n, (position, sample))
-            self._mark(position, True)
+            i = position - self._base
+            if i < len(self._waiting):  # inline: this runs for every document
+                self._waiting[i] = True
+            else:
+                self._mark(position, True)
 
         def packs() -> Iterator[list[Any]]:
             """One take: a pack, or a split pack's two halves (the second held as pending)."""
             pack = buffer.take()
-            for position, _ in pack:
-                self._mark(position, False)
+            self._waiting[[position - self._base for position, _ in pack]] = False  # all within the array
             self._taken += 1
             if self._taken - 1 in splits:
                 half = len(pack) // 2
