@@ -236,7 +236,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.position = 0  # documents of this share yielded in this epoch
         self._resume: dict[str, Any] | None = None
-        self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see _place
+        self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see place
         self._files = _ShardFiles()
         self._counts: dict[str, int] = {}
         # The shard set: names and sizes of every tar and length index, so a state from other data
@@ -249,8 +249,8 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _place(self) -> dict[str, int]:
-        """This process's rank, world size, DataLoader worker and worker count (fixed for a process:
+    def place(self) -> dict[str, int]:
+        """``{"rank", "world_size", "worker", "num_workers"}``: this process's rank, world size, DataLoader worker and worker count (fixed for a process:
         kept after the first call in it, since state_dict() asks after every batch)."""
         if self._placed is not None and self._placed[0] == os.getpid():
             return dict(self._placed[1])
@@ -267,7 +267,7 @@ class ShardStream(IterableDataset):
               num_workers: int | None = None) -> list[str]:
         """A rank's and worker's shards for the current epoch, in stream order; by default this
         process's own."""
-        place = self._place()
+        place = self.place()
         rank, worker = place["rank"] if rank is None else rank, place["worker"] if worker is None else worker
         world_size = place["world_size"] if world_size is None else world_size
         num_workers = place["num_workers"] if num_workers is None else num_workers
@@ -292,7 +292,7 @@ class ShardStream(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle, "fingerprint": self.fingerprint,
-                "position": self.position, **self._place()}
+                "position": self.position, **self.place()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``'s position on the next iteration; see the class docstring."""
@@ -308,7 +308,7 @@ class ShardStream(IterableDataset):
             if state[key] != getattr(self, key):
                 raise ValueError(f"ShardStream state has {key}={state[key]!r}, this stream {key}={getattr(self, key)!r}; "
                                  f"construct the stream with {key}={state[key]!r} to resume it")
-        place = self._place()
+        place = self.place()
         for key in ("world_size", "rank", "num_workers", "worker"):
             if state[key] != place[key]:
                 raise ValueError(

@@ -203,7 +203,7 @@ def placed(shards, monkeypatch, rank, worker, world_size, num_workers, **options
     worker would tell it), so several ranks can run in one test process."""
     stream = ShardStream(shards, seed=3)
     place = {"rank": rank, "world_size": world_size, "worker": worker, "num_workers": num_workers}
-    monkeypatch.setattr(stream, "_place", lambda: dict(place))
+    monkeypatch.setattr(stream, "place", lambda: dict(place))
     return StreamPacker(stream, max_tokens=128, buffer_size=options.get("buffer_size", 4))
 
 
