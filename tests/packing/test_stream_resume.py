@@ -262,3 +262,19 @@ def test_too_few_shards_for_the_ranks_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"skip_corrupt=True with several ranks: a shard skipped while reading would "
                                          r"change one rank's pack count"):
         ShardStream(str(out), skip_corrupt=True).share_lengths(0, 0, 2, 1)
+
+
+def test_more_refusals_say_why(shards, tmp_path):
+    packer = StreamPacker(ShardStream(shards, seed=3), max_tokens=128, buffer_size=8)
+    state = packer.state_dict()
+    with pytest.raises(ValueError, match=r"StreamPacker state has keys \['buffer', 'source'\], expected \["):
+        StreamPacker(ShardStream(shards, seed=3), max_tokens=128, buffer_size=8).load_state_dict(
+            {"source": state["source"], "buffer": state["buffer"]})
+    with pytest.raises(ValueError, match=rf"position {DOCS} is past this share's {DOCS} documents"):
+        ShardStream(shards, seed=3).documents([0, DOCS])
+    broken = tmp_path / "broken"
+    with ShardWriter(str(broken), vocab_size=300, tokenizer="bytes", shard_size=SHARD_SIZE) as w:
+        w.write("x", np.arange(1, 5, dtype=np.uint16))
+    next(broken.glob("*.lengths.npy")).write_bytes(b"not an npy file")
+    with pytest.raises(ValueError, match=r"shard .*shard-000000.tar: its length index is unreadable"):
+        ShardStream(str(broken)).share_lengths(0, 0, 2, 1)
