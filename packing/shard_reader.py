@@ -29,6 +29,7 @@ import json
 import os
 import tarfile
 import warnings
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -250,8 +251,9 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
 
     def place(self) -> dict[str, int]:
-        """``{"rank", "world_size", "worker", "num_workers"}``: this process's rank, world size, DataLoader worker and worker count (fixed for a process:
-        kept after the first call in it, since state_dict() asks after every batch)."""
+        """``{"rank", "world_size", "worker", "num_workers"}`` of this process: its rank and DataLoader
+        worker. Fixed for a process, so kept after the first call in a worker or a rank, since
+        state_dict() asks after every batch."""
         if self._placed is not None and self._placed[0] == os.getpid():
             return dict(self._placed[1])
         from packing.distributed import rank, world_size
@@ -337,16 +339,18 @@ class ShardStream(IterableDataset):
 
     def documents(self, positions: list[int]) -> list[Any]:
         """The documents at these positions of this share (this epoch), in the order given."""
-        starts, first = {}, 0
+        starts, paths, first = [], [], 0
         for path in self.share():
-            starts[path] = first
-            first += self._count(path)
-        bounds = sorted(starts.items(), key=lambda kv: kv[1])
+            if self._count(path):  # a shard without documents owns no position
+                starts.append(first)
+                paths.append(path)
+                first += self._count(path)
         out, infos = [], {}
         for p in positions:
-            path, start = next((pth, st) for pth, st in reversed(bounds) if st <= p)
-            if not 0 <= p - start < self._count(path):
+            if not 0 <= p < first:
                 raise ValueError(f"position {p} is past this share's {first} documents")
+            k = bisect_right(starts, p) - 1
+            path, start = paths[k], starts[k]
             if path not in infos:
                 infos[path] = _scan_all([path], False)[0][0]
             out.append(self._sample(infos[path], p - start))
