@@ -48,8 +48,8 @@ PEER_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_3", "flash_attenti
 METHODS = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2",
            "static+packing_varlen", "static+packing_varlen_repeat_kv", "flatten")
 BASELINE = METHODS[0]
-# Defaults: without --compile, the eager comparison of batch layouts; with it, the compiled recipe
-# against compiled padding and the peer.
+# Defaults: without --compile, the eager comparison of batch layouts (and flash_attention_2 where its
+# package is installed); with it, the compiled recipe against compiled padding and the peer.
 EAGER_DEFAULT = METHODS[:4]
 COMPILE_DEFAULT = ("pad_max+sdpa", "static+packing_varlen", "flatten")
 MAX_LEN = 1024
@@ -66,7 +66,7 @@ class HFRecord:
     gpu: str | None
     torch: str
     transformers: str
-    kernel: str | None  # what packing_varlen ran on CUDA; the peer's implementation for flatten rows
+    kernel: str | None  # what packing_varlen ran on CUDA (a flatten row names its implementation in method)
     batch_size: int
     steps: int
     warmup: int
@@ -221,6 +221,11 @@ def plan(method: str, args: Any, device: torch.device, docs: SyntheticDocs, fixe
                 [len(b.seq_lens) for b in batches])
 
 
+def warmup_steps(args: Any, compiled: bool) -> int:
+    """Untimed steps before the clock: ``--warmup``, and at least one for a compiled row (it compiles)."""
+    return max(args.warmup, 1) if compiled else args.warmup
+
+
 def dynamo_counts() -> tuple[int, int, int]:
     """(graphs, graph breaks, frames compiled) so far in this process, from dynamo's counters."""
     from torch._dynamo.utils import counters
@@ -255,7 +260,7 @@ def run_method(method: str, compiled: bool, args: Any, device: torch.device, p: 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    warm = max(args.warmup, 1) if compiled else args.warmup  # a compiled row's first step compiles
+    warm = warmup_steps(args, compiled)
     start = time.perf_counter()
     if warm:
         step(p.steps[0])
@@ -299,8 +304,10 @@ def run(args: Any) -> list[HFRecord]:
     from models.hf_attention import register
 
     device = resolve_device(args.device)
-    methods = list(args.methods or (COMPILE_DEFAULT if args.compile else EAGER_DEFAULT))
-    if "concat+flash_attention_2" in methods and not (device.type == "cuda" and importlib.util.find_spec("flash_attn")):
+    fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    eager_default = EAGER_DEFAULT + (("concat+flash_attention_2",) if fa2 else ())
+    methods = list(args.methods or (COMPILE_DEFAULT if args.compile else eager_default))
+    if "concat+flash_attention_2" in methods and not fa2:
         raise ValueError("concat+flash_attention_2 needs CUDA and the flash-attn package; leave it out of --methods")
     if BASELINE not in methods:
         methods.insert(0, BASELINE)
@@ -313,7 +320,7 @@ def run(args: Any) -> list[HFRecord]:
     packs = [list(p) for p in PackingSampler(docs.lengths, max_tokens=args.max_tokens, max_seqs=args.max_seqs,
                                              seed=args.seed, num_replicas=1, rank=0)]
     plans = {method: plan(method, args, device, docs, fixed, packs) for method in methods}
-    warm = max(args.warmup, 1) if args.compile else args.warmup  # a compiled row's first step compiles
+    warm = warmup_steps(args, args.compile)
     for method, p in plans.items():
         if len(p.steps) <= warm:
             raise ValueError(
