@@ -258,7 +258,7 @@ def test_compiled_static_rows_compile_once_and_equal_each_document_alone(arch):
         samples = docs(seed=i, lens=lens)
         ref_logits, ref_loss, ref_grads = each_alone(reference, samples)
         batch = collate.collator(samples)
-        kwargs = collate(samples)
+        kwargs = hf_kwargs(batch, register())  # what collate(samples) returns, without collating twice
         assert kwargs["input_ids"].shape == (1, 48) and kwargs["cu_seq_lens_q"].shape == (6 + 3 + 1,)
         assert kwargs["max_length_q"] == 16
         tail = slice(batch.num_tokens, None)  # the padding slots: no target, and blocks of their own
