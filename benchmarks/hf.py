@@ -42,7 +42,7 @@ import torch
 from benchmarks.cli import Parser, resolve_device
 from benchmarks.varlen import StepClock, _non_negative, _positive, _sync
 from packing import Batch, PackingSampler, SyntheticDocs, get_collator
-from packing.hf import hf_kwargs, shifted_labels
+from packing.interop.hf import hf_kwargs, shifted_labels
 
 PEER_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_3", "flash_attention_2")
 METHODS = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2",

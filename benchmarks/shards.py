@@ -28,8 +28,8 @@ import numpy as np
 
 from packing import ConcatCuSeqlens, PackingSampler, StreamPacker
 from packing.cli import Parser
-from packing.shard_reader import ShardDataset, ShardStream
-from packing.shards import ShardWriter
+from packing.data.shard_reader import ShardDataset, ShardStream
+from packing.data.shards import ShardWriter
 
 TARGET = 1_000_000
 STEP_CONSUMES = 200_000

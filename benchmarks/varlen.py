@@ -48,7 +48,7 @@ from packing import (
     get_collator,
 )
 from packing.distributed import global_num_targets, loss_scale, world_size
-from packing.shard_reader import ShardDataset
+from packing.data.shard_reader import ShardDataset
 
 BASELINE = "pad_max"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed: --batch-size documents a step; pack: PackingSampler; bucket: LengthBucketSampler")
     p.add_argument("--max-tokens", type=_positive, default=16384, help="token budget for --sampler pack|bucket (default 16,384)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
-    p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.shards: "
+    p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.data.shards: "
                    "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "

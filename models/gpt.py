@@ -93,16 +93,22 @@ class GPT(nn.Module):
         self._adapters: dict[tuple[str, str], AttentionAdapter] = {}
 
     @torch.compiler.disable
-    def adapter(self, layout: str, device: torch.device) -> AttentionAdapter:
-        """The attention adapter used for ``layout`` on ``device``.
+    def adapter(self, layout: str, device: torch.device | str, attn_bias: bool = False) -> AttentionAdapter:
+        """The attention adapter used for ``layout`` on ``device`` (``attn_bias``: whether the
+        batches carry an xFormers mask, which ``"auto"`` hands to the adapter that consumes it).
 
         Outside ``torch.compile`` (a graph break at the start of ``forward``): traced, the first
         call's cache insert would be a guard, and the second step would recompile the model.
         """
-        key = (layout, torch.device(device).type)
+        key = (layout, torch.device(device).type, attn_bias)
         if key not in self._adapters:
-            self._adapters[key] = get_adapter(self.attn, layout, device)
+            self._adapters[key] = get_adapter(self.attn, layout, device, attn_bias=attn_bias)
         return self._adapters[key]
+
+    def adapter_for(self, batch: Batch, device: torch.device | str | None = None) -> AttentionAdapter:
+        """The adapter this model uses for ``batch`` on ``device`` (default: the batch's device)."""
+        device = batch.input_ids.device if device is None else device
+        return self.adapter(batch.layout, device, batch.attn_bias is not None)
 
     def check(self, batch: Batch) -> None:
         """Raise if the batch does not fit the model: token ids below ``vocab_size``, sequences no
@@ -131,7 +137,7 @@ class GPT(nn.Module):
     def forward(self, batch: Batch, *, causal: bool = True) -> Tensor:
         if not torch.compiler.is_compiling():
             self.check(batch)
-        attn = self.adapter(batch.layout, batch.input_ids.device)
+        attn = self.adapter_for(batch)
         ids, pos = batch.unwrap(batch.input_ids), batch.unwrap(batch.position_ids)
         x = self.tok_emb(ids) + self.pos_emb(pos)  # (B, L, dim) or (T, dim)
         for block in self.blocks:

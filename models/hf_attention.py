@@ -1,5 +1,5 @@
 """``packing_varlen``: an attention implementation for transformers models that reads the packed
-row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.hf.hf_kwargs`) and runs this
+row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.interop.hf.hf_kwargs`) and runs this
 project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-4/2 when installed) on CUDA,
 exact per-document attention on a CPU (SDPA with a (T, T) document mask: T² bools, so keep long rows
 on a GPU). It needs no flash-attn package, it compiles to one graph with no host read, and it
@@ -9,7 +9,7 @@ Example:
     >>> from models.hf_attention import register
     >>> name = register()  # once per process
     >>> # model = AutoModelForCausalLM.from_config(config, attn_implementation=name)
-    >>> # loss = model(**packing.hf.hf_kwargs(batch, model)).loss
+    >>> # loss = model(**packing.interop.hf.hf_kwargs(batch, model)).loss
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention import flash_backend
-from packing.hf import block_causal_mask
+from models.attention.kernels import flash_backend
+from packing.boundaries import block_causal_mask
 
 NAME = "packing_varlen"
 
@@ -73,7 +73,7 @@ def varlen_attention(
     if cu is None or max_len is None:
         raise ValueError(
             "attn_implementation 'packing_varlen' needs cu_seq_lens_q and max_length_q; call "
-            "model(**packing.hf.hf_kwargs(batch, model)) with a packed batch"
+            "model(**packing.interop.hf.hf_kwargs(batch, model)) with a packed batch"
         )
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")

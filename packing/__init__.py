@@ -1,5 +1,18 @@
-"""Variable-length sequence packing: one batch contract, five collators."""
+"""Variable-length sequence packing: one batch contract, five collators, and the samplers and data
+readers around them.
 
+The tree names the concepts:
+
+- ``packing.batch``: the :class:`Batch` contract; ``packing.collate``: the five collators;
+  ``packing.sample``: the sample forms they accept; ``packing.boundaries``: the boundary arithmetic
+  every layout shares; ``packing.distributed``: loss normalisation across ranks;
+  ``packing.report``: the padding report before a training run;
+- ``packing.sampling``: which documents share a batch (bin packing, samplers, streaming packer);
+- ``packing.data``: where documents come from (shards, tokenizers, synthetic data, splitting);
+- ``packing.interop``: handing batches to other libraries (transformers).
+"""
+
+import packing._moved  # noqa: F401  (old module paths such as packing.sampler keep importing)
 from packing.batch import LAYOUTS, Batch
 from packing.collate import (
     COLLATORS,
@@ -11,11 +24,11 @@ from packing.collate import (
     XformersBlockDiagonal,
     get_collator,
 )
+from packing.data.split import SplitDocuments
+from packing.data.synthetic import SyntheticDocs
 from packing.sample import IGNORE_INDEX, Sample, as_sample
-from packing.sampler import LengthBucketSampler, PackingSampler
-from packing.split import SplitDocuments
-from packing.stream import StreamPacker
-from packing.synthetic import SyntheticDocs
+from packing.sampling.samplers import LengthBucketSampler, PackingSampler
+from packing.sampling.stream import StreamPacker
 
 __all__ = [
     "LAYOUTS",

@@ -9,48 +9,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from packing.boundaries import block_lengths, cumulative_lengths, packed_positions, static_boundaries
 from packing.sample import IGNORE_INDEX, Sample
 
 LAYOUTS = ("padded", "nested", "packed")
-
-
-def host_to_device(t: Tensor, device: torch.device | str) -> Tensor:
-    """Copy a host tensor to ``device`` without stalling the host: on CUDA through pinned memory with
-    ``non_blocking=True`` (a pageable copy waits for the GPU's queued work); elsewhere unchanged."""
-    device = torch.device(device)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def cumulative_lengths(seq_lens: list[int] | tuple[int, ...]) -> Tensor:
-    """(num_seqs + 1,) int32 cumulative lengths starting at 0: lengths 2, 3, 2 give [0, 2, 5, 7]."""
-    cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(seq_lens).cumsum(0)
-    return cu
-
-
-def static_boundaries(seq_lens: list[int] | tuple[int, ...], num_slots: int, length: int, max_seqlen: int) -> Tensor:
-    """(length,) int32 fixed-length sequence boundaries for a varlen kernel under static shapes.
-
-    The sequences' boundaries come first, then the padding tail ``[num_tokens, num_slots)`` cut into
-    blocks of at most ``max_seqlen`` slots (each attends only to itself, so real tokens never see
-    it), then repeats of ``num_slots``: empty sequences, which a varlen kernel skips. Lengths 2, 3
-    in 8 slots with length 6 and max_seqlen 2 give [0, 2, 5, 7, 8, 8].
-    """
-    cu = cumulative_lengths(seq_lens).tolist()
-    while cu[-1] < num_slots:
-        cu.append(min(cu[-1] + max_seqlen, num_slots))
-    if len(cu) > length:
-        raise ValueError(
-            f"{len(seq_lens)} sequences and a padding tail of {num_slots - sum(seq_lens)} slots need "
-            f"{len(cu)} boundaries > the static length {length}; raise max_seqs or cap the sampler's documents per batch"
-        )
-    return torch.tensor(cu + [num_slots] * (length - len(cu)), dtype=torch.int32)
-
-
-def packed_positions(seq_lens: list[int] | tuple[int, ...]) -> Tensor:
-    """(num_tokens,) int64 positions restarting at 0 per sequence: 2, 3, 2 give [0, 1, 0, 1, 2, 0, 1]."""
-    starts = cumulative_lengths(seq_lens)[:-1].long()
-    return torch.arange(sum(seq_lens)) - torch.repeat_interleave(starts, torch.tensor(seq_lens))
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -240,8 +202,8 @@ class Batch:
     def _check_values(self) -> None:
         """Check tensor contents (CPU only) and fill in num_targets and max_token_id.
 
-        Cheap enough to run on every batch: 0.34 ms of the 1.4 ms that ConcatCuSeqlens takes for 32
-        seed documents (about 16k tokens) on one core of a 2-core CPU.
+        Cheap enough to run on every batch (a fraction of the collation's own time; measured in
+        benchmarks/results/README.md).
         """
         expected_cu = cumulative_lengths(self.seq_lens)
         if not torch.equal(self.cu_seqlens, expected_cu):
@@ -265,7 +227,7 @@ class Batch:
                     "True at the first seq_lens[b] positions of row b"
                 )
 
-        ids, labels, positions = (self._real(t) for t in (self.input_ids, self.labels, self.position_ids))
+        ids, labels, positions = (self.real(self.unwrap(t)) for t in (self.input_ids, self.labels, self.position_ids))
         if not torch.equal(positions, packed_positions(self.seq_lens)):
             raise ValueError("Batch.position_ids must restart at 0 for each sequence and count up by 1")
         if ids.numel() and int(self._all(self.input_ids).min()) < 0:
@@ -298,7 +260,7 @@ class Batch:
                 )
         if self.attn_bias is not None:
             starts_py = list(self.attn_bias.q_seqinfo.seqstart_py)
-            expected = expected_cu.tolist() + ([self.num_slots] if self.num_slots > self.num_tokens else [])
+            expected = cumulative_lengths(block_lengths(self.seq_lens, self.num_slots)).tolist()
             if starts_py != expected:
                 raise ValueError(
                     f"Batch.attn_bias has block starts {starts_py}; expected {expected} "
@@ -308,13 +270,22 @@ class Batch:
     def _all(self, t: Tensor) -> Tensor:
         return t.values() if t.is_nested else t
 
-    def _real(self, t: Tensor) -> Tensor:
-        """(num_tokens, ...) the values of a layout-shaped tensor at real positions, in sequence order."""
+    def real(self, x: Tensor) -> Tensor:
+        """(num_tokens, ...) the rows of a token-form tensor (see :meth:`unwrap`) at real positions,
+        in sequence order: the packed row's first ``num_tokens``, the padded rows' masked positions,
+        or the nested values as they are.
+
+        Example:
+            >>> from packing import get_collator
+            >>> b = get_collator("pad_longest", pad_to_multiple_of=4)([[5, 6, 7], [8]])
+            >>> b.real(b.unwrap(b.input_ids)).tolist()
+            [5, 6, 7, 8]
+        """
         if self.layout == "nested":
-            return t.values()
+            return x
         if self.layout == "packed":
-            return t[0, : self.num_tokens]
-        return t[self.attention_mask]
+            return x[: self.num_tokens]
+        return x[self.attention_mask]
 
     def _padding(self, t: Tensor) -> Tensor | None:
         if self.layout == "nested":
@@ -389,18 +360,6 @@ class Batch:
         if self.attn_bias is not None and bias_fn is not None:
             changes["attn_bias"] = bias_fn(self.attn_bias)
         return dataclasses.replace(self, **changes)
-
-    def hf_kwargs(self, model_or_name: Any, *, mask_dtype: torch.dtype | None = None) -> dict[str, Any]:
-        """Keyword arguments for a Hugging Face transformers model: ``model(**batch.hf_kwargs(model))``.
-
-        Packed layout only. Labels follow transformers' convention (shifted right by one, -100 at
-        each document's first token), and the boundaries go in the form the model's attention
-        implementation reads; one that would attend across documents is refused. See
-        :func:`packing.hf.hf_kwargs`.
-        """
-        from packing.hf import hf_kwargs  # packing.hf imports this module
-
-        return hf_kwargs(self, model_or_name, mask_dtype=mask_dtype)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move every tensor, the xFormers bias included, to ``device``."""

@@ -29,19 +29,17 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from packing.batch import Batch, cumulative_lengths, packed_positions, static_boundaries
+from packing.batch import Batch
+from packing.boundaries import (
+    block_lengths,
+    cumulative_lengths,
+    packed_positions,
+    round_up,
+    static_boundaries,
+    static_length,
+)
 from packing.sample import IGNORE_INDEX, Sample, as_sample
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} is {value!r}; expected a positive int")
-
-
-def _round_up(n: int, multiple: int | None) -> int:
-    return n if multiple is None else -(-n // multiple) * multiple
+from packing.validate import positive_int
 
 
 class Collator:
@@ -105,7 +103,7 @@ class PadToMax(_Padded):
 
     def __init__(self, max_len: int, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(pad_id=pad_id, ignore_index=ignore_index)
-        _positive_int("max_len", max_len)
+        positive_int("max_len", max_len)
         self.max_len = max_len
 
     def collate(self, samples: list[Sample]) -> Batch:
@@ -121,11 +119,10 @@ class PadToMax(_Padded):
 class PadToLongest(_Padded):
     """Pad to the longest sequence in the batch, rounded up to ``pad_to_multiple_of``: (B, L).
 
-    The default of 64 bounds the number of distinct widths to max_len / 64, and the first step at a
-    new width is slow: on an H100 (torch 2.11, seed model, bf16), widths first met inside 10 timed
-    steps made pad_longest take 230 ms/step against pad_max's 173 (eval 155 against 62). With every
-    width seen once, exact widths were still 5% slower in eval (65.3 against 62.3 ms/step); see
-    benchmarks/results/2026-11-22-h100. ``pad_to_multiple_of=None`` pads to the exact longest.
+    The default of 64 bounds the number of distinct widths to max_len / 64: the first step at a new
+    width is slow (kernel selection, allocator growth), and exact widths were slower even once each
+    had been seen (measured: benchmarks/results/README.md). ``pad_to_multiple_of=None`` pads to the
+    exact longest.
     """
 
     name = "pad_longest"
@@ -134,12 +131,12 @@ class PadToLongest(_Padded):
         self, pad_to_multiple_of: int | None = 64, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX
     ) -> None:
         super().__init__(pad_id=pad_id, ignore_index=ignore_index)
-        _positive_int("pad_to_multiple_of", pad_to_multiple_of, allow_none=True)
+        positive_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def collate(self, samples: list[Sample]) -> Batch:
         longest = max(len(s.input_ids) for s in samples)
-        return self._pad(samples, _round_up(longest, self.pad_to_multiple_of))
+        return self._pad(samples, round_up(longest, self.pad_to_multiple_of))
 
 
 class NestedJagged(Collator):
@@ -203,7 +200,7 @@ class ConcatCuSeqlens(Collator):
         super().__init__(pad_id=pad_id, ignore_index=ignore_index)
         for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("total_tokens", total_tokens),
                             ("max_seqs", max_seqs), ("max_seqlen", max_seqlen)):
-            _positive_int(name, value, allow_none=True)
+            positive_int(name, value, optional=True)
         if pad_to_multiple_of is not None and total_tokens is not None:
             raise ValueError(
                 f"pad_to_multiple_of={pad_to_multiple_of} and total_tokens={total_tokens} both set; "
@@ -225,11 +222,11 @@ class ConcatCuSeqlens(Collator):
         blocks of at most ``max_seqlen``, and the leading 0; None without static shapes."""
         if self.max_seqs is None:
             return None
-        return self.max_seqs + -(-self.total_tokens // self.max_seqlen) + 1
+        return static_length(self.max_seqs, self.total_tokens, self.max_seqlen)
 
     def _row_length(self, num_tokens: int) -> int:
         if self.total_tokens is None:
-            return _round_up(num_tokens, self.pad_to_multiple_of)
+            return round_up(num_tokens, self.pad_to_multiple_of)
         if num_tokens > self.total_tokens:
             raise ValueError(
                 f"batch has {num_tokens} tokens > total_tokens {self.total_tokens}; "
@@ -273,12 +270,12 @@ class ConcatCuSeqlens(Collator):
             position_ids=position_ids,
             seq_lens=tuple(lens),
             cu_seqlens=cu,
-            attn_bias=self._bias(lens, T - N),
+            attn_bias=self._bias(lens, T),
             ignore_index=self.ignore_index,
             **self._static(lens, T),
         )
 
-    def _bias(self, lens: list[int], pad: int) -> Any:
+    def _bias(self, lens: list[int], num_slots: int) -> Any:
         return None
 
 
@@ -318,11 +315,11 @@ class XformersBlockDiagonal(ConcatCuSeqlens):
         super().__init__(**options)
         block_diagonal_mask_class()  # fail at construction, not in a DataLoader worker
 
-    def _bias(self, lens: list[int], pad: int) -> Any:
+    def _bias(self, lens: list[int], num_slots: int) -> Any:
         # device="cpu" explicitly: xFormers (and mslk) default to CUDA whenever it is available and
         # pin memory on the way, which breaks the host-side contract and crashes in a forked
         # DataLoader worker ("Cannot re-initialize CUDA in forked subprocess"; seen on an H100).
-        return block_diagonal_mask_class().from_seqlens(lens + [pad] if pad else lens, device=torch.device("cpu"))
+        return block_diagonal_mask_class().from_seqlens(block_lengths(lens, num_slots), device=torch.device("cpu"))
 
 
 COLLATORS: dict[str, type[Collator]] = {

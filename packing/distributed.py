@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from packing.batch import host_to_device
+from packing.boundaries import host_to_device
 
 
 def is_distributed() -> bool:

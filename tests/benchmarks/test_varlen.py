@@ -76,7 +76,7 @@ def test_profile_appends_one_table_per_collate(tmp_path):
 def test_data_from_shards(tmp_path):
     import numpy as np
 
-    from packing.shards import ShardWriter
+    from packing.data.shards import ShardWriter
 
     rng = np.random.default_rng(0)
     with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes", shard_size=10) as w:
@@ -111,7 +111,7 @@ def test_more_user_errors(args, message, capsys):
 def test_sampler_with_too_little_data_says_so(tmp_path, capsys):
     import numpy as np
 
-    from packing.shards import ShardWriter
+    from packing.data.shards import ShardWriter
 
     with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes") as w:
         for _ in range(6):

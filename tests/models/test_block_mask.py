@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.block_mask import block_structure, document_block_mask, document_ids
+from models.attention.block_mask import block_structure, document_block_mask, document_ids
 
 
 def dense_allowed(doc, causal):

@@ -164,7 +164,7 @@ def test_static_shapes_compile_once(setup):
     # reuse the first compilation (a recompile raises here).
     import torch._dynamo
 
-    # With FlashAttention-4 this runs its custom op (models.flash4): as Python, its launcher broke
+    # With FlashAttention-4 this runs its custom op (models.attention.flash4): as Python, its launcher broke
     # the graph and recompiled per document count (benchmarks/results/2026-11-22-h200-static).
     weights, samples, _ = setup
     model = torch.compile(model_with("flash", weights), dynamic=False)
@@ -186,7 +186,7 @@ def test_static_shapes_compile_once(setup):
 def test_fa4_custom_op_registrations():
     # Schema, fake (shape-only) implementation, autograd registration and AOT dispatch of the FA4
     # custom op, checked by torch itself; grouped-query heads and an empty sequence included.
-    from models.flash4 import _fwd, fa4_available
+    from models.attention.flash4 import _fwd, fa4_available
 
     if not fa4_available():
         pytest.skip("FlashAttention-4 is not installed here, or the GPU is older than Hopper")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from packing import StreamPacker
-from packing.shard_reader import ShardStream
+from packing.data.shard_reader import ShardStream
 
 MAX_TOKENS = 128
 

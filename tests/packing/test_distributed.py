@@ -61,7 +61,7 @@ def test_benchmark_under_torchrun_merges_rank_records(tmp_path, extra):
 def test_rank_with_no_data_is_a_clear_error(tmp_path):
     import numpy as np
 
-    from packing.shards import ShardWriter
+    from packing.data.shards import ShardWriter
 
     with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes") as w:
         w.write("only", np.ones(50, dtype=np.uint16))  # one document, two ranks

@@ -1,7 +1,7 @@
 """Hugging Face interop: one packed row through a transformers model equals each document alone.
 
 Small randomly initialised Llama and GPT-2 models (no download), fp32 on CPU, for every attention
-implementation that packing.hf accepts on a CPU: sdpa (4-D bool mask), eager (4-D additive mask) and
+implementation that packing.interop.hf accepts on a CPU: sdpa (4-D bool mask), eager (4-D additive mask) and
 packing_varlen (cu_seq_lens kwargs). flash_attention_2/3/4 take the same cu_seq_lens kwargs as
 packing_varlen but need the flash-attn package and a GPU.
 """
@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra: pip ins
 from equivalence import assert_within, errors_against, rel  # noqa: E402
 from models.hf_attention import register  # noqa: E402
 from packing import get_collator  # noqa: E402
-from packing.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
+from packing.interop.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
 
 TOL = 1e-5
 LENS = [5, 1, 9, 4]  # a one-token document too: it predicts nothing and must not see its neighbours
@@ -153,7 +153,7 @@ def test_packing_varlen_refuses_what_it_cannot_compute():
     model = tiny("gpt2", register())
     batch = get_collator("concat")([[1, 2, 3], [4, 5]])
     with pytest.raises(ValueError, match=r"'packing_varlen' needs cu_seq_lens_q and max_length_q; call "
-                                         r"model\(\*\*packing.hf.hf_kwargs\(batch, model\)\)"):
+                                         r"model\(\*\*packing.interop.hf.hf_kwargs\(batch, model\)\)"):
         model(input_ids=batch.input_ids)
     dropout = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=97, n_embd=32, n_layer=1, n_head=4, attn_pdrop=0.1, attn_implementation=register())).train()

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from packing import PackingSampler, StreamPacker, get_collator
-from packing.shard_reader import ShardDataset, ShardStream, expand_shards
-from packing.shards import ShardWriter, iter_documents, write_shards
+from packing.data.shard_reader import ShardDataset, ShardStream, expand_shards
+from packing.data.shards import ShardWriter, iter_documents, write_shards
 
 TEXTS = {"a.txt": b"hello world", "b/c.txt": b"caf\xe9 \xff\xfe not utf-8", "d.txt": b"x" * 300, "e.txt": b"short"}
 
@@ -178,7 +178,7 @@ def test_map_style_loader_same_batches_with_0_and_2_workers(tmp_path):
 def test_expand_shards_errors(tmp_path):
     with pytest.raises(ValueError, match=r"no shard at '.*missing-000000.tar'"):
         expand_shards(str(tmp_path / "missing-{000000..000001}.tar"))
-    with pytest.raises(ValueError, match=r"has no index.json; write shards with python -m packing.shards"):
+    with pytest.raises(ValueError, match=r"has no index.json; write shards with python -m packing.data.shards"):
         expand_shards(str(tmp_path))
 
 
@@ -190,12 +190,12 @@ def test_expand_shards_errors(tmp_path):
 )
 def test_cli_errors_are_one_line(tmp_path, corpus, args, message):
     args = [a.replace("IN", str(corpus)).replace("OUT", str(tmp_path / "o")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "packing.shards", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "packing.data.shards", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
 def test_cli_writes_shards(tmp_path, corpus):
-    proc = subprocess.run([sys.executable, "-m", "packing.shards", "--input", str(corpus), "--output",
+    proc = subprocess.run([sys.executable, "-m", "packing.data.shards", "--input", str(corpus), "--output",
                            str(tmp_path / "o"), "--shard-size", "3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "wrote 4 documents" in proc.stdout and "skipped 1 empty" in proc.stdout
 

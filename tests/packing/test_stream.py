@@ -65,7 +65,7 @@ def test_bad_settings():
 @given(lengths=st.lists(st.integers(1, 64), max_size=200), buffer=st.integers(1, 30),
        max_seqs=st.one_of(st.none(), st.integers(1, 5)))
 def test_pack_sizes_predicts_the_packer(lengths, buffer, max_seqs):
-    from packing.stream import pack_sizes
+    from packing.sampling.stream import pack_sizes
 
     packs = StreamPacker([[1] * n for n in lengths], max_tokens=64, buffer_size=buffer, max_seqs=max_seqs)
     assert pack_sizes(lengths, max_tokens=64, buffer_size=buffer, max_seqs=max_seqs) == [len(p) for p in packs]

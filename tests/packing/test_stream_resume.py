@@ -23,9 +23,9 @@ pytest.importorskip("torchdata", reason="the stream extra: pip install -e '.[str
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 from packing import StreamPacker  # noqa: E402
-from packing.stream import pack_sizes  # noqa: E402
-from packing.shard_reader import ShardStream  # noqa: E402
-from packing.shards import ShardWriter  # noqa: E402
+from packing.sampling.stream import pack_sizes  # noqa: E402
+from packing.data.shard_reader import ShardStream  # noqa: E402
+from packing.data.shards import ShardWriter  # noqa: E402
 
 WORKER = Path(__file__).with_name("stream_worker.py")
 ROOT = Path(__file__).resolve().parents[2]

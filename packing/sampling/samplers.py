@@ -28,10 +28,13 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
-from packing.binpack import best_fit_decreasing
+from packing.boundaries import ceil_div
+from packing.distributed import rank as current_rank
+from packing.distributed import world_size
+from packing.sampling.binpack import best_fit_decreasing
+from packing.validate import positive_int
 
 BALANCES = ("tokens", "attention")
 
@@ -59,13 +62,9 @@ def _validate_lengths(lengths: Any, max_tokens: int) -> np.ndarray:
 
 
 def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if num_replicas is None:
-        num_replicas = torch.distributed.get_world_size() if initialised else 1
-    if rank is None:
-        rank = torch.distributed.get_rank() if initialised else 0
-    if not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"num_replicas is {num_replicas!r}; expected an int >= 1")
+    num_replicas = world_size() if num_replicas is None else num_replicas
+    rank = current_rank() if rank is None else rank
+    positive_int("num_replicas", num_replicas)
     if not isinstance(rank, int) or not 0 <= rank < num_replicas:
         raise ValueError(f"rank is {rank!r}; expected 0 <= rank < num_replicas = {num_replicas}")
     return num_replicas, rank
@@ -86,8 +85,7 @@ class _PlannedBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
         balance: str = "tokens",
     ) -> None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens is {max_tokens!r}; expected a positive int (tokens per batch)")
+        positive_int("max_tokens", max_tokens, meaning="tokens per batch")
         if balance not in BALANCES:
             raise ValueError(f"balance is {balance!r}; expected one of {BALANCES}")
         self.lengths = _validate_lengths(lengths, max_tokens)
@@ -240,7 +238,7 @@ class PackingSampler(_PlannedBatchSampler):
     """Packs whole documents into batches of at most ``max_tokens`` tokens, for the packed layouts
     (``concat``, ``xformers``, ``flex``).
 
-    Packs are planned with best-fit decreasing (:mod:`packing.binpack`), which reaches the bin
+    Packs are planned with best-fit decreasing (:mod:`packing.sampling.binpack`), which reaches the bin
     lower bound on the seed distribution (99.98% of the budget filled), then shuffled: batches come
     in random order, and ties between equal lengths are broken at random, so packs differ per epoch.
 
@@ -252,8 +250,7 @@ class PackingSampler(_PlannedBatchSampler):
     """
 
     def __init__(self, lengths: Any, *, max_tokens: int, max_seqs: int | None = None, **options: Any) -> None:
-        if max_seqs is not None and (not isinstance(max_seqs, int) or max_seqs < 1):
-            raise ValueError(f"max_seqs is {max_seqs!r}; expected a positive int or None")
+        positive_int("max_seqs", max_seqs, optional=True)
         self.max_seqs = max_seqs
         super().__init__(lengths, max_tokens=max_tokens, **options)
 
@@ -304,8 +301,7 @@ class LengthBucketSampler(_PlannedBatchSampler):
         super().__init__(lengths, max_tokens=max_tokens, **options)
         for name, value in (("max_batch_size", max_batch_size), ("num_buckets", num_buckets),
                             ("pad_to_multiple_of", pad_to_multiple_of)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} is {value!r}; expected a positive int")
+            positive_int(name, value, optional=name == "max_batch_size")
         self.max_batch_size = max_batch_size
         self.pad_to_multiple_of = pad_to_multiple_of
         if boundaries is None:
@@ -333,8 +329,7 @@ class LengthBucketSampler(_PlannedBatchSampler):
             )
 
     def _rounded(self, n):
-        m = self.pad_to_multiple_of
-        return -(-n // m) * m
+        return ceil_div(n, self.pad_to_multiple_of) * self.pad_to_multiple_of
 
     def _plan(self, rng):
         order = rng.permutation(len(self.lengths)) if rng is not None else np.arange(len(self.lengths))
@@ -344,7 +339,7 @@ class LengthBucketSampler(_PlannedBatchSampler):
         counts = np.bincount(bucket, minlength=len(self.boundaries))
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         position = np.arange(len(order)) - starts[bucket]  # rank within its bucket
-        per_bucket_batches = -(-counts // np.maximum(self.batch_sizes, 1))
+        per_bucket_batches = ceil_div(counts, np.maximum(self.batch_sizes, 1))
         batch_offset = np.concatenate([[0], np.cumsum(per_bucket_batches)[:-1]])
         batch_id = batch_offset[bucket] + position // self.batch_sizes[bucket]
         cuts = (np.flatnonzero(np.diff(batch_id)) + 1).tolist()

@@ -1,7 +1,8 @@
 """A FlexAttention ``BlockMask`` for packed documents, built on the host from the sequence lengths.
 
 ``create_block_mask`` evaluates the mask function over every (query, key) pair, or over every block
-pair on the device, every time it is called; others report it costing 6x the attention it masks.
+pair on the device, every time it is called, which others report costing more than the attention
+it masks.
 Packed documents are contiguous and sorted, so the block structure follows from the lengths alone:
 a (query block, key block) pair is
 
@@ -26,16 +27,14 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from packing.batch import host_to_device
+from packing.boundaries import block_lengths, host_to_device
 
 BLOCK_SIZE = 128  # FlexAttention's default tile
 
 
 def document_ids(seq_lens: tuple[int, ...], total: int) -> Tensor:
     """(total,) int32 document index per slot; a padding tail past sum(seq_lens) is one more document."""
-    lens = list(seq_lens)
-    if total > sum(lens):
-        lens.append(total - sum(lens))
+    lens = block_lengths(seq_lens, total)
     return torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), torch.tensor(lens))
 
 

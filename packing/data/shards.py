@@ -1,7 +1,7 @@
 """Write tokenized documents as webdataset shards, with a length index beside each shard.
 
-    python -m packing.shards --input texts/ --output shards/ --tokenizer bytes
-    python -m packing.shards --input data.jsonl --output shards/ --tokenizer tokenizer.json --shard-size 5000
+    python -m packing.data.shards --input texts/ --output shards/ --tokenizer bytes
+    python -m packing.data.shards --input data.jsonl --output shards/ --tokenizer tokenizer.json --shard-size 5000
 
 Layout of ``--output``::
 
@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from packing.cli import Parser
-from packing.tokenizer import ByteTokenizer, load_tokenizer
+from packing.validate import positive_int
+from packing.data.tokenizer import ByteTokenizer, load_tokenizer
 
 FORMAT = "varlen-packing-shards/1"
 TOKENS, DOC_ID = "tokens.npy", "id.txt"
@@ -101,8 +102,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | Path, *, vocab_size: int, tokenizer: str, shard_size: int = 10_000,
                  prefix: str = "shard") -> None:
-        if not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"--shard-size is {shard_size!r}; expected a positive int (documents per shard)")
+        positive_int("--shard-size", shard_size, meaning="documents per shard")
         self.out = Path(out_dir)
         if (self.out / "index.json").exists():
             raise ValueError(f"--output {str(self.out)!r} already holds shards (index.json); choose an empty directory")
@@ -172,7 +172,7 @@ def write_shards(documents: Iterable[tuple[str, bytes | str]], out_dir: str | Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m packing.shards", description="Tokenize text into webdataset shards with length indexes.")
+    p = Parser(prog="python -m packing.data.shards", description="Tokenize text into webdataset shards with length indexes.")
     p.add_argument("--input", required=True, help="a directory of text files, or a JSONL file with a 'text' field")
     p.add_argument("--output", required=True, help="an empty or new directory for the shards")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (one token per byte) or a tokenizer.json path")

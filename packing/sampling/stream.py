@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from packing.sample import is_pair
+from packing.validate import positive_int
 
 
 def sample_length(sample: Any) -> int:
@@ -90,7 +91,7 @@ class StreamPacker(IterableDataset):
     With DataLoader workers, each worker packs the share of ``source`` it iterates; make ``source``
     split itself across workers (``ShardStream`` and webdataset's ``split_by_worker`` do).
 
-    Over a :class:`~packing.shard_reader.ShardStream`, the packer is resumable (``state_dict`` /
+    Over a :class:`~packing.data.shard_reader.ShardStream`, the packer is resumable (``state_dict`` /
     ``load_state_dict``, saved per worker by torchdata's ``StatefulDataLoader``): a resumed run gives
     the packs an uninterrupted one would, in the same order. Across several ranks it also evens out
     their pack counts, which DDP needs (see :meth:`_splits`).
@@ -113,8 +114,7 @@ class StreamPacker(IterableDataset):
         length: Callable[[Any], int] = sample_length,
     ) -> None:
         for name, value in (("max_tokens", max_tokens), ("buffer_size", buffer_size), ("max_seqs", max_seqs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} is {value!r}; expected a positive int")
+            positive_int(name, value, optional=name == "max_seqs")
         self.source = source
         self.max_tokens = max_tokens
         self.buffer_size = buffer_size
@@ -145,7 +145,7 @@ class StreamPacker(IterableDataset):
         """Where the packing stands: the source's state and the documents waiting in the buffer, as
         positions in the source (a bitmap from the first waiting one), never tokens. Taken between
         packs, it resumes to the same packs in the same order. The source must be resumable (a
-        :class:`~packing.shard_reader.ShardStream`)."""
+        :class:`~packing.data.shard_reader.ShardStream`)."""
         source = self._resumable_source()
         bits = ~self._gone[: self._next - self._base]  # waiting: read and not gone
         start = int(bits.argmax()) if len(bits) else 0  # the first waiting one (argmax: one pass)
@@ -229,7 +229,7 @@ class StreamPacker(IterableDataset):
             raise ValueError(
                 f"rank {place['rank']} gets {counts[place['rank']]} packs from its shards and rank "
                 f"{counts.index(max(counts))} gets {max(counts)}; splitting all its {sum(map(len, splittable))} packs "
-                "of two or more documents cannot even them out: write more, smaller shards (python -m packing.shards "
+                "of two or more documents cannot even them out: write more, smaller shards (python -m packing.data.shards "
                 "--shard-size), or use fewer ranks or DataLoader workers"
             )
         for w in range(workers):  # the deficit goes to the workers in order, as far as each can split

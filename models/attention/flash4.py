@@ -1,11 +1,10 @@
 """FlashAttention-4's varlen kernel as a torch custom op, so ``torch.compile`` keeps it in the graph.
 
-Traced as plain Python, FA4's CuTe-DSL launcher breaks the graph and recompiles on every layer (an
-H200, our GPT: 29 recompiles and 61 graph breaks in 23 steps). Called through
-``torch.compiler.disable`` it still broke the graph in each of the 24 layers, and dynamo recompiled 15
-times in 23 steps. As a custom op with a fake (shape-only) implementation and an autograd
-registration, dynamo and AOTAutograd see one opaque node for the forward and one for the backward,
-and the compiled step is one graph (benchmarks/results/2026-11-24-h100-hf-compiled).
+Traced as plain Python, FA4's CuTe-DSL launcher breaks the graph and recompiles on every layer.
+Called through ``torch.compiler.disable`` it still breaks the graph in every layer, and dynamo
+recompiles. As a custom op with a fake (shape-only) implementation and an autograd registration,
+dynamo and AOTAutograd see one opaque node for the forward and one for the backward, and the
+compiled step is one graph (counts: benchmarks/results/README.md).
 
 Shapes, for T packed tokens, H query heads, H_kv key/value heads (H a multiple of H_kv: grouped-query
 attention runs in the kernel, no repeat) and head dimension D:
@@ -15,7 +14,7 @@ attention runs in the kernel, no repeat) and head dimension D:
 - returns out (T, H, D); the forward op also returns lse (H, T) fp32 for the backward.
 
 Example (needs FA4 and a Hopper GPU):
-    >>> from models.flash4 import fa4_varlen  # doctest: +SKIP
+    >>> from models.attention.flash4 import fa4_varlen  # doctest: +SKIP
     >>> out = fa4_varlen(q, k, v, cu_seqlens, max_seqlen=1024, causal=True)  # doctest: +SKIP
 """
 

@@ -1,4 +1,4 @@
-"""Read the shards that ``python -m packing.shards`` writes: map-style with lengths, or streamed.
+"""Read the shards that ``python -m packing.data.shards`` writes: map-style with lengths, or streamed.
 
 Both readers check each shard against the length index beside it before yielding anything from it:
 the member count, that every member's bytes lie inside the file, and, as each document is read,
@@ -10,7 +10,7 @@ webdataset 1.0.2, a shard cut mid-archive yielded 1 of its 3 documents.) Only ``
 
 Example:
     >>> import tempfile, numpy as np
-    >>> from packing.shards import ShardWriter
+    >>> from packing.data.shards import ShardWriter
     >>> out = tempfile.mkdtemp()
     >>> with ShardWriter(out, vocab_size=259, tokenizer="bytes", shard_size=2) as w:
     ...     for i in range(3):
@@ -39,7 +39,7 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import Dataset, IterableDataset
 
-from packing.shards import DOC_ID, TOKENS
+from packing.data.shards import DOC_ID, TOKENS
 
 
 def expand_shards(spec: str | Path | list[str]) -> list[str]:
@@ -51,7 +51,7 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
     if os.path.isdir(spec):
         index = Path(spec) / "index.json"
         if not index.is_file():
-            raise ValueError(f"{spec!r} has no index.json; write shards with python -m packing.shards")
+            raise ValueError(f"{spec!r} has no index.json; write shards with python -m packing.data.shards")
         return [str(Path(spec) / s["tar"]) for s in json.loads(index.read_text())["shards"]]
     paths: list[str] = []
     for pattern in braceexpand(spec):
@@ -87,7 +87,7 @@ def scan_shard(path: str) -> ShardInfo:
     sidecar = _index_path(path)
     if not os.path.isfile(sidecar):
         raise ValueError(f"shard {path} has no length index {os.path.basename(sidecar)} beside it; "
-                         "write shards with python -m packing.shards")
+                         "write shards with python -m packing.data.shards")
     try:
         lengths = np.load(sidecar, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -171,7 +171,7 @@ class ShardDataset(Dataset):
     ``ds.lengths`` comes from the length indexes, without reading any tokens.
 
     Args:
-        shards: a directory written by ``python -m packing.shards``, a brace or glob pattern, or a list.
+        shards: a directory written by ``python -m packing.data.shards``, a brace or glob pattern, or a list.
         skip_corrupt: skip a truncated or corrupt shard (listed in ``skipped``) instead of raising.
     """
 

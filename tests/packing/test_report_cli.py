@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.padding_report import main
+from packing.report import main
 
 
 def test_synthetic_table_json_and_plot(tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_lengths_file_text_and_npy(tmp_path):
 
 
 def test_shards_input(tmp_path):
-    from packing.shards import ShardWriter
+    from packing.data.shards import ShardWriter
 
     with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes", shard_size=3) as w:
         for n in (5, 7, 9, 11):
@@ -43,7 +43,7 @@ def test_shards_input(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "benchmarks.padding_report", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "packing.report", *args], capture_output=True,
                           text=True, timeout=120)
 
 
@@ -52,7 +52,7 @@ def test_non_integer_line_names_the_line(tmp_path):
     bad.write_text("3\n4\nabc\n5\n")
     proc = run("--lengths", str(bad))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "python -m benchmarks.padding_report: error: line 3 of l.txt is 'abc', not an integer length"]
+        "python -m packing.report: error: line 3 of l.txt is 'abc', not an integer length"]
 
 
 def test_empty_input_is_a_clear_error(tmp_path):

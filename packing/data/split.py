@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from packing.boundaries import ceil_div
 from packing.sample import IGNORE_INDEX, Sample, as_sample
+from packing.validate import positive_int
 
 MODES = ("split", "truncate")
 
@@ -21,7 +23,7 @@ def chunk_plan(lengths: np.ndarray, max_len: int, mode: str) -> tuple[np.ndarray
     if mode not in MODES:
         raise ValueError(f"mode is {mode!r}; expected one of {MODES}")
     lengths = np.asarray(lengths, dtype=np.int64)
-    chunks = np.maximum(-(-lengths // max_len), 1) if mode == "split" else np.ones_like(lengths)
+    chunks = np.maximum(ceil_div(lengths, max_len), 1) if mode == "split" else np.ones_like(lengths)
     doc = np.repeat(np.arange(len(lengths)), chunks)
     first = np.cumsum(chunks) - chunks
     start = (np.arange(len(doc)) - first[doc]) * max_len  # token offset in the document
@@ -47,8 +49,7 @@ class SplitDocuments(Dataset):
 
     def __init__(self, dataset: Any, lengths: Any, *, max_len: int, mode: str = "split",
                  ignore_index: int = IGNORE_INDEX) -> None:
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len is {max_len!r}; expected a positive int")
+        positive_int("max_len", max_len)
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) != len(dataset):
             raise ValueError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} documents")

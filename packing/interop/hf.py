@@ -17,13 +17,13 @@ implementation, and one that would let documents attend to each other is refused
 anything else (``flex_attention``, custom)       refused with a ValueError
 ===============================================  ==============================================
 
-Why not ``position_ids`` alone, as ``DataCollatorWithFlattening`` does for sdpa and eager: measured
-with transformers 5.23 on tiny random Llama and GPT-2 models, one packed row of three documents
-gave logits 11% to 49% off running each document alone, silently. A 4-D bool mask fixes sdpa
-(1e-7) but not eager (13% to 35% off: eager adds the mask, so True adds 1); eager needs the additive
-float mask (8e-8). The 4-D masks cost T x T memory (256 MiB of bools at T = 16,384): for long rows
-use a varlen implementation. ``packing_varlen`` is this project's (see
-:mod:`models.hf_attention`): the varlen kernels on CUDA without the flash-attn package.
+Why not ``position_ids`` alone, as ``DataCollatorWithFlattening`` does for sdpa and eager: on tiny
+random Llama and GPT-2 models, one packed row of three documents then gave logits far off running
+each document alone, silently. A 4-D bool mask fixes sdpa but not eager (eager adds the mask, so
+True adds 1); eager needs the additive float mask (measured: benchmarks/results/README.md). The 4-D
+masks cost T x T memory (a quarter GiB of bools at T = 16,384): for long rows use a varlen
+implementation. ``packing_varlen`` is this project's (see :mod:`models.hf_attention`): the varlen
+kernels on CUDA without the flash-attn package.
 
 Under ``torch.compile``, ask for static shapes: give the collator a fixed row length, the most
 documents a row may hold and the longest document (``HFPackedCollator("packing_varlen",
@@ -53,11 +53,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from packing.batch import Batch
+from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
+
+__all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "hf_kwargs", "shifted_labels"]
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -76,7 +78,7 @@ def accepted_implementation(model_or_name: Any) -> str:
             )
     if name not in VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS:
         raise ValueError(
-            f"attn_implementation {name!r} is refused: packing.hf cannot keep its documents apart, and "
+            f"attn_implementation {name!r} is refused: packing.interop.hf cannot keep its documents apart, and "
             f"it would attend across them silently; load the model with one of "
             f"{', '.join(VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS)}"
         )
@@ -104,7 +106,7 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
     if batch.layout != "packed":
         raise ValueError(
             f"hf_kwargs needs a packed batch, got layout {batch.layout!r}; collate with "
-            "get_collator('concat') (or packing.hf.HFPackedCollator) to get one row with cu_seqlens"
+            "get_collator('concat') (or packing.interop.hf.HFPackedCollator) to get one row with cu_seqlens"
         )
     name = accepted_implementation(model_or_name)
     if batch.static_cu_seqlens is not None and name not in VARLEN_IMPLEMENTATIONS:
@@ -131,7 +133,7 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         else:
             # The padding tail, if any, becomes one more block. Built on the batch's device from its
             # cu_seqlens, so a GPU batch needs no host-to-device copy (a pageable one would wait).
-            cu = batch.cu_seqlens if T == batch.num_tokens else F.pad(batch.cu_seqlens, (0, 1), value=T)
+            cu = with_tail(batch.cu_seqlens, batch.num_tokens, T)
             longest = max(batch.max_seqlen, T - batch.num_tokens)  # a host int: no sync
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kwargs
@@ -160,20 +162,6 @@ def shifted_labels(batch: Batch) -> Tensor:
     labels = torch.full_like(batch.labels, batch.ignore_index)
     labels[:, 1:] = batch.labels[:, :-1]
     return labels
-
-
-def block_causal_mask(cu_seqlens: Tensor, num_slots: int, *, causal: bool = True) -> Tensor:
-    """(T, T) bool on ``cu_seqlens``' device, True where query i may attend to key j: the same block
-    of ``cu_seqlens`` and, if ``causal``, j <= i. Boundaries may repeat (empty blocks, as in
-    ``static_cu_seqlens``); slots past ``cu_seqlens[-1]`` form one block of their own.
-
-    Boundaries [0, 2, 5] give rows [T F F F F], [T T F F F], [F F T F F], [F F T T F], [F F T T T].
-    Built from the boundaries on the device, with no host read, so it also runs inside torch.compile.
-    """
-    index = torch.arange(num_slots, device=cu_seqlens.device)
-    block = torch.searchsorted(cu_seqlens, index.to(cu_seqlens.dtype), right=True)  # (T,) block of each slot
-    allowed = block[:, None] == block[None, :]
-    return allowed & (index[:, None] >= index[None, :]) if causal else allowed
 
 
 class HFPackedCollator:

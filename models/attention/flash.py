@@ -1,0 +1,90 @@
+"""``flash``: varlen flash attention on the packed layout (kernels: :mod:`models.attention.kernels`)."""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.attention.base import AttentionAdapter
+from models.attention.kernels import flash_backend
+from packing.batch import Batch
+
+
+def _pad_rows(out: Tensor, total: int) -> Tensor:
+    """(N, H, D) -> (total, H, D) with zero rows for the packed padding tail.
+
+    Varlen kernels leave rows past ``cu_seqlens[-1]`` unwritten; garbage there would flow into the
+    next layer and, as 0 x NaN, into the gradients. The kernel's output cannot be zeroed in place
+    because its backward saves it, so the tail is appended instead (only when the row is padded).
+    """
+    return out if out.shape[0] == total else F.pad(out, (0, 0, 0, 0, 0, total - out.shape[0]))
+
+
+class FlashVarlenAttention(AttentionAdapter):
+    """Varlen flash attention on the packed layout: q, k, v (T, H, D) with the batch's
+    ``cu_seqlens`` and host-side ``max_seqlen``, so nothing is read back from the device.
+
+    A batch with ``static_cu_seqlens`` (``ConcatCuSeqlens(total_tokens=, max_seqs=, max_seqlen=)``)
+    runs over the whole padded row with those fixed-length boundaries and ``static_max_seqlen``:
+    the padding tail attends only within its own blocks, and the trailing empty sequences are
+    skipped by the kernel.
+
+    Backends, first that loads wins (``backend`` says which ran):
+
+    1. ``flash-attn-4``: FlashAttention-4's varlen kernel as a torch custom op
+       (:mod:`models.attention.flash4`), on Hopper (sm90) or newer;
+    2. ``flash-attn-2``: ``flash_attn.flash_attn_varlen_func`` (detected by that attribute, since
+       FlashAttention-4 installs a ``flash_attn`` namespace package without it);
+    3. ``torch.varlen_attn``: ``torch.nn.attention.varlen.varlen_attn``, the FA2 kernel in torch
+       >= 2.10 (causal is ``window_size=(-1, 0)`` from 2.11, ``is_causal=True`` in 2.10).
+
+    The kernels take bf16 or fp16 only: run the model under ``torch.autocast``.
+    """
+
+    name = "flash"
+    layouts = frozenset({"packed"})
+    devices = frozenset({"cuda"})
+    needs = "CUDA and a varlen kernel: flash-attn-4 (Hopper+), flash-attn 2, or torch >= 2.10's varlen_attn"
+
+    @classmethod
+    def available(cls, device: torch.device) -> bool:
+        return device.type == "cuda" and flash_backend() is not None
+
+    # What the flash kernels take; a ``kernel`` given to __init__ may take more.
+    kernel_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16)
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        kernel: tuple[str, Callable[..., Tensor]] | None = None,
+        kernel_dtypes: tuple[torch.dtype, ...] | None = None,
+    ) -> None:
+        """``kernel``: (name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) to run instead of
+        :func:`flash_backend`'s, with the dtypes it takes; tests pass an fp32 reference here to check
+        this adapter's own logic on a CPU."""
+        super().__init__(device)
+        # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
+        self._backend, self._run = kernel if kernel is not None else flash_backend()
+        if kernel_dtypes is not None:
+            self.kernel_dtypes = kernel_dtypes
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        if q.dtype not in self.kernel_dtypes:
+            raise ValueError(
+                f"attention adapter 'flash' needs bf16 or fp16 q/k/v, got {q.dtype}; "
+                "run the model under torch.autocast('cuda', dtype=torch.bfloat16) or use attn='naive'"
+            )
+        if batch.static_cu_seqlens is not None:
+            # Static shapes: the whole row, with boundaries of a fixed length and a constant
+            # max_seqlen, so a compiled step sees identical shapes and constants every batch.
+            return self._run(q, k, v, batch.static_cu_seqlens, batch.static_max_seqlen, causal)
+        n = batch.num_tokens
+        out = self._run(q[:n], k[:n], v[:n], batch.cu_seqlens, batch.max_seqlen, causal)
+        return _pad_rows(out, q.shape[0])
