@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cli import Parser, resolve_device
-from models import ADAPTERS, get_adapter
+from benchmarks.harness import Parser, resolve_device
+from models import ADAPTERS, collator_for, get_adapter
 from packing import Batch, get_collator
 
 DEFAULT_LENGTHS = "1,7,130,1023,512,64,300"
-COLLATE_FOR = {"padded": ("pad_longest", {}), "nested": ("nested", {}), "packed": ("concat", {"pad_to_multiple_of": 64})}
 
 
 @dataclass
@@ -58,7 +57,8 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def layout_form(x: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(N, H, D) real-token rows -> the adapter's dense token form; padding gets random values."""
+    """(N, H, D) real-token rows -> the adapter's dense token form; padding gets random values.
+    The inverse of ``batch.real``."""
     if batch.layout == "nested":
         return x.clone()
     dense = torch.randn((*batch.unwrap(batch.input_ids).shape, *x.shape[1:]), device=x.device, dtype=x.dtype)
@@ -67,15 +67,6 @@ def layout_form(x: torch.Tensor, batch: Batch) -> torch.Tensor:
     else:
         dense[batch.attention_mask] = x  # row-major over (B, L) is sequence order
     return dense
-
-
-def real_rows(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """The inverse of :func:`layout_form`: (N, H, D) rows at real tokens, in sequence order."""
-    if batch.layout == "nested":
-        return out
-    if batch.layout == "packed":
-        return out[: batch.num_tokens]
-    return out[batch.attention_mask]
 
 
 def reference(naive, qkv, upstream, batch, causal) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +79,11 @@ def reference(naive, qkv, upstream, batch, causal) -> tuple[torch.Tensor, torch.
 
 def check_adapter(name: str, lengths: list[int], args: argparse.Namespace, device: torch.device) -> list[Check]:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    layout = sorted(ADAPTERS[name].layouts)[0]
-    collate, options = COLLATE_FOR[layout]
-    if name == "xformers":
-        collate = "xformers"
+    collate = collator_for(name)
+    options = {"pad_to_multiple_of": 64} if collate in ("concat", "xformers") else {}  # a padding tail to ignore
     samples = [torch.ones(n, dtype=torch.long) for n in lengths]  # ids do not matter here
     batch = get_collator(collate, **options)(samples).to(device)
+    layout = batch.layout
     reference_batch = get_collator("concat")(samples).to(device)
     adapter = get_adapter(name, layout, device)
     naive = get_adapter("naive", "packed", device)
@@ -119,13 +109,13 @@ def check_adapter(name: str, lengths: list[int], args: argparse.Namespace, devic
 
         can_grad = adapter.unsupported(causal=causal, grad=True) is None
         test_in = [layout_form(t, batch).to(dtype).requires_grad_(can_grad) for t in (q, k, v)]
-        out = real_rows(adapter(*test_in, batch, causal=causal), batch)
+        out = batch.real(adapter(*test_in, batch, causal=causal))
         fwd, fwd_kernel = rel(out, ref), rel(out, kref)
         bwd = bwd_kernel = None
         status = "ok"
         if can_grad:
             (out.float() * upstream).sum().backward()
-            got = torch.cat([real_rows(t.grad, batch) for t in test_in])
+            got = torch.cat([batch.real(t.grad) for t in test_in])
             bwd, bwd_kernel = rel(got, ref_grads), rel(got, kref_grads)
         else:
             status = f"ok forward; backward unsupported: {adapter.unsupported(causal=causal, grad=True)}"

@@ -30,17 +30,26 @@ sdpa compiled, both measured in the same run. Throughput counts real tokens only
 from __future__ import annotations
 
 import importlib.util
-import json
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from benchmarks.cli import Parser, resolve_device
-from benchmarks.varlen import StepClock, _non_negative, _positive, _sync
+from benchmarks.harness import (
+    Parser,
+    Record,
+    RunConfig,
+    cell,
+    environment,
+    format_table,
+    gib,
+    non_negative,
+    positive,
+    resolve_device,
+    time_steps,
+    write_json,
+)
 from packing import Batch, PackingSampler, SyntheticDocs, get_collator
 from packing.interop.hf import hf_kwargs, shifted_labels
 
@@ -55,36 +64,33 @@ COMPILE_DEFAULT = ("pad_max+sdpa", "static+packing_varlen", "flatten")
 MAX_LEN = 1024
 
 
-@dataclass
-class HFRecord:
-    """One row, as written to ``--json``."""
+@dataclass(frozen=True)
+class HFConfig(RunConfig):
+    """One run of this benchmark (see :func:`build_parser` for each setting)."""
+
+    steps: int = 20
+    arch: str = "gpt2"
+    compile: bool = False
+    methods: tuple[str, ...] | None = None
+    batch_size: int = 32
+    max_tokens: int = 16384
+    max_seqs: int = 256
+    layers: int = 24
+    dim: int = 1024
+    kv_heads: int = 16
+
+
+@dataclass(kw_only=True)
+class HFRecord(Record):
+    """One row, as written to ``--json``: what ran, and the shared measured fields."""
 
     method: str
     arch: str
-    mode: str
     compiled: bool
-    gpu: str | None
-    torch: str
     transformers: str
     kernel: str | None  # what packing_varlen ran on CUDA (a flatten row names its implementation in method)
-    batch_size: int
-    steps: int
-    warmup: int
     doc_counts: list[int]  # documents in each timed step
-    ms_per_step: float
-    median_ms_per_step: float
-    tokens_per_s: float
-    median_tokens_per_s: float  # real tokens / time of each timed step, the median: steady state
-    first_step_s: float  # wall time of the first step, the compilation included
-    padding_fraction: float
-    peak_mem_bytes: int | None
-    loss: float
-    graphs: int | None = None  # dynamo graphs compiled for the row (None: eager)
-    graph_breaks: int | None = None
-    recompiles: int | None = None  # dynamo compilations after the row's first step
-    speedup_vs_baseline: float | None = None  # against pad_max+sdpa eager
-    speedup_vs_compiled_baseline: float | None = None  # against pad_max+sdpa compiled
-    command: str = ""
+    speedup_vs_compiled_baseline: float | None = None  # against pad_max+sdpa compiled; speedup_vs_baseline: eager
 
 
 def build_parser() -> Parser:
@@ -94,16 +100,16 @@ def build_parser() -> Parser:
     p.add_argument("--compile", action="store_true", help="run every method eager and under torch.compile")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="rows to run (default: see above)")
     p.add_argument("--device", help="cuda if available, else cpu")
-    p.add_argument("--steps", type=_positive, default=20, help="timed padded steps per method (default 20)")
-    p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="documents per padded step (default 32)")
-    p.add_argument("--max-tokens", type=_positive, default=16384, help="tokens per pack (default 16384)")
+    p.add_argument("--steps", type=positive, default=20, help="timed padded steps per method (default 20)")
+    p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--batch-size", type=positive, default=32, help="documents per padded step (default 32)")
+    p.add_argument("--max-tokens", type=positive, default=16384, help="tokens per pack (default 16384)")
     # 256, not 64: best-fit decreasing places the shortest documents last, and a cap of 64 left them in
     # part-filled packs (this pool of 1,344 seed documents: 93.4% fill at 64, 99.93% at 256).
-    p.add_argument("--max-seqs", type=_positive, default=256, help="documents per pack at most (default 256)")
-    p.add_argument("--layers", type=_positive, default=24, help="layers (default 24, the seed model)")
-    p.add_argument("--dim", type=_positive, default=1024, help="hidden size (default 1024; 16 heads of dim / 16)")
-    p.add_argument("--kv-heads", type=_positive, default=16, help="Llama key/value heads (default 16; fewer is GQA)")
+    p.add_argument("--max-seqs", type=positive, default=256, help="documents per pack at most (default 256)")
+    p.add_argument("--layers", type=positive, default=24, help="layers (default 24, the seed model)")
+    p.add_argument("--dim", type=positive, default=1024, help="hidden size (default 1024; 16 heads of dim / 16)")
+    p.add_argument("--kv-heads", type=positive, default=16, help="Llama key/value heads (default 16; fewer is GQA)")
     p.add_argument("--seed", type=int, default=0, help="documents and weights (default 0)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     return p
@@ -125,7 +131,7 @@ def register_repeat_kv() -> str:
     return "packing_varlen_repeat_kv"
 
 
-def build_model(args: Any, attn_implementation: str):
+def build_model(args: HFConfig, attn_implementation: str):
     import transformers
 
     torch.manual_seed(args.seed)  # the same weights for every row
@@ -179,7 +185,7 @@ class Plan:
     doc_counts: list[int]
 
 
-def plan(method: str, args: Any, device: torch.device, docs: SyntheticDocs, fixed: list[list[int]],
+def plan(method: str, args: HFConfig, device: torch.device, docs: SyntheticDocs, fixed: list[list[int]],
          packs: list[list[int]]) -> Plan:
     layout, _, impl = method.partition("+")
     pin = device.type == "cuda"
@@ -221,19 +227,12 @@ def plan(method: str, args: Any, device: torch.device, docs: SyntheticDocs, fixe
                 [len(b.seq_lens) for b in batches])
 
 
-def warmup_steps(args: Any, compiled: bool) -> int:
+def warmup_steps(args: HFConfig, compiled: bool) -> int:
     """Untimed steps before the clock: ``--warmup``, and at least one for a compiled row (it compiles)."""
     return max(args.warmup, 1) if compiled else args.warmup
 
 
-def dynamo_counts() -> tuple[int, int, int]:
-    """(graphs, graph breaks, frames compiled) so far in this process, from dynamo's counters."""
-    from torch._dynamo.utils import counters
-
-    return (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()), counters["frames"]["total"])
-
-
-def run_method(method: str, compiled: bool, args: Any, device: torch.device, p: Plan) -> HFRecord:
+def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device, p: Plan) -> HFRecord:
     import transformers
 
     from models.hf_attention import kernel_name
@@ -244,8 +243,7 @@ def run_method(method: str, compiled: bool, args: Any, device: torch.device, p: 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     bf16 = device.type == "cuda"
     if compiled:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
+        torch._dynamo.reset()  # each row compiles from scratch, its counts its own
     forward = torch.compile(model) if compiled else model
 
     def step(host: Any) -> torch.Tensor:
@@ -261,44 +259,20 @@ def run_method(method: str, compiled: bool, args: Any, device: torch.device, p: 
         return loss.detach()
 
     warm = warmup_steps(args, compiled)
-    start = time.perf_counter()
-    if warm:
-        step(p.steps[0])
-        _sync(device)
-    first_step_s = time.perf_counter() - start
-    after_first = dynamo_counts()
-    for host in p.steps[1:warm]:
-        step(host)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clock, losses = StepClock(device), []
     timed = range(warm, len(p.steps))
-    for i in timed:
-        with clock:
-            losses.append(step(p.steps[i]))
-    _sync(device)
-    elapsed = clock.total_s()
-    graphs, breaks, frames = dynamo_counts()
-    real = sum(p.real_tokens[i] for i in timed)
-    kernel = kernel_name() if "packing_varlen" in p.impl and device.type == "cuda" else None
+    timing = time_steps([lambda h=h: step(h) for h in p.steps[:warm]], [lambda i=i: step(p.steps[i]) for i in timed],
+                        device, count_compiles=compiled)
     return HFRecord(
         method=method if not method == "flatten" else f"flatten+{p.impl}", arch=args.arch, mode=args.mode,
-        compiled=compiled, gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        torch=torch.__version__, transformers=transformers.__version__, kernel=kernel,
-        batch_size=args.batch_size, steps=len(timed), warmup=warm, doc_counts=[p.doc_counts[i] for i in timed],
-        ms_per_step=1000 * elapsed / len(timed), median_ms_per_step=statistics.median(clock.step_ms()),
-        tokens_per_s=real / elapsed,
-        median_tokens_per_s=statistics.median(1000 * p.real_tokens[i] / ms for i, ms in zip(timed, clock.step_ms())),
-        first_step_s=first_step_s, padding_fraction=1 - real / sum(p.slots[i] for i in timed),
-        peak_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        loss=torch.stack(losses).float().mean().item(),
-        graphs=graphs if compiled else None, graph_breaks=breaks if compiled else None,
-        recompiles=frames - after_first[2] if compiled else None,
+        compiled=compiled, **environment(device), transformers=transformers.__version__,
+        kernel=kernel_name() if "packing_varlen" in p.impl and device.type == "cuda" else None,
+        batch_size=args.batch_size, steps=len(timed), warmup=warm, seed=args.seed,
+        doc_counts=[p.doc_counts[i] for i in timed],
+        **timing.summary([p.real_tokens[i] for i in timed], [p.slots[i] for i in timed]),
     )
 
 
-def run(args: Any) -> list[HFRecord]:
+def run(args: HFConfig) -> list[HFRecord]:
     if importlib.util.find_spec("transformers") is None:
         raise ImportError("benchmarks.hf needs transformers: pip install -e '.[hf]'")
     from models.hf_attention import register
@@ -344,7 +318,8 @@ def run(args: Any) -> list[HFRecord]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parsed = parser.parse_args(argv)
+    args = HFConfig.from_args(parsed, methods=tuple(parsed.methods) if parsed.methods else None)
     try:
         records = run(args)
     except (ValueError, TypeError, ImportError) as e:
@@ -354,20 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} arch={r0.arch} mode={r0.mode} "
           f"layers={args.layers} dim={args.dim} kv_heads={args.kv_heads if args.arch == 'llama' else 16} "
           f"padded batch_size={r0.batch_size} max_tokens={args.max_tokens}")
-    print(f"{'method':<36}{'how':>9}{'steps':>6}{'docs/step':>10}{'ms/step':>9}{'real tok/s':>12}{'median':>10}"
-          f"{'padding':>9}{'peak mem':>11}{'loss':>8}{'graphs':>7}{'recomp':>7}  x pad eager  x pad compiled")
+    header = ["method", "how", "steps", "docs/step", "ms/step", "real tok/s", "median", "padding", "peak mem", "loss",
+              "graphs", "recompiles", "x pad eager", "x pad compiled"]
+    print(format_table(header, [
+        [r.method, "compiled" if r.compiled else "eager", r.steps, f"{min(r.doc_counts)}-{max(r.doc_counts)}",
+         f"{r.ms_per_step:.1f}", f"{r.tokens_per_s:,.0f}", f"{r.median_tokens_per_s:,.0f}",
+         f"{100 * r.padding_fraction:.1f}%", gib(r.peak_mem_bytes), f"{r.loss:.4f}", cell(r.graphs), cell(r.recompiles),
+         f"{r.speedup_vs_baseline:.2f}", cell(r.speedup_vs_compiled_baseline, ".2f")]
+        for r in records
+    ]))
     for r in records:
         r.command = command
-        mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**30:.1f} GiB"
-        docs = f"{min(r.doc_counts)}-{max(r.doc_counts)}"
-        compiled = "-" if r.speedup_vs_compiled_baseline is None else f"{r.speedup_vs_compiled_baseline:.2f}"
-        print(f"{r.method:<36}{'compiled' if r.compiled else 'eager':>9}{r.steps:>6}{docs:>10}{r.ms_per_step:>9.1f}"
-              f"{r.tokens_per_s:>12,.0f}{r.median_tokens_per_s:>10,.0f}{100 * r.padding_fraction:>8.1f}%{mem:>11}{r.loss:>8.4f}"
-              f"{'-' if r.graphs is None else r.graphs:>7}{'-' if r.recompiles is None else r.recompiles:>7}"
-              f"  {r.speedup_vs_baseline:>11.2f}  {compiled:>14}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=2)
+    write_json(args.json, records)
     return 0
 
 

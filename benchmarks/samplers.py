@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from benchmarks.cli import Parser
+from benchmarks.harness import Parser, positive
 from packing import LengthBucketSampler, PackingSampler, StreamPacker
 from packing.report import padding_report
 
@@ -37,23 +37,20 @@ def plan_seconds(cls, lengths: np.ndarray, max_tokens: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m benchmarks.samplers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=100_000, help="documents (default 100,000)")
+    p.add_argument("--docs", type=positive, default=100_000, help="documents (default 100,000)")
     p.add_argument("--max-len", type=int, default=1024, help="lengths uniform in [1, max_len - 1] (default 1024)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="token budget (default 16,384)")
-    p.add_argument("--batch-size", type=int, default=32, help="for the random-batch baselines (default 32)")
-    p.add_argument("--buffer-size", type=int, default=4096, help="StreamPacker buffer (default 4096)")
-    p.add_argument("--plan-docs", type=int, default=1_000_000, help="lengths for the planning time (default 1M)")
+    p.add_argument("--max-tokens", type=positive, default=16384, help="token budget (default 16,384)")
+    p.add_argument("--batch-size", type=positive, default=32, help="for the random-batch baselines (default 32)")
+    p.add_argument("--buffer-size", type=positive, default=4096, help="StreamPacker buffer (default 4096)")
+    p.add_argument("--plan-docs", type=positive, default=1_000_000, help="lengths for the planning time (default 1M)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    if min(args.docs, args.max_len - 1, args.max_tokens, args.batch_size, args.buffer_size, args.plan_docs) < 1:
-        print("python -m benchmarks.samplers: error: --docs, --max-tokens, --batch-size, --buffer-size and "
-              "--plan-docs must be >= 1, and --max-len >= 2", file=sys.stderr)
-        return 2
+    if args.max_len < 2:
+        return p.fail(ValueError(f"--max-len is {args.max_len}; lengths are uniform in [1, max_len - 1], so it needs >= 2"))
     if args.max_len - 1 > args.max_tokens:
-        print(f"python -m benchmarks.samplers: error: --max-len {args.max_len} makes documents longer than "
-              f"--max-tokens {args.max_tokens}; raise --max-tokens", file=sys.stderr)
-        return 2
+        return p.fail(ValueError(f"--max-len {args.max_len} makes documents longer than --max-tokens {args.max_tokens}; "
+                                 "raise --max-tokens"))
     rng = np.random.default_rng(args.seed)
     lengths = rng.integers(1, args.max_len, size=args.docs)
     B = args.max_tokens

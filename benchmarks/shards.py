@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from packing import ConcatCuSeqlens, PackingSampler, StreamPacker
-from packing.cli import Parser
+from benchmarks.harness import Parser
 from packing.data.shard_reader import ShardDataset, ShardStream
 from packing.data.shards import ShardWriter
 
