@@ -83,6 +83,17 @@ class RunConfig:
     json: str | None = None
 
     @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser, *, mode_help: str, steps_help: str) -> None:
+        """The shared options, with this config's defaults: --device, --mode, --steps, --warmup,
+        --seed, --json."""
+        p.add_argument("--device", help="cuda if available, else cpu")
+        p.add_argument("--mode", default=cls.mode, choices=["train", "eval"], help=mode_help)
+        p.add_argument("--steps", type=positive, default=cls.steps, help=f"{steps_help} (default {cls.steps})")
+        p.add_argument("--warmup", type=non_negative, default=cls.warmup, help=f"untimed steps first (default {cls.warmup})")
+        p.add_argument("--seed", type=int, default=cls.seed, help=f"documents and model weights (default {cls.seed})")
+        p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any):
         """The config from parsed arguments (an argument per field, same name)."""
         names = {f.name for f in dataclasses.fields(cls)}

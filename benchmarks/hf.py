@@ -96,12 +96,9 @@ class HFRecord(Record):
 def build_parser() -> Parser:
     p = Parser(prog="python -m benchmarks.hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="model architecture (default gpt2)")
-    p.add_argument("--mode", default="train", choices=["train", "eval"], help="train step (SGD) or forward only")
+    HFConfig.add_arguments(p, mode_help="train step (SGD) or forward only", steps_help="timed padded steps per method")
     p.add_argument("--compile", action="store_true", help="run every method eager and under torch.compile")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="rows to run (default: see above)")
-    p.add_argument("--device", help="cuda if available, else cpu")
-    p.add_argument("--steps", type=positive, default=20, help="timed padded steps per method (default 20)")
-    p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=positive, default=32, help="documents per padded step (default 32)")
     p.add_argument("--max-tokens", type=positive, default=16384, help="tokens per pack (default 16384)")
     # 256, not 64: best-fit decreasing places the shortest documents last, and a cap of 64 left them in
@@ -110,8 +107,6 @@ def build_parser() -> Parser:
     p.add_argument("--layers", type=positive, default=24, help="layers (default 24, the seed model)")
     p.add_argument("--dim", type=positive, default=1024, help="hidden size (default 1024; 16 heads of dim / 16)")
     p.add_argument("--kv-heads", type=positive, default=16, help="Llama key/value heads (default 16; fewer is GQA)")
-    p.add_argument("--seed", type=int, default=0, help="documents and weights (default 0)")
-    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     return p
 
 

@@ -123,12 +123,9 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m benchmarks.varlen", description=__doc__.split("\n\n")[0])
     p.add_argument("--collate", default="concat", choices=[*COLLATORS, "all"], help="batching method (default concat)")
     p.add_argument("--attn", default="auto", choices=["auto", *ADAPTERS], help="attention adapter (default auto)")
-    p.add_argument("--mode", default="train", choices=["train", "eval"], help="causal train step or bidirectional eval")
+    VarlenConfig.add_arguments(p, mode_help="causal train step or bidirectional eval", steps_help="timed steps per collate")
     p.add_argument("--preset", choices=list(PRESETS), help="model size (default: seed on CUDA, tiny on CPU)")
-    p.add_argument("--device", help="cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast on CUDA, fp32 on CPU by default")
-    p.add_argument("--steps", type=positive, default=10, help="timed steps per collate (default 10)")
-    p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=positive, help="documents per step (default 32; 4 for the long preset)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the pad_max baseline row stays eager)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
@@ -139,7 +136,6 @@ def build_parser() -> Parser:
     p.add_argument("--max-seqs", type=positive, default=64,
                    help="with --static: at most this many documents per pack (default 64)")
     p.add_argument("--pad-to-multiple-of", type=positive, default=64, help="pad_longest rounding (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="documents and model init (default 0)")
     p.add_argument("--no-baseline", action="store_true", help=f"do not add the {BASELINE} row for the ratio column")
     p.add_argument("--sampler", choices=["fixed", "pack", "bucket"], default="fixed",
                    help="fixed: --batch-size documents a step; pack: PackingSampler; bucket: LengthBucketSampler")
@@ -147,7 +143,6 @@ def build_parser() -> Parser:
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.data.shards: "
                    "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
-    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "
                    "(no optimizer update) and append each collate's top ops by device time to PATH")
     return p

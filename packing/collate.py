@@ -63,6 +63,11 @@ class Collator:
     def collate(self, samples: list[Sample]) -> Batch:
         raise NotImplementedError
 
+    def _batch(self, lens: list[int], **fields: Any) -> Batch:
+        """The Batch of sequences of lengths ``lens`` in this collator's layout, from its tensors."""
+        return Batch(layout=self.layout, seq_lens=tuple(lens), cu_seqlens=cumulative_lengths(lens),
+                     ignore_index=self.ignore_index, **fields)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({opts})"
@@ -81,16 +86,7 @@ class _Padded(Collator):
             labels[b, :n] = s.labels
         mask = torch.arange(L) < torch.tensor(lens)[:, None]  # (B, L), right padding
         position_ids = torch.arange(L).expand(B, L) * mask  # padding gets position 0, a valid index
-        return Batch(
-            layout="padded",
-            input_ids=input_ids,
-            labels=labels,
-            position_ids=position_ids,
-            seq_lens=tuple(lens),
-            cu_seqlens=cumulative_lengths(lens),
-            attention_mask=mask,
-            ignore_index=self.ignore_index,
-        )
+        return self._batch(lens, input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=mask)
 
 
 class PadToMax(_Padded):
@@ -162,7 +158,7 @@ class NestedJagged(Collator):
             k: torch.nested.nested_tensor_from_jagged(v, offsets, min_seqlen=min(lens), max_seqlen=max(lens))
             for k, v in values.items()
         }
-        return Batch(layout="nested", seq_lens=tuple(lens), cu_seqlens=cu, ignore_index=self.ignore_index, **nested)
+        return self._batch(lens, **nested)
 
 
 class ConcatCuSeqlens(Collator):
@@ -254,8 +250,7 @@ class ConcatCuSeqlens(Collator):
 
     def collate(self, samples: list[Sample]) -> Batch:
         lens = [len(s.input_ids) for s in samples]
-        cu = cumulative_lengths(lens)
-        N = int(cu[-1])
+        N = sum(lens)
         T = self._row_length(N)
         input_ids = torch.full((1, T), self.pad_id, dtype=torch.int64)
         labels = torch.full((1, T), self.ignore_index, dtype=torch.int64)
@@ -263,17 +258,8 @@ class ConcatCuSeqlens(Collator):
         torch.cat([s.input_ids for s in samples], out=input_ids[0, :N])
         torch.cat([s.labels for s in samples], out=labels[0, :N])
         position_ids[0, :N] = packed_positions(lens)
-        return Batch(
-            layout="packed",
-            input_ids=input_ids,
-            labels=labels,
-            position_ids=position_ids,
-            seq_lens=tuple(lens),
-            cu_seqlens=cu,
-            attn_bias=self._bias(lens, T),
-            ignore_index=self.ignore_index,
-            **self._static(lens, T),
-        )
+        return self._batch(lens, input_ids=input_ids, labels=labels, position_ids=position_ids,
+                           attn_bias=self._bias(lens, T), **self._static(lens, T))
 
     def _bias(self, lens: list[int], num_slots: int) -> Any:
         return None

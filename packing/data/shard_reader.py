@@ -37,8 +37,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import IterableDataset
 
+from packing.data.indexed import LengthIndexed
 from packing.data.shards import DOC_ID, TOKENS
 
 
@@ -164,7 +165,7 @@ def _decode_tokens(data: bytes, path: str, position: int, length: int) -> torch.
     return torch.from_numpy(arr.astype(np.int64))
 
 
-class ShardDataset(Dataset):
+class ShardDataset(LengthIndexed):
     """Map-style access to every document of some shards, with their lengths for the samplers.
 
     ``ds[i]`` is document ``i``'s token ids, a 1-D int64 tensor (collators derive the targets).
@@ -184,18 +185,8 @@ class ShardDataset(Dataset):
         self._first = np.cumsum([0] + [len(i.lengths) for i in self.infos])
         self._files = _ShardFiles()
 
-    @property
-    def lengths(self) -> np.ndarray:
-        """(num_docs,) int64 token counts, from the length indexes."""
-        return self._lengths
-
-    def __len__(self) -> int:
-        return len(self._lengths)
-
     def _locate(self, i: int) -> tuple[ShardInfo, int]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"document {i} out of range for {len(self)} documents")
-        i %= len(self)
+        i = self._index(i)
         s = int(self._shard[i])
         return self.infos[s], i - int(self._first[s])
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from packing.boundaries import ceil_div
+from packing.data.indexed import LengthIndexed
 from packing.sample import IGNORE_INDEX, Sample, as_sample
 from packing.validate import positive_int
 
@@ -30,7 +30,7 @@ def chunk_plan(lengths: np.ndarray, max_len: int, mode: str) -> tuple[np.ndarray
     return doc, start, np.minimum(lengths[doc] - start, max_len)
 
 
-class SplitDocuments(Dataset):
+class SplitDocuments(LengthIndexed):
     """A map-style view of ``dataset`` in which no document is longer than ``max_len``.
 
     ``mode="split"`` cuts a long document into consecutive chunks of ``max_len`` tokens (the last
@@ -59,15 +59,8 @@ class SplitDocuments(Dataset):
         self.dropped_tokens = int(np.maximum(lengths - max_len, 0).sum()) if mode == "truncate" else 0
         self.num_truncated = int((lengths > max_len).sum()) if mode == "truncate" else 0
 
-    @property
-    def lengths(self) -> np.ndarray:
-        """(num_chunks,) int64 token count of each item."""
-        return self._lengths
-
-    def __len__(self) -> int:
-        return len(self._doc)
-
     def __getitem__(self, i: int) -> Sample:
+        i = self._index(i)
         doc, start = int(self._doc[i]), int(self._start[i])
         sample = as_sample(self.dataset[doc], doc, ignore_index=self.ignore_index)
         end = start + int(self._lengths[i])

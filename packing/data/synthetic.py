@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from packing.data.indexed import LengthIndexed
 
 
-class SyntheticDocs(Dataset):
+class SyntheticDocs(LengthIndexed):
     """Random documents with the seed article's distribution.
 
     Document ``i`` is a token sequence ``seq`` of ``lengths[i] + 1`` ids drawn uniformly from
@@ -42,18 +43,8 @@ class SyntheticDocs(Dataset):
         self.seed = seed
         self._lengths = np.random.default_rng([seed, 0]).integers(1, max_len, size=num_docs)
 
-    @property
-    def lengths(self) -> np.ndarray:
-        """(num_docs,) int64 input lengths, read without generating any tokens (for samplers)."""
-        return self._lengths
-
-    def __len__(self) -> int:
-        return len(self._lengths)
-
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"document {i} out of range for {len(self)} documents")
-        i = i % len(self)
+        i = self._index(i)
         rng = np.random.default_rng([self.seed, 1, i])
         seq = torch.from_numpy(rng.integers(1, self.vocab_size, size=int(self._lengths[i]) + 1))
         return seq[:-1], seq[1:]
