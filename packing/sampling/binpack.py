@@ -33,6 +33,9 @@ def best_fit_decreasing(
     first).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > capacity):
+        i = int(np.argmin(lengths)) if lengths.min() < 1 else int(np.argmax(lengths))
+        raise ValueError(f"item {i} has length {int(lengths[i])}; every length must be in [1, capacity={capacity}]")
     per_length = np.bincount(lengths, minlength=capacity + 1)
     room_classes: list[int] = []  # sorted: the remaining room values that have open bins
     bins_with_room: dict[int, list[int]] = {}

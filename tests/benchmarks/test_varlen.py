@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks.varlen import main
+from models import get_adapter
 from packing import COLLATORS
 
 KEYS = {"collate", "attn", "backend", "mode", "device", "gpu", "torch", "preset", "steps", "ms_per_step",
@@ -38,8 +39,9 @@ def test_single_collate_gets_the_baseline_row(tmp_path):
     assert main(["--collate", "concat", "--steps", "1", "--warmup", "0", "--batch-size", "3",
                  "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [(r["collate"], r["attn"]) for r in records] == [("pad_max", "sdpa"), ("concat", "naive")]
-    on_gpu = torch.cuda.is_available()  # defaults follow the device
+    on_gpu = torch.cuda.is_available()  # defaults follow the device: auto's adapter, preset and dtype
+    concat_attn = get_adapter("auto", "packed", "cuda" if on_gpu else "cpu").name  # naive on a CPU
+    assert [(r["collate"], r["attn"]) for r in records] == [("pad_max", "sdpa"), ("concat", concat_attn)]
     assert records[0]["device"] == ("cuda" if on_gpu else "cpu")
     assert (records[0]["preset"], records[0]["dtype"]) == (("seed", "bf16") if on_gpu else ("tiny", "fp32"))
     assert records[1]["mode"] == "train" and records[1]["world_size"] == 1 and records[1]["compile"] is False

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import ADAPTERS, adapters_for, get_adapter
+from models import ADAPTERS, adapter_for, adapters_for, collator_for, get_adapter
 from models.attention import AttentionAdapter
 from packing import LAYOUTS, get_collator
 
@@ -137,3 +137,33 @@ def test_flash_refuses_fp32_with_the_fix():
     q = torch.randn(batch.num_slots, H, D)
     with pytest.raises(ValueError, match=r"'flash' needs bf16 or fp16 q/k/v, got torch.float32; run the model under torch.autocast"):
         FlashVarlenAttention("cpu").attend(q, q, q, batch, causal=True)
+
+
+def test_a_batch_with_an_xformers_mask_gets_the_adapter_that_consumes_it(monkeypatch):
+    # Where both kernels run, auto gives a concat batch flash and an xformers batch xformers (its mask
+    # would otherwise go unused). Availability is patched: the registry's choice is what is tested.
+    from models.attention import FlashVarlenAttention, XformersAttention, auto_adapter
+
+    monkeypatch.setattr(FlashVarlenAttention, "available", classmethod(lambda cls, d: True))
+    monkeypatch.setattr(XformersAttention, "available", classmethod(lambda cls, d: True))
+    assert auto_adapter("packed", "cpu") == "flash"
+    assert auto_adapter("packed", "cpu", attn_bias=True) == "xformers"
+    assert auto_adapter("padded", "cpu", attn_bias=True) == "sdpa"  # no consumer takes the layout
+
+
+def test_without_a_consumer_the_mask_batch_falls_back_by_layout():
+    from packing import get_collator
+
+    batch = get_collator("xformers")([[5, 6, 7], [8, 9]])
+    assert adapter_for(batch).name == "naive"  # CPU: no xFormers kernels, the layout's choice
+
+
+def test_collator_for_pairs_each_adapter_with_its_batches():
+    from packing import COLLATORS
+
+    for name, cls in ADAPTERS.items():
+        collate = collator_for(name)
+        assert COLLATORS[collate].layout in cls.layouts
+    assert collator_for("xformers") == "xformers"
+    with pytest.raises(ValueError, match=r"unknown attention adapter 'flashy'; known: flash"):
+        collator_for("flashy")

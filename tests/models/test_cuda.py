@@ -4,10 +4,13 @@ this module; run it on a GPU with `python -m pytest -m gpu`."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from equivalence import GPU_TOL as TOL
 from equivalence import assert_within, errors_against
+from equivalence import collator as shared_collator
+from equivalence import each_alone as fp32_each_alone
+from equivalence import model_with as shared_model_with
 from models import GPT, GPTConfig, adapters_for, lm_loss
 from packing import COLLATORS, SyntheticDocs, get_collator
 from packing.collate import block_diagonal_mask_class
@@ -15,7 +18,6 @@ from packing.collate import block_diagonal_mask_class
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CONFIG = GPTConfig(vocab_size=1024, max_len=1024, n_layers=4, dim=256, n_heads=4)
-TOL = 2e-2  # bf16 operands against fp32: the project's GPU tolerance
 
 
 def _mask_class_loads() -> bool:
@@ -31,7 +33,7 @@ PAIRS = [(c, a) for c in COLLATES for a in adapters_for(COLLATORS[c].layout, "cu
 
 
 def collator(name):
-    return get_collator(name, max_len=CONFIG.max_len) if name == "pad_max" else get_collator(name)
+    return shared_collator(name, max_len=CONFIG.max_len)
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +47,11 @@ def setup():
 
 
 def each_alone(weights, samples, causal):
-    """fp32 naive reference, each document in a batch of its own: logits, token-mean loss, grads."""
-    ref = GPT(CONFIG, attn="naive").cuda()
-    ref.load_state_dict(weights)
-    logits, total, targets = [], 0.0, 0
-    for s in samples:
-        b = get_collator("concat")([s]).to("cuda")
-        out = ref(b, causal=causal)[0]
-        total = total + F.cross_entropy(out, b.labels[0], reduction="sum")
-        targets += b.num_targets
-        logits.append(out.detach())
-    loss = total / targets
-    loss.backward()
-    return logits, loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+    return fp32_each_alone(weights, samples, causal, CONFIG, "cuda")
 
 
 def model_with(attn, weights):
-    model = GPT(CONFIG, attn=attn).cuda()
-    model.load_state_dict(weights)
-    return model
+    return shared_model_with(attn, weights, CONFIG, "cuda")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -7,62 +7,23 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from equivalence import CPU_CONFIG, CPU_TOL, each_alone, model_with, random_docs, rel
+from equivalence import collator as shared_collator
 from models import GPT, PRESETS, GPTConfig, adapters_for, lm_loss
 from packing import COLLATORS, get_collator
 
-CONFIG = GPTConfig(vocab_size=97, max_len=64, n_layers=2, dim=32, n_heads=4)
-TOL = 1e-5  # relative, fp32: ‖got - ref‖ / ‖ref‖
+CONFIG, TOL = CPU_CONFIG, CPU_TOL  # relative, fp32: ‖got - ref‖ / ‖ref‖
 LENS = [1, 9, 40, 4, 17]  # a length-1 document and one longer than pad_longest's x32 rounding
 PAIRS = [(c, a) for c in COLLATORS for a in adapters_for(COLLATORS[c].layout, "cpu")]
 
 
-def rel(got, ref):
-    return ((got - ref).norm() / ref.norm()).item()
-
-
 def collator(name, **options):
-    if name == "pad_max":
-        options.setdefault("max_len", CONFIG.max_len)
-    if name == "pad_longest":
-        options.setdefault("pad_to_multiple_of", 32)
-    if name in ("concat", "xformers"):
-        options.setdefault("pad_to_multiple_of", 32)  # a padding tail that must stay invisible
-    return get_collator(name, **options)
-
-
-@pytest.fixture(scope="module")
-def weights():
-    torch.manual_seed(0)
-    return GPT(CONFIG).state_dict()
-
-
-def model_with(attn, weights):
-    model = GPT(CONFIG, attn=attn)
-    model.load_state_dict(weights)
-    return model
+    # pad_longest rounds to 32; the packed collators get a padding tail that must stay invisible
+    return shared_collator(name, **{"pad_to_multiple_of": 32, **options})
 
 
 def docs(lens, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, CONFIG.vocab_size, (n,), generator=g) for n in lens]
-
-
-def each_alone(weights, samples, causal):
-    """Ground truth: each document in a batch of its own through the naive fp32 adapter.
-
-    Returns per-document logits (L_i, V), the token-mean loss over all documents, and the gradients.
-    """
-    model = model_with("naive", weights)
-    logits, total, targets = [], 0.0, 0
-    for s in samples:
-        b = get_collator("concat")([s])
-        out = model(b, causal=causal)[0]  # (L, V)
-        total = total + F.cross_entropy(out, b.labels[0], ignore_index=-100, reduction="sum")
-        targets += b.num_targets
-        logits.append(out.detach())
-    loss = total / targets
-    loss.backward()
-    return logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    return random_docs(lens, seed=seed)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -16,8 +16,10 @@ from models import lm_loss
 from models.attention import FlashVarlenAttention
 from packing import get_collator
 
-from equivalence import assert_within, errors_against
-from test_gpt import CONFIG, TOL, docs, each_alone, model_with, weights  # noqa: F401 (fixture)
+from equivalence import CPU_CONFIG as CONFIG
+from equivalence import CPU_TOL as TOL
+from equivalence import assert_within, each_alone, errors_against, model_with
+from equivalence import random_docs as docs
 
 
 def reference_varlen(q, k, v, cu_seqlens, max_seqlen, causal):

@@ -7,18 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+from equivalence import collator, random_docs
 from packing import COLLATORS, SyntheticDocs, as_sample, get_collator
-
-OPTIONS = {"pad_max": {"max_len": 64}}  # the only collator with a required option
-
-
-def collator(name, **extra):
-    return get_collator(name, **{**OPTIONS.get(name, {}), **extra})
 
 
 def random_samples(lens, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 1000, (n,), generator=g) for n in lens]
+    return random_docs(lens, vocab_size=1000, seed=seed, low=0)
 
 
 @pytest.mark.parametrize("name", list(COLLATORS))

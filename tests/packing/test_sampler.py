@@ -190,9 +190,19 @@ def test_load_state_dict_rejects_what_it_cannot_resume():
         s.load_state_dict({**state, "consumed": 99})
 
 
-def test_state_dict_counts_what_the_loop_consumed():
-    s = PackingSampler(SyntheticDocs(500, max_len=512).lengths, max_tokens=2048)
-    assert s.state_dict(consumed=3)["consumed"] == 3
+def test_state_dict_resumes_after_what_the_loop_consumed():
+    # The loader may have fetched batches ahead of the training loop; consumed= says where the loop
+    # stands, and the resumed sampler yields exactly the batches after it, not after the fetched ones.
+    lengths = SyntheticDocs(500, max_len=512).lengths
+    s = PackingSampler(lengths, max_tokens=2048, seed=5)
+    it = iter(s)
+    first = [next(it) for _ in range(5)]  # fetched 5, the loop finished 3
+    state = s.state_dict(consumed=3)
+    assert state["consumed"] == 3 and s.state_dict()["consumed"] == 5
+    rest = first[3:] + list(it)
+    resumed = PackingSampler(lengths, max_tokens=2048, seed=5)
+    resumed.load_state_dict(state)
+    assert list(resumed) == rest
 
 
 def test_more_bad_settings():

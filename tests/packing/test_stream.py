@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from packing import StreamPacker, SyntheticDocs, get_collator
+from packing.sampling.stream import sample_length
 
 
 # Invariant: every document comes out exactly once, whole, and no pack exceeds the budget.
@@ -48,10 +49,14 @@ def test_bad_documents(doc, match):
         list(StreamPacker([[1], doc], max_tokens=8))
 
 
-def test_sample_forms_are_measured():
-    packs = list(StreamPacker([{"input_ids": [1, 2, 3]}, (torch.ones(4), torch.ones(4)), np.ones(2, int)],
-                              max_tokens=9, buffer_size=10))
-    assert [sum(1 for _ in p) for p in packs] == [3]
+def test_sample_forms_are_measured_by_their_tokens():
+    # A dict by its input_ids, a pair by its inputs, not by the number of keys or items: with a
+    # budget of 4, the 4-token pair fills a pack alone, and the 3-token dict cannot share with the
+    # 2-token array. Measured by len() of the container, the pair (2) and the dict (1) would share.
+    d, pair, arr = {"input_ids": [1, 2, 3]}, (torch.ones(4), torch.ones(4)), np.ones(2, int)
+    assert [sample_length(x) for x in (d, pair, arr)] == [3, 4, 2]
+    packs = list(StreamPacker([d, pair, arr], max_tokens=4, buffer_size=10))
+    assert [[id(x) for x in p] for p in packs] == [[id(pair)], [id(d)], [id(arr)]]
 
 
 def test_bad_settings():
