@@ -20,6 +20,8 @@ from bisect import bisect_left, insort
 
 import numpy as np
 
+from packing.boundaries import ceil_div
+
 
 def best_fit_decreasing(
     lengths: np.ndarray, capacity: int, *, max_items: int | None = None, rng: np.random.Generator | None = None
@@ -60,17 +62,34 @@ def best_fit_decreasing(
             if i < len(room_classes):  # best fit: the smallest room that still holds this length
                 room = room_classes[i]
                 pool = bins_with_room[room]
-                k = min(count, len(pool))
-                moved = pool[len(pool) - k :]
+                # A bin of this room takes up to room // length of them: after one, its room is
+                # smaller still and holds another, so best fit sends the next one there too.
+                fits = room // length
+                if max_items is None:
+                    k = min(ceil_div(count, fits), len(pool))
+                    takes = [fits] * k
+                else:  # each bin also stops at max_items
+                    takes, left = [], count
+                    for b in reversed(pool):
+                        if not left:
+                            break
+                        takes.append(min(fits, max_items - items_in_bin[b], left))
+                        left -= takes[-1]
+                    k = len(takes)
+                takes[-1] = min(takes[-1], count - sum(takes[:-1]))
+                moved = pool[len(pool) - k :][::-1]  # the order takes was built in
                 del pool[len(pool) - k :]
                 if not pool:
                     del room_classes[i], bins_with_room[room]
-                slot_bins.append(np.asarray(moved))
-                if max_items is not None:
-                    for b in moved:
-                        items_in_bin[b] += 1
-                reopen(moved, room - length)
-                count -= k
+                slot_bins.append(np.repeat(np.asarray(moved), takes))
+                by_room: dict[int, list[int]] = {}
+                for b, t in zip(moved, takes):
+                    if max_items is not None:
+                        items_in_bin[b] += t
+                    by_room.setdefault(room - t * length, []).append(b)
+                for new_room, bins in by_room.items():
+                    reopen(bins, new_room)
+                count -= sum(takes)
             else:  # nothing fits: open bins, each taking as many of this length as fit
                 per_bin = capacity // length if max_items is None else min(capacity // length, max_items)
                 full, rest = divmod(count, per_bin)
