@@ -137,7 +137,9 @@ class GPT(nn.Module):
     def forward(self, batch: Batch, *, causal: bool = True) -> Tensor:
         if not torch.compiler.is_compiling():
             self.check(batch)
-        attn = self.adapter_for(batch)
+        # The adapter's arguments, read here: traced through adapter_for(batch), dynamo guarded on
+        # len(batch.seq_lens) and recompiled for every document count (torch 2.11, H100).
+        attn = self.adapter(batch.layout, batch.input_ids.device, batch.attn_bias is not None)
         ids, pos = batch.unwrap(batch.input_ids), batch.unwrap(batch.position_ids)
         x = self.tok_emb(ids) + self.pos_emb(pos)  # (B, L, dim) or (T, dim)
         for block in self.blocks:

@@ -86,8 +86,9 @@ def test_data_from_shards(tmp_path):
             w.write(f"d{i}", rng.integers(0, 256, rng.integers(1, 400)).astype(np.uint16))
     out = tmp_path / "r.json"
     spec = str(tmp_path / "s" / "shard-{000000..000002}.tar")
+    # On the CPU in fp32 on any machine: the loss agrees across layouts to 1e-5 only in fp32.
     assert main(["--collate", "all", "--mode", "eval", "--data", spec, "--steps", "2", "--warmup", "0",
-                 "--batch-size", "4", "--json", str(out)]) == 0
+                 "--batch-size", "4", "--device", "cpu", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert all(r["data"] == spec for r in records)
     base = records[0]["loss"]
