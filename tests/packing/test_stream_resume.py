@@ -60,7 +60,7 @@ def run(shards, tmp, workers, buffer, kill_after=-1, resume=0, out="packs.jsonl"
         [*launch, str(WORKER), shards, str(tmp / out), str(tmp / "state.pt"), str(workers), str(buffer),
          str(kill_after), str(resume)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
     )
     return proc
 
