@@ -44,7 +44,6 @@ from benchmarks.harness import (
     environment,
     format_table,
     gib,
-    non_negative,
     positive,
     resolve_device,
     time_steps,

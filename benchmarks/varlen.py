@@ -44,7 +44,6 @@ from benchmarks.harness import (
     gather_records,
     gib,
     merge_ranks,
-    non_negative,
     positive,
     profile_pass,
     resolve_device,

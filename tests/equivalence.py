@@ -72,3 +72,15 @@ def errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads) 
 def assert_within(errors: dict[str, float], tol: float) -> None:
     worst = max(errors, key=errors.get)
     assert errors[worst] <= tol, (worst, errors[worst])
+
+
+def assert_compiles_once(step, batches) -> None:
+    """Run ``step`` on the first batch from a fresh dynamo state, then on the rest with recompiling
+    made an error: a compiled step that specialises on anything that changes per batch fails here."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    step(batches[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in batches[1:]:
+            step(batch)

@@ -30,3 +30,16 @@ def test_readme_commands_are_the_ci_commands():
     text = README.read_text()
     for command in ('pip install torch==2.13.0 -e ".[dev]"', "python -m pytest -q"):
         assert command in text and command in ci
+
+
+def test_readme_layout_names_every_module():
+    # The layout section is how a newcomer finds a concept: every library module is in it, and
+    # nothing it names is missing from the tree.
+    text = README.read_text()
+    layout = text[text.index("## Repository layout"):]
+    named = set(re.findall(r"([A-Za-z_0-9]+\.py)", layout))
+    root = README.parent
+    files = {p.name for d in ("packing", "models", "benchmarks") for p in (root / d).rglob("*.py")}
+    files -= {"__init__.py"}
+    assert files - named == set(), "modules missing from the README layout"
+    assert named - files - {"__init__.py", "equivalence.py"} == set(), "README layout names files that do not exist"

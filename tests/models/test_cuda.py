@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from equivalence import GPU_TOL as TOL
-from equivalence import assert_within, errors_against
+from equivalence import assert_compiles_once, assert_within, errors_against
 from equivalence import collator as shared_collator
 from equivalence import each_alone as fp32_each_alone
 from equivalence import model_with as shared_model_with
@@ -150,8 +150,6 @@ def test_static_shapes_match_fp32_reference(causal, setup):
 def test_static_shapes_compile_once(setup):
     # dynamic=False with static packs: batches with different document counts and longest documents
     # reuse the first compilation (a recompile raises here).
-    import torch._dynamo
-
     # With FlashAttention-4 this runs its custom op (models.attention.flash4): as Python, its launcher broke
     # the graph and recompiled per document count (benchmarks/results/2026-11-22-h200-static).
     weights, samples, _ = setup
@@ -164,11 +162,7 @@ def test_static_shapes_compile_once(setup):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             lm_loss(model(batch, causal=True), batch).backward()
 
-    torch._dynamo.reset()
-    step(batches[0])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in batches[1:]:
-            step(batch)
+    assert_compiles_once(step, batches)
 
 
 def test_fa4_custom_op_registrations():

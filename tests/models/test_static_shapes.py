@@ -9,7 +9,6 @@ empty sequences, and the constant ``static_max_seqlen``. The real kernels run th
 
 import pytest
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
 from models import lm_loss
@@ -18,7 +17,7 @@ from packing import get_collator
 
 from equivalence import CPU_CONFIG as CONFIG
 from equivalence import CPU_TOL as TOL
-from equivalence import assert_within, each_alone, errors_against, model_with
+from equivalence import assert_compiles_once, assert_within, each_alone, errors_against, model_with
 from equivalence import random_docs as docs
 
 
@@ -66,11 +65,7 @@ def test_static_batches_compile_once(weights):
     def step(batch):
         lm_loss(model(batch), batch).backward()
 
-    torch._dynamo.reset()
-    step(batches[0])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in batches[1:]:
-            step(batch)
+    assert_compiles_once(step, batches)
 
 
 def test_flash_refuses_fp32_with_the_fix():
