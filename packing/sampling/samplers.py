@@ -238,8 +238,8 @@ class PackingSampler(_PlannedBatchSampler):
     """Packs whole documents into batches of at most ``max_tokens`` tokens, for the packed layouts
     (``concat``, ``xformers``, ``flex``).
 
-    Packs are planned with best-fit decreasing (:mod:`packing.sampling.binpack`), which reaches the bin
-    lower bound on the seed distribution (99.98% of the budget filled), then shuffled: batches come
+    Packs are planned with best-fit decreasing (:mod:`packing.sampling.binpack`), which fills the budget
+    nearly to the bin lower bound on the seed distribution (benchmarks/results/samplers.txt), then shuffled: batches come
     in random order, and ties between equal lengths are broken at random, so packs differ per epoch.
 
     Args:

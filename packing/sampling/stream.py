@@ -78,10 +78,10 @@ class StreamPacker(IterableDataset):
 
     Documents wait in a buffer of ``buffer_size``. When it is full, one pack is taken: the longest
     waiting document, then repeatedly the longest one that still fits the room left (best fit for a
-    single bin). The stream's end flushes the buffer the same way. With a 4096-document buffer on
-    the seed distribution this fills 99.9% of a 16,384-token budget (``python -m
-    benchmarks.samplers``). Nothing is dropped or truncated: a document longer than ``max_tokens``
-    raises ``ValueError``.
+    single bin). The stream's end flushes the buffer the same way. A 4096-document buffer fills the
+    budget almost as well as planning the whole epoch (``python -m benchmarks.samplers`` measures
+    both; recorded in benchmarks/results/samplers.txt). Nothing is dropped or truncated: a document
+    longer than ``max_tokens`` raises ``ValueError``.
 
     Hand each pack to a collator, one pack per step::
 
