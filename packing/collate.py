@@ -63,10 +63,11 @@ class Collator:
     def collate(self, samples: list[Sample]) -> Batch:
         raise NotImplementedError
 
-    def _batch(self, lens: list[int], **fields: Any) -> Batch:
-        """The Batch of sequences of lengths ``lens`` in this collator's layout, from its tensors."""
-        return Batch(layout=self.layout, seq_lens=tuple(lens), cu_seqlens=cumulative_lengths(lens),
-                     ignore_index=self.ignore_index, **fields)
+    def _batch(self, lens: list[int], cu_seqlens: Any = None, **fields: Any) -> Batch:
+        """The Batch of sequences of lengths ``lens`` in this collator's layout, from its tensors
+        (``cu_seqlens`` when the collator already computed them)."""
+        cu = cumulative_lengths(lens) if cu_seqlens is None else cu_seqlens
+        return Batch(layout=self.layout, seq_lens=tuple(lens), cu_seqlens=cu, ignore_index=self.ignore_index, **fields)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -158,7 +159,7 @@ class NestedJagged(Collator):
             k: torch.nested.nested_tensor_from_jagged(v, offsets, min_seqlen=min(lens), max_seqlen=max(lens))
             for k, v in values.items()
         }
-        return self._batch(lens, **nested)
+        return self._batch(lens, cu, **nested)
 
 
 class ConcatCuSeqlens(Collator):
