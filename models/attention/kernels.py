@@ -16,33 +16,52 @@ import torch
 from torch import Tensor
 
 
-@functools.cache
-def flash_backend() -> tuple[str, Callable[..., Tensor]] | None:
-    """(name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) for the best varlen kernel, or None.
+Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out
 
-    q is (T, H, D); k and v may have fewer heads, (T, H_kv, D) with H a multiple of H_kv: every
-    backend runs grouped-query attention in the kernel, without repeating k and v.
-    """
+
+def varlen_kernels() -> dict[str, Varlen]:
+    """Every varlen kernel that loads here, best first: ``flash-attn-4``, ``flash-attn-2``,
+    ``torch.varlen_attn``. Each is fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out with q (T, H, D)
+    and k, v (T, H_kv, D), H a multiple of H_kv: grouped-query attention runs in the kernel."""
+    found = {}
+    for name, find in (("flash-attn-4", _fa4), ("flash-attn-2", _fa2), ("torch.varlen_attn", _torch_varlen)):
+        run = find()
+        if run is not None:
+            found[name] = run
+    return found
+
+
+@functools.cache
+def flash_backend() -> tuple[str, Varlen] | None:
+    """(name, fn) for the best varlen kernel (the first of :func:`varlen_kernels`), or None."""
+    return next(iter(varlen_kernels().items()), None)
+
+
+def _fa4() -> Varlen | None:
     from models.attention.flash4 import fa4_available, fa4_varlen
 
-    if fa4_available():
-        # A custom op (models.attention.flash4): traced as Python, FA4's launcher broke the graph
-        # and recompiled on every layer, and behind torch.compiler.disable it still broke the graph
-        # in every layer (H200; counts in benchmarks/results/README.md).
-        return "flash-attn-4", fa4_varlen
+    # A custom op (models.attention.flash4): traced as Python, FA4's launcher broke the graph and
+    # recompiled on every layer, and behind torch.compiler.disable it still broke the graph in
+    # every layer (H200; counts in benchmarks/results/README.md).
+    return fa4_varlen if fa4_available() else None
+
+
+def _fa2() -> Varlen | None:
     try:
         import flash_attn
 
-        fa2 = flash_attn.flash_attn_varlen_func
+        fa2 = flash_attn.flash_attn_varlen_func  # FA4's flash_attn namespace package lacks it
     except (ImportError, AttributeError):
-        pass
-    else:
+        return None
 
-        def run_fa2(q, k, v, cu, max_len, causal):
-            return fa2(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                       max_seqlen_k=max_len, causal=causal)
+    def run_fa2(q, k, v, cu, max_len, causal):
+        return fa2(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                   causal=causal)
 
-        return "flash-attn-2", run_fa2
+    return run_fa2
+
+
+def _torch_varlen() -> Varlen | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -61,7 +80,7 @@ def flash_backend() -> tuple[str, Callable[..., Tensor]] | None:
         def run_torch(q, k, v, cu, max_len, causal):
             return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, **gqa)
 
-    return "torch.varlen_attn", run_torch
+    return run_torch
 
 
 @functools.cache
