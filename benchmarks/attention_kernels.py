@@ -61,8 +61,9 @@ class KernelRecord:
 
 
 def kernels(lens: list[int], device: torch.device) -> dict[str, tuple[str, Callable]]:
-    """name -> (layout, fn(q, k, v, causal) -> out) for every kernel that runs here; q, k, v are
-    (T, H, D) packed, the padded kernels pad them inside their call's setup, not in the timing."""
+    """name -> (layout, fn(q, k, v, causal) -> out) for every kernel that runs here. A "packed"
+    kernel takes q, k, v as (T, H, D); a "padded" one as (B, H, L, D), which :func:`measure` makes
+    with :func:`padded` before the clock starts."""
     cu = cumulative_lengths(lens).to(device)
     longest = max(lens)
     found: dict[str, tuple[str, Callable]] = {}
