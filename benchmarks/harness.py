@@ -253,6 +253,30 @@ class Record:
     command: str = ""
 
 
+def gemm_tflops(device: torch.device, shapes: Sequence[tuple[int, int, int]], *, repeats: int = 20) -> float | None:
+    """The GPU's measured bf16 GEMM rate on ``shapes`` (M, K, N), in TFLOP/s: each product timed
+    ``repeats`` times with CUDA events after a warm-up, all the FLOPs over all the time. None on a CPU.
+
+    The floor of a step is its matmul FLOPs at this rate (6·N·T to train, 2·N·T to evaluate), so
+    it is measured in the same run, at the model's own shapes, not taken from a data sheet.
+    """
+    if device.type != "cuda":
+        return None
+    pairs = [(torch.randn(m, k, device=device, dtype=torch.bfloat16), torch.randn(k, n, device=device, dtype=torch.bfloat16))
+             for m, k, n in shapes]
+    for a, b in pairs:
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        for a, b in pairs:
+            a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    flops = 2 * repeats * sum(m * k * n for m, k, n in shapes)
+    return flops / (start.elapsed_time(end) * 1e-3) / 1e12
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """The record fields that say where a row ran: device type, GPU name and torch version."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None

@@ -41,6 +41,7 @@ from benchmarks.harness import (
     environment,
     exit_after_distributed,
     format_table,
+    gemm_tflops,
     gather_records,
     gib,
     merge_ranks,
@@ -53,6 +54,8 @@ from benchmarks.harness import (
     write_json,
 )
 from models import ADAPTERS, GPT, PRESETS, GPTConfig, get_adapter, lm_loss
+from models.bf16_weights import BF16Weights
+from models.fusion import resolve_fuse
 from packing import (
     COLLATORS,
     Batch,
@@ -90,6 +93,8 @@ class VarlenConfig(RunConfig):
     fsdp: bool = False
     data: str | None = None
     profile: str | None = None
+    fuse: str = "none"
+    bf16_weights: bool = False
 
     def resolved(self, device: torch.device) -> VarlenConfig:
         """Defaults that follow the device: the seed model in bf16 on CUDA, tiny in fp32 on a CPU."""
@@ -116,6 +121,11 @@ class VarlenRecord(Record):
     sampler: str = "fixed"
     max_tokens: int | None = None
     data: str = "synthetic"
+    fuse: str = "none"
+    bf16_weights: bool = False
+    matmul_params: int = 0  # N: the Linear weights' elements, the head included
+    gemm_tflops: float | None = None  # the GPU's bf16 GEMM rate at the model's shapes, this run
+    roofline_fraction: float | None = None  # matmul floor (6·N·T train, 2·N·T eval, T real tokens) / ms_per_step
 
 
 def build_parser() -> Parser:
@@ -142,6 +152,12 @@ def build_parser() -> Parser:
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.data.shards: "
                    "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
+    p.add_argument("--fuse", default="none", metavar="NAMES",
+                   help="fused kernels for every row but the baseline: 'none' (default), 'auto', or a comma list "
+                        "of mlp (GELU in the GEMM epilogues), norm (residual add + LayerNorm), qkv (one qkv gradient)")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="train with bf16 copies of the Linear weights and fp32 masters (models.bf16_weights) "
+                        "instead of autocast's per-step weight casts; every row but the baseline")
     p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "
                    "(no optimizer update) and append each collate's top ops by device time to PATH")
     return p
@@ -236,7 +252,8 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
         batches = [b.pin_memory() for b in batches]
 
     torch.manual_seed(args.seed)  # same weights for every collate
-    model = gpt = GPT(config, attn=args.attn).to(device)
+    model = gpt = GPT(config, attn=args.attn, fuse=args.fuse).to(device)
+    shadow = BF16Weights(gpt, lr=1e-3) if args.bf16_weights and args.mode == "train" else None
     adapter = model.adapter_for(batches[0], device)
     world = world_size()
     if world > 1:
@@ -250,7 +267,7 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
                               dynamic=False if static else None)
     train = args.mode == "train"
     model.train(train)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
+    opt = (shadow or torch.optim.SGD(model.parameters(), lr=1e-3)) if train else None
     bf16 = args.dtype == "bf16"
     # Eval needs no gradient sync; inference_mode tensors do not mix with collectives, no_grad does.
     no_grad = torch.inference_mode if world == 1 else torch.no_grad
@@ -289,22 +306,44 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
         seed=args.seed, **measured, compile=args.compile, compile_mode=args.compile_mode if args.compile else None,
         static=static, world_size=world, rank=rank(), parallel="none" if world == 1 else ("fsdp2" if args.fsdp else "ddp"),
         sampler=args.sampler, max_tokens=None if args.sampler == "fixed" else args.max_tokens, data=args.data or "synthetic",
+        fuse=",".join(sorted(gpt.fuse)) or "none", bf16_weights=shadow is not None, matmul_params=matmul_params(gpt),
     )
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of the 6·N·T floor: every Linear weight's elements (embeddings are lookups, not GEMMs)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def add_roofline(records: list[VarlenRecord], config: GPTConfig, tokens: int, device: torch.device) -> None:
+    """Each row's matmul floor, 6·N·T (train) or 2·N·T (eval) FLOPs over real tokens at the GEMM rate
+    measured now at the model's shapes (tokens x dim into the qkv, MLP and projection widths), as a
+    fraction of its measured step. Attention FLOPs are not in the floor."""
+    d = config.dim
+    rate = gemm_tflops(device, [(tokens, d, 3 * d), (tokens, d, 4 * d), (tokens, 4 * d, d), (tokens, d, d)])
+    if rate is None:
+        return
+    for r in records:
+        flops = (6 if r.mode == "train" else 2) * r.matmul_params * r.tokens_per_s * r.ms_per_step / 1e3
+        r.gemm_tflops = rate
+        r.roofline_fraction = flops / (rate * 1e12) / (r.ms_per_step / 1e3)
 
 
 def setup_label(r: VarlenRecord) -> str:
     """How a row ran: eager or compiled (with its mode), and static shapes if so."""
     how = "eager" if not r.compile else ("compiled" if r.compile_mode in (None, "default") else r.compile_mode)
-    return f"{how}, static" if r.static else how
+    how = f"{how}, static" if r.static else how
+    how = how if r.fuse == "none" else f"{how}, fuse {r.fuse}"
+    return f"{how}, bf16 weights" if r.bf16_weights else how
 
 
 def table(records: list[VarlenRecord]) -> str:
     header = ["collate", "attn", "backend", "setup", "mode", "ms/step", "real tok/s", "padding", "peak mem", "loss",
-              "recompiles", f"x {BASELINE}"]
+              "recompiles", "roofline", f"x {BASELINE}"]
     return format_table(header, [
         [r.collate, r.attn, r.backend, setup_label(r), r.mode, f"{r.ms_per_step:.1f}", f"{r.tokens_per_s:,.0f}",
          f"{100 * r.padding_fraction:.1f}%", gib(r.peak_mem_bytes), f"{r.loss:.5f}", cell(r.recompiles),
-         cell(r.speedup_vs_baseline, ".2f")]
+         "-" if r.roofline_fraction is None else f"{100 * r.roofline_fraction:.0f}%", cell(r.speedup_vs_baseline, ".2f")]
         for r in records
     ])
 
@@ -318,6 +357,9 @@ def run(args: VarlenConfig) -> tuple[list[VarlenRecord], str]:
         raise ValueError("--fsdp shards across ranks: run under torchrun --nproc_per_node N with N >= 2")
     if args.static and args.sampler != "pack":
         raise ValueError(f"--static pads every pack to --max-tokens: it needs --sampler pack, got --sampler {args.sampler}")
+    if args.bf16_weights and (args.dtype != "bf16" or args.mode != "train"):
+        raise ValueError(f"--bf16-weights replaces bf16 autocast's weight casts in training: it needs --dtype bf16 "
+                         f"and --mode train, got --dtype {args.dtype} --mode {args.mode}")
     if args.compile_mode != "default" and not args.compile:
         raise ValueError(f"--compile-mode {args.compile_mode} needs --compile")
     docs, lengths, config, description = load_documents(args, PRESETS[args.preset], world)
@@ -328,8 +370,12 @@ def run(args: VarlenConfig) -> tuple[list[VarlenRecord], str]:
     # The added baseline row runs pad_max with its best adapter, whatever --attn the others use, and
     # eager: the ratio column is against pad_max + sdpa eager; with --compile, every other row compiles.
     added = {n: n == BASELINE and args.collate != BASELINE for n in names}
-    rows = {n: dataclasses.replace(args, attn="auto" if added[n] else args.attn, compile=args.compile and not added[n])
+    # The baseline is the plain seed model: no fused kernels, autocast's weight casts.
+    rows = {n: dataclasses.replace(args, attn="auto" if added[n] else args.attn, compile=args.compile and not added[n],
+                                   fuse="none" if added[n] else args.fuse,
+                                   bf16_weights=args.bf16_weights and not added[n])
             for n in names}
+    resolve_fuse(args.fuse)  # a fusion whose kernels do not load fails here, before any timing
     # Fail on a bad --attn/--collate pairing or a missing optional package before any timing.
     for name, row in rows.items():
         get_adapter(row.attn, COLLATORS[name].layout, device)
@@ -358,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for rows in per_rank for r in rows] + shown
         if this != 0:
             return 0
+    config = PRESETS[shown[0].preset]
+    add_roofline(shown, config, round(shown[0].tokens_per_s * shown[0].ms_per_step / 1e3), torch.device(shown[0].device))
     base = next((r for r in shown if r.collate == BASELINE), None)
     for r in shown:
         r.speedup_vs_baseline = None if base is None else r.tokens_per_s / base.tokens_per_s
@@ -369,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"documents: {description}")
     print(table(shown))
+    if r0.gemm_tflops is not None:
+        print(f"roofline: each row's matmul FLOPs ({'6' if r0.mode == 'train' else '2'}·N·T, N={r0.matmul_params:,}, "
+              f"T its real tokens) at {r0.gemm_tflops:.0f} TFLOP/s, this GPU's bf16 GEMM rate at the model's shapes "
+              "measured in this run, over its step time")
     write_json(args.json, records)
     return 0
 

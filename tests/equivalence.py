@@ -37,8 +37,8 @@ def collator(name: str, *, max_len: int = CPU_CONFIG.max_len, **options):
     return get_collator(name, **options)
 
 
-def model_with(attn: str, weights: dict, config: GPTConfig = CPU_CONFIG, device: str = "cpu") -> GPT:
-    model = GPT(config, attn=attn).to(device)
+def model_with(attn: str, weights: dict, config: GPTConfig = CPU_CONFIG, device: str = "cpu", fuse: str = "none") -> GPT:
+    model = GPT(config, attn=attn, fuse=fuse).to(device)
     model.load_state_dict(weights)
     return model
 

@@ -60,3 +60,13 @@ class AttentionAdapter:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         raise NotImplementedError
+
+    def attend_packed(self, qkv: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        """Attention on qkv (..., 3, H, D), one projection's output; returns (..., H, D).
+
+        An adapter whose kernel can write dq, dk and dv into one (..., 3, H, D) gradient overrides
+        this (the ``qkv`` fusion); here it is ``self(*qkv.unbind(-3), ...)``, whose backward stacks
+        the three gradients into one.
+        """
+        q, k, v = qkv.unbind(-3)
+        return self(q, k, v, batch, causal=causal)

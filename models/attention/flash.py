@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention.base import AttentionAdapter
-from models.attention.kernels import flash_backend
+from models.attention.kernels import flash_backend, packed_kernel
 from packing.batch import Batch
 
 
@@ -34,6 +34,8 @@ class FlashVarlenAttention(AttentionAdapter):
 
     Backends, first that loads wins (``backend`` says which ran):
 
+    0. ``flash-attn-3``: FlashAttention-3's varlen kernel (:mod:`models.attention.flash3`), on
+       Hopper (sm90) only, where it is the production kernel;
     1. ``flash-attn-4``: FlashAttention-4's varlen kernel as a torch custom op
        (:mod:`models.attention.flash4`), on Hopper (sm90) or newer;
     2. ``flash-attn-2``: ``flash_attn.flash_attn_varlen_func`` (detected by that attribute, since
@@ -42,6 +44,9 @@ class FlashVarlenAttention(AttentionAdapter):
        >= 2.10 (causal is ``window_size=(-1, 0)`` from 2.11, ``is_causal=True`` in 2.10).
 
     The kernels take bf16 or fp16 only: run the model under ``torch.autocast``.
+
+    :meth:`attend_packed` (the model's ``qkv`` fusion) runs FA3's or FA4's packed form, whose
+    backward writes one (T, 3, H, D) gradient; with the other kernels it unbinds q, k, v.
     """
 
     name = "flash"
@@ -61,13 +66,16 @@ class FlashVarlenAttention(AttentionAdapter):
         device: torch.device | str,
         kernel: tuple[str, Callable[..., Tensor]] | None = None,
         kernel_dtypes: tuple[torch.dtype, ...] | None = None,
+        packed: Callable[..., Tensor] | None = None,
     ) -> None:
         """``kernel``: (name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) to run instead of
-        :func:`flash_backend`'s, with the dtypes it takes; tests pass an fp32 reference here to check
-        this adapter's own logic on a CPU."""
+        :func:`flash_backend`'s, with the dtypes it takes, and ``packed`` its packed form
+        fn(qkv, cu_seqlens, max_seqlen, causal) -> out, if any; tests pass fp32 references here to
+        check this adapter's own logic on a CPU."""
         super().__init__(device)
         # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
         self._backend, self._run = kernel if kernel is not None else flash_backend()
+        self._packed = packed_kernel(self._backend) if kernel is None else packed
         if kernel_dtypes is not None:
             self.kernel_dtypes = kernel_dtypes
 
@@ -75,12 +83,25 @@ class FlashVarlenAttention(AttentionAdapter):
     def backend(self) -> str:
         return self._backend
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+    def _check_dtype(self, q: Tensor) -> None:
         if q.dtype not in self.kernel_dtypes:
             raise ValueError(
                 f"attention adapter 'flash' needs bf16 or fp16 q/k/v, got {q.dtype}; "
                 "run the model under torch.autocast('cuda', dtype=torch.bfloat16) or use attn='naive'"
             )
+
+    def attend_packed(self, qkv: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        if self._packed is None:
+            return super().attend_packed(qkv, batch, causal=causal)
+        self._check_dtype(qkv)
+        if batch.static_cu_seqlens is not None:
+            return self._packed(qkv, batch.static_cu_seqlens, batch.static_max_seqlen, causal)
+        n = batch.num_tokens
+        # qkv[:n]'s backward pads the gradient with zero rows: one copy, only on a padded row.
+        return _pad_rows(self._packed(qkv[:n], batch.cu_seqlens, batch.max_seqlen, causal), qkv.shape[0])
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        self._check_dtype(q)
         if batch.static_cu_seqlens is not None:
             # Static shapes: the whole row, with boundaries of a fixed length and a constant
             # max_seqlen, so a compiled step sees identical shapes and constants every batch.

@@ -19,12 +19,17 @@ from torch import Tensor
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out
 
 
+PackedVarlen = Callable[..., Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
+
+
 def varlen_kernels() -> dict[str, Varlen]:
-    """Every varlen kernel that loads here, best first: ``flash-attn-4``, ``flash-attn-2``,
-    ``torch.varlen_attn``. Each is fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out with q (T, H, D)
-    and k, v (T, H_kv, D), H a multiple of H_kv: grouped-query attention runs in the kernel."""
+    """Every varlen kernel that loads here, best first: ``flash-attn-3`` (Hopper only),
+    ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn``. Each is
+    fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out with q (T, H, D) and k, v (T, H_kv, D), H a
+    multiple of H_kv: grouped-query attention runs in the kernel."""
     found = {}
-    for name, find in (("flash-attn-4", _fa4), ("flash-attn-2", _fa2), ("torch.varlen_attn", _torch_varlen)):
+    kernels = (("flash-attn-3", _fa3), ("flash-attn-4", _fa4), ("flash-attn-2", _fa2), ("torch.varlen_attn", _torch_varlen))
+    for name, find in kernels:
         run = find()
         if run is not None:
             found[name] = run
@@ -35,6 +40,28 @@ def varlen_kernels() -> dict[str, Varlen]:
 def flash_backend() -> tuple[str, Varlen] | None:
     """(name, fn) for the best varlen kernel (the first of :func:`varlen_kernels`), or None."""
     return next(iter(varlen_kernels().items()), None)
+
+
+def packed_kernel(name: str) -> PackedVarlen | None:
+    """The packed form of varlen kernel ``name``: fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal)
+    -> out (T, H, D), whose backward writes one (T, 3, H, D) gradient; None where it has none."""
+    if name == "flash-attn-4":
+        from models.attention.flash4 import fa4_varlen_qkvpacked
+
+        return fa4_varlen_qkvpacked
+    if name == "flash-attn-3":
+        from models.attention.flash3 import fa3_varlen_qkvpacked
+
+        return fa3_varlen_qkvpacked
+    return None
+
+
+def _fa3() -> Varlen | None:
+    from models.attention.flash3 import fa3_available, fa3_varlen
+
+    # FA3 is Hopper's production kernel; on sm90 it comes first. Not verified here unless a build of
+    # it was on the GPU (benchmarks/results/README.md says which runs had it).
+    return fa3_varlen if fa3_available() else None
 
 
 def _fa4() -> Varlen | None:

@@ -177,3 +177,83 @@ def test_fa4_custom_op_registrations():
     k, v = (torch.randn(40, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True) for _ in "kv")
     cu = torch.tensor([0, 10, 30, 40, 40], dtype=torch.int32, device="cuda")
     torch.library.opcheck(_fwd, (q, k, v, cu, 20, True))
+
+
+def _quack_loads() -> bool:
+    from models.fusion import quack_available
+
+    return quack_available()
+
+
+# Each fusion alone and all together, on a padded and a packed layout (qkv: the flash adapter only).
+FUSED = [("pad_max", "sdpa", "mlp"), ("pad_max", "sdpa", "norm"), ("concat", "flash", "mlp"),
+         ("concat", "flash", "norm"), ("concat", "flash", "qkv"), ("concat", "flash", "mlp,norm,qkv")]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("collate, attn, fuse", FUSED, ids=[f"{c}-{a}-{f}" for c, a, f in FUSED])
+def test_fused_kernels_match_fp32_reference(collate, attn, fuse, causal, setup):
+    if fuse != "qkv" and not _quack_loads():
+        pytest.skip("quack-kernels is not installed here (pip install -e '.[hopper]'), or the GPU is older than Hopper")
+    weights, samples, refs = setup
+    ref_logits, ref_loss, ref_grads = refs[causal]
+    model = shared_model_with(attn, weights, CONFIG, "cuda", fuse=fuse)
+    batch = collator(collate)(samples).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(batch, causal=causal)
+        loss = lm_loss(logits, batch)
+    loss.backward()
+    errors = errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads)
+    worst = max(errors, key=errors.get)
+    print(f"{collate}-{attn} fuse={fuse} causal={causal} backend={model.adapter(batch.layout, 'cuda').backend}: "
+          f"worst {worst} {errors[worst]:.2e}")
+    assert_within(errors, TOL)
+
+
+def test_fused_kernels_compile_once(setup):
+    # The quack GEMMs and norm and the packed attention op are custom ops: one graph, no recompiles.
+    fuse = "mlp,norm,qkv" if _quack_loads() else "qkv"
+    weights, samples, _ = setup
+    model = torch.compile(shared_model_with("flash", weights, CONFIG, "cuda", fuse=fuse), dynamic=False)
+    collate = static_collator(samples, 0)
+    batches = [collate(samples[:k]).to("cuda") for k in (8, 3, 5)]
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lm_loss(model(batch, causal=True), batch).backward()
+
+    assert_compiles_once(step, batches)
+
+
+def test_fused_eval_without_grad_matches_the_torch_path(setup):
+    # Without autograd the fused MLP stores no pre-activation: a different code path in quack.
+    if not _quack_loads():
+        pytest.skip("quack-kernels is not installed here, or the GPU is older than Hopper")
+    weights, samples, _ = setup
+    batch = collator("concat")(samples).to("cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = model_with("flash", weights)(batch, causal=False).float()
+        fused = shared_model_with("flash", weights, CONFIG, "cuda", fuse="mlp,norm")(batch, causal=False).float()
+    assert (fused - plain).norm() / plain.norm() < TOL
+
+
+@pytest.mark.parametrize("name", ["flash-attn-4", "flash-attn-3"])
+def test_packed_qkv_custom_op_registrations(name):
+    # The packed forms' schemas, fakes and autograd, checked by torch, with an empty sequence.
+    from models.attention import flash3, flash4
+
+    module, available = (flash4, flash4.fa4_available) if name == "flash-attn-4" else (flash3, flash3.fa3_available)
+    if not available():
+        pytest.skip(f"{name} is not installed here, or the GPU does not take it")
+    g = torch.Generator("cuda").manual_seed(0)
+    qkv = torch.randn(40, 3, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    cu = torch.tensor([0, 10, 30, 40, 40], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(module._qkv_fwd, (qkv, cu, 20, True))
+    # And the same gradient as the three-tensor op.
+    out = module._qkv_fwd(qkv, cu, 20, True)[0]
+    (dqkv,) = torch.autograd.grad(out.float().square().sum(), qkv)
+    q, k, v = qkv.detach().unbind(1)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    plain = (flash4.fa4_varlen(q, k, v, cu, 20, True) if name == "flash-attn-4" else flash3.fa3_varlen(q, k, v, cu, 20, True))
+    grads = torch.autograd.grad(plain.float().square().sum(), (q, k, v))
+    assert torch.allclose(out, plain) and torch.allclose(dqkv, torch.stack(grads, 1))
