@@ -125,6 +125,10 @@ def measure(name: str, layout: str, fn: Callable, lens: list[int], causal: bool,
                         bwd_tflops=2.5 * flops / bwd_ms / 1e9 if bwd_ms > 0 else float("nan"), **environment(device))
 
 
+# Every kernel this benchmark knows, whether or not it loads here: a name outside it is a typo.
+KNOWN = ("flash-attn-3", "flash-attn-4", "flash-attn-2", "torch.varlen_attn", "xformers", "mslk", "sdpa-cudnn", "sdpa-flash")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="python -m benchmarks.attention_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", help="cuda (the default where available); the kernels need a GPU")
@@ -132,7 +136,8 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive, default=30, help="timed calls per kernel (default 30)")
     p.add_argument("--warmup", type=non_negative, default=5, help="untimed calls first (default 5)")
     p.add_argument("--seed", type=int, default=0, help="documents and q, k, v (default 0)")
-    p.add_argument("--kernels", nargs="+", help="only these kernels (default: every one that loads)")
+    p.add_argument("--kernels", nargs="+", metavar="NAME",
+                   help=f"only these kernels, from {', '.join(KNOWN)} (default: every one that loads)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     return p
 
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        typos = sorted(set(args.kernels or ()) - set(KNOWN))
+        if typos:
+            raise ValueError(f"unknown kernel {typos[0]!r} in --kernels; choose from {', '.join(KNOWN)}")
         device = resolve_device(args.device)
         if device.type != "cuda":
             raise ValueError("the attention kernels need a CUDA GPU; run this on one (--device cuda)")

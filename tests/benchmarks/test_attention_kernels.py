@@ -16,6 +16,16 @@ def test_on_a_cpu_it_says_it_needs_a_gpu_in_one_line():
                                    "GPU; run this on one (--device cuda)")
 
 
+def test_a_misspelled_kernel_name_message(capsys):
+    from benchmarks.attention_kernels import KNOWN, main
+
+    # Checked before the GPU check, so it fails in one line on any machine.
+    assert main(["--device", "cpu", "--kernels", "torch.varlen_attn", "flash-attn3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m benchmarks.attention_kernels: error: unknown kernel 'flash-attn3' in --kernels; "
+        f"choose from {', '.join(KNOWN)}")
+
+
 def test_padded_layout_holds_each_document_in_its_row():
     x = torch.arange(5 * 2 * 1, dtype=torch.float32).reshape(5, 2, 1)  # (T, H, D), documents of 3 and 2
     out = padded(x, [3, 2])  # (B, H, L, D)
