@@ -39,14 +39,9 @@ INSTALL = "pip install -e \".[hopper]\" (quack-kernels, a Hopper or newer GPU)"
 @functools.cache
 def quack_available() -> bool:
     """Whether quack-kernels imports and the GPU is Hopper (sm90) or newer."""
-    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
-        return False
-    try:
-        import quack.linear  # noqa: F401
-        import quack.rmsnorm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from models.attention.kernels import gpu_loads
+
+    return gpu_loads("quack.linear") and gpu_loads("quack.rmsnorm")
 
 
 def available_fusions() -> frozenset[str]:

@@ -20,18 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from models.attention.packed_qkv import packed_qkv_op
+
 
 def fa3_available() -> bool:
     """Whether FlashAttention-3 imports and the GPU is Hopper (sm90): FA3's kernels are sm90 only."""
-    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
-        return False
-    try:
-        import flash_attn_interface
+    from models.attention.kernels import gpu_loads
 
-        flash_attn_interface.flash_attn_varlen_func  # noqa: B018 - FA3's interface, not another package's
-    except (ImportError, AttributeError):
-        return False
-    return True
+    # flash_attn_interface is FA3's top-level module; it loads flash_attn_3._C, its kernels.
+    return gpu_loads("flash_attn_interface", max_major=9)
 
 
 def fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
@@ -50,53 +47,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: in
     return out, lse
 
 
-@torch.library.custom_op("varlen_packing::fa3_varlen_qkv_fwd", mutates_args=(), device_types="cuda")
-def _qkv_fwd(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
-    q, k, v = qkv.unbind(1)
-    return _forward(q, k, v, cu_seqlens, max_seqlen, causal)
-
-
-@_qkv_fwd.register_fake
-def _(qkv, cu_seqlens, max_seqlen, causal):
-    t, _, h, d = qkv.shape
-    # FA3's varlen lse is (H, T) fp32.
-    return qkv.new_empty((t, h, d)), qkv.new_empty((h, t), dtype=torch.float32)
-
-
-@torch.library.custom_op("varlen_packing::fa3_varlen_qkv_bwd", mutates_args=(), device_types="cuda")
-def _qkv_bwd(
-    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool
-) -> Tensor:
+def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
     from flash_attn_interface import _flash_attn_backward
 
-    dqkv = torch.empty_like(qkv)
-    q, k, v = qkv.unbind(1)
-    dq, dk, dv = dqkv.unbind(1)
+    # FA3's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
     _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, None, None, max_seqlen, max_seqlen,
                          dq, dk, dv, q.shape[-1] ** -0.5, causal)
-    return dqkv
 
 
-@_qkv_bwd.register_fake
-def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, causal):
-    return torch.empty_like(qkv)
-
-
-def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, cu_seqlens, max_seqlen, causal = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal = max_seqlen, causal
-
-
-def _qkv_backward(ctx, dout: Tensor, dlse: Tensor | None):
-    qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    return _qkv_bwd(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal), None, None, None
-
-
-_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
-
-
-def fa3_varlen_qkvpacked(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
-    """:func:`fa3_varlen` on qkv (T, 3, H, D): out (T, H, D), and one (T, 3, H, D) gradient."""
-    return _qkv_fwd(qkv, cu_seqlens, max_seqlen, causal)[0]
+# fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D), whose backward writes one
+# (T, 3, H, D) gradient (models.attention.packed_qkv).
+fa3_varlen_qkvpacked = packed_qkv_op("fa3_varlen", _forward, _backward)

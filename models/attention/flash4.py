@@ -23,16 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from models.attention.packed_qkv import packed_qkv_op
+
 
 def fa4_available() -> bool:
     """Whether FlashAttention-4 imports and the GPU is Hopper (sm90) or newer."""
-    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
-        return False
-    try:
-        import flash_attn.cute.interface  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from models.attention.kernels import gpu_loads
+
+    return gpu_loads("flash_attn.cute.interface")
 
 
 @torch.library.custom_op("varlen_packing::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
@@ -89,57 +87,14 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
     return _fwd(q, k, v, cu_seqlens, max_seqlen, causal)[0]
 
 
-# The packed form (fusion "qkv"): q, k and v are the three slices of one (T, 3, H, D) projection, and
-# the backward writes dq, dk and dv straight into one (T, 3, H, D) gradient (FA4's dq/dk/dv
-# outputs take the strided slices), so the backward of qkv.unbind does not copy them into it.
-
-
-@torch.library.custom_op("varlen_packing::fa4_varlen_qkv_fwd", mutates_args=(), device_types="cuda")
-def _qkv_fwd(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
-    q, k, v = qkv.unbind(1)
-    return _fwd(q, k, v, cu_seqlens, max_seqlen, causal)
-
-
-@_qkv_fwd.register_fake
-def _(qkv, cu_seqlens, max_seqlen, causal):
-    t, _, h, d = qkv.shape
-    return qkv.new_empty((t, h, d)), qkv.new_empty((h, t), dtype=torch.float32)
-
-
-@torch.library.custom_op("varlen_packing::fa4_varlen_qkv_bwd", mutates_args=(), device_types="cuda")
-def _qkv_bwd(
-    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool
-) -> Tensor:
+def _packed_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dqkv = torch.empty_like(qkv)
-    q, k, v = qkv.unbind(1)
-    dq, dk, dv = dqkv.unbind(1)
-    _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, None, causal, cu_seqlens_q=cu_seqlens,
-                    cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
-    return dqkv
+    # FA4's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
+    _flash_attn_bwd(q, k, v, out, dout, lse, None, causal, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                    max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
 
 
-@_qkv_bwd.register_fake
-def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, causal):
-    return torch.empty_like(qkv)
-
-
-def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, cu_seqlens, max_seqlen, causal = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal = max_seqlen, causal
-
-
-def _qkv_backward(ctx, dout: Tensor, dlse: Tensor | None):
-    qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    return _qkv_bwd(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal), None, None, None
-
-
-_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
-
-
-def fa4_varlen_qkvpacked(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
-    """:func:`fa4_varlen` on qkv (T, 3, H, D): out (T, H, D), and one (T, 3, H, D) gradient."""
-    return _qkv_fwd(qkv, cu_seqlens, max_seqlen, causal)[0]
+# The packed form (fusion "qkv"): fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D),
+# whose backward writes one (T, 3, H, D) gradient (models.attention.packed_qkv).
+fa4_varlen_qkvpacked = packed_qkv_op("fa4_varlen", _fwd, _packed_bwd)

@@ -22,6 +22,21 @@ Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal) ->
 PackedVarlen = Callable[..., Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
 
 
+def gpu_loads(module: str, *, min_major: int = 9, max_major: int | None = None) -> bool:
+    """Whether a CUDA GPU of compute capability major ``min_major`` (9: Hopper) up to ``max_major``
+    is here and ``module`` imports: the check every Hopper-only kernel package needs."""
+    if not torch.cuda.is_available():
+        return False
+    major = torch.cuda.get_device_capability()[0]
+    if major < min_major or (max_major is not None and major > max_major):
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def varlen_kernels() -> dict[str, Varlen]:
     """Every varlen kernel that loads here, best first: ``flash-attn-3`` (Hopper only),
     ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn``. Each is

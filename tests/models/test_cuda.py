@@ -58,8 +58,13 @@ def model_with(attn, weights):
 @pytest.mark.parametrize("collate, attn", PAIRS, ids=[f"{c}-{a}" for c, a in PAIRS])
 def test_bf16_matches_fp32_reference(collate, attn, causal, setup):
     weights, samples, refs = setup
-    ref_logits, ref_loss, ref_grads = refs[causal]
-    model = model_with(attn, weights)
+    assert_bf16_matches(model_with(attn, weights), collate, samples, causal, refs[causal])
+
+
+def assert_bf16_matches(model, collate, samples, causal, ref):
+    """One bf16 autocast step of ``model`` on ``collate``'s batch of ``samples`` is within TOL of the
+    fp32 each-document-alone reference ``ref`` (logits, loss, gradients)."""
+    ref_logits, ref_loss, ref_grads = ref
     batch = collator(collate)(samples).pin_memory().to("cuda", non_blocking=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(batch, causal=causal)
@@ -67,8 +72,8 @@ def test_bf16_matches_fp32_reference(collate, attn, causal, setup):
     loss.backward()
     errors = errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads)
     worst = max(errors, key=errors.get)
-    print(f"{collate}-{attn} causal={causal} backend={model.adapter(batch.layout, 'cuda').backend}: "
-          f"worst {worst} {errors[worst]:.2e}, loss {errors['loss']:.2e}")
+    print(f"{collate} fuse={','.join(sorted(model.fuse)) or 'none'} causal={causal} "
+          f"backend={model.adapter(batch.layout, 'cuda').backend}: worst {worst} {errors[worst]:.2e}, loss {errors['loss']:.2e}")
     assert errors[worst] <= TOL, worst
 
 
@@ -196,18 +201,7 @@ def test_fused_kernels_match_fp32_reference(collate, attn, fuse, causal, setup):
     if fuse != "qkv" and not _quack_loads():
         pytest.skip("quack-kernels is not installed here (pip install -e '.[hopper]'), or the GPU is older than Hopper")
     weights, samples, refs = setup
-    ref_logits, ref_loss, ref_grads = refs[causal]
-    model = shared_model_with(attn, weights, CONFIG, "cuda", fuse=fuse)
-    batch = collator(collate)(samples).to("cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model(batch, causal=causal)
-        loss = lm_loss(logits, batch)
-    loss.backward()
-    errors = errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads)
-    worst = max(errors, key=errors.get)
-    print(f"{collate}-{attn} fuse={fuse} causal={causal} backend={model.adapter(batch.layout, 'cuda').backend}: "
-          f"worst {worst} {errors[worst]:.2e}")
-    assert_within(errors, TOL)
+    assert_bf16_matches(shared_model_with(attn, weights, CONFIG, "cuda", fuse=fuse), collate, samples, causal, refs[causal])
 
 
 def test_fused_kernels_compile_once(setup):
@@ -248,9 +242,10 @@ def test_packed_qkv_custom_op_registrations(name):
     g = torch.Generator("cuda").manual_seed(0)
     qkv = torch.randn(40, 3, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
     cu = torch.tensor([0, 10, 30, 40, 40], dtype=torch.int32, device="cuda")
-    torch.library.opcheck(module._qkv_fwd, (qkv, cu, 20, True))
+    packed = module.fa4_varlen_qkvpacked if name == "flash-attn-4" else module.fa3_varlen_qkvpacked
+    torch.library.opcheck(packed.op, (qkv, cu, 20, True))
     # And the same gradient as the three-tensor op.
-    out = module._qkv_fwd(qkv, cu, 20, True)[0]
+    out = packed(qkv, cu, 20, True)
     (dqkv,) = torch.autograd.grad(out.float().square().sum(), qkv)
     q, k, v = qkv.detach().unbind(1)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))

@@ -1,0 +1,66 @@
+"""The packed-qkv form of a varlen flash kernel as torch custom ops (the model's ``qkv`` fusion).
+
+q, k and v are the three slices of one (T, 3, H, D) projection. The backward op allocates one
+(T, 3, H, D) gradient and has the kernel write dq, dk and dv into its slices, so the backward of
+``qkv.unbind`` does not copy three gradients into one (1.6 ms of a 81 ms training step on an H100:
+benchmarks/results/2026-11-24-h100-speed2). Both ops are functional from the outside (the backward
+returns the gradient it allocated), with fakes and an autograd registration, so ``torch.compile``
+keeps them in one graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# forward(q, k, v, cu_seqlens, max_seqlen, causal) -> (out (T, H, D), lse (H, T) fp32)
+Forward = Callable[[Tensor, Tensor, Tensor, Tensor, int, bool], tuple[Tensor, Tensor]]
+# backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv): writes dq, dk, dv
+Backward = Callable[..., None]
+
+
+def packed_qkv_op(name: str, forward: Forward, backward: Backward) -> Callable[[Tensor, Tensor, int, bool], Tensor]:
+    """fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D), registered as the
+    custom ops ``varlen_packing::{name}_qkv_fwd`` and ``..._qkv_bwd``."""
+
+    @torch.library.custom_op(f"varlen_packing::{name}_qkv_fwd", mutates_args=(), device_types="cuda")
+    def fwd(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
+        q, k, v = qkv.unbind(1)
+        return forward(q, k, v, cu_seqlens, max_seqlen, causal)
+
+    @fwd.register_fake
+    def _(qkv, cu_seqlens, max_seqlen, causal):
+        t, _, h, d = qkv.shape
+        return qkv.new_empty((t, h, d)), qkv.new_empty((h, t), dtype=torch.float32)
+
+    @torch.library.custom_op(f"varlen_packing::{name}_qkv_bwd", mutates_args=(), device_types="cuda")
+    def bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+            causal: bool) -> Tensor:
+        dqkv = torch.empty_like(qkv)
+        q, k, v = qkv.unbind(1)
+        backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, causal, *dqkv.unbind(1))
+        return dqkv
+
+    @bwd.register_fake
+    def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, causal):
+        return torch.empty_like(qkv)
+
+    def setup_context(ctx, inputs, output) -> None:
+        qkv, cu_seqlens, max_seqlen, causal = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal = max_seqlen, causal
+
+    def grad(ctx, dout: Tensor, dlse: Tensor | None):
+        qkv, out, lse, cu_seqlens = ctx.saved_tensors
+        return bwd(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal), None, None, None
+
+    fwd.register_autograd(grad, setup_context=setup_context)
+
+    def run(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
+        return fwd(qkv, cu_seqlens, max_seqlen, causal)[0]
+
+    run.op = fwd  # for torch.library.opcheck
+    return run
