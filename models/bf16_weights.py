@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -65,14 +67,9 @@ class BF16Weights:
             self.rest.zero_grad(set_to_none=set_to_none)
 
 
-_COMPILED = None
-
-
+@functools.cache
 def _compiled_update():
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_update, dynamic=False)
-    return _COMPILED
+    return torch.compile(_update, dynamic=False)
 
 
 def _update(masters: list[Tensor], copies: list[Tensor], grads: list[Tensor], lr: float) -> None:

@@ -20,8 +20,8 @@ fp32 compute, nested tensors) the model runs the torch path, with the same param
 Example:
     >>> resolve_fuse("none")
     frozenset()
-    >>> sorted(resolve_fuse("mlp,norm", check=False))
-    ['mlp', 'norm']
+    >>> resolve_fuse("qkv")
+    frozenset({'qkv'})
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def available_fusions() -> frozenset[str]:
     return (QUACK_FUSIONS if quack_available() else frozenset()) | {"qkv"}
 
 
-def resolve_fuse(fuse: str | frozenset[str] | set[str] | tuple[str, ...], *, check: bool = True) -> frozenset[str]:
+def resolve_fuse(fuse: str | frozenset[str] | set[str] | tuple[str, ...]) -> frozenset[str]:
     """``"auto"`` (every fusion whose kernels load here), ``"none"``, or names from :data:`FUSIONS`
     (a comma-separated string or a collection). A named fusion whose kernels do not load raises a
-    ``ValueError`` with the install line, unless ``check=False``."""
+    ``ValueError`` with the install line."""
     if isinstance(fuse, str):
         if fuse == "auto":
             return available_fusions()
@@ -64,7 +64,7 @@ def resolve_fuse(fuse: str | frozenset[str] | set[str] | tuple[str, ...], *, che
     unknown = sorted(n for n in names if n not in FUSIONS)
     if unknown:
         raise ValueError(f"unknown fusion {unknown[0]!r}; choose from {', '.join(FUSIONS)}, 'auto' or 'none'")
-    if check and names & QUACK_FUSIONS and not quack_available():
+    if names & QUACK_FUSIONS and not quack_available():
         raise ValueError(
             f"fuse={','.join(sorted(names))} needs quack-kernels on a Hopper (sm90) or newer GPU, "
             f"which do not load here; {INSTALL}, or use fuse='none'"

@@ -94,18 +94,28 @@ class FlashVarlenAttention(AttentionAdapter):
         if self._packed is None:
             return super().attend_packed(qkv, batch, causal=causal)
         self._check_dtype(qkv)
-        if batch.static_cu_seqlens is not None:
-            return self._packed(qkv, batch.static_cu_seqlens, batch.static_max_seqlen, causal)
-        n = batch.num_tokens
-        # qkv[:n]'s backward pads the gradient with zero rows: one copy, only on a padded row.
-        return _pad_rows(self._packed(qkv[:n], batch.cu_seqlens, batch.max_seqlen, causal), qkv.shape[0])
+        cu_seqlens, max_seqlen, n = _boundaries(batch, qkv.shape[0])
+        return _pad_rows(self._packed(_first_rows(qkv, n), cu_seqlens, max_seqlen, causal), qkv.shape[0])
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         self._check_dtype(q)
-        if batch.static_cu_seqlens is not None:
-            # Static shapes: the whole row, with boundaries of a fixed length and a constant
-            # max_seqlen, so a compiled step sees identical shapes and constants every batch.
-            return self._run(q, k, v, batch.static_cu_seqlens, batch.static_max_seqlen, causal)
-        n = batch.num_tokens
-        out = self._run(q[:n], k[:n], v[:n], batch.cu_seqlens, batch.max_seqlen, causal)
+        cu_seqlens, max_seqlen, n = _boundaries(batch, q.shape[0])
+        out = self._run(_first_rows(q, n), _first_rows(k, n), _first_rows(v, n), cu_seqlens, max_seqlen, causal)
         return _pad_rows(out, q.shape[0])
+
+
+def _boundaries(batch: Batch, rows: int) -> tuple[Tensor, int, int]:
+    """(cu_seqlens, max_seqlen, n): the kernel runs on the first n of ``rows`` token rows.
+
+    Static shapes: the whole row, with boundaries of a fixed length and a constant max_seqlen, so a
+    compiled step sees identical shapes and constants every batch. Otherwise the real tokens.
+    """
+    if batch.static_cu_seqlens is not None:
+        return batch.static_cu_seqlens, batch.static_max_seqlen, rows
+    return batch.cu_seqlens, batch.max_seqlen, batch.num_tokens
+
+
+def _first_rows(x: Tensor, n: int) -> Tensor:
+    """x[:n], sliced only when rows are cut: the slice's backward pads the gradient with zero rows,
+    a copy of the whole gradient."""
+    return x if n == x.shape[0] else x[:n]

@@ -74,8 +74,8 @@ def packed_kernel(name: str) -> PackedVarlen | None:
 def _fa3() -> Varlen | None:
     from models.attention.flash3 import fa3_available, fa3_varlen
 
-    # FA3 is Hopper's production kernel; on sm90 it comes first. Not verified here unless a build of
-    # it was on the GPU (benchmarks/results/README.md says which runs had it).
+    # FA3 is Hopper's production kernel; on sm90 it comes first (a build of it ran in
+    # benchmarks/results/2026-11-24-h100-speed2: faster than FA4 and FA2 in the compiled seed step).
     return fa3_varlen if fa3_available() else None
 
 
