@@ -1,9 +1,29 @@
 """``packing_varlen``: an attention implementation for transformers models that reads the packed
 row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.interop.hf.hf_kwargs`) and runs this
-project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-4/2 when installed) on CUDA,
-exact per-document attention on a CPU (SDPA with a (T, T) document mask: T² bools, so keep long rows
-on a GPU). It needs no flash-attn package, it compiles to one graph with no host read, and it
-refuses what it cannot compute instead of attending across documents.
+project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-3/4/2 when installed) on CUDA,
+exact per-document attention on a CPU (SDPA, or the written-out softmax for softcaps and sinks,
+with a (T, T) document mask: T² bools, so keep long rows on a GPU). It needs no flash-attn package
+and compiles to one graph with no host read.
+
+**The rule: every keyword is implemented or refused.** transformers' attention modules hand an
+attention function their options as keywords. Each one :func:`varlen_attention` receives is in
+exactly one of three tables below, checked in one place (:func:`layer_options`): computed exactly
+(``scaling``, ``sliding_window``, ``softcap``, ``s_aux`` / ``sinks``, ...), inert (it changes
+nothing this function computes, such as ``position_ids``, already applied to q and k by the rotary
+embedding), or refused with a ValueError naming it, its value and the nearest supported path. A
+keyword in none of the tables is refused too: a new transformers option is never dropped silently.
+
+What runs each option (a layer takes the first kernel that has all it asks for):
+
+=====================  ======  =========  ==============================  ====================
+option                 CPU     torch      FA2 / FA3 / FA4                 otherwise
+=====================  ======  =========  ==============================  ====================
+``scaling``            exact   >= 2.11    yes                             --
+``sliding_window``     exact   >= 2.11    yes                             --
+``softcap``            exact   no         yes                             refused on CUDA
+sinks (``s_aux``)      exact   no         no                              refused on CUDA
+v head dim != q's      exact   no         no                              refused on CUDA
+=====================  ======  =========  ==============================  ====================
 
 Example:
     >>> from models.hf_attention import register
@@ -14,41 +34,136 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention.kernels import flash_backend
+from models.attention.kernels import varlen_kernels, varlen_options
 from packing.boundaries import block_causal_mask
 
 NAME = "packing_varlen"
 
-# The CUDA kernel, resolved once by register(): the cached lookup that every layer's call made broke
-# the torch.compile graph (issue 13, H200: with it and the cache on, a compiled Llama ran as 22 graphs).
-_kernel: tuple[str, Callable[..., Tensor]] | None = None
+# The CUDA kernels, best first with the options each computes, resolved once by register(): the
+# cached lookup that every layer's call made broke the torch.compile graph (issue 13, H200: with it
+# and the cache on, a compiled Llama ran as 22 graphs).
+_kernels: list[tuple[str, Callable[..., Tensor], frozenset[str]]] | None = None
+
+# Keywords computed exactly (read by layer_options), besides the signature's dropout, scaling and
+# is_causal: the boundaries, and the per-layer options.
+COMPUTED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "sliding_window", "softcap", "s_aux",
+            "sinks")
+# Keywords that change nothing computed here, with why. Any value is accepted.
+INERT = {
+    "position_ids": "the rotary embedding already applied the positions to q and k",
+    "cache_position": "a packed row has no cache; hf_kwargs sets use_cache=False",
+    "use_cache": "a packed row has no cache",
+    "past_key_values": "a packed row has no cache",
+    "layer_idx": "names the layer only",
+    "output_attentions": "attention weights are never returned (None), as with every flash implementation",
+    "return_dict": "the attention output only",
+    "target_dtype": "the kernel runs in v's dtype",
+    # The model's own keywords, which transformers hands every layer down to attention unread:
+    "shift_labels": "the loss's, from hf_kwargs",
+    "labels": "the loss's",
+    "num_items_in_batch": "the loss's",
+    "output_router_logits": "the mixture-of-experts router's",
+    "output_hidden_states": "the model's outputs",
+}
+# Keywords inert only while they are None (a value would change the result).
+INERT_WHEN_NONE = ("head_mask",)
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """What one attention layer asks for, as Python constants (so a compiled graph holds them).
+
+    causal: keys after the query are hidden; scale: the softmax scale (None: 1/sqrt(D));
+    window: transformers' sliding_window, keys counting the query itself (None: unbounded);
+    softcap: logits capped as softcap·tanh(x/softcap) (None: none); sinks: a per-head (H,) or per-token
+    (1, H, T, 1) logit that joins every softmax's denominator (gpt-oss' s_aux; None: none).
+    """
+
+    causal: bool
+    scale: float | None = None
+    window: int | None = None
+    softcap: float | None = None
+    sinks: Tensor | None = None
+
+    def cuda_options(self) -> dict[str, Any]:
+        """The keyword options a CUDA varlen kernel must take for this layer."""
+        options = {"scale": self.scale, "window": self.window, "softcap": self.softcap}
+        return {k: v for k, v in options.items() if v is not None}
 
 
 def register() -> str:
     """Register ``packing_varlen`` with transformers' ``AttentionInterface``; returns the name.
 
-    It resolves the CUDA kernel here, once (:func:`kernel_name` says which). It registers no mask
-    function on purpose: for an implementation without one, transformers builds no attention mask,
-    and the boundaries come only from ``cu_seq_lens_q``.
+    It resolves the CUDA kernels here, once (:func:`kernel_name` says which comes first). It
+    registers no mask function on purpose: for an implementation without one, transformers builds
+    no attention mask, and the boundaries come only from ``cu_seq_lens_q``.
     """
     from transformers import AttentionInterface
 
-    global _kernel
-    _kernel = flash_backend() if torch.cuda.is_available() else None
+    global _kernels
+    found = varlen_kernels() if torch.cuda.is_available() else {}
+    _kernels = [(name, run, varlen_options(name)) for name, run in found.items()]
     AttentionInterface.register(NAME, varlen_attention)
     return NAME
 
 
-def kernel_name() -> str | None:
-    """The kernel ``packing_varlen`` runs on CUDA (``flash-attn-4``, ``flash-attn-2`` or
-    ``torch.varlen_attn``), or None where there is none (a CPU machine, or before :func:`register`)."""
-    return None if _kernel is None else _kernel[0]
+def kernel_name(options: dict[str, Any] | None = None) -> str | None:
+    """The kernel ``packing_varlen`` runs on CUDA for a layer asking ``options`` (``scale``,
+    ``window``, ``softcap``; none by default), or None where there is none (a CPU machine, no
+    kernel with those options, or before :func:`register`)."""
+    chosen = _kernel_for(options or {})
+    return None if chosen is None else chosen[0]
+
+
+def _kernel_for(options: dict[str, Any]) -> tuple[str, Callable[..., Tensor], frozenset[str]] | None:
+    return next((k for k in _kernels or () if set(options) <= k[2]), None)
+
+
+def layer_options(module: torch.nn.Module, query: Tensor, value: Tensor, attention_mask: Tensor | None, dropout: float,
+                  scaling: float | None, is_causal: bool | None, kwargs: dict[str, Any]) -> LayerOptions:
+    """The one check of every keyword a layer hands :func:`varlen_attention`: computed, inert, or a
+    ValueError naming it, its value and the nearest supported path."""
+    for key, value_ in kwargs.items():
+        if key in COMPUTED or key in INERT or (key in INERT_WHEN_NONE and value_ is None):
+            continue
+        raise ValueError(
+            f"'packing_varlen' does not implement the attention keyword {key}={_show(value_)} that "
+            f"{type(module).__name__} passes, and will not drop it; load the model with attn_implementation='eager' "
+            "(packed rows through packing.interop.hf.hf_kwargs) or train without packing"
+        )
+    if attention_mask is not None:
+        raise ValueError("'packing_varlen' takes no attention_mask: the boundaries come from cu_seq_lens_q")
+    if dropout:
+        raise ValueError(
+            f"'packing_varlen' has no attention dropout, got dropout={dropout}; set the config's attention "
+            "dropout (attn_pdrop, attention_dropout) to 0 or call model.eval()"
+        )
+    head_dim = query.shape[-1]
+    # A scale equal to 1/sqrt(D) is the kernels' default: None keeps every kernel eligible.
+    scale = None if scaling is None or abs(scaling - head_dim**-0.5) <= 1e-7 * head_dim**-0.5 else float(scaling)
+    window = kwargs.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"'packing_varlen' takes sliding_window as a positive int (keys counting the query), got {window!r}")
+    softcap = kwargs.get("softcap")
+    softcap = float(softcap) if softcap else None
+    sinks = kwargs.get("s_aux")
+    if kwargs.get("sinks") is not None:
+        if sinks is not None:
+            raise ValueError("'packing_varlen' got both s_aux and sinks; a layer has one kind of attention sink")
+        sinks = kwargs["sinks"]
+    causal = module.is_causal if is_causal is None else is_causal
+    return LayerOptions(causal=bool(causal), scale=scale, window=window, softcap=softcap, sinks=sinks)
+
+
+def _show(value: Any) -> str:
+    return f"Tensor{tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
 
 
 def varlen_attention(
@@ -62,8 +177,9 @@ def varlen_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers' attention signature: query (1, H, T, D), key and value (1, H_kv, T, D); returns
-    ((1, T, H, D), None). The documents are the blocks of ``kwargs["cu_seq_lens_q"]`` (num_docs + 1,).
+    """transformers' attention signature: query (1, H, T, D), key (1, H_kv, T, D), value
+    (1, H_kv, T, D_v); returns ((1, T, H, D_v), None). The documents are the blocks of
+    ``kwargs["cu_seq_lens_q"]`` (num_docs + 1,); the layer's options are :func:`layer_options`.
 
     Nothing here reads a tensor's values on the host, so under ``torch.compile`` the call is part of
     the graph, and with static kwargs (``HFPackedCollator(..., total_tokens=, max_seqs=,
@@ -77,38 +193,86 @@ def varlen_attention(
         )
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")
-    if attention_mask is not None:
-        raise ValueError("'packing_varlen' takes no attention_mask: the boundaries come from cu_seq_lens_q")
-    if dropout:
-        raise ValueError(
-            f"'packing_varlen' has no attention dropout, got dropout={dropout}; set the config's attention "
-            "dropout (attn_pdrop, attention_dropout) to 0 or call model.eval()"
-        )
-    head_dim = query.shape[-1]
-    if scaling is not None and abs(scaling - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
-        raise ValueError(f"'packing_varlen' scales by 1/sqrt(head_dim) = {head_dim**-0.5:g}, the model asks {scaling:g}")
-    causal = module.is_causal if is_causal is None else is_causal
+    layer = layer_options(module, query, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if not torch.compiler.is_compiling():
+        # The family check (packing.interop.hf.check_model) once per config, for a model whose
+        # kwargs came from a bare name; under torch.compile it ran when hf_kwargs saw the model.
+        _check_family(getattr(module, "config", None))
     # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if not q.is_cuda:
-        return _masked(q, k, v, cu, causal)[None], None
-    if _kernel is None:
+        return _masked(q, k, v, cu, layer)[None], None
+    return _on_cuda(q, k, v, cu, max_len, layer)[None], None
+
+
+_checked: set[int] = set()
+
+
+def _check_family(config: Any) -> None:
+    if config is None or id(config) in _checked:
+        return
+    from packing.interop.hf import check_model
+
+    check_model(config, NAME)
+    _checked.add(id(config))
+
+
+def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: LayerOptions) -> Tensor:
+    if _kernels is None:
         raise ValueError(
-            "'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-4 or flash-attn 2), "
+            "'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-3/4 or flash-attn 2), "
             "resolved by models.hf_attention.register(): call it after CUDA is available"
+        )
+    if layer.sinks is not None:
+        raise ValueError(
+            "'packing_varlen' on CUDA has no kernel with attention sinks (s_aux / sinks); run this model with "
+            "attn_implementation='flash_attention_3' or 'flash_attention_4' (transformers' own, where the kernel takes "
+            "learnable sinks), or 'eager' on packed rows"
+        )
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"'packing_varlen' on CUDA needs the value head dimension equal to the query's, got {v.shape[-1]} and "
+            f"{q.shape[-1]} (multi-head latent attention); use attn_implementation='eager' on packed rows"
+        )
+    options = layer.cuda_options()
+    chosen = _kernel_for(options)
+    if chosen is None:
+        have = ", ".join(f"{name}: {sorted(opts)}" for name, _, opts in _kernels) or "none"
+        raise ValueError(
+            f"'packing_varlen' on CUDA: no varlen kernel here computes {sorted(options)} (this layer asks {options}); "
+            f"kernels here and their options: {have}; install flash-attn (FA2, FA3 or FA4) for softcap, torch >= 2.11 "
+            "for scale and sliding_window"
         )
     if v.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {v.dtype}; run under torch.autocast")
     # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 under autocast
     # while v comes from a bf16 projection (seen on an H200); the kernel takes v's dtype.
     q, k = q.to(v.dtype), k.to(v.dtype)
-    return _kernel[1](q, k, v, cu, max_len, causal)[None], None
+    return chosen[1](q, k, v, cu, max_len, layer.causal, **options)
 
 
-def _masked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool) -> Tensor:
-    """Exact attention within each block of ``cu_seqlens``, for the CPU: SDPA with a (T, T) document
-    mask built on the device from the boundaries, so it compiles without reading them on the host."""
-    allowed = block_causal_mask(cu_seqlens, q.shape[0], causal=causal)  # (T, T)
-    out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=allowed,
-                                         enable_gqa=k.shape[1] != q.shape[1])  # (H, T, D)
-    return out.transpose(0, 1)
+def _masked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerOptions) -> Tensor:
+    """Exact attention within each block of ``cu_seqlens``, for the CPU: q (T, H, D), k (T, H_kv, D),
+    v (T, H_kv, D_v) -> (T, H, D_v). The (T, T) document mask (and window) is built on the device
+    from the boundaries, so it compiles without reading them on the host. SDPA where it computes
+    the layer; the softmax written out, as transformers' eager code does, for softcaps and sinks."""
+    allowed = block_causal_mask(cu_seqlens, q.shape[0], causal=layer.causal, window=layer.window)  # (T, T)
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, T, D)
+    if layer.softcap is None and layer.sinks is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=layer.scale,
+                                             enable_gqa=k.shape[0] != q.shape[0])
+        return out.transpose(0, 1)
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    logits = (q @ k.transpose(1, 2)) * (q.shape[-1] ** -0.5 if layer.scale is None else layer.scale)  # (H, T, T)
+    if layer.softcap is not None:
+        logits = torch.tanh(logits / layer.softcap) * layer.softcap
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    if layer.sinks is not None:
+        sinks = layer.sinks.reshape(q.shape[0], -1, 1).to(logits.dtype).expand(-1, q.shape[1], 1)  # (H, T, 1)
+        logits = torch.cat([logits, sinks], dim=-1)
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        probs = logits.softmax(dim=-1)[..., :-1]  # the sink takes its share of the softmax, then leaves
+    else:
+        probs = logits.softmax(dim=-1)
+    return (probs.to(v.dtype) @ v).transpose(0, 1)

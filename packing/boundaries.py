@@ -107,10 +107,14 @@ def static_boundaries(seq_lens: Sequence[int], num_slots: int, length: int, max_
     return torch.tensor(cu + [num_slots] * (length - len(cu)), dtype=torch.int32)
 
 
-def block_causal_mask(cu_seqlens: Tensor, num_slots: int, *, causal: bool = True) -> Tensor:
+def block_causal_mask(cu_seqlens: Tensor, num_slots: int, *, causal: bool = True, window: int | None = None) -> Tensor:
     """(T, T) bool on ``cu_seqlens``' device, True where query i may attend to key j: the same block
     of ``cu_seqlens`` and, if ``causal``, j <= i. Boundaries may repeat (empty blocks, as in static
     boundaries); slots past ``cu_seqlens[-1]`` form one block of their own (the tail rule).
+
+    ``window``, a sliding window in transformers' definition (``sliding_window_overlay``: key j is
+    seen by query i when ``j > i - window``, so ``window`` keys counting i itself), further keeps
+    ``|i - j| < window``. Within one block the distance is the same as within the document alone.
 
     Boundaries [0, 2, 5] give rows [T F F F F], [T T F F F], [F F T F F], [F F T T F], [F F T T T].
     Built from the boundaries on the device, with no host read, so it also runs inside torch.compile.
@@ -118,8 +122,17 @@ def block_causal_mask(cu_seqlens: Tensor, num_slots: int, *, causal: bool = True
     Example:
         >>> block_causal_mask(torch.tensor([0, 1, 3], dtype=torch.int32), 4).int().tolist()
         [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]]
+        >>> block_causal_mask(torch.tensor([0, 4], dtype=torch.int32), 4, window=2).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     """
     index = torch.arange(num_slots, device=cu_seqlens.device)
     block = torch.searchsorted(cu_seqlens, index.to(cu_seqlens.dtype), right=True)  # (T,) block of each slot
     allowed = block[:, None] == block[None, :]
-    return allowed & (index[:, None] >= index[None, :]) if causal else allowed
+    distance = index[:, None] - index[None, :]  # i - j
+    if causal:
+        allowed &= distance >= 0
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"a sliding window covers at least the token itself: got window={window}, need >= 1")
+        allowed &= distance.abs() < window
+    return allowed

@@ -31,11 +31,16 @@ def fa3_available() -> bool:
     return gpu_loads("flash_attn_interface", max_major=9)
 
 
-def fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
-    """softmax(q kᵀ / sqrt(D)) v within each block of ``cu_seqlens``: (T, H, D)."""
+def fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, *,
+               scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D). ``scale`` defaults to
+    1/sqrt(D); ``window`` and ``softcap`` as in :data:`models.attention.kernels.VARLEN_OPTIONS`."""
     from flash_attn_interface import flash_attn_varlen_func
 
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+    from models.attention.kernels import flash_window
+
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
+                                  causal=causal, window_size=flash_window(window, causal), softcap=softcap or 0.0)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:

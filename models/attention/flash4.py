@@ -33,17 +33,32 @@ def fa4_available() -> bool:
     return gpu_loads("flash_attn.cute.interface")
 
 
+def _window(window_left: int, causal: bool) -> dict:
+    """FA4's window keywords: None where unbounded (window_left -1), right 0 for a causal window."""
+    if window_left < 0:
+        return {}
+    return {"window_size_left": window_left, "window_size_right": 0 if causal else window_left}
+
+
+def _scale(q: Tensor, scale: float) -> float:
+    return scale if scale > 0 else q.shape[-1] ** -0.5  # 0.0 stands for the default 1/sqrt(D)
+
+
+# The options are plain numbers with neutral values (scale 0.0: 1/sqrt(D); window_left -1: none;
+# softcap 0.0: none), so a layer's options are constants of the compiled graph.
 @torch.library.custom_op("varlen_packing::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
-def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
+def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float = 0.0,
+         window_left: int = -1, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                   max_seqlen_k=max_seqlen, causal=causal, return_lse=True)
+                                   max_seqlen_k=max_seqlen, softmax_scale=_scale(q, scale), causal=causal,
+                                   softcap=softcap or None, return_lse=True, **_window(window_left, causal))
     return out, lse
 
 
 @_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softcap=0.0):
     # Contiguous out and lse (H, T) fp32, as FA4 allocates them; the backward's dq, dk, dv are
     # empty_like(q, k, v) in FA4, strides included.
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -52,39 +67,43 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal):
 @torch.library.custom_op("varlen_packing::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
 def _bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-    causal: bool,
+    causal: bool, scale: float = 0.0, window_left: int = -1, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, None, causal, cu_seqlens_q=cu_seqlens,
-                                 cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, _scale(q, scale), causal, softcap=softcap,
+                                 cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                 max_seqlen_k=max_seqlen, **_window(window_left, causal))
     return dq, dk, dv
 
 
 @_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softcap=0.0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, causal = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, *options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal = max_seqlen, causal
+    ctx.max_seqlen, ctx.causal, ctx.options = max_seqlen, causal, options
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, *ctx.options)
+    return dq, dk, dv, None, None, None, *(None for _ in ctx.options)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
-    """softmax(q kᵀ / sqrt(D)) v within each block of ``cu_seqlens``: (T, H, D), see the module docstring."""
-    return _fwd(q, k, v, cu_seqlens, max_seqlen, causal)[0]
+def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, *,
+               scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D), see the module docstring;
+    ``window`` and ``softcap`` as in :data:`models.attention.kernels.VARLEN_OPTIONS`."""
+    window_left = -1 if window is None else window - 1
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale or 0.0, window_left, softcap or 0.0)[0]
 
 
 def _packed_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:

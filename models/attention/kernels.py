@@ -16,7 +16,22 @@ import torch
 from torch import Tensor
 
 
-Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out
+Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
+
+# What each varlen kernel computes beyond softmax(q kᵀ / sqrt(D)) v, by the name of its option:
+#   scale    a softmax scale other than 1/sqrt(D) (Gemma's query_pre_attn_scalar, Granite's multiplier)
+#   window   a causal sliding window of ``window`` keys counting the query itself (transformers'
+#            sliding_window; the flash kernels' window_size=(window - 1, 0))
+#   softcap  logits capped as softcap * tanh(logits / softcap) before the softmax (Gemma 2)
+# An option a kernel lacks is never passed to it: models.hf_attention picks the first kernel that
+# has every option a layer asks for, and refuses the layer where none does. Attention sinks and a
+# value head dimension other than the query's run on no CUDA kernel here (the CPU path has both).
+VARLEN_OPTIONS = {
+    "flash-attn-3": frozenset({"scale", "window", "softcap"}),
+    "flash-attn-4": frozenset({"scale", "window", "softcap"}),
+    "flash-attn-2": frozenset({"scale", "window", "softcap"}),
+    "torch.varlen_attn": frozenset({"scale", "window"}),  # torch >= 2.11; 2.10's has neither
+}
 
 
 PackedVarlen = Callable[..., Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
@@ -40,8 +55,9 @@ def gpu_loads(module: str, *, min_major: int = 9, max_major: int | None = None) 
 def varlen_kernels() -> dict[str, Varlen]:
     """Every varlen kernel that loads here, best first: ``flash-attn-3`` (Hopper only),
     ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn``. Each is
-    fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out with q (T, H, D) and k, v (T, H_kv, D), H a
-    multiple of H_kv: grouped-query attention runs in the kernel."""
+    fn(q, k, v, cu_seqlens, max_seqlen, causal, *, scale=None, window=None, softcap=None) -> out with
+    q (T, H, D) and k, v (T, H_kv, D), H a multiple of H_kv: grouped-query attention runs in the
+    kernel. :func:`varlen_options` says which of the keyword options each one takes."""
     found = {}
     kernels = (("flash-attn-3", _fa3), ("flash-attn-4", _fa4), ("flash-attn-2", _fa2), ("torch.varlen_attn", _torch_varlen))
     for name, find in kernels:
@@ -49,6 +65,23 @@ def varlen_kernels() -> dict[str, Varlen]:
         if run is not None:
             found[name] = run
     return found
+
+
+def varlen_options(name: str) -> frozenset[str]:
+    """The keyword options (``scale``, ``window``, ``softcap``) varlen kernel ``name`` computes."""
+    if name == "torch.varlen_attn":
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        return frozenset(o for o, p in (("scale", "scale"), ("window", "window_size")) if p in params)
+    return VARLEN_OPTIONS[name]
+
+
+def flash_window(window: int | None, causal: bool) -> tuple[int, int]:
+    """A flash kernel's ``window_size=(left, right)`` for transformers' ``sliding_window`` (keys
+    counting the query itself; None for none): (window - 1, 0) causal, -1 meaning unbounded."""
+    left = -1 if window is None else window - 1
+    return (left, 0) if causal else (left, left)
 
 
 @functools.cache
@@ -96,9 +129,9 @@ def _fa2() -> Varlen | None:
     except (ImportError, AttributeError):
         return None
 
-    def run_fa2(q, k, v, cu, max_len, causal):
+    def run_fa2(q, k, v, cu, max_len, causal, *, scale=None, window=None, softcap=None):
         return fa2(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
-                   causal=causal)
+                   causal=causal, softmax_scale=scale, window_size=flash_window(window, causal), softcap=softcap or 0.0)
 
     return run_fa2
 
@@ -114,15 +147,26 @@ def _torch_varlen() -> Varlen | None:
     gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
     if "window_size" in params:  # torch >= 2.11
 
-        def run_torch(q, k, v, cu, max_len, causal):
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1), **gqa)
+        def run_torch(q, k, v, cu, max_len, causal, *, scale=None, window=None, softcap=None):
+            _refuse_options("torch.varlen_attn", softcap=softcap)
+            scaled = {} if scale is None else {"scale": scale}  # checked against the signature by varlen_options
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=flash_window(window, causal), **scaled,
+                               **gqa)
 
     else:  # torch 2.10
 
-        def run_torch(q, k, v, cu, max_len, causal):
+        def run_torch(q, k, v, cu, max_len, causal, *, scale=None, window=None, softcap=None):
+            _refuse_options("torch.varlen_attn", scale=scale, window=window, softcap=softcap)
             return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, **gqa)
 
     return run_torch
+
+
+def _refuse_options(kernel: str, **options) -> None:
+    """A ValueError for an option that ``kernel`` does not compute (never dropped)."""
+    asked = {k: v for k, v in options.items() if v is not None}
+    if asked:
+        raise ValueError(f"the varlen kernel {kernel!r} does not compute {asked}; it takes {sorted(varlen_options(kernel))}")
 
 
 @functools.cache

@@ -59,21 +59,23 @@ from packing.batch import Batch
 from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
 
-__all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "hf_kwargs", "shifted_labels"]
+__all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "check_model", "hf_kwargs",
+           "shifted_labels"]
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def accepted_implementation(model_or_name: Any) -> str:
-    """The attention implementation of a transformers model (``config._attn_implementation``), or
-    the name itself; a ValueError if it is one that would attend across documents."""
+    """The attention implementation of a transformers model or config (``_attn_implementation``),
+    or the name itself; a ValueError if it is one that would attend across documents."""
     name = model_or_name
     if not isinstance(name, str):
-        name = getattr(getattr(model_or_name, "config", None), "_attn_implementation", None)
+        config = getattr(model_or_name, "config", model_or_name)
+        name = getattr(config, "_attn_implementation", None)
         if not isinstance(name, str):
             raise TypeError(
-                f"expected a transformers model (with config._attn_implementation) or an implementation name, "
+                f"expected a transformers model or config (with _attn_implementation) or an implementation name, "
                 f"got {type(model_or_name).__name__}"
             )
     if name not in VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS:
@@ -85,12 +87,40 @@ def accepted_implementation(model_or_name: Any) -> str:
     return name
 
 
+def _config_of(model_or_name: Any) -> Any:
+    """The model's (or config's) text config, or None for a bare implementation name."""
+    if isinstance(model_or_name, str):
+        return None
+    config = getattr(model_or_name, "config", model_or_name)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_model(model_or_config: Any, implementation: str | None = None) -> str:
+    """Refuse, before the first step, a model whose packed rows would not equal its documents run
+    alone with ``implementation`` (by default the model's own); returns the implementation name.
+
+    See :mod:`packing.interop.hf_families`: the family must be verified exact for the
+    implementation, and its config must ask for nothing packing cannot reproduce. Raises a
+    ValueError naming the family or config field, its value and the nearest supported path.
+    """
+    from packing.interop.hf_families import check_config
+
+    name = accepted_implementation(implementation or model_or_config)
+    config = _config_of(model_or_config)
+    if config is None or not hasattr(config, "model_type"):
+        raise TypeError(f"check_model takes a transformers model or config, got {type(model_or_config).__name__}")
+    check_config(config, name, training=getattr(model_or_config, "training", False))
+    return name
+
+
 def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Keyword arguments for ``model(**kwargs)``: one packed row, documents kept apart.
 
     Args:
         batch: a packed batch (``concat`` or ``xformers`` collator), shape (1, T).
-        model_or_name: the transformers model, or its ``attn_implementation`` name.
+        model_or_name: the transformers model (or its config), checked by :func:`check_model`; a
+            bare ``attn_implementation`` name only for ``packing_varlen``, which checks the model
+            at its first call (the masks of sdpa and eager depend on the config's windows).
         mask_dtype: the additive mask's dtype for ``eager``; by default the model's dtype, or
             float32 given a name.
 
@@ -109,6 +139,11 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
             "get_collator('concat') (or packing.interop.hf.HFPackedCollator) to get one row with cu_seqlens"
         )
     name = accepted_implementation(model_or_name)
+    config = _config_of(model_or_name)
+    if config is None:
+        _refuse_bare_name(name)
+    else:
+        check_model(model_or_name, name)
     if batch.static_cu_seqlens is not None and name not in VARLEN_IMPLEMENTATIONS:
         raise ValueError(_static_refusal(name))
     kwargs: dict[str, Any] = {
@@ -138,14 +173,34 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kwargs
     cu = batch.cu_seqlens  # the mask puts slots past the last boundary, the padding tail, in a block of their own
-    allowed = block_causal_mask(cu, T)  # (T, T)
-    if name == "sdpa":
-        kwargs["attention_mask"] = allowed[None, None]
-    else:  # eager adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
-        dtype = mask_dtype or getattr(model_or_name, "dtype", torch.float32)
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        kwargs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    from packing.interop.hf_families import layer_windows
+
+    # One (1, 1, T, T) mask per kind of layer: a model whose layers alternate full and sliding
+    # attention (Gemma 2 and 3, gpt-oss, Cohere 2) takes a dict keyed by layer type, as its own
+    # create_masks_for_generate builds; a model of one kind takes the mask itself.
+    masks = {kind: _mask(cu, T, window, name, mask_dtype or getattr(model_or_name, "dtype", torch.float32))
+             for kind, window in layer_windows(config).items()}
+    kwargs["attention_mask"] = next(iter(masks.values())) if len(masks) == 1 else masks
     return kwargs
+
+
+def _mask(cu: Tensor, num_slots: int, window: int | None, name: str, dtype: torch.dtype) -> Tensor:
+    """(1, 1, T, T): sdpa's bool mask, or eager's additive one (0 where allowed, the dtype's minimum
+    elsewhere, since eager adds the mask to the scores)."""
+    allowed = block_causal_mask(cu, num_slots, window=window)  # (T, T)
+    if name == "sdpa":
+        return allowed[None, None]
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _refuse_bare_name(name: str) -> None:
+    if name != "packing_varlen":
+        raise ValueError(
+            f"attn_implementation {name!r} given by name alone: pass the model (or its config) instead, so its family "
+            "and config are checked and sdpa/eager masks get its sliding windows; only 'packing_varlen' checks the "
+            "model itself, at its first call"
+        )
 
 
 def _static_refusal(name: str) -> str:
@@ -169,28 +224,38 @@ class HFPackedCollator:
     ``model(**kwargs)`` or a transformers ``Trainer`` (its ``data_collator``).
 
     Args:
-        attn_implementation: the model's ``config._attn_implementation``; checked here, so a model
-            that would mix documents fails at construction, not after a training run.
-        dtype: the model's dtype, for the additive mask of the ``eager`` implementation.
+        model: the transformers model (or its config), checked here by :func:`check_model`, so a
+            model that would mix documents fails at construction, not after a training run; or
+            the bare name ``"packing_varlen"``, which checks the model at its first call.
+        dtype: the model's dtype, for the additive mask of the ``eager`` implementation (by
+            default the model's).
         **options: ``ConcatCuSeqlens`` options (``pad_to_multiple_of``, ``total_tokens``, ...).
             ``total_tokens``, ``max_seqs`` and ``max_seqlen`` together give static kwargs for a
             compiled model (module docstring); they need a varlen implementation.
 
     Example:
-        >>> collate = HFPackedCollator("sdpa")
+        >>> import transformers
+        >>> config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                   num_attention_heads=2, vocab_size=16, attn_implementation="sdpa")
+        >>> collate = HFPackedCollator(config)
         >>> collate([[5, 6, 7], [8, 9]])["attention_mask"].shape
         torch.Size([1, 1, 5, 5])
     """
 
-    def __init__(self, attn_implementation: str, *, dtype: torch.dtype = torch.float32, **options: Any) -> None:
-        self.attn_implementation = accepted_implementation(attn_implementation)  # refuse a mixing one now
-        self.dtype = dtype
+    def __init__(self, model: Any, *, dtype: torch.dtype | None = None, **options: Any) -> None:
+        self.attn_implementation = accepted_implementation(model)  # refuse a mixing one now
+        self.model = model if isinstance(model, str) else _config_of(model)  # what hf_kwargs checks
+        if isinstance(model, str):
+            _refuse_bare_name(model)
+        else:
+            check_model(model)
+        self.dtype = dtype or getattr(model, "dtype", torch.float32)
         self.collator = ConcatCuSeqlens(**options)
         if self.collator.static_length is not None and self.attn_implementation not in VARLEN_IMPLEMENTATIONS:
             raise ValueError(_static_refusal(self.attn_implementation))
 
     def __call__(self, samples: Any) -> dict[str, Any]:
-        return hf_kwargs(self.collator(samples), self.attn_implementation, mask_dtype=self.dtype)
+        return hf_kwargs(self.collator(samples), self.model, mask_dtype=self.dtype)
 
     def __repr__(self) -> str:
         return f"HFPackedCollator({self.attn_implementation!r}, dtype={self.dtype}, collator={self.collator!r})"

@@ -1,0 +1,145 @@
+"""Which transformers model families train exactly on packed rows, and the config check that refuses the rest.
+
+A packed row equals each document run alone only if every layer of the model keeps the documents
+apart. Attention does, through the boundaries :func:`packing.interop.hf.hf_kwargs` hands it; but a
+family may also carry state across tokens some other way (a Mamba or linear-attention layer, a
+convolution), take its positions from the row instead of ``position_ids``, or pass its attention
+an option the implementation does not compute. No config field says which, so the rule is:
+
+- **the family must be verified.** ``hf_families.json`` beside this file is the family matrix: for
+  every causal LM of the installed transformers, a tiny random model (fp32, CPU) ran one packed row
+  of three documents with each implementation and was compared with each document alone through
+  ``eager``. A family is ``exact`` there (logits and loss within 1e-5 relative) or refused with the
+  reason the matrix found. ``python -m benchmarks.hf_families`` writes it; a test re-runs it in CI.
+- **the config must ask for nothing packing cannot reproduce** (:func:`check_config`): a rotary
+  scaling that depends on the row's length, a kind of attention layer with no packed mask.
+
+Every refusal is a ValueError that names the family or field, its value and the nearest supported
+path, raised when the model is known (``HFPackedCollator(model)``, ``hf_kwargs(batch, model)``) or
+else at ``packing_varlen``'s first call.
+
+Example:
+    >>> import transformers
+    >>> config = transformers.MistralConfig(sliding_window=8, attn_implementation="sdpa")
+    >>> layer_windows(config)
+    {'sliding_attention': 8}
+    >>> check_config(config, "sdpa")  # verified exact: returns None
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["ATTENTION_KINDS", "check_config", "family_table", "layer_windows", "unverified"]
+
+TABLE = Path(__file__).with_name("hf_families.json")
+
+# The layer types (config.layer_types) whose packed mask we build: full causal attention, and
+# transformers' sliding window (key j is seen by query i when j > i - sliding_window).
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+# Rotary scalings that read the row's longest position (torch.max(position_ids) + 1) to choose their
+# frequencies: in a packed row that is the longest document's, not each document's own.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+_unverified = contextvars.ContextVar("packing_hf_unverified", default=False)
+
+
+@contextlib.contextmanager
+def unverified() -> Iterator[None]:
+    """Skip the family table (not the config check) inside the block: how the family matrix
+    measures a family before the table has a verdict on it."""
+    token = _unverified.set(True)
+    try:
+        yield
+    finally:
+        _unverified.reset(token)
+
+
+@functools.cache
+def family_table() -> dict[str, Any]:
+    """The committed family matrix: ``{"transformers": version, "families": {model_type: {implementation:
+    "exact" or the reason it is refused}}}``."""
+    return json.loads(TABLE.read_text())
+
+
+def layer_windows(config: Any) -> dict[str, int | None]:
+    """{layer type: its sliding window (None for full attention)} over the model's attention layers.
+
+    A config without ``layer_types`` is all sliding when it sets ``sliding_window`` (Mistral), else
+    all full attention. Layer types that are not attention (Mamba, linear attention, convolutions)
+    take no mask and are left out; whether their family is exact is the family table's question.
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return {"sliding_attention": window} if window else {"full_attention": None}
+    kinds = [t for t in dict.fromkeys(types) if t in ATTENTION_KINDS]
+    return {kind: (window if kind == "sliding_attention" else None) for kind in kinds} or {"full_attention": None}
+
+
+def check_config(config: Any, implementation: str, *, training: bool = False) -> None:
+    """Refuse a config whose packed rows would not equal its documents alone with ``implementation``.
+
+    Raises:
+        ValueError: the family is not verified exact for ``implementation`` (the matrix's reason),
+            or a config field asks for something packing cannot reproduce (the field and value).
+    """
+    family = getattr(config, "model_type", None)
+    if not _unverified.get():
+        table = family_table()
+        verdict = table["families"].get(family, {}).get(implementation)
+        if verdict is None:
+            raise ValueError(
+                f"model_type {family!r} is not in the family matrix (transformers {table['transformers']}), so it is "
+                f"unverified that its packed rows equal its documents alone with {implementation!r}; verify it with "
+                "python -m benchmarks.hf_families --family " + str(family) + " or train it unpacked"
+            )
+        if verdict != "exact":
+            exact = [impl for impl, v in table["families"][family].items() if v == "exact"]
+            fix = f"load it with attn_implementation in {exact}" if exact else "train it unpacked (pad_longest)"
+            raise ValueError(f"model_type {family!r} is refused on packed rows with {implementation!r}: {verdict}; {fix}")
+        _warn_version(table["transformers"])
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_types = {p.get("rope_type", p.get("type")) for p in (rope.values() if _nested(rope) else [rope])}
+    for rope_type in rope_types & set(LENGTH_DEPENDENT_ROPE):
+        raise ValueError(
+            f"config rope type {rope_type!r} chooses its frequencies from the row's longest position, which in a packed "
+            "row is the longest document's, not each document's own; use rope_type 'default', 'linear', 'yarn' or "
+            "'llama3', or train unpacked"
+        )
+    kinds = set(getattr(config, "layer_types", None) or ())
+    for kind in sorted(kinds & {"chunked_attention"}):
+        raise ValueError(
+            f"config layer_types has {kind!r} (attention_chunk_size={getattr(config, 'attention_chunk_size', None)}): "
+            "its chunks are counted from the row's start, not each document's; train unpacked or set layer_types to "
+            "full_attention"
+        )
+    if "sliding_attention" in kinds and not getattr(config, "sliding_window", None):
+        raise ValueError(
+            f"config layer_types has 'sliding_attention' but sliding_window={getattr(config, 'sliding_window', None)!r}; "
+            "set sliding_window to the window in tokens"
+        )
+
+
+def _nested(rope: dict) -> bool:
+    """Whether ``rope_parameters`` is keyed by layer type (Gemma 3: {"full_attention": {...}, ...})."""
+    return bool(rope) and all(isinstance(v, dict) for v in rope.values())
+
+
+@functools.cache
+def _warn_version(verified: str) -> None:
+    import transformers
+
+    if transformers.__version__ != verified:
+        warnings.warn(
+            f"packing's family matrix was verified on transformers {verified}, this is {transformers.__version__}; "
+            "re-run python -m benchmarks.hf_families to verify the families you train",
+            stacklevel=3,
+        )
