@@ -87,17 +87,26 @@ def tiny_config(family: str):
     targets = [config] + ([config.get_text_config()] if config.get_text_config() is not config else [])
     for target in targets:
         for key, value in {**SHRINK, **OVERRIDES.get(family, {})}.items():
-            if key in OVERRIDES.get(family, {}) or getattr(target, key, None) is not None:
+            if key in OVERRIDES.get(family, {}) or _get(target, key) is not None:
                 with _quietly():
                     setattr(target, key, value)
-        types = getattr(target, "layer_types", None)
+        types = _get(target, "layer_types")
         if types is not None and "layer_types" not in OVERRIDES.get(family, {}):
             with _quietly():
                 target.layer_types = (list(dict.fromkeys(types)) * 2)[:2]  # each kind once, two layers
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if isinstance(getattr(target, key, None), int) and getattr(target, key) >= VOCAB:
+            if isinstance(_get(target, key), int) and _get(target, key) >= VOCAB:
                 setattr(target, key, 0)
     return config
+
+
+def _get(config, key: str):
+    """config.key, or None where the config has none or will not say (a per-layer field of a
+    heterogeneous config raises on the global read)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 class _quietly:

@@ -37,7 +37,7 @@ ValueError, never truncated. The kwargs always carry ``use_cache=False``: a pack
 Example:
     >>> from packing import get_collator
     >>> batch = get_collator("concat")([[11, 12], [21, 22, 23]])
-    >>> kw = hf_kwargs(batch, "flash_attention_2")
+    >>> kw = hf_kwargs(batch, "packing_varlen")
     >>> kw["labels"].tolist(), kw["position_ids"].tolist()
     ([[-100, 12, -100, 22, 23]], [[0, 1, 0, 1, 2]])
     >>> kw["cu_seq_lens_q"].tolist(), kw["max_length_q"]
@@ -92,7 +92,10 @@ def _config_of(model_or_name: Any) -> Any:
     if isinstance(model_or_name, str):
         return None
     config = getattr(model_or_name, "config", model_or_name)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        return config.get_text_config()
+    except (AttributeError, ValueError):  # not a transformers config, or one with several text models
+        return config
 
 
 def check_model(model_or_config: Any, implementation: str | None = None) -> str:
@@ -106,10 +109,11 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
     from packing.interop.hf_families import check_config
 
     name = accepted_implementation(implementation or model_or_config)
-    config = _config_of(model_or_config)
-    if config is None or not hasattr(config, "model_type"):
+    outer = getattr(model_or_config, "config", model_or_config)
+    if isinstance(model_or_config, str) or not hasattr(outer, "model_type"):
         raise TypeError(f"check_model takes a transformers model or config, got {type(model_or_config).__name__}")
-    check_config(config, name, training=getattr(model_or_config, "training", False))
+    # The family is the model's (a multimodal wrapper is verified as a whole); the fields are its text model's.
+    check_config(_config_of(model_or_config), name, family=outer.model_type)
     return name
 
 

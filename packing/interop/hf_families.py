@@ -48,6 +48,12 @@ ATTENTION_KINDS = ("full_attention", "sliding_attention")
 # frequencies: in a packed row that is the longest document's, not each document's own.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
+# transformers' own flash implementations take the same cu_seq_lens kwargs and the same per-layer
+# options as packing_varlen (and raise where their kernel lacks one), but need a GPU the CPU matrix
+# has not: they take packing_varlen's verdict, checked on a GPU by tests/packing/test_hf.py.
+VERDICT_OF = {"flash_attention_2": "packing_varlen", "flash_attention_3": "packing_varlen",
+              "flash_attention_4": "packing_varlen"}
+
 _unverified = contextvars.ContextVar("packing_hf_unverified", default=False)
 
 
@@ -84,17 +90,18 @@ def layer_windows(config: Any) -> dict[str, int | None]:
     return {kind: (window if kind == "sliding_attention" else None) for kind in kinds} or {"full_attention": None}
 
 
-def check_config(config: Any, implementation: str, *, training: bool = False) -> None:
-    """Refuse a config whose packed rows would not equal its documents alone with ``implementation``.
+def check_config(config: Any, implementation: str, *, family: str | None = None) -> None:
+    """Refuse a config whose packed rows would not equal its documents alone with ``implementation``;
+    ``family`` is the model's model_type where ``config`` is its text config (by default config's own).
 
     Raises:
         ValueError: the family is not verified exact for ``implementation`` (the matrix's reason),
             or a config field asks for something packing cannot reproduce (the field and value).
     """
-    family = getattr(config, "model_type", None)
+    family = family or getattr(config, "model_type", None)
     if not _unverified.get():
         table = family_table()
-        verdict = table["families"].get(family, {}).get(implementation)
+        verdict = table["families"].get(family, {}).get(VERDICT_OF.get(implementation, implementation))
         if verdict is None:
             raise ValueError(
                 f"model_type {family!r} is not in the family matrix (transformers {table['transformers']}), so it is "

@@ -34,6 +34,12 @@ def tiny(arch, impl, dim=32):
     return transformers.GPT2LMHeadModel(config)
 
 
+def config(impl):
+    """A tiny Llama config with ``impl``: what hf_kwargs and HFPackedCollator check and read the windows from."""
+    return transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, attn_implementation=impl)
+
+
 def docs(seed=0, lens=LENS):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 97, (n,), generator=g) for n in lens]
@@ -100,7 +106,7 @@ def test_position_ids_alone_would_mix_documents(arch):
 
 def test_labels_never_cross_a_document():
     batch = get_collator("concat", pad_to_multiple_of=8)([[11, 12], [21, 22, 23]])
-    kw = hf_kwargs(batch, "flash_attention_2")
+    kw = hf_kwargs(batch, register())
     assert kw["input_ids"].tolist() == [[11, 12, 21, 22, 23, 0, 0, 0]]
     assert kw["labels"].tolist() == [[-100, 12, -100, 22, 23, -100, -100, -100]]
     assert kw["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 0]]
@@ -113,11 +119,11 @@ def test_masks_for_sdpa_and_eager():
     batch = get_collator("concat")([[1, 2], [3, 4, 5]])
     expected = block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)
     assert expected.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
-    assert torch.equal(hf_kwargs(batch, "sdpa")["attention_mask"], expected[None, None])
-    additive = hf_kwargs(batch, "eager", mask_dtype=torch.bfloat16)["attention_mask"]
+    assert torch.equal(hf_kwargs(batch, config("sdpa"))["attention_mask"], expected[None, None])
+    additive = hf_kwargs(batch, config("eager"), mask_dtype=torch.bfloat16)["attention_mask"]
     assert additive.dtype == torch.bfloat16 and additive.shape == (1, 1, 5, 5)
     assert torch.equal(additive[0, 0] == 0, expected)
-    assert "cu_seq_lens_q" not in hf_kwargs(batch, "sdpa")
+    assert "cu_seq_lens_q" not in hf_kwargs(batch, config("sdpa"))
 
 
 def test_matches_data_collator_with_flattening():
@@ -126,7 +132,7 @@ def test_matches_data_collator_with_flattening():
     samples = docs()
     theirs = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(
         [{"input_ids": s.tolist()} for s in samples])
-    ours = hf_kwargs(get_collator("concat")(samples), "flash_attention_2")
+    ours = hf_kwargs(get_collator("concat")(samples), config("flash_attention_2"))
     for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
         assert torch.equal(ours[key].long(), theirs[key].long()), key
     assert ours["max_length_q"] == int(theirs["max_length_q"])
@@ -136,17 +142,17 @@ def test_refusals_say_how_to_fix():
     packed = get_collator("concat")([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"hf_kwargs needs a packed batch, got layout 'padded'; collate with "
                                          r"get_collator\('concat'\)"):
-        hf_kwargs(get_collator("pad_longest")([[1, 2, 3]]), "sdpa")
+        hf_kwargs(get_collator("pad_longest")([[1, 2, 3]]), config("sdpa"))
     with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention' is refused: .* it would attend across "
                                          r"them silently; load the model with one of flash_attention_2"):
         hf_kwargs(packed, "flex_attention")
     with pytest.raises(ValueError, match=r"attn_implementation 'my_kernel' is refused"):
         HFPackedCollator("my_kernel")
-    with pytest.raises(TypeError, match=r"expected a transformers model \(with config._attn_implementation\) or an "
+    with pytest.raises(TypeError, match=r"expected a transformers model or config \(with _attn_implementation\) or an "
                                         r"implementation name, got int"):
         hf_kwargs(packed, 3)
     with pytest.raises(TypeError, match=r"hf_kwargs takes a packing.Batch, got dict"):
-        hf_kwargs({"input_ids": None}, "sdpa")
+        hf_kwargs({"input_ids": None}, config("sdpa"))
 
 
 def test_packing_varlen_refuses_what_it_cannot_compute():
@@ -277,10 +283,10 @@ def test_static_kwargs_refusals_say_how_to_fix():
     with pytest.raises(ValueError, match=r"static boundaries \(max_seqs, max_seqlen\) are for varlen implementations "
                                          r"\(.*\), not 'sdpa': it takes a \(T, T\) mask, whose shape is fixed by "
                                          r"total_tokens alone; drop max_seqs and max_seqlen"):
-        HFPackedCollator("sdpa", **STATIC)
+        HFPackedCollator(config("sdpa"), **STATIC)
     static = get_collator("concat", **STATIC)([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"not 'eager': it takes a \(T, T\) mask"):
-        hf_kwargs(static, "eager")
+        hf_kwargs(static, config("eager"))
     collate = HFPackedCollator(register(), **STATIC)
     # Never truncated: a pack over either limit is refused with the limit and the fix.
     with pytest.raises(ValueError, match=r"batch has 7 sequences > max_seqs 6; raise max_seqs or cap the sampler's "
@@ -292,7 +298,7 @@ def test_static_kwargs_refusals_say_how_to_fix():
                                          r"split long documents"):
         collate(docs(lens=[17]))
     # total_tokens alone keeps the mask's shape fixed, and sdpa takes it.
-    assert HFPackedCollator("sdpa", total_tokens=48)([[1, 2, 3]])["attention_mask"].shape == (1, 1, 48, 48)
+    assert HFPackedCollator(config("sdpa"), total_tokens=48)([[1, 2, 3]])["attention_mask"].shape == (1, 1, 48, 48)
 
 
 def test_trainer_compiles_once(tmp_path):

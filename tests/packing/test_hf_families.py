@@ -1,0 +1,278 @@
+"""Every transformers causal-LM family: packed rows exact, or refused by name; never silently wrong.
+
+The family matrix (benchmarks.hf_families) runs here in full: every family's tiny random model,
+one packed row against each document alone through eager, for packing_varlen, sdpa and eager. The
+verdicts must equal the committed table that check_model enforces, so a family whose packed rows
+drift from its documents alone fails CI instead of training wrong.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+
+from benchmarks import hf_families  # noqa: E402
+from equivalence import rel  # noqa: E402
+from models import hf_attention  # noqa: E402
+from models.hf_attention import LayerOptions, register  # noqa: E402
+from packing import get_collator  # noqa: E402
+from packing.boundaries import block_causal_mask, cumulative_lengths  # noqa: E402
+from packing.interop.hf import HFPackedCollator, check_model, hf_kwargs  # noqa: E402
+from packing.interop.hf_families import family_table  # noqa: E402
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    transformers.logging.set_verbosity_error()
+    return hf_families.table([v for family in hf_families.families() for v in hf_families.verify(family)])
+
+
+def test_the_committed_table_is_what_the_matrix_measures(matrix):
+    committed = family_table()
+    assert committed["transformers"] == transformers.__version__, "re-run python -m benchmarks.hf_families --write"
+    assert set(matrix) == set(hf_families.families())  # every causal LM the installed transformers knows
+    # Exact or not is the verdict; a refusal's wording (an error's text, a rounded error) may vary.
+    def exact(verdicts):
+        return {impl: v == "exact" for impl, v in verdicts.items()}
+
+    changed = {f: (committed["families"].get(f), matrix[f]) for f in matrix
+               if exact(committed["families"].get(f, {})) != exact(matrix[f])}
+    assert not changed, f"re-run python -m benchmarks.hf_families --write: {changed}"
+
+
+def test_enough_families_and_the_must_list_are_exact(matrix):
+    exact = [f for f, v in matrix.items() if v["packing_varlen"] == "exact"]
+    assert len(exact) >= 40
+    assert {f: matrix[f]["packing_varlen"] for f in hf_families.MUST if matrix[f]["packing_varlen"] != "exact"} == {}
+
+
+@pytest.mark.parametrize("implementation", hf_families.IMPLEMENTATIONS)
+def test_no_silent_mismatch(matrix, implementation):
+    # Zero silent mismatches: what the matrix did not find exact, check_model refuses by name,
+    # with the matrix's reason; what it found exact, check_model lets through.
+    for family, verdicts in matrix.items():
+        try:
+            config = hf_families.tiny_config(family)
+        except Exception:  # noqa: BLE001 - the shrunk config is refused by its own class: take the default
+            try:
+                config = transformers.CONFIG_MAPPING[family]()
+            except Exception:  # noqa: BLE001 - no config of this family can be made without arguments
+                continue
+        config._attn_implementation = implementation
+        if verdicts[implementation] == "exact":
+            check_model(config, implementation)
+        else:
+            with pytest.raises(ValueError, match=rf"model_type '{family}' is refused on packed rows with "
+                                                 rf"'{implementation}': "):
+                check_model(config, implementation)
+
+
+def _mistral(impl, window):
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                        attn_implementation=impl)
+    return transformers.MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("impl", hf_families.IMPLEMENTATIONS)
+def test_sliding_window_off_by_one_against_eager(impl):
+    # Documents one shorter than, equal to, one longer than and twice the window: the window's edge
+    # (key j seen by query i when j > i - window) falls inside each of the longer ones.
+    window = 6
+    model, eager = _mistral(register() if impl == "packing_varlen" else impl, window), _mistral("eager", window)
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(1, 97, (n,), generator=g) for n in (window - 1, window, window + 1, 2 * window)]
+    with torch.no_grad():
+        ref = torch.cat([eager(input_ids=s[None]).logits[0] for s in samples])
+        got = model(**hf_kwargs(get_collator("concat", pad_to_multiple_of=32)(samples), model)).logits[0, : len(ref)]
+        wider = _mistral("eager", window + 1)
+        off = torch.cat([wider(input_ids=s[None]).logits[0] for s in samples])
+    assert rel(got, ref) <= TOL
+    assert rel(off, ref) > 1e-3  # one key more is visible in the logits: the test can see an off-by-one
+
+
+def test_window_mask_counts_the_query_itself():
+    mask = block_causal_mask(cumulative_lengths([5, 3]), 8, window=2)
+    assert mask.sum(1).tolist() == [1, 2, 2, 2, 2, 1, 2, 2]  # min(position + 1, window) keys a row
+    with pytest.raises(ValueError, match=r"a sliding window covers at least the token itself: got window=0, need >= 1"):
+        block_causal_mask(cumulative_lengths([2]), 2, window=0)
+
+
+def _eager_reference(q, k, v, cu, layer):
+    """transformers' eager attention per document, written out: (T, H, D) in, (T, H, D_v) out."""
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        kd, vd = (t.repeat_interleave(qd.shape[0] // t.shape[0], 0) for t in (kd, vd))
+        scores = qd @ kd.transpose(1, 2) * (layer.scale or qd.shape[-1] ** -0.5)
+        if layer.softcap:
+            scores = torch.tanh(scores / layer.softcap) * layer.softcap
+        i = torch.arange(b - a)
+        allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < (layer.window or 10**9))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if layer.sinks is not None:
+            sink = layer.sinks.reshape(-1, 1, 1).expand(-1, b - a, 1)
+            probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        outs.append((probs @ vd).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("layer", [
+    LayerOptions(causal=True, scale=0.3),
+    LayerOptions(causal=True, window=3),
+    LayerOptions(causal=True, softcap=2.0, scale=0.9),
+    LayerOptions(causal=True, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), window=4),
+], ids=["scale", "window", "softcap", "sinks"])
+@pytest.mark.parametrize("v_dim", [8, 12], ids=["same-v-dim", "mla-v-dim"])
+def test_cpu_path_computes_each_option_exactly(layer, v_dim):
+    g = torch.Generator().manual_seed(0)
+    cu = cumulative_lengths([5, 9, 2])
+    q = torch.randn(16, 4, 8, generator=g)
+    k = torch.randn(16, 2, 8, generator=g)
+    v = torch.randn(16, 2, v_dim, generator=g)
+    got = hf_attention._masked(q, k, v, cu, layer)
+    assert got.shape == (16, 4, v_dim)
+    assert rel(got, _eager_reference(q, k, v, cu, layer)) <= TOL
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def _call(**kwargs):
+    q = torch.randn(1, 4, 6, 8)
+    cu = cumulative_lengths([6])
+    return hf_attention.varlen_attention(_Module(), q, q[:, :2], q[:, :2], None, cu_seq_lens_q=cu, max_length_q=6,
+                                         **kwargs)
+
+
+def test_every_keyword_is_implemented_or_refused_by_name():
+    _call(position_ids=None, use_cache=False, output_router_logits=False, sliding_window=3, softcap=None, head_mask=None)
+    with pytest.raises(ValueError, match=r"'packing_varlen' does not implement the attention keyword "
+                                         r"position_bias=Tensor\(1, 4, 6, 6\) that _Module passes, and will not drop it; "
+                                         r"load the model with attn_implementation='eager'"):
+        _call(position_bias=torch.zeros(1, 4, 6, 6))
+    with pytest.raises(ValueError, match=r"attention keyword head_mask=Tensor\(4,\)"):
+        _call(head_mask=torch.ones(4))
+    with pytest.raises(ValueError, match=r"attention keyword some_new_option=3 that"):
+        _call(some_new_option=3)
+    with pytest.raises(ValueError, match=r"'packing_varlen' takes sliding_window as a positive int \(keys counting the "
+                                         r"query\), got 0"):
+        _call(sliding_window=0)
+    with pytest.raises(ValueError, match=r"got both s_aux and sinks"):
+        _call(s_aux=torch.zeros(4), sinks=torch.zeros(1, 4, 6, 1))
+
+
+def test_cuda_kernel_choice_follows_the_options(monkeypatch):
+    # Which kernel runs a layer: the first that has every option it asks for, or a refusal naming
+    # the options and the kernels here (the choice is device-free, so it is tested on the CPU).
+    ran = []
+
+    def kernel(name):
+        def run(q, k, v, cu, max_len, causal, **options):
+            ran.append((name, options))
+            return q
+        return run
+
+    monkeypatch.setattr(hf_attention, "_kernels", [("fa3", kernel("fa3"), frozenset({"scale", "window", "softcap"})),
+                                                    ("torch", kernel("torch"), frozenset({"scale", "window"}))])
+    q = torch.randn(6, 4, 8, dtype=torch.bfloat16)
+    cu = cumulative_lengths([6])
+    hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0, window=2))
+    assert ran == [("fa3", {"window": 2, "softcap": 3.0})]
+    assert hf_attention.kernel_name({"scale": 0.1}) == "fa3"
+    monkeypatch.setattr(hf_attention, "_kernels", hf_attention._kernels[1:])
+    hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, window=2, scale=0.1))
+    assert ran[-1] == ("torch", {"scale": 0.1, "window": 2})
+    with pytest.raises(ValueError, match=r"'packing_varlen' on CUDA: no varlen kernel here computes \['softcap'\] \(this "
+                                         r"layer asks \{'softcap': 3.0\}\); kernels here and their options: torch: "
+                                         r"\['scale', 'window'\]; install flash-attn"):
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0))
+    with pytest.raises(ValueError, match=r"'packing_varlen' on CUDA has no kernel with attention sinks"):
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"needs the value head dimension equal to the query's, got 4 and 8"):
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2, :4], cu, 6, LayerOptions(causal=True))
+
+
+def test_config_refusals_name_the_field_and_the_fix():
+    with pytest.raises(ValueError, match=r"model_type 'bart' is refused on packed rows with 'sdpa': packed logits \d+% "
+                                         r"off each document alone; train it unpacked"):
+        check_model(hf_families.tiny_config("bart"), "sdpa")
+    unknown = transformers.LlamaConfig(attn_implementation="sdpa")
+    unknown.model_type = "my_llama"
+    with pytest.raises(ValueError, match=r"model_type 'my_llama' is not in the family matrix \(transformers .*\), so it "
+                                         r"is unverified .* with 'sdpa'; verify it with python -m benchmarks.hf_families "
+                                         r"--family my_llama"):
+        check_model(unknown)
+    dynamic = transformers.LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                                       attn_implementation="sdpa")
+    with pytest.raises(ValueError, match=r"config rope type 'dynamic' chooses its frequencies from the row's longest "
+                                         r"position"):
+        HFPackedCollator(dynamic)
+    chunked = transformers.Llama4TextConfig(attn_implementation="eager")
+    with pytest.raises(ValueError, match=r"config layer_types has 'chunked_attention' \(attention_chunk_size=8192\)"):
+        HFPackedCollator(chunked)
+    with pytest.raises(ValueError, match=r"attn_implementation 'sdpa' given by name alone: pass the model \(or its "
+                                         r"config\) instead"):
+        HFPackedCollator("sdpa")
+    with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention' is refused"):
+        HFPackedCollator(transformers.LlamaConfig(attn_implementation="flex_attention"))
+
+
+def test_a_bare_name_is_checked_at_the_first_call():
+    model, docs = hf_families.build("bart")
+    model.set_attn_implementation(register())
+    hf_attention._checked.clear()
+    with pytest.raises(ValueError, match=r"model_type 'bart' is refused on packed rows with 'packing_varlen'"):
+        model(**hf_kwargs(get_collator("concat")(docs), register()))
+
+
+def _each_alone(model, samples):
+    logits, total, count = [], 0.0, 0
+    for s in samples:
+        out = model(input_ids=s[None]).logits[0]
+        total = total + torch.nn.functional.cross_entropy(out[:-1], s[1:], reduction="sum")
+        count += len(s) - 1
+        logits.append(out.detach())
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return torch.cat(logits), loss.detach(), grads
+
+
+STATIC = dict(total_tokens=96, max_seqs=6, max_seqlen=32)
+STATIC_LENS = [[30, 17, 25], [32, 32, 32], [3], [9, 9, 9, 9, 9, 9]]
+
+
+@pytest.mark.parametrize("family", hf_families.MUST)
+def test_must_list_compiles_once_and_trains_exactly(family):
+    # Static kwargs into a compiled model (fullgraph=True: a graph break is an error): one
+    # compilation across packs of other document counts, and each pack's logits, loss and gradients
+    # equal its documents run alone through eager (fp32, 1e-5).
+    model, _ = hf_families.build(family)
+    reference, _ = hf_families.build(family)  # the same weights, eager
+    model.set_attn_implementation(register())
+    model.loss_type = "ForCausalLM"  # GPT-2 names none, and the warning it logs breaks the graph
+    torch._dynamo.reset()
+    step = torch.compile(model, fullgraph=True, backend="aot_eager")
+    collate = HFPackedCollator(model, **STATIC)
+    for i, lens in enumerate(STATIC_LENS):
+        g = torch.Generator().manual_seed(i)
+        samples = [torch.randint(1, hf_families.VOCAB, (n,), generator=g) for n in lens]
+        ref_logits, ref_loss, ref_grads = _each_alone(reference, samples)
+        batch = collate.collator(samples)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = step(**hf_kwargs(batch, model))
+            out.loss.backward()
+        assert rel(out.logits[0, : batch.num_tokens], ref_logits) <= TOL
+        assert rel(out.loss, ref_loss) <= TOL
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ref_grads.keys()
+        assert max(rel(grads[n], ref_grads[n]) for n in grads) <= TOL
+        model.zero_grad()
