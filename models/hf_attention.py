@@ -71,6 +71,7 @@ INERT = {
     "num_items_in_batch": "the loss's",
     "output_router_logits": "the mixture-of-experts router's",
     "output_hidden_states": "the model's outputs",
+    "seq_idx": "the Mamba / linear-attention layers' document index (hf_kwargs); attention reads cu_seq_lens_q",
 }
 # Keywords inert only while they are None (a value would change the result).
 INERT_WHEN_NONE = ("head_mask",)

@@ -163,6 +163,8 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         "use_cache": False,
     }
     T = batch.num_slots
+    if config is not None and has_state_layers(config):
+        kwargs["seq_idx"] = document_index(batch)
     if name in VARLEN_IMPLEMENTATIONS:
         if batch.static_cu_seqlens is not None:
             # Static shapes: boundaries of one fixed length (the padding tail in blocks of at most
@@ -186,6 +188,29 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
              for kind, window in layer_windows(config).items()}
     kwargs["attention_mask"] = next(iter(masks.values())) if len(masks) == 1 else masks
     return kwargs
+
+
+def has_state_layers(config: Any) -> bool:
+    """Whether the model has layers that carry state along the row besides attention (Mamba, linear
+    attention, convolutions: any ``layer_types`` / ``layers_block_type`` entry that is not attention)."""
+    from packing.interop.hf_families import ATTENTION_KINDS
+
+    kinds = []
+    for field in ("layer_types", "layers_block_type"):
+        try:
+            kinds += list(getattr(config, field, None) or ())
+        except Exception:  # noqa: BLE001 - a heterogeneous config that will not say
+            continue
+    return any(kind not in ATTENTION_KINDS + ("attention",) for kind in kinds)
+
+
+def document_index(batch: Batch) -> Tensor:
+    """(1, T) int32: each slot's document index, the padding tail one more (``seq_idx``, as
+    ``DataCollatorWithFlattening(return_seq_idx=True)`` gives): what Mamba 2 and linear-attention
+    kernels read to reset their state at each document, and what their torch fallbacks refuse."""
+    cu = with_tail(batch.cu_seqlens, batch.num_tokens, batch.num_slots)
+    index = torch.arange(batch.num_slots, device=cu.device)
+    return (torch.searchsorted(cu, index.to(cu.dtype), right=True) - 1).to(torch.int32)[None]
 
 
 def _mask(cu: Tensor, num_slots: int, window: int | None, name: str, dtype: torch.dtype) -> Tensor:
