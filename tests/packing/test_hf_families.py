@@ -276,3 +276,63 @@ def test_must_list_compiles_once_and_trains_exactly(family):
         assert grads.keys() == ref_grads.keys()
         assert max(rel(grads[n], ref_grads[n]) for n in grads) <= TOL
         model.zero_grad()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layer", [
+    LayerOptions(causal=True),
+    LayerOptions(causal=True, scale=0.3),
+    LayerOptions(causal=True, window=7),
+    LayerOptions(causal=True, window=7, scale=0.2, softcap=5.0),
+], ids=["plain", "scale", "window", "softcap"])
+def test_cuda_kernels_compute_each_option(layer):
+    # Every varlen kernel that loads here, in bf16, against the fp32 CPU path (2e-2) for each option
+    # it takes; an option it lacks is refused by name, never dropped. Which kernel ran which option
+    # is printed for the record (pytest -s).
+    from models.attention.kernels import varlen_kernels, varlen_options
+
+    g = torch.Generator().manual_seed(0)
+    cu = cumulative_lengths([40, 3, 77, 8])
+    q, k, v = (torch.randn(128, h, 64, generator=g).requires_grad_() for h in (8, 2, 2))
+    weight = torch.randn(128, 8, 64, generator=g)  # a loss that weighs every output differently
+    ref = hf_attention._masked(q, k, v, cu, layer)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    asked = layer.cuda_options()
+    kernels = varlen_kernels()
+    assert kernels, "no varlen kernel loads on this GPU"
+    for name, run in kernels.items():
+        if set(asked) <= varlen_options(name):
+            inputs = [t.detach().cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+            out = run(*inputs, cu.cuda(), 77, True, **asked)
+            grads = torch.autograd.grad((out.float() * weight.cuda()).sum(), inputs)
+            errs = [rel(out.float().cpu(), ref)] + [rel(a.float().cpu(), b) for a, b in zip(grads, ref_grads)]
+            print(f"kernel {name}: {sorted(asked)} rel err out {errs[0]:.2e}, dq dk dv {max(errs[1:]):.2e}")
+            assert max(errs) <= 2e-2, name
+        else:
+            print(f"kernel {name}: {sorted(asked)} refused (it takes {sorted(varlen_options(name))})")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["mistral", "granite", "gemma2", "gpt_oss", "gemma3_text", "qwen3"])
+def test_cuda_families_match_the_fp32_reference(family):
+    # packing_varlen on CUDA in bf16 autocast against each document alone in fp32 (eager): sliding
+    # windows (Mistral, Gemma 3), scaling (Granite, Gemma), softcaps (Gemma 2) and sinks (gpt-oss)
+    # run exactly where a kernel here computes them, and are refused by name where none does.
+    hf_attention.register()
+    model, docs = hf_families.build(family)
+    reference, _ = hf_families.build(family)
+    model.cuda().set_attn_implementation(register())
+    with torch.no_grad():
+        ref = torch.cat([reference(input_ids=d[None], use_cache=False).logits[0] for d in docs])
+    batch = get_collator("concat", pad_to_multiple_of=32)(docs).to("cuda")
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**hf_kwargs(batch, model)).logits[0, : batch.num_tokens]
+    except ValueError as e:
+        print(f"{family}: refused on CUDA: {e}")
+        assert "'packing_varlen' on CUDA" in str(e)
+        return
+    print(f"{family}: rel err {rel(out.float().cpu(), ref):.2e} (kernel {hf_attention.kernel_name()})")
+    assert rel(out.float().cpu(), ref) <= 2e-2
