@@ -125,19 +125,27 @@ def register_repeat_kv() -> str:
     return "packing_varlen_repeat_kv"
 
 
+def build_config(args: HFConfig, attn_implementation: str):
+    """The benchmark model's config: what hf_kwargs checks and reads the masks' windows from."""
+    import transformers
+
+    if args.arch == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=1024, hidden_size=args.dim, intermediate_size=4 * args.dim, num_hidden_layers=args.layers,
+            num_attention_heads=16, num_key_value_heads=args.kv_heads, max_position_embeddings=MAX_LEN,
+            attention_dropout=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
+    return transformers.GPT2Config(
+        vocab_size=1024, n_positions=MAX_LEN, n_embd=args.dim, n_layer=args.layers, n_head=16, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
+
+
 def build_model(args: HFConfig, attn_implementation: str):
     import transformers
 
     torch.manual_seed(args.seed)  # the same weights for every row
+    config = build_config(args, attn_implementation)
     if args.arch == "llama":
-        config = transformers.LlamaConfig(
-            vocab_size=1024, hidden_size=args.dim, intermediate_size=4 * args.dim, num_hidden_layers=args.layers,
-            num_attention_heads=16, num_key_value_heads=args.kv_heads, max_position_embeddings=MAX_LEN,
-            attention_dropout=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
         return transformers.LlamaForCausalLM(config)
-    config = transformers.GPT2Config(
-        vocab_size=1024, n_positions=MAX_LEN, n_embd=args.dim, n_layer=args.layers, n_head=16, attn_pdrop=0.0,
-        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
     model = transformers.GPT2LMHeadModel(config)
     # transformers recognises no loss_type for GPT2LMHeadModel and logs a warning on every call,
     # which breaks a compiled graph (transformers 5.17 and 5.23); name the loss it falls back to.
@@ -212,10 +220,11 @@ def plan(method: str, args: HFConfig, device: torch.device, docs: SyntheticDocs,
     if pin:
         batches = [b.pin_memory() for b in batches]
     name = "packing_varlen" if impl == "packing_varlen_repeat_kv" else impl  # the kwargs it reads
+    target = name if name == "packing_varlen" else build_config(args, name)  # sdpa/eager masks read the config
 
     def batch_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
         batch = batch.to(device, non_blocking=True)
-        return padded_kwargs(batch) if batch.layout == "padded" else hf_kwargs(batch, name)
+        return padded_kwargs(batch) if batch.layout == "padded" else hf_kwargs(batch, target)
 
     return Plan(impl, batches, batch_kwargs, [b.num_tokens for b in batches], [b.num_slots for b in batches],
                 [len(b.seq_lens) for b in batches])
