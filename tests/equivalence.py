@@ -84,3 +84,20 @@ def assert_compiles_once(step, batches) -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in batches[1:]:
             step(batch)
+
+
+def hf_each_alone(model, samples):
+    """A transformers model's ground truth: each document alone (no cache, no mask). Returns the
+    per-document logits (L_i, V), the token-mean loss over all documents' targets, and the gradients."""
+    logits, total, count = [], 0.0, 0
+    for s in samples:
+        out = model(input_ids=s[None], use_cache=False).logits[0]
+        if len(s) > 1:
+            total = total + torch.nn.functional.cross_entropy(out[:-1], s[1:], reduction="sum")
+            count += len(s) - 1
+        logits.append(out.detach())
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return logits, loss.detach(), grads

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
-from equivalence import assert_within, errors_against, rel  # noqa: E402
+from equivalence import assert_within, errors_against, hf_each_alone as each_alone, rel  # noqa: E402
 from models.hf_attention import register  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.interop.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
@@ -59,22 +59,6 @@ def compiled(arch, impl, dim=32, **options):
     model.loss_type = "ForCausalLM"
     torch._dynamo.reset()
     return model, torch.compile(model, fullgraph=True, **options)
-
-
-def each_alone(model, samples):
-    """Per-document logits, the token-mean loss over all documents' targets, and the gradients."""
-    logits, total, count = [], 0.0, 0
-    for s in samples:
-        out = model(input_ids=s[None]).logits[0]
-        if len(s) > 1:
-            total = total + torch.nn.functional.cross_entropy(out[:-1], s[1:], reduction="sum")
-            count += len(s) - 1
-        logits.append(out.detach())
-    loss = total / count
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return logits, loss.detach(), grads
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

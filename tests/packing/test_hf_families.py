@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
 from benchmarks import hf_families  # noqa: E402
-from equivalence import rel  # noqa: E402
+from equivalence import hf_each_alone, rel  # noqa: E402
 from models import hf_attention  # noqa: E402
 from models.hf_attention import LayerOptions, register  # noqa: E402
 from packing import get_collator  # noqa: E402
@@ -232,20 +232,6 @@ def test_a_bare_name_is_checked_at_the_first_call():
         model(**hf_kwargs(get_collator("concat")(docs), register()))
 
 
-def _each_alone(model, samples):
-    logits, total, count = [], 0.0, 0
-    for s in samples:
-        out = model(input_ids=s[None]).logits[0]
-        total = total + torch.nn.functional.cross_entropy(out[:-1], s[1:], reduction="sum")
-        count += len(s) - 1
-        logits.append(out.detach())
-    loss = total / count
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return torch.cat(logits), loss.detach(), grads
-
-
 STATIC = dict(total_tokens=96, max_seqs=6, max_seqlen=32)
 STATIC_LENS = [[30, 17, 25], [32, 32, 32], [3], [9, 9, 9, 9, 9, 9]]
 
@@ -265,7 +251,8 @@ def test_must_list_compiles_once_and_trains_exactly(family):
     for i, lens in enumerate(STATIC_LENS):
         g = torch.Generator().manual_seed(i)
         samples = [torch.randint(1, hf_families.VOCAB, (n,), generator=g) for n in lens]
-        ref_logits, ref_loss, ref_grads = _each_alone(reference, samples)
+        ref_logits, ref_loss, ref_grads = hf_each_alone(reference, samples)
+        ref_logits = torch.cat(ref_logits)
         batch = collate.collator(samples)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             out = step(**hf_kwargs(batch, model))
