@@ -49,6 +49,7 @@ def test_two_gloo_ranks_update_as_one_process(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parents[2]), os.environ.get("PYTHONPATH", "")])}
     for kind in ("packed", "padded"):
         out = tmp_path / f"{kind}.pt"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(WORKER), str(out), kind], check=True, env=env, timeout=180, capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(WORKER), str(out), kind], env=env, timeout=180, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         assert rel(torch.load(out), expected) <= TOL, kind

@@ -78,6 +78,8 @@ def main(out: str, kind: str) -> None:
         update = trained(tmp, model, collate, 1.0, per_device_train_batch_size=1, ddp_backend="gloo")
     if dist.get_rank() == 0:
         torch.save(update, out)
+    dist.barrier()  # both ranks done before teardown: gloo can abort a rank that exits mid-teardown
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
