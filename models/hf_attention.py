@@ -21,7 +21,7 @@ option                 CPU     torch      FA2 / FA3 / FA4                 otherw
 ``scaling``            exact   >= 2.11    yes                             --
 ``sliding_window``     exact   >= 2.11    yes                             --
 ``softcap``            exact   no         yes                             refused on CUDA
-sinks (``s_aux``)      exact   no         no                              refused on CUDA
+sinks (``s_aux``)      exact   no         FA4 only                        refused on CUDA
 v head dim != q's      exact   no         no                              refused on CUDA
 =====================  ======  =========  ==============================  ====================
 
@@ -50,6 +50,7 @@ NAME = "packing_varlen"
 # cached lookup that every layer's call made broke the torch.compile graph (issue 13, H200: with it
 # and the cache on, a compiled Llama ran as 22 graphs).
 _kernels: list[tuple[str, Callable[..., Tensor], frozenset[str]]] | None = None
+last_kernel: str | None = None  # the kernel the last CUDA layer ran (traced once under torch.compile): for records
 
 # Keywords computed exactly (read by layer_options), besides the signature's dropout, scaling and
 # is_causal: the boundaries, and the per-layer options.
@@ -95,7 +96,7 @@ class LayerOptions:
 
     def cuda_options(self) -> dict[str, Any]:
         """The keyword options a CUDA varlen kernel must take for this layer."""
-        options = {"scale": self.scale, "window": self.window, "softcap": self.softcap}
+        options = {"scale": self.scale, "window": self.window, "softcap": self.softcap, "sinks": self.sinks}
         return {k: v for k, v in options.items() if v is not None}
 
 
@@ -224,11 +225,10 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
             "'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-3/4 or flash-attn 2), "
             "resolved by models.hf_attention.register(): call it after CUDA is available"
         )
-    if layer.sinks is not None:
+    if layer.sinks is not None and layer.sinks.dim() != 1:
         raise ValueError(
-            "'packing_varlen' on CUDA has no kernel with attention sinks (s_aux / sinks); run this model with "
-            "attn_implementation='flash_attention_3' or 'flash_attention_4' (transformers' own, where the kernel takes "
-            "learnable sinks), or 'eager' on packed rows"
+            f"'packing_varlen' on CUDA takes attention sinks per head, (H,), got per-token sinks of shape "
+            f"{tuple(layer.sinks.shape)}; no CUDA kernel here computes them: use attn_implementation='eager' on packed rows"
         )
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(
@@ -240,15 +240,18 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
     if chosen is None:
         have = ", ".join(f"{name}: {sorted(opts)}" for name, _, opts in _kernels) or "none"
         raise ValueError(
-            f"'packing_varlen' on CUDA: no varlen kernel here computes {sorted(options)} (this layer asks {options}); "
-            f"kernels here and their options: {have}; install flash-attn (FA2, FA3 or FA4) for softcap, torch >= 2.11 "
-            "for scale and sliding_window"
+            f"'packing_varlen' on CUDA: no varlen kernel here computes {sorted(options)} (this layer asks "
+            f"{', '.join(f'{k}={_show(v)}' for k, v in options.items())}); "
+            f"kernels here and their options: {have}; install flash-attn (FA2, FA3 or FA4) for softcap, FA4 for sinks, "
+            "torch >= 2.11 for scale and sliding_window"
         )
     if v.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {v.dtype}; run under torch.autocast")
     # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 under autocast
     # while v comes from a bf16 projection (seen on an H200); the kernel takes v's dtype.
     q, k = q.to(v.dtype), k.to(v.dtype)
+    global last_kernel
+    last_kernel = chosen[0]
     return chosen[1](q, k, v, cu, max_len, layer.causal, **options)
 
 

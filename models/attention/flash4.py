@@ -46,19 +46,21 @@ def _scale(q: Tensor, scale: float) -> float:
 
 # The options are plain numbers with neutral values (scale 0.0: 1/sqrt(D); window_left -1: none;
 # softcap 0.0: none), so a layer's options are constants of the compiled graph.
+# sinks: gpt-oss' per-head learnable sink logits (H,), FA4's learnable_sink; None for none.
 @torch.library.custom_op("varlen_packing::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
 def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float = 0.0,
-         window_left: int = -1, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+         window_left: int = -1, softcap: float = 0.0, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                                    max_seqlen_k=max_seqlen, softmax_scale=_scale(q, scale), causal=causal,
-                                   softcap=softcap or None, return_lse=True, **_window(window_left, causal))
+                                   softcap=softcap or None, learnable_sink=sinks, return_lse=True,
+                                   **_window(window_left, causal))
     return out, lse
 
 
 @_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softcap=0.0):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softcap=0.0, sinks=None):
     # Contiguous out and lse (H, T) fp32, as FA4 allocates them; the backward's dq, dk, dv are
     # empty_like(q, k, v) in FA4, strides included.
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -67,43 +69,50 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softca
 @torch.library.custom_op("varlen_packing::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
 def _bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-    causal: bool, scale: float = 0.0, window_left: int = -1, softcap: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+    causal: bool, scale: float = 0.0, window_left: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, _scale(q, scale), causal, softcap=softcap,
-                                 cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                 max_seqlen_k=max_seqlen, **_window(window_left, causal))
-    return dq, dk, dv
+    grads = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, _scale(q, scale), causal, softcap=softcap,
+                            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                            max_seqlen_k=max_seqlen, learnable_sink=sinks, **_window(window_left, causal))
+    # With a sink FA4 also returns its gradient (H,); without, an empty one keeps the op's schema fixed.
+    return (*grads, q.new_empty(0)) if sinks is None else tuple(grads)
 
 
 @_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softcap=0.0):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale=0.0, window_left=-1, softcap=0.0, sinks=None):
+    dsink = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsink
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens, max_seqlen, causal, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal, ctx.options = max_seqlen, causal, options
+    sinks = options[3] if len(options) > 3 else None
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
+    ctx.max_seqlen, ctx.causal, ctx.options, ctx.num_inputs = max_seqlen, causal, options[:3], len(inputs)
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, *ctx.options)
-    return dq, dk, dv, None, None, None, *(None for _ in ctx.options)
+    q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
+    dq, dk, dv, dsink = _bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, *ctx.options, sinks)
+    grads = [dq, dk, dv] + [None] * (ctx.num_inputs - 3)  # one per input: the rest are not differentiable
+    if sinks is not None:
+        grads[9] = dsink
+    return tuple(grads)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, *,
-               scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
+               scale: float | None = None, window: int | None = None, softcap: float | None = None,
+               sinks: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D), see the module docstring;
-    ``window`` and ``softcap`` as in :data:`models.attention.kernels.VARLEN_OPTIONS`."""
+    ``window``, ``softcap`` and ``sinks`` (H,) as in :data:`models.attention.kernels.VARLEN_OPTIONS`."""
     window_left = -1 if window is None else window - 1
-    return _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale or 0.0, window_left, softcap or 0.0)[0]
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale or 0.0, window_left, softcap or 0.0, sinks)[0]
 
 
 def _packed_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:

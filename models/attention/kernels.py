@@ -68,7 +68,7 @@ def varlen_kernels() -> dict[str, Varlen]:
 
 
 def varlen_options(name: str) -> frozenset[str]:
-    """The keyword options (``scale``, ``window``, ``softcap``) varlen kernel ``name`` computes."""
+    """The keyword options (``scale``, ``window``, ``softcap``, ``sinks``) varlen kernel ``name`` computes."""
     if name == "torch.varlen_attn":
         from torch.nn.attention.varlen import varlen_attn
 

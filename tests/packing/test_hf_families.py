@@ -190,11 +190,15 @@ def test_cuda_kernel_choice_follows_the_options(monkeypatch):
     hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, window=2, scale=0.1))
     assert ran[-1] == ("torch", {"scale": 0.1, "window": 2})
     with pytest.raises(ValueError, match=r"'packing_varlen' on CUDA: no varlen kernel here computes \['softcap'\] \(this "
-                                         r"layer asks \{'softcap': 3.0\}\); kernels here and their options: torch: "
+                                         r"layer asks softcap=3.0\); kernels here and their options: torch: "
                                          r"\['scale', 'window'\]; install flash-attn"):
         hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0))
-    with pytest.raises(ValueError, match=r"'packing_varlen' on CUDA has no kernel with attention sinks"):
+    with pytest.raises(ValueError, match=r"no varlen kernel here computes \['sinks'\] \(this layer asks "
+                                         r"sinks=Tensor\(4,\)\).*FA4 for sinks"):
         hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"takes attention sinks per head, \(H,\), got per-token sinks of shape "
+                                         r"\(1, 4, 6, 1\)"):
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(1, 4, 6, 1)))
     with pytest.raises(ValueError, match=r"needs the value head dimension equal to the query's, got 4 and 8"):
         hf_attention._on_cuda(q, q[:, :2], q[:, :2, :4], cu, 6, LayerOptions(causal=True))
 
@@ -272,7 +276,8 @@ def test_must_list_compiles_once_and_trains_exactly(family):
     LayerOptions(causal=True, scale=0.3),
     LayerOptions(causal=True, window=7),
     LayerOptions(causal=True, window=7, scale=0.2, softcap=5.0),
-], ids=["plain", "scale", "window", "softcap"])
+    LayerOptions(causal=True, window=7, sinks=torch.linspace(-2.0, 3.0, 8)),
+], ids=["plain", "scale", "window", "softcap", "sinks"])
 def test_cuda_kernels_compute_each_option(layer):
     # Every varlen kernel that loads here, in bf16, against the fp32 CPU path (2e-2) for each option
     # it takes; an option it lacks is refused by name, never dropped. Which kernel ran which option
@@ -283,16 +288,22 @@ def test_cuda_kernels_compute_each_option(layer):
     cu = cumulative_lengths([40, 3, 77, 8])
     q, k, v = (torch.randn(128, h, 64, generator=g).requires_grad_() for h in (8, 2, 2))
     weight = torch.randn(128, 8, 64, generator=g)  # a loss that weighs every output differently
+    sinks = None if layer.sinks is None else layer.sinks.clone().requires_grad_()  # its gradient is checked too
+    layer = LayerOptions(layer.causal, layer.scale, layer.window, layer.softcap, sinks)
     ref = hf_attention._masked(q, k, v, cu, layer)
-    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
     asked = layer.cuda_options()
     kernels = varlen_kernels()
     assert kernels, "no varlen kernel loads on this GPU"
     for name, run in kernels.items():
         if set(asked) <= varlen_options(name):
             inputs = [t.detach().cuda().bfloat16().requires_grad_() for t in (q, k, v)]
-            out = run(*inputs, cu.cuda(), 77, True, **asked)
-            grads = torch.autograd.grad((out.float() * weight.cuda()).sum(), inputs)
+            on_gpu = {key: (val.detach().cuda().requires_grad_() if torch.is_tensor(val) else val)
+                      for key, val in asked.items()}
+            out = run(*inputs, cu.cuda(), 77, True, **on_gpu)
+            grads = torch.autograd.grad((out.float() * weight.cuda()).sum(),
+                                        inputs + ([on_gpu["sinks"]] if sinks is not None else []))
             errs = [rel(out.float().cpu(), ref)] + [rel(a.float().cpu(), b) for a, b in zip(grads, ref_grads)]
             print(f"kernel {name}: {sorted(asked)} rel err out {errs[0]:.2e}, dq dk dv {max(errs[1:]):.2e}")
             assert max(errs) <= 2e-2, name
@@ -306,20 +317,26 @@ def test_cuda_kernels_compute_each_option(layer):
 def test_cuda_families_match_the_fp32_reference(family):
     # packing_varlen on CUDA in bf16 autocast against each document alone in fp32 (eager): sliding
     # windows (Mistral, Gemma 3), scaling (Granite, Gemma), softcaps (Gemma 2) and sinks (gpt-oss)
-    # run exactly where a kernel here computes them, and are refused by name where none does.
+    # run exactly where a kernel here computes them, and are refused by name where none does; the
+    # loss's gradients too, where the family runs.
     hf_attention.register()
     model, docs = hf_families.build(family)
     reference, _ = hf_families.build(family)
     model.cuda().set_attn_implementation(register())
-    with torch.no_grad():
-        ref = torch.cat([reference(input_ids=d[None], use_cache=False).logits[0] for d in docs])
     batch = get_collator("concat", pad_to_multiple_of=32)(docs).to("cuda")
+    ref_logits, ref_loss, ref_grads = hf_each_alone(reference, docs)
+    ref = torch.cat(ref_logits)
     try:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**hf_kwargs(batch, model)).logits[0, : batch.num_tokens]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**hf_kwargs(batch, model))
     except ValueError as e:
         print(f"{family}: refused on CUDA: {e}")
         assert "'packing_varlen' on CUDA" in str(e)
         return
-    print(f"{family}: rel err {rel(out.float().cpu(), ref):.2e} (kernel {hf_attention.kernel_name()})")
-    assert rel(out.float().cpu(), ref) <= 2e-2
+    out.loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    errs = (rel(out.logits[0, : batch.num_tokens].float().cpu(), ref), rel(out.loss.float().cpu(), ref_loss),
+            max(rel(grads[n], ref_grads[n]) for n in ref_grads))
+    print(f"{family}: rel err logits {errs[0]:.2e}, loss {errs[1]:.2e}, grads {errs[2]:.2e} "
+          f"(kernel {hf_attention.last_kernel})")
+    assert max(errs) <= 2e-2
