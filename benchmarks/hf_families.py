@@ -124,12 +124,15 @@ class _quietly:
         return kind is not None and issubclass(kind, (AttributeError, TypeError, ValueError))
 
 
-def build(family: str):
-    """(tiny model in eval mode with eager attention, its documents); raises if it cannot be built."""
+def build(family: str, **fields):
+    """(tiny model in eval mode with eager attention, its documents); raises if it cannot be built.
+    ``fields`` override the tiny config's (a GPU run takes head dimension 64, as every flash kernel does)."""
     import transformers
 
     cls = getattr(transformers, families()[family])
     config = tiny_config(family)
+    for key, value in fields.items():
+        setattr(config.get_text_config(), key, value)
     with torch.device("meta"):
         params = sum(p.numel() for p in cls._from_config(config, attn_implementation="eager").parameters())
     if params > MAX_PARAMS:

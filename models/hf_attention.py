@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention.kernels import varlen_kernels, varlen_options
+from models.attention.kernels import takes_head_dim, varlen_kernels, varlen_options
 from packing.boundaries import block_causal_mask
 
 NAME = "packing_varlen"
@@ -116,16 +116,16 @@ def register() -> str:
     return NAME
 
 
-def kernel_name(options: dict[str, Any] | None = None) -> str | None:
+def kernel_name(options: dict[str, Any] | None = None, head_dim: int = 64) -> str | None:
     """The kernel ``packing_varlen`` runs on CUDA for a layer asking ``options`` (``scale``,
-    ``window``, ``softcap``; none by default), or None where there is none (a CPU machine, no
-    kernel with those options, or before :func:`register`)."""
-    chosen = _kernel_for(options or {})
+    ``window``, ``softcap``, ``sinks``; none by default) at ``head_dim``, or None where there is none
+    (a CPU machine, no kernel with those options, or before :func:`register`)."""
+    chosen = _kernel_for(options or {}, head_dim)
     return None if chosen is None else chosen[0]
 
 
-def _kernel_for(options: dict[str, Any]) -> tuple[str, Callable[..., Tensor], frozenset[str]] | None:
-    return next((k for k in _kernels or () if set(options) <= k[2]), None)
+def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[..., Tensor], frozenset[str]] | None:
+    return next((k for k in _kernels or () if set(options) <= k[2] and takes_head_dim(k[0], head_dim)), None)
 
 
 def layer_options(module: torch.nn.Module, query: Tensor, value: Tensor, attention_mask: Tensor | None, dropout: float,
@@ -236,9 +236,11 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
             f"{q.shape[-1]} (multi-head latent attention); use attn_implementation='eager' on packed rows"
         )
     options = layer.cuda_options()
-    chosen = _kernel_for(options)
+    chosen = _kernel_for(options, q.shape[-1])
     if chosen is None:
-        have = ", ".join(f"{name}: {sorted(opts)}" for name, _, opts in _kernels) or "none"
+        have = ", ".join(f"{name}: {sorted(opts)}" + ("" if takes_head_dim(name, q.shape[-1]) else
+                                                      f" (not at head dimension {q.shape[-1]})")
+                         for name, _, opts in _kernels) or "none"
         raise ValueError(
             f"'packing_varlen' on CUDA: no varlen kernel here computes {sorted(options)} (this layer asks "
             f"{', '.join(f'{k}={_show(v)}' for k, v in options.items())}); "

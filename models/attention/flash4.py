@@ -111,6 +111,14 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
                sinks: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D), see the module docstring;
     ``window``, ``softcap`` and ``sinks`` (H,) as in :data:`models.attention.kernels.VARLEN_OPTIONS`."""
+    from models.attention.kernels import VARLEN_MIN_HEAD_DIM
+
+    if q.shape[-1] < VARLEN_MIN_HEAD_DIM["flash-attn-4"]:
+        raise ValueError(
+            f"FlashAttention-4's backward is wrong at head dimension {q.shape[-1]} (measured: dq, dk, dv 83-94% off fp32 "
+            f"at 16 on an H200); it needs >= {VARLEN_MIN_HEAD_DIM['flash-attn-4']}: use torch's varlen_attn "
+            "(attn='flash' picks it where FA4 is not installed) or a larger head dimension"
+        )
     window_left = -1 if window is None else window - 1
     return _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale or 0.0, window_left, softcap or 0.0, sinks)[0]
 

@@ -23,15 +23,22 @@ Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **
 #   window   a causal sliding window of ``window`` keys counting the query itself (transformers'
 #            sliding_window; the flash kernels' window_size=(window - 1, 0))
 #   softcap  logits capped as softcap * tanh(logits / softcap) before the softmax (Gemma 2)
+#   sinks    a learnable per-head logit (H,) in every softmax's denominator (gpt-oss' s_aux), with
+#            its gradient: FA4's learnable_sink (Hopper and Blackwell)
 # An option a kernel lacks is never passed to it: models.hf_attention picks the first kernel that
-# has every option a layer asks for, and refuses the layer where none does. Attention sinks and a
-# value head dimension other than the query's run on no CUDA kernel here (the CPU path has both).
+# has every option a layer asks for, and refuses the layer where none does. A value head dimension
+# other than the query's runs on no CUDA kernel here (the CPU path has it).
 VARLEN_OPTIONS = {
     "flash-attn-3": frozenset({"scale", "window", "softcap"}),
-    "flash-attn-4": frozenset({"scale", "window", "softcap"}),
+    "flash-attn-4": frozenset({"scale", "window", "softcap", "sinks"}),
     "flash-attn-2": frozenset({"scale", "window", "softcap"}),
     "torch.varlen_attn": frozenset({"scale", "window"}),  # torch >= 2.11; 2.10's has neither
 }
+
+# The smallest head dimension whose gradients a kernel computes right. FA4 4.0.0b36 on an H200 gave
+# the right forward at head dimension 16 but dq, dk and dv 83-94% off fp32 (32, 64 and 128 within
+# 0.5%): benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt. torch's kernel was right at 16.
+VARLEN_MIN_HEAD_DIM = {"flash-attn-4": 32}
 
 
 PackedVarlen = Callable[..., Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
@@ -75,6 +82,11 @@ def varlen_options(name: str) -> frozenset[str]:
         params = inspect.signature(varlen_attn).parameters
         return frozenset(o for o, p in (("scale", "scale"), ("window", "window_size")) if p in params)
     return VARLEN_OPTIONS[name]
+
+
+def takes_head_dim(name: str, head_dim: int) -> bool:
+    """Whether varlen kernel ``name`` computes head dimension ``head_dim`` right, gradients included."""
+    return head_dim >= VARLEN_MIN_HEAD_DIM.get(name, 1)
 
 
 def flash_window(window: int | None, causal: bool) -> tuple[int, int]:

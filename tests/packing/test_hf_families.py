@@ -186,6 +186,14 @@ def test_cuda_kernel_choice_follows_the_options(monkeypatch):
     hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0, window=2))
     assert ran == [("fa3", {"window": 2, "softcap": 3.0})]
     assert hf_attention.kernel_name({"scale": 0.1}) == "fa3"
+    # A kernel wrong at a head dimension is passed over there (FA4's gradients at 16: kernels.py).
+    from models.attention import kernels
+
+    monkeypatch.setitem(kernels.VARLEN_MIN_HEAD_DIM, "fa3", 32)
+    assert hf_attention.kernel_name({"scale": 0.1}, head_dim=16) == "torch"
+    hf_attention._on_cuda(q[..., :4], q[:, :2, :4], q[:, :2, :4], cu, 6, LayerOptions(causal=True, window=2))
+    assert ran[-1] == ("torch", {"window": 2})
+    monkeypatch.delitem(kernels.VARLEN_MIN_HEAD_DIM, "fa3")
     monkeypatch.setattr(hf_attention, "_kernels", hf_attention._kernels[1:])
     hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, window=2, scale=0.1))
     assert ran[-1] == ("torch", {"scale": 0.1, "window": 2})
@@ -278,7 +286,8 @@ def test_must_list_compiles_once_and_trains_exactly(family):
     LayerOptions(causal=True, window=7, scale=0.2, softcap=5.0),
     LayerOptions(causal=True, window=7, sinks=torch.linspace(-2.0, 3.0, 8)),
 ], ids=["plain", "scale", "window", "softcap", "sinks"])
-def test_cuda_kernels_compute_each_option(layer):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_kernels_compute_each_option(layer, head_dim):
     # Every varlen kernel that loads here, in bf16, against the fp32 CPU path (2e-2) for each option
     # it takes; an option it lacks is refused by name, never dropped. Which kernel ran which option
     # is printed for the record (pytest -s).
@@ -286,8 +295,8 @@ def test_cuda_kernels_compute_each_option(layer):
 
     g = torch.Generator().manual_seed(0)
     cu = cumulative_lengths([40, 3, 77, 8])
-    q, k, v = (torch.randn(128, h, 64, generator=g).requires_grad_() for h in (8, 2, 2))
-    weight = torch.randn(128, 8, 64, generator=g)  # a loss that weighs every output differently
+    q, k, v = (torch.randn(128, h, head_dim, generator=g).requires_grad_() for h in (8, 2, 2))
+    weight = torch.randn(128, 8, head_dim, generator=g)  # a loss that weighs every output differently
     sinks = None if layer.sinks is None else layer.sinks.clone().requires_grad_()  # its gradient is checked too
     layer = LayerOptions(layer.causal, layer.scale, layer.window, layer.softcap, sinks)
     ref = hf_attention._masked(q, k, v, cu, layer)
@@ -305,7 +314,8 @@ def test_cuda_kernels_compute_each_option(layer):
             grads = torch.autograd.grad((out.float() * weight.cuda()).sum(),
                                         inputs + ([on_gpu["sinks"]] if sinks is not None else []))
             errs = [rel(out.float().cpu(), ref)] + [rel(a.float().cpu(), b) for a, b in zip(grads, ref_grads)]
-            print(f"kernel {name}: {sorted(asked)} rel err out {errs[0]:.2e}, dq dk dv {max(errs[1:]):.2e}")
+            print(f"kernel {name}: {sorted(asked)} head_dim {head_dim} rel err out {errs[0]:.2e}, "
+                  f"grads {max(errs[1:]):.2e}")
             assert max(errs) <= 2e-2, name
         else:
             print(f"kernel {name}: {sorted(asked)} refused (it takes {sorted(varlen_options(name))})")
@@ -320,8 +330,9 @@ def test_cuda_families_match_the_fp32_reference(family):
     # run exactly where a kernel here computes them, and are refused by name where none does; the
     # loss's gradients too, where the family runs.
     hf_attention.register()
-    model, docs = hf_families.build(family)
-    reference, _ = hf_families.build(family)
+    wide = dict(hidden_size=256, head_dim=64, intermediate_size=512)  # 4 heads of 64: every flash kernel takes it
+    model, docs = hf_families.build(family, **wide)
+    reference, _ = hf_families.build(family, **wide)
     model.cuda().set_attn_implementation(register())
     batch = get_collator("concat", pad_to_multiple_of=32)(docs).to("cuda")
     ref_logits, ref_loss, ref_grads = hf_each_alone(reference, docs)
@@ -337,6 +348,13 @@ def test_cuda_families_match_the_fp32_reference(family):
     grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     errs = (rel(out.logits[0, : batch.num_tokens].float().cpu(), ref), rel(out.loss.float().cpu(), ref_loss),
             max(rel(grads[n], ref_grads[n]) for n in ref_grads))
+    # bf16's own error on this family: each document alone, unpacked, eager, in bf16 autocast.
+    model.zero_grad()
+    model.set_attn_implementation("eager")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        own_logits, own_loss, own_grads = hf_each_alone(model, [d.cuda() for d in docs])
+    own = (rel(torch.cat(own_logits).float().cpu(), ref), rel(own_loss.float().cpu(), ref_loss),
+           max(rel(own_grads[n].float().cpu(), ref_grads[n]) for n in ref_grads))
     print(f"{family}: rel err logits {errs[0]:.2e}, loss {errs[1]:.2e}, grads {errs[2]:.2e} "
-          f"(kernel {hf_attention.last_kernel})")
+          f"(kernel {hf_attention.last_kernel}); bf16 unpacked eager: {own[0]:.2e}, {own[1]:.2e}, {own[2]:.2e}")
     assert max(errs) <= 2e-2
