@@ -16,6 +16,7 @@ table comes from ``--markdown``.
 Usage:
     python -m benchmarks.hf_families --write             # re-run all, rewrite the committed table
     python -m benchmarks.hf_families --family mistral    # one family, printed
+    python -m benchmarks.hf_families --router-tail       # how a static padding tail moves MoE aux losses
 """
 
 from __future__ import annotations
@@ -180,6 +181,37 @@ def verify(family: str, implementations=IMPLEMENTATIONS) -> list[Verdict]:
     return verdicts
 
 
+ROUTER_FAMILIES = ("mixtral", "qwen3_moe")
+TAILS = (96, 144, 288)  # rows of these many slots around the 72 tokens of LENS
+
+
+def router_tail(family: str) -> list[dict[str, float]]:
+    """How far a static padding tail moves a mixture-of-experts model's router load-balancing loss.
+
+    The tail's slots are routed like tokens, and ``load_balancing_loss_func`` gets no mask on the
+    varlen path, so they count in the experts' load. Returns, per row length in TAILS, the aux loss
+    with the tail, without it, and the language-model loss with and without (which the tail, having
+    no targets, must not move).
+    """
+    from models.hf_attention import register
+    from packing.interop.hf import HFPackedCollator
+
+    register()
+    model, docs = build(family)
+    model.config.output_router_logits = True
+    model.set_attn_implementation("packing_varlen")
+    coef = model.config.router_aux_loss_coef
+    rows = []
+    with torch.no_grad():
+        exact = model(**HFPackedCollator(model)(docs))
+        for slots in TAILS:
+            tail = model(**HFPackedCollator(model, total_tokens=slots)(docs))
+            rows.append({"slots": slots, "tokens": sum(LENS), "aux": tail.aux_loss.item(), "aux_no_tail": exact.aux_loss.item(),
+                         "lm": tail.loss.item() - coef * tail.aux_loss.item(),
+                         "lm_no_tail": exact.loss.item() - coef * exact.aux_loss.item(), "coef": coef})
+    return rows
+
+
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -214,7 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", action="append", help="only these model_types (repeatable)")
     parser.add_argument("--write", action="store_true", help="rewrite packing/interop/hf_families.json")
     parser.add_argument("--markdown", help="write the README table to this file")
+    parser.add_argument("--router-tail", action="store_true",
+                        help=f"measure how a static padding tail moves the router aux loss of {', '.join(ROUTER_FAMILIES)}")
     args = parser.parse_args(argv)
+    if args.router_tail:
+        warnings.filterwarnings("ignore")
+        for family in ROUTER_FAMILIES:
+            for r in router_tail(family):
+                print(f"{family}: {r['tokens']} tokens in {r['slots']} slots: aux loss {r['aux']:.5f} vs {r['aux_no_tail']:.5f} "
+                      f"without the tail ({r['aux'] / r['aux_no_tail'] - 1:+.1%}); lm loss {r['lm']:.6f} vs "
+                      f"{r['lm_no_tail']:.6f} (coef {r['coef']})")
+        return 0
     known = families()
     chosen = args.family or list(known)
     unknown = [f for f in chosen if f not in known]

@@ -360,3 +360,12 @@ def test_cuda_families_match_the_fp32_reference(family):
     # 2e-2, or bf16's own error where that is larger: tiny Gemma 3's gradients are 2.7e-2 off fp32
     # unpacked too (H200, benchmarks/results/2026-12-01-h200-families), so packing adds no error there.
     assert max(errs) <= max(2e-2, 1.1 * max(own))
+
+
+def test_a_static_tail_reaches_the_router_loss_and_only_it():
+    # Documented behaviour (README, mixture-of-experts): the padding tail counts in the router's
+    # load-balancing loss, growing with the tail, and never in the language-model loss.
+    rows = hf_families.router_tail("mixtral")
+    assert [r["slots"] for r in rows] == list(hf_families.TAILS)
+    assert 0 < rows[0]["aux"] / rows[0]["aux_no_tail"] - 1 < rows[-1]["aux"] / rows[-1]["aux_no_tail"] - 1
+    assert all(abs(r["lm"] - r["lm_no_tail"]) <= 1e-5 * r["lm_no_tail"] for r in rows)
