@@ -37,7 +37,8 @@ VARLEN_OPTIONS = {
 
 # The smallest head dimension whose gradients a kernel computes right. FA4 4.0.0b36 on an H200 gave
 # the right forward at head dimension 16 but dq, dk and dv 83-94% off fp32 (32, 64 and 128 within
-# 0.5%): benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt. torch's kernel was right at 16.
+# 0.5%): benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt (python -m
+# benchmarks.kernel_head_dims). torch's kernel was right at 16.
 VARLEN_MIN_HEAD_DIM = {"flash-attn-4": 32}
 
 
