@@ -369,3 +369,44 @@ def test_a_static_tail_reaches_the_router_loss_and_only_it():
     assert [r["slots"] for r in rows] == list(hf_families.TAILS)
     assert 0 < rows[0]["aux"] / rows[0]["aux_no_tail"] - 1 < rows[-1]["aux"] / rows[-1]["aux_no_tail"] - 1
     assert all(abs(r["lm"] - r["lm_no_tail"]) <= 1e-5 * r["lm_no_tail"] for r in rows)
+
+
+_BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+VARIANTS = {  # configs the matrix's one tiny config per family does not exercise
+    "qwen2-window-on-upper-layers": ("Qwen2ForCausalLM", "Qwen2Config",
+                                     dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=6,
+                                          max_window_layers=2)),
+    "qwen3-window": ("Qwen3ForCausalLM", "Qwen3Config",
+                     dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma3-five-sliding-one-full": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(num_hidden_layers=6, sliding_window=7)),
+    "cohere2-alternating": ("Cohere2ForCausalLM", "Cohere2Config", dict(num_hidden_layers=4, sliding_window=7)),
+    "gpt-oss-four-layers": ("GptOssForCausalLM", "GptOssConfig",
+                            dict(num_hidden_layers=4, sliding_window=6, num_local_experts=4, num_experts_per_tok=2)),
+    "llama3-rope-scaling": ("LlamaForCausalLM", "LlamaConfig",
+                            dict(num_hidden_layers=2, rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                       "original_max_position_embeddings": 16,
+                                                                       "rope_theta": 10000.0})),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants_are_exact_or_refused(variant):
+    # Per-layer windows in other arrangements than the matrix's, on every implementation the family
+    # takes: exact against eager each document alone, or refused by transformers or by name.
+    cls_name, config_name, fields = VARIANTS[variant]
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 97, (n,), generator=g) for n in (30, 17, 25, 9)]
+    for impl in hf_families.IMPLEMENTATIONS:
+        config = getattr(transformers, config_name)(**_BASE, **fields, attn_implementation="eager")
+        torch.manual_seed(0)
+        model = getattr(transformers, cls_name)(config).eval()
+        with torch.no_grad():
+            ref = torch.cat([model(input_ids=d[None], use_cache=False).logits[0] for d in docs])
+            try:
+                model.set_attn_implementation(register() if impl == "packing_varlen" else impl)
+            except ValueError as e:  # transformers' own refusal (gpt-oss has no sdpa)
+                assert "does not support an attention implementation" in str(e)
+                continue
+            out = model(**hf_kwargs(get_collator("concat", pad_to_multiple_of=16)(docs), model)).logits[0]
+        assert rel(out[: len(ref)], ref) <= TOL, impl
