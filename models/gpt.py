@@ -174,8 +174,10 @@ def lm_loss(logits: Tensor, batch: Batch, *, normalizer: int | Tensor | None = N
 
     By default the normalizer is the host int ``batch.num_targets``: the mean over this batch's real
     targets, with no device sync. Padding and positions whose label is ``ignore_index`` contribute
-    nothing. A batch with no targets (only length-1 token sequences) gives 0, which still
-    backpropagates as zero gradient.
+    nothing. A batch with no targets (only length-1 documents) is a ValueError when nothing else
+    gives the loss a count (a host normalizer of 0): trained on, it would be a loss of 0.0 and no
+    update, silently. As one micro-batch of several, under a global ``normalizer`` > 0, it adds 0
+    and a zero gradient, as it should.
 
     For a global mean across gradient-accumulation steps and ranks, pass the total target count of
     all of them (see :func:`packing.distributed.global_num_targets`): then every token weighs the
@@ -188,6 +190,12 @@ def lm_loss(logits: Tensor, batch: Batch, *, normalizer: int | Tensor | None = N
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=batch.ignore_index, reduction="sum")
     if normalizer is None:
         normalizer = batch.num_targets
-    if isinstance(normalizer, Tensor):
+    if isinstance(normalizer, Tensor):  # a device count (global_num_targets): no host read to check it
         return total / normalizer.clamp(min=1)
-    return total / max(normalizer, 1)
+    if normalizer < 1:
+        raise ValueError(
+            f"no target tokens to average over (normalizer {normalizer}): all {len(batch.seq_lens)} documents of this "
+            "batch are one token long, so there is nothing to predict and the loss would be 0.0 silently; drop "
+            "documents shorter than 2 tokens, or pass normalizer= the target count of all the micro-batches of the step"
+        )
+    return total / normalizer

@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 from typing import Any, ClassVar, Sequence
 
@@ -323,4 +325,16 @@ def get_collator(name: str, **options: Any) -> Collator:
     """
     if name not in COLLATORS:
         raise ValueError(f"unknown collator {name!r}; known collators: {', '.join(COLLATORS)}")
+    params = inspect.signature(COLLATORS[name]).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())  # forwards its options (xformers)
+    unknown = [] if open_ended else sorted(set(options) - set(params))
+    if unknown:
+        raise TypeError(f"get_collator({name!r}) takes no option {unknown[0]!r}; its options: {', '.join(params)}")
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in options
+               and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+    if missing:
+        raise TypeError(
+            f"get_collator({name!r}) needs the option {missing[0]}=...; e.g. get_collator({name!r}, {missing[0]}=1024)"
+            + (": the fixed row length every sample is padded to" if missing[0] == "max_len" else "")
+        )
     return COLLATORS[name](**options)

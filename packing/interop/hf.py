@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -59,8 +60,8 @@ from packing.batch import Batch
 from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
 
-__all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "check_model", "hf_kwargs",
-           "shifted_labels"]
+__all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "check_model", "check_vocab",
+           "hf_kwargs", "shifted_labels"]
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -117,7 +118,24 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
     return name
 
 
-def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def check_vocab(batch: Batch, vocab_size: int) -> None:
+    """A ValueError naming the first token id at or above ``vocab_size``, its position and its
+    document (the embedding's bare IndexError names none of them). Reads the ids on the host: call
+    it on the collated CPU batch, before the copy to the GPU."""
+    ids = batch.input_ids[0, : batch.num_tokens]
+    bad = (ids >= vocab_size).nonzero()
+    if len(bad):
+        pos = int(bad[0, 0])
+        doc = int(torch.searchsorted(batch.cu_seqlens, torch.tensor(pos, dtype=batch.cu_seqlens.dtype), right=True)) - 1
+        raise ValueError(
+            f"token id {int(ids[pos])} at position {pos} of the packed row (document {doc}) is >= the model's vocab_size "
+            f"{vocab_size} ({int(bad.numel())} such ids in the row); tokenize with the model's tokenizer, or resize its "
+            "embeddings (model.resize_token_embeddings)"
+        )
+
+
+def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | None = None,
+              vocab_size: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``model(**kwargs)``: one packed row, documents kept apart.
 
     Args:
@@ -127,6 +145,8 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
             at its first call (the masks of sdpa and eager depend on the config's windows).
         mask_dtype: the additive mask's dtype for ``eager``; by default the model's dtype, or
             float32 given a name.
+        vocab_size: ids at or above it are a ValueError (:func:`check_vocab`); by default the
+            model's ``vocab_size``. Checked where the batch is on the CPU (no host sync on a GPU).
 
     Returns ``input_ids``, ``labels``, ``shift_labels`` and ``position_ids``, each (1, T) int64, plus the boundaries
     in the form the implementation reads (see the module table). A padding tail past the last
@@ -148,6 +168,17 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         _refuse_bare_name(name)
     else:
         check_model(model_or_name, name)
+    if batch.num_targets == 0:
+        # Not an error here: under gradient accumulation transformers divides by the step's count
+        # (num_items_in_batch), and this row adds nothing. Alone, its loss would be 0.0.
+        warnings.warn(
+            f"this packed row has no target tokens (all {len(batch.seq_lens)} documents are one token long): it adds "
+            "nothing to the step, and trained alone its loss is 0.0; drop documents shorter than 2 tokens",
+            stacklevel=2,
+        )
+    vocab_size = vocab_size or getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int) and batch.input_ids.device.type == "cpu":
+        check_vocab(batch, vocab_size)
     if batch.static_cu_seqlens is not None and name not in VARLEN_IMPLEMENTATIONS:
         raise ValueError(_static_refusal(name))
     kwargs: dict[str, Any] = {
@@ -258,6 +289,8 @@ class HFPackedCollator:
             the bare name ``"packing_varlen"``, which checks the model at its first call.
         dtype: the model's dtype, for the additive mask of the ``eager`` implementation (by
             default the model's).
+        vocab_size: ids at or above it are refused by name (by default the model's ``vocab_size``;
+            give it with the bare name ``"packing_varlen"``).
         **options: ``ConcatCuSeqlens`` options (``pad_to_multiple_of``, ``total_tokens``, ...).
             ``total_tokens``, ``max_seqs`` and ``max_seqlen`` together give static kwargs for a
             compiled model (module docstring); they need a varlen implementation.
@@ -271,7 +304,8 @@ class HFPackedCollator:
         torch.Size([1, 1, 5, 5])
     """
 
-    def __init__(self, model: Any, *, dtype: torch.dtype | None = None, **options: Any) -> None:
+    def __init__(self, model: Any, *, dtype: torch.dtype | None = None, vocab_size: int | None = None,
+                 **options: Any) -> None:
         self.attn_implementation = accepted_implementation(model)  # refuse a mixing one now
         self.model = model if isinstance(model, str) else _config_of(model)  # what hf_kwargs checks
         if isinstance(model, str):
@@ -279,12 +313,13 @@ class HFPackedCollator:
         else:
             check_model(model)
         self.dtype = dtype or getattr(model, "dtype", torch.float32)
+        self.vocab_size = vocab_size  # by default the model's: hf_kwargs reads it from the config
         self.collator = ConcatCuSeqlens(**options)
         if self.collator.static_length is not None and self.attn_implementation not in VARLEN_IMPLEMENTATIONS:
             raise ValueError(_static_refusal(self.attn_implementation))
 
     def __call__(self, samples: Any) -> dict[str, Any]:
-        return hf_kwargs(self.collator(samples), self.model, mask_dtype=self.dtype)
+        return hf_kwargs(self.collator(samples), self.model, mask_dtype=self.dtype, vocab_size=self.vocab_size)
 
     def __repr__(self) -> str:
         return f"HFPackedCollator({self.attn_implementation!r}, dtype={self.dtype}, collator={self.collator!r})"

@@ -317,3 +317,22 @@ def test_trainer_compiles_once(tmp_path):
     assert sorted(counts) == [2, 4, 4] and use_cache == [False] * 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # and no graph break
+
+
+def test_out_of_vocabulary_ids_are_named_before_the_embedding():
+    # torch's bare IndexError from the embedding named no id, position or document.
+    model = tiny("llama", register())  # vocab_size 97
+    samples = [torch.tensor([5, 6, 7]), torch.tensor([8, 97, 9, 120])]
+    with pytest.raises(ValueError, match=r"token id 97 at position 4 of the packed row \(document 1\) is >= the model's "
+                                         r"vocab_size 97 \(2 such ids in the row\); tokenize with the model's tokenizer"):
+        HFPackedCollator(model)(samples)
+    with pytest.raises(ValueError, match=r"token id 97 at position 4"):
+        HFPackedCollator(register(), vocab_size=97)(samples)
+    with pytest.raises(ValueError, match=r"vocab_size 97"):
+        hf_kwargs(get_collator("concat")(samples), model)
+    assert HFPackedCollator(model)(samples[:1])["input_ids"].tolist() == [[5, 6, 7]]
+
+
+def test_a_row_without_targets_is_not_silent():
+    with pytest.warns(UserWarning, match=r"this packed row has no target tokens \(all 2 documents are one token long\)"):
+        HFPackedCollator(register())([[5], [6]])
