@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -174,10 +176,11 @@ def lm_loss(logits: Tensor, batch: Batch, *, normalizer: int | Tensor | None = N
 
     By default the normalizer is the host int ``batch.num_targets``: the mean over this batch's real
     targets, with no device sync. Padding and positions whose label is ``ignore_index`` contribute
-    nothing. A batch with no targets (only length-1 documents) is a ValueError when nothing else
-    gives the loss a count (a host normalizer of 0): trained on, it would be a loss of 0.0 and no
-    update, silently. As one micro-batch of several, under a global ``normalizer`` > 0, it adds 0
-    and a zero gradient, as it should.
+    nothing. A batch with no targets (only length-1 documents) gives a loss of 0 and a zero
+    gradient; where nothing else gives the loss a count (a host normalizer of 0) it warns, since a
+    step on it trains nothing. Not an error: a sampler's last pack can hold only such documents, and
+    one rare batch should not end a run. As one micro-batch of several, under a global
+    ``normalizer`` > 0, it adds nothing, as it should, and says nothing.
 
     For a global mean across gradient-accumulation steps and ranks, pass the total target count of
     all of them (see :func:`packing.distributed.global_num_targets`): then every token weighs the
@@ -193,9 +196,11 @@ def lm_loss(logits: Tensor, batch: Batch, *, normalizer: int | Tensor | None = N
     if isinstance(normalizer, Tensor):  # a device count (global_num_targets): no host read to check it
         return total / normalizer.clamp(min=1)
     if normalizer < 1:
-        raise ValueError(
+        warnings.warn(
             f"no target tokens to average over (normalizer {normalizer}): all {len(batch.seq_lens)} documents of this "
-            "batch are one token long, so there is nothing to predict and the loss would be 0.0 silently; drop "
-            "documents shorter than 2 tokens, or pass normalizer= the target count of all the micro-batches of the step"
+            "batch are one token long, so its loss is 0.0 and the step trains nothing; drop documents shorter than 2 "
+            "tokens, or pass normalizer= the target count of all the micro-batches of the step",
+            stacklevel=2,
         )
+        return total  # 0, with a zero gradient
     return total / normalizer

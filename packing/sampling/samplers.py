@@ -25,6 +25,7 @@ the training loop, so pass the count the loop actually finished: ``state_dict(co
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -203,27 +204,38 @@ class _PlannedBatchSampler(Sampler[list[int]]):
 
     # -- resume ----------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, int]:
-        return {"num_docs": len(self.lengths), "total_tokens": int(self.lengths.sum())}
+        """What identifies the dataset: its size, its tokens, and a digest of every length in order."""
+        digest = zlib.crc32(np.ascontiguousarray(self.lengths, dtype=np.int64).tobytes())
+        return {"num_docs": len(self.lengths), "total_tokens": int(self.lengths.sum()), "lengths_crc32": digest}
 
-    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
-        """Where this epoch stands. ``consumed``: batches the training loop finished (default: yielded)."""
+    def _settings(self) -> dict[str, Any]:
+        """Every setting that shapes the epoch's plan: resuming under another one would plan other
+        batches, so documents would come twice or never. Subclasses add their own."""
+        return {"max_tokens": self.max_tokens, "seed": self.seed, "shuffle": self.shuffle,
+                "drop_last": self.drop_last, "num_replicas": self.num_replicas, "rank": self.rank,
+                "balance": self.balance}
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Where this epoch stands, and the settings and dataset it stands in (checked on load).
+        ``consumed``: batches the training loop finished (default: yielded)."""
         done = self._yielded if consumed is None else consumed
-        return {"epoch": self.epoch, "consumed": done, "seed": self.seed, "num_replicas": self.num_replicas,
-                **self._fingerprint()}
+        return {"epoch": self.epoch, "consumed": done, **self._settings(), **self._fingerprint()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next iteration yields the batches after the ``consumed`` ones of ``epoch``."""
-        expected = {"epoch", "consumed", "seed", "num_replicas", "num_docs", "total_tokens"}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields the batches after the ``consumed`` ones of ``epoch``.
+        Refused with a ValueError naming the field when the state was saved under other settings
+        or for other lengths."""
+        expected = {"epoch", "consumed", *self._settings(), *self._fingerprint()}
         if set(state) != expected:
             unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
             raise ValueError(f"sampler state has unknown keys {unknown} and lacks {missing}; expected {sorted(expected)}")
-        if state["num_replicas"] != self.num_replicas:
-            raise ValueError(
-                f"sampler state was saved with num_replicas={state['num_replicas']}, this sampler has "
-                f"{self.num_replicas}; the epoch's plan depends on the world size, so resume with the same one"
-            )
-        if state["seed"] != self.seed:
-            raise ValueError(f"sampler state has seed {state['seed']}, this sampler has {self.seed}; use the same seed")
+        for key, value in self._settings().items():
+            if state[key] != value:
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]!r}, this {type(self).__name__} has {key}={value!r}; "
+                    f"the epoch's plan depends on it (documents would come twice or never): construct it with "
+                    f"{key}={state[key]!r} to resume"
+                )
         for key, value in self._fingerprint().items():
             if state[key] != value:
                 raise ValueError(f"sampler state has {key}={state[key]}, these lengths give {value}: a different dataset")
@@ -253,6 +265,9 @@ class PackingSampler(_PlannedBatchSampler):
         positive_int("max_seqs", max_seqs, optional=True)
         self.max_seqs = max_seqs
         super().__init__(lengths, max_tokens=max_tokens, **options)
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "max_seqs": self.max_seqs}
 
     def _plan(self, rng):
         return best_fit_decreasing(self.lengths, self.max_tokens, max_items=self.max_seqs, rng=rng)
@@ -330,6 +345,11 @@ class LengthBucketSampler(_PlannedBatchSampler):
 
     def _rounded(self, n):
         return ceil_div(n, self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+    def _settings(self) -> dict[str, Any]:
+        boundaries = zlib.crc32(np.ascontiguousarray(self.boundaries, dtype=np.int64).tobytes())
+        return {**super()._settings(), "max_batch_size": self.max_batch_size,
+                "pad_to_multiple_of": self.pad_to_multiple_of, "boundaries_crc32": boundaries}
 
     def _plan(self, rng):
         order = rng.permutation(len(self.lengths)) if rng is not None else np.arange(len(self.lengths))

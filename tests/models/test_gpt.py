@@ -129,17 +129,21 @@ def test_loss_is_mean_over_real_targets_only(weights):
     assert rel(lm_loss(logits, batch), by_hand) <= TOL
 
 
-def test_batch_without_targets_is_refused_alone_and_adds_nothing_in_a_step(weights):
+def test_batch_without_targets_warns_alone_and_adds_nothing_in_a_step(weights):
+    import warnings
+
     model = model_with("naive", weights)
     batch = get_collator("concat")([[5], [6]])  # length-1 documents predict nothing
-    # Alone it would train on a loss of 0.0 without a word.
-    with pytest.raises(ValueError, match=r"no target tokens to average over \(normalizer 0\): all 2 documents of this "
+    # Alone, a step on it trains nothing: it says so (it used to be a silent 0.0).
+    with pytest.warns(UserWarning, match=r"no target tokens to average over \(normalizer 0\): all 2 documents of this "
                                          r"batch are one token long.*drop documents shorter than 2 tokens"):
-        lm_loss(model(batch), batch)
-    # One micro-batch of a step whose other micro-batches have targets: it adds 0 and a zero gradient.
-    loss = lm_loss(model(batch), batch, normalizer=5)
+        loss = lm_loss(model(batch), batch)
     loss.backward()
     assert loss.item() == 0.0 and all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+    # One micro-batch of a step whose other micro-batches have targets: it adds 0, quietly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lm_loss(model(batch), batch, normalizer=5).item() == 0.0
 
 
 @pytest.mark.parametrize("collate, attn", [("concat", "naive"), ("pad_longest", "sdpa")])

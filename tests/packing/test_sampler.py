@@ -182,7 +182,8 @@ def test_load_state_dict_rejects_what_it_cannot_resume():
     with pytest.raises(ValueError, match=r"unknown keys \['extra'\] and lacks \[\]"):
         s.load_state_dict({**state, "extra": 1})
     other = PackingSampler([5] * 40, max_tokens=20, num_replicas=4, rank=0)
-    with pytest.raises(ValueError, match=r"saved with num_replicas=2, this sampler has 4; .* resume with the same one"):
+    with pytest.raises(ValueError, match=r"saved with num_replicas=2, this PackingSampler has num_replicas=4; .* "
+                                         r"construct it with num_replicas=2 to resume"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match=r"num_docs=40, these lengths give 39: a different dataset"):
         PackingSampler([5] * 39, max_tokens=20, num_replicas=2).load_state_dict(state)
@@ -213,5 +214,35 @@ def test_more_bad_settings():
     with pytest.raises(ValueError, match=r"1 batches for num_replicas=2 with drop_last=True: every rank would get no data"):
         len(PackingSampler([5], max_tokens=10, num_replicas=2, rank=0, drop_last=True))
     s = PackingSampler([5] * 8, max_tokens=10, seed=1)
-    with pytest.raises(ValueError, match=r"sampler state has seed 1, this sampler has 2; use the same seed"):
+    with pytest.raises(ValueError, match=r"sampler state was saved with seed=1, this PackingSampler has seed=2"):
         PackingSampler([5] * 8, max_tokens=10, seed=2).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("cls, saved, other", [
+    (PackingSampler, dict(max_tokens=16384), dict(max_tokens=8192)),
+    (PackingSampler, dict(max_tokens=8192, max_seqs=64), dict(max_tokens=8192, max_seqs=32)),
+    (PackingSampler, dict(max_tokens=8192, shuffle=True), dict(max_tokens=8192, shuffle=False)),
+    (PackingSampler, dict(max_tokens=8192, num_replicas=2, rank=0), dict(max_tokens=8192, num_replicas=2, rank=1)),
+    (PackingSampler, dict(max_tokens=8192, balance="tokens"), dict(max_tokens=8192, balance="attention")),
+    (PackingSampler, dict(max_tokens=8192, drop_last=False), dict(max_tokens=8192, drop_last=True)),
+    (LengthBucketSampler, dict(max_tokens=8192, pad_to_multiple_of=1), dict(max_tokens=8192, pad_to_multiple_of=64)),
+    (LengthBucketSampler, dict(max_tokens=8192, max_batch_size=None), dict(max_tokens=8192, max_batch_size=8)),
+])
+def test_a_state_saved_under_other_settings_is_refused_by_name(cls, saved, other):
+    # Before: PackingSampler(max_tokens=8192) took a state saved at 16384, and in a 2,000-document
+    # epoch 500 documents came twice and 138 never, without a word.
+    lengths = SyntheticDocs(2000, max_len=1024, seed=3).lengths
+    a = cls(lengths, **saved)
+    it = iter(a)
+    next(it)
+    field = next(k for k in other if saved.get(k, other[k]) != other[k] or k not in saved)
+    with pytest.raises(ValueError, match=rf"sampler state was saved with {field}=.*, this {cls.__name__} has "
+                                         rf"{field}=.*documents would come twice or never\): construct it with {field}="):
+        cls(lengths, **other).load_state_dict(a.state_dict())
+
+
+def test_a_state_for_other_lengths_is_refused_even_with_the_same_count_and_total():
+    lengths = np.array([5, 9, 3, 7] * 10)
+    state = PackingSampler(lengths, max_tokens=20).state_dict()
+    with pytest.raises(ValueError, match=r"sampler state has lengths_crc32=\d+, these lengths give \d+: a different dataset"):
+        PackingSampler(lengths[::-1].copy(), max_tokens=20).load_state_dict(state)
