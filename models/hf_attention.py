@@ -128,7 +128,7 @@ def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[.
     return next((k for k in _kernels or () if set(options) <= k[2] and takes_head_dim(k[0], head_dim)), None)
 
 
-def layer_options(module: torch.nn.Module, query: Tensor, value: Tensor, attention_mask: Tensor | None, dropout: float,
+def layer_options(module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None, dropout: float,
                   scaling: float | None, is_causal: bool | None, kwargs: dict[str, Any]) -> LayerOptions:
     """The one check of every keyword a layer hands :func:`varlen_attention`: computed, inert, or a
     ValueError naming it, its value and the nearest supported path."""
@@ -195,7 +195,7 @@ def varlen_attention(
         )
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")
-    layer = layer_options(module, query, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    layer = layer_options(module, query, attention_mask, dropout, scaling, is_causal, kwargs)
     if not torch.compiler.is_compiling():
         # The family check (packing.interop.hf.check_model) once per config, for a model whose
         # kwargs came from a bare name; under torch.compile it ran when hf_kwargs saw the model.
@@ -207,7 +207,8 @@ def varlen_attention(
     return _on_cuda(q, k, v, cu, max_len, layer)[None], None
 
 
-_checked: set[int] = set()
+# The configs checked, by id; each is kept, so no later config can reuse a checked one's id.
+_checked: dict[int, Any] = {}
 
 
 def _check_family(config: Any) -> None:
@@ -216,7 +217,7 @@ def _check_family(config: Any) -> None:
     from packing.interop.hf import check_model
 
     check_model(config, NAME)
-    _checked.add(id(config))
+    _checked[id(config)] = config
 
 
 def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: LayerOptions) -> Tensor:

@@ -59,6 +59,7 @@ from torch import Tensor
 from packing.batch import Batch
 from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
+from packing.interop.hf_families import check_config, has_state_layers, layer_windows
 
 __all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "check_model", "check_vocab",
            "hf_kwargs", "shifted_labels"]
@@ -107,8 +108,6 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
     implementation, and its config must ask for nothing packing cannot reproduce. Raises a
     ValueError naming the family or config field, its value and the nearest supported path.
     """
-    from packing.interop.hf_families import check_config
-
     name = accepted_implementation(implementation or model_or_config)
     outer = getattr(model_or_config, "config", model_or_config)
     if isinstance(model_or_config, str) or not hasattr(outer, "model_type"):
@@ -210,29 +209,20 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kwargs
     cu = batch.cu_seqlens  # the mask puts slots past the last boundary, the padding tail, in a block of their own
-    from packing.interop.hf_families import layer_windows
 
     # One (1, 1, T, T) mask per kind of layer: a model whose layers alternate full and sliding
     # attention (Gemma 2 and 3, gpt-oss, Cohere 2) takes a dict keyed by layer type, as its own
     # create_masks_for_generate builds; a model of one kind takes the mask itself.
-    masks = {kind: _mask(cu, T, window, name, mask_dtype or getattr(model_or_name, "dtype", torch.float32))
-             for kind, window in layer_windows(config).items()}
+    dtype = mask_dtype or _model_dtype(model_or_name)
+    masks = {kind: _mask(cu, T, window, name, dtype) for kind, window in layer_windows(config).items()}
     kwargs["attention_mask"] = next(iter(masks.values())) if len(masks) == 1 else masks
     return kwargs
 
 
-def has_state_layers(config: Any) -> bool:
-    """Whether the model has layers that carry state along the row besides attention (Mamba, linear
-    attention, convolutions: any ``layer_types`` / ``layers_block_type`` entry that is not attention)."""
-    from packing.interop.hf_families import ATTENTION_KINDS
-
-    kinds = []
-    for field in ("layer_types", "layers_block_type"):
-        try:
-            kinds += list(getattr(config, field, None) or ())
-        except Exception:  # noqa: BLE001 - a heterogeneous config that will not say
-            continue
-    return any(kind not in ATTENTION_KINDS + ("attention",) for kind in kinds)
+def _model_dtype(model_or_config: Any) -> torch.dtype:
+    """The dtype of a model's parameters, for eager's additive mask; float32 for a config or a name
+    (a config's ``dtype`` is the checkpoint's, may be None or a string, and is not the run's)."""
+    return model_or_config.dtype if isinstance(model_or_config, torch.nn.Module) else torch.float32
 
 
 def document_index(batch: Batch) -> Tensor:
@@ -307,12 +297,14 @@ class HFPackedCollator:
     def __init__(self, model: Any, *, dtype: torch.dtype | None = None, vocab_size: int | None = None,
                  **options: Any) -> None:
         self.attn_implementation = accepted_implementation(model)  # refuse a mixing one now
-        self.model = model if isinstance(model, str) else _config_of(model)  # what hf_kwargs checks
+        # What hf_kwargs checks and reads: the model's own config (its family, as check_model saw
+        # it), not the model, which DataLoader workers would each get a copy of.
+        self.model = model if isinstance(model, str) else getattr(model, "config", model)
         if isinstance(model, str):
             _refuse_bare_name(model)
         else:
             check_model(model)
-        self.dtype = dtype or getattr(model, "dtype", torch.float32)
+        self.dtype = dtype or _model_dtype(model)
         self.vocab_size = vocab_size  # by default the model's: hf_kwargs reads it from the config
         self.collator = ConcatCuSeqlens(**options)
         if self.collator.static_length is not None and self.attn_implementation not in VARLEN_IMPLEMENTATIONS:

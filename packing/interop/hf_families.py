@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["ATTENTION_KINDS", "check_config", "family_table", "layer_windows", "unverified"]
+__all__ = ["ATTENTION_KINDS", "check_config", "family_table", "has_state_layers", "layer_windows", "unverified"]
 
 TABLE = Path(__file__).with_name("hf_families.json")
 
@@ -88,6 +88,19 @@ def layer_windows(config: Any) -> dict[str, int | None]:
         return {"sliding_attention": window} if window else {"full_attention": None}
     kinds = [t for t in dict.fromkeys(types) if t in ATTENTION_KINDS]
     return {kind: (window if kind == "sliding_attention" else None) for kind in kinds} or {"full_attention": None}
+
+
+def has_state_layers(config: Any) -> bool:
+    """Whether the model has layers that carry state along the row besides attention (Mamba, linear
+    attention, convolutions: any ``layer_types`` / ``layers_block_type`` entry that is not attention,
+    the kinds :func:`layer_windows` leaves out)."""
+    kinds = []
+    for field in ("layer_types", "layers_block_type"):
+        try:
+            kinds += list(getattr(config, field, None) or ())
+        except Exception:  # noqa: BLE001 - a heterogeneous config that will not say
+            continue
+    return any(kind not in ATTENTION_KINDS + ("attention",) for kind in kinds)
 
 
 def check_config(config: Any, implementation: str, *, family: str | None = None) -> None:

@@ -25,6 +25,7 @@ the training loop, so pass the count the loop actually finished: ``state_dict(co
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Iterator
 
@@ -203,10 +204,15 @@ class _PlannedBatchSampler(Sampler[list[int]]):
         return real / sum(self._cost(b, "tokens") for b in batches)
 
     # -- resume ----------------------------------------------------------------------------------
-    def _fingerprint(self) -> dict[str, int]:
-        """What identifies the dataset: its size, its tokens, and a digest of every length in order."""
+    @functools.cached_property
+    def _fingerprint_values(self) -> dict[str, int]:
+        # Once: state_dict() runs at every loader snapshot, and the lengths never change.
         digest = zlib.crc32(np.ascontiguousarray(self.lengths, dtype=np.int64).tobytes())
         return {"num_docs": len(self.lengths), "total_tokens": int(self.lengths.sum()), "lengths_crc32": digest}
+
+    def _fingerprint(self) -> dict[str, int]:
+        """What identifies the dataset: its size, its tokens, and a digest of every length in order."""
+        return self._fingerprint_values
 
     def _settings(self) -> dict[str, Any]:
         """Every setting that shapes the epoch's plan: resuming under another one would plan other

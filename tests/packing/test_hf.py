@@ -108,6 +108,10 @@ def test_masks_for_sdpa_and_eager():
     assert additive.dtype == torch.bfloat16 and additive.shape == (1, 1, 5, 5)
     assert torch.equal(additive[0, 0] == 0, expected)
     assert "cu_seq_lens_q" not in hf_kwargs(batch, config("sdpa"))
+    # Given a config (whose dtype is the checkpoint's: None here), eager's mask is float32.
+    assert config("eager").dtype is None
+    assert HFPackedCollator(config("eager"))([[1, 2], [3, 4, 5]])["attention_mask"].dtype == torch.float32
+    assert HFPackedCollator(tiny("llama", "eager").to(torch.bfloat16))([[1, 2]])["attention_mask"].dtype == torch.bfloat16
 
 
 def test_matches_data_collator_with_flattening():
