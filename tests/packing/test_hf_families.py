@@ -410,3 +410,19 @@ def test_config_variants_are_exact_or_refused(variant):
                 continue
             out = model(**hf_kwargs(get_collator("concat", pad_to_multiple_of=16)(docs), model)).logits[0]
         assert rel(out[: len(ref)], ref) <= TOL, impl
+
+
+def test_kernels_refuse_what_they_do_not_compute_by_name():
+    # Device-free: both refusals happen before any kernel launches.
+    from models.attention.flash4 import fa4_varlen
+    from models.attention.kernels import _torch_varlen
+
+    q = torch.zeros(4, 2, 16)
+    cu = cumulative_lengths([4])
+    with pytest.raises(ValueError, match=r"FlashAttention-4's backward is wrong at head dimension 16 .* it needs >= 32"):
+        fa4_varlen(q, q, q, cu, 4, True)
+    run_torch = _torch_varlen()
+    if run_torch is not None:
+        with pytest.raises(ValueError, match=r"the varlen kernel 'torch.varlen_attn' does not compute \{'softcap': 5.0\}; "
+                                             r"it takes \['scale', 'window'\]"):
+            run_torch(q, q, q, cu, 4, True, softcap=5.0)
