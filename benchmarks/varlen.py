@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +64,7 @@ from packing import (
     get_collator,
 )
 from packing.data.shard_reader import ShardDataset
+from packing.data.split import CLI_FIX, TOO_LONG, plan_chunks
 from packing.distributed import global_num_targets, loss_scale, rank, world_size
 
 BASELINE = "pad_max"
@@ -92,6 +91,7 @@ class VarlenConfig(RunConfig):
     max_tokens: int = 16384
     fsdp: bool = False
     data: str | None = None
+    too_long: str = "split"
     profile: str | None = None
     fuse: str = "none"
     bf16_weights: bool = False
@@ -150,6 +150,9 @@ def build_parser() -> Parser:
                    help="fixed: --batch-size documents a step; pack: PackingSampler; bucket: LengthBucketSampler")
     p.add_argument("--max-tokens", type=positive, default=16384, help="token budget for --sampler pack|bucket (default 16,384)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--too-long", choices=TOO_LONG, default="split",
+                   help="a document over the model's max_len (or --max-tokens with --sampler pack|bucket): split "
+                        "into chunks (default), truncate, or error")
     p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.data.shards: "
                    "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
     p.add_argument("--fuse", default="none", metavar="NAMES",
@@ -192,9 +195,14 @@ def unseen_widths(warmup: list[Batch], timed: list[Batch]) -> list[Batch]:
 def load_documents(args: VarlenConfig, config: GPTConfig, world: int) -> tuple[Any, np.ndarray, GPTConfig, str]:
     """The documents every collate sees, their lengths, the model config they need, and a description.
 
-    Shards: documents longer than the model's ``max_len`` are split into chunks (position embeddings
-    end there), never truncated; the vocabulary grows to the shards' if it is larger.
+    A document longer than the model's ``max_len`` (position embeddings end there), or than
+    ``--max-tokens`` with ``--sampler pack|bucket``, goes through ``--too-long`` (the policy of
+    ``packing.data.split``): split into chunks by default, truncated, or refused naming it. The
+    description says how many were split or truncated and the tokens dropped. Shards: the
+    vocabulary grows to the shards' if it is larger.
     """
+    limit = config.max_len if args.sampler == "fixed" else min(config.max_len, args.max_tokens)
+    limit_name = "the model's max_len " if limit == config.max_len else "--max-tokens "
     n_steps = args.warmup + args.steps
     if args.data is None:
         if args.sampler == "fixed":
@@ -205,15 +213,18 @@ def load_documents(args: VarlenConfig, config: GPTConfig, world: int) -> tuple[A
             # 4 of 34 packs were part-filled and the timed steps averaged 11.5% padding on the seed workload.
             count = int(8 * n_steps * world * (args.max_tokens // max(1, config.max_len // 2) + 2))
         docs = SyntheticDocs(count, max_len=config.max_len, vocab_size=config.vocab_size, seed=args.seed)
-        return docs, docs.lengths, config, f"synthetic: lengths uniform in [1, {config.max_len - 1}]"
-    shards = ShardDataset(args.data)
-    view = SplitDocuments(shards, shards.lengths, max_len=config.max_len)
-    index = Path(shards.infos[0].path).parent / "index.json"
-    vocab = json.loads(index.read_text())["vocab_size"] if index.is_file() else config.vocab_size
-    if vocab > config.vocab_size:
-        config = dataclasses.replace(config, vocab_size=vocab)
-    return view, view.lengths, config, (f"{args.data}: {len(shards)} documents, {view.num_split} longer than max_len "
-                                        f"{config.max_len} split into {len(view)} chunks; vocab {config.vocab_size}")
+        source, name = docs, f"synthetic: lengths uniform in [1, {config.max_len - 1}]"
+    else:
+        source = ShardDataset(args.data)
+        vocab = source.infos[0].vocab_size or config.vocab_size
+        if vocab > config.vocab_size:
+            config = dataclasses.replace(config, vocab_size=vocab)
+        name = f"{args.data}: {len(source):,} documents; vocab {config.vocab_size}"
+    if int(source.lengths.max()) <= limit:
+        return source, source.lengths, config, name
+    plan = plan_chunks(source.lengths, limit, args.too_long, limit=limit_name, fix=CLI_FIX)  # refuses for "error"
+    view = SplitDocuments(source, source.lengths, max_len=limit, too_long=args.too_long)
+    return view, view.lengths, config, f"{name}; {plan.summary().replace('max_len ', limit_name)}"
 
 
 def plan_steps(args: VarlenConfig, lengths: np.ndarray, world: int, rank: int) -> list[list[int]]:

@@ -27,6 +27,7 @@ from packing.collate import (
 from packing.data.split import SplitDocuments
 from packing.data.synthetic import SyntheticDocs
 from packing.sample import IGNORE_INDEX, Sample, as_sample
+from packing.sampling.resume import restore_loader
 from packing.sampling.samplers import LengthBucketSampler, PackingSampler
 from packing.sampling.stream import StreamPacker
 
@@ -49,4 +50,5 @@ __all__ = [
     "PackingSampler",
     "SplitDocuments",
     "StreamPacker",
+    "restore_loader",
 ]

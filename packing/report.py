@@ -19,13 +19,13 @@ From the command line, before a training run::
 
     python -m packing.report --synthetic 100000
     python -m packing.report --lengths lengths.txt --max-len 2048 --json report.json --plot report.png
-    python -m packing.report --shards 'shards/shard-{000000..000009}.tar' --long truncate
+    python -m packing.report --shards shards/ --too-long truncate
 
 Input is one of: ``--lengths FILE`` (one integer per line, or a ``.npy`` array, never unpickled),
 ``--shards`` (the length indexes of shards from ``python -m packing.data.shards``; no tokens are
 read), or ``--synthetic N`` (the seed article's lengths, uniform in [1, max_len - 1]). Documents
-longer than ``--max-len`` are split by default (``--long split|truncate|drop``), and the report
-counts them.
+longer than ``--max-len`` are split by default (``--too-long split|truncate|error``, the policy of
+``packing.data.split`` that training uses), and the report counts them.
 
 Example:
     >>> import numpy as np
@@ -47,9 +47,7 @@ from packing.boundaries import ceil_div, round_up
 from packing.cli import Parser
 
 from packing.sampling.samplers import LengthBucketSampler, PackingSampler
-from packing.data.split import chunk_plan
-
-LONG_MODES = ("split", "truncate", "drop")
+from packing.data.split import CLI_FIX, TOO_LONG, plan_chunks
 
 
 @dataclass
@@ -67,13 +65,11 @@ class Strategy:
 class LongDocuments:
     """What happened to documents longer than ``max_len``."""
 
-    mode: str
+    too_long: str
     max_len: int
     long_documents: int = 0
     split_into: int = 0  # chunks made from the long documents ("split")
     truncated_tokens: int = 0  # tokens cut off ("truncate")
-    dropped_documents: int = 0  # documents left out ("drop")
-    dropped_tokens: int = 0
 
 
 @dataclass
@@ -91,21 +87,15 @@ class Report:
         return asdict(self)
 
 
-def fit_lengths(lengths: np.ndarray, max_len: int, mode: str) -> tuple[np.ndarray, LongDocuments]:
-    """Make every length <= max_len: split into chunks, truncate, or drop; and count what happened."""
-    if mode not in LONG_MODES:
-        raise ValueError(f"--long is {mode!r}; expected one of {LONG_MODES}")
-    long = lengths > max_len
-    info = LongDocuments(mode=mode, max_len=max_len, long_documents=int(long.sum()))
-    if mode == "drop":
-        info.dropped_documents, info.dropped_tokens = int(long.sum()), int(lengths[long].sum())
-        return lengths[~long], info
-    doc, _, fitted = chunk_plan(lengths, max_len, mode)  # the same cut SplitDocuments makes
-    if mode == "truncate":
-        info.truncated_tokens = int((lengths[long] - max_len).sum())
-    else:
-        info.split_into = int(long[doc].sum())  # chunks made from the long documents
-    return fitted, info
+def fit_lengths(lengths: np.ndarray, max_len: int, too_long: str) -> tuple[np.ndarray, LongDocuments]:
+    """Make every length <= max_len with the shared policy (``packing.data.split``: the same cut
+    training makes), and count what happened."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"--too-long is {too_long!r}; expected one of {', '.join(TOO_LONG)}")
+    plan = plan_chunks(lengths, max_len, too_long, limit="--max-len ", fix=CLI_FIX)
+    info = LongDocuments(too_long=too_long, max_len=max_len, long_documents=int((lengths > max_len).sum()),
+                         split_into=plan.split_chunks, truncated_tokens=plan.dropped_tokens)
+    return plan.length, info
 
 
 def _strategy(name: str, real: np.ndarray, computed_tokens: float, computed_attention: float, batches: int) -> Strategy:
@@ -124,7 +114,7 @@ def _per_batch(lengths: np.ndarray, batches: list[np.ndarray]) -> tuple[np.ndarr
 
 
 def padding_report(lengths: np.ndarray, *, max_len: int, batch_size: int, token_budget: int,
-                   pad_to_multiple_of: int = 64, long: str = "split", seed: int = 0) -> Report:
+                   pad_to_multiple_of: int = 64, too_long: str = "split", seed: int = 0) -> Report:
     """The four strategies on ``lengths`` (one int per document, each >= 1)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
@@ -141,9 +131,7 @@ def padding_report(lengths: np.ndarray, *, max_len: int, batch_size: int, token_
         raise ValueError(f"--token-budget {token_budget} < --max-len {max_len} rounded up to --pad-to-multiple-of "
                          f"{pad_to_multiple_of} ({rounded}): a document of max_len would not fit a batch")
     documents, total = len(lengths), int(lengths.sum())
-    fitted, long_info = fit_lengths(lengths, max_len, long)
-    if fitted.size == 0:
-        raise ValueError(f"every document is longer than --max-len {max_len} and --long drop left none")
+    fitted, long_info = fit_lengths(lengths, max_len, too_long)
     settings = dict(max_len=max_len, batch_size=batch_size, token_budget=token_budget,
                     pad_to_multiple_of=pad_to_multiple_of, seed=seed)
     report = Report(documents, total, long_info, settings)
@@ -253,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--shards", metavar="GLOB", help="shards written by python -m packing.data.shards")
     source.add_argument("--synthetic", type=int, metavar="N", help="N lengths uniform in [1, max_len - 1]")
     p.add_argument("--max-len", type=int, default=1024, help="the longest sequence the model takes (default 1024)")
-    p.add_argument("--long", choices=LONG_MODES, default="split", help="documents over --max-len (default split)")
+    p.add_argument("--too-long", choices=TOO_LONG, default="split",
+                   help="documents over --max-len: split into chunks (default), truncate, or error")
     p.add_argument("--batch-size", type=int, default=32, help="documents per batch for pad_max/pad_longest (default 32)")
     p.add_argument("--token-budget", type=int, default=16384, help="tokens per batch for bucket/pack (default 16,384)")
     p.add_argument("--pad-to-multiple-of", type=int, default=64, help="pad_longest and bucket rounding (default 64)")
@@ -275,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             source_name = f"synthetic: {args.synthetic:,} lengths uniform in [1, {args.max_len - 1}]"
         report = padding_report(lengths, max_len=args.max_len, batch_size=args.batch_size,
                                 token_budget=args.token_budget, pad_to_multiple_of=args.pad_to_multiple_of,
-                                long=args.long, seed=args.seed)
+                                too_long=args.too_long, seed=args.seed)
         if args.plot:
             try:
                 plot_report(report, lengths, args.plot)
@@ -286,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     lg = report.long
     print(f"{source_name}: {report.documents:,} documents, {report.real_tokens:,} tokens")
     print(f"longer than --max-len {lg.max_len}: {lg.long_documents:,} documents, "
-          + {"split": f"split into {lg.split_into:,} chunks",
-             "truncate": f"{lg.truncated_tokens:,} tokens truncated",
-             "drop": f"dropped ({lg.dropped_tokens:,} tokens)"}[lg.mode])
+          + {"split": f"split into {lg.split_into:,} chunks, no token dropped",
+             "truncate": f"truncated, {lg.truncated_tokens:,} tokens dropped",
+             "error": "none (--too-long error)"}[lg.too_long])
     print(f"batch size {args.batch_size}, token budget {args.token_budget:,}, pad x{args.pad_to_multiple_of}")
     print(format_table(report))
     if args.json:

@@ -1,12 +1,21 @@
 """Read the shards that ``python -m packing.data.shards`` writes: map-style with lengths, or streamed.
 
 Both readers check each shard against the length index beside it before yielding anything from it:
-the member count, that every member's bytes lie inside the file, and, as each document is read,
-that its token count matches. A truncated or corrupt shard raises ``ValueError`` naming the shard;
-with ``skip_corrupt=True`` it is skipped instead, listed in ``skipped`` and warned about. (A plain
-``webdataset.WebDataset`` reads a truncated tar up to the cut and stops without a word: checked with
-webdataset 1.0.2, a shard cut mid-archive yielded 1 of its 3 documents.) Only ``tokens.npy`` and
-``id.txt`` members are decoded, with ``np.load(..., allow_pickle=False)``; nothing is unpickled.
+the member count, that every member's bytes lie inside the file, and that each ``tokens.npy``
+member's size is what its length in the index gives (so an index that disagrees with its tar is
+caught before any document is read). A truncated or corrupt shard raises ``ValueError`` naming the
+shard; with ``skip_corrupt=True`` it is skipped instead, listed in ``skipped`` and warned about.
+(A plain ``webdataset.WebDataset`` reads a truncated tar up to the cut and stops without a word:
+checked with webdataset 1.0.2, a shard cut mid-archive yielded 1 of its 3 documents.)
+
+Each document is then checked as it is read: its bytes against the CRC-32 the writer recorded, its
+token count against the index, and its ids against ``vocab_size`` in ``index.json``. A flipped byte
+raises ``ValueError`` naming the shard, the document's key, and the expected and found values.
+``ShardStream(skip_corrupt=True)`` skips such a document instead and counts it in ``skipped_docs``;
+``ShardDataset`` always raises, since a sampler has already planned its batches around it. Shards
+of format 1 (written before checksums) still read, with one warning per directory that they are
+unverified. Only ``tokens.npy`` and ``id.txt`` members are decoded, with
+``np.load(..., allow_pickle=False)``; nothing is unpickled.
 
 Example:
     >>> import tempfile, numpy as np
@@ -27,9 +36,12 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tarfile
 import warnings
+import zlib
 from bisect import bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,7 +52,11 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
 
 from packing.data.indexed import LengthIndexed
-from packing.data.shards import DOC_ID, TOKENS
+from packing.data.split import ChunkPlan, check_policy, chunk_sample, plan_chunks
+from packing.sample import Sample
+from packing.data.shards import DOC_ID, FORMAT, TOKENS, sidecar
+
+NPY_HEADER = 128  # bytes before the data in every tokens.npy np.save writes for a 1-D uint16/uint32 array
 
 
 def expand_shards(spec: str | Path | list[str]) -> list[str]:
@@ -65,7 +81,9 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """Where each document of one shard lies: (docs,) arrays of lengths, byte offsets and sizes."""
+    """Where each document of one shard lies: (docs,) arrays of lengths, byte offsets and sizes, its
+    tar key, and what to check it against: (docs,) uint32 CRC-32s (None: format 1, unverified) and
+    the vocabulary size (None: no index.json beside the shard)."""
 
     path: str
     lengths: np.ndarray
@@ -73,10 +91,60 @@ class ShardInfo:
     sizes: np.ndarray
     id_offsets: np.ndarray
     id_sizes: np.ndarray
+    keys: tuple[str, ...] = ()
+    crc32: np.ndarray | None = None
+    vocab_size: int | None = None
 
 
 def _index_path(path: str) -> str:
-    return path[: -len(".tar")] + ".lengths.npy" if path.endswith(".tar") else path + ".lengths.npy"
+    return sidecar(path, "lengths")
+
+
+_META: dict[tuple[str, int, int], dict[str, Any]] = {}
+_WARNED_UNVERIFIED: set[str] = set()
+
+
+def _set_meta(path: str) -> dict[str, Any]:
+    """The ``index.json`` beside a shard (format, vocab_size, dtype), read once per directory and
+    version of the file; empty when there is none (a shard copied on its own)."""
+    index = os.path.join(os.path.dirname(os.path.abspath(path)), "index.json")
+    try:
+        st = os.stat(index)
+    except OSError:
+        return {}
+    key = (index, st.st_mtime_ns, st.st_size)
+    if key not in _META:
+        try:
+            meta = json.loads(Path(index).read_text())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{index} is unreadable ({e}); it describes the shards beside it") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{index} is not a shard index (a JSON object); write shards with python -m packing.data.shards")
+        _META[key] = {k: meta.get(k) for k in ("format", "vocab_size", "dtype")}
+    return _META[key]
+
+
+def _checksums(path: str, meta: dict[str, Any], docs: int) -> np.ndarray | None:
+    """The shard's (docs,) CRC-32s; None, with a warning once per directory, for format 1 shards."""
+    crc_path = sidecar(path, "crc32")
+    if not os.path.isfile(crc_path):
+        if meta.get("format") == FORMAT:
+            raise ValueError(f"shard {path} has no checksum file {os.path.basename(crc_path)} beside it, "
+                             f"though its index.json says {FORMAT}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in _WARNED_UNVERIFIED:
+            _WARNED_UNVERIFIED.add(folder)
+            warnings.warn(f"shards in {folder} have no per-document checksums (format {meta.get('format', 'unknown')}); "
+                          "they are read unverified: rewrite them with python -m packing.data.shards to check every "
+                          "document", stacklevel=4)
+        return None
+    try:
+        crc = np.load(crc_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"shard {path}: its checksum file {os.path.basename(crc_path)} is unreadable ({e})") from None
+    if crc.shape != (docs,) or crc.dtype != np.uint32:
+        raise ValueError(f"shard {path}: its checksum file holds {crc.dtype} {crc.shape}, expected uint32 ({docs},)")
+    return crc
 
 
 def _index_size(path: str) -> int:
@@ -115,7 +183,17 @@ def scan_shard(path: str) -> ShardInfo:
     id_offsets, id_sizes = (np.array([ids[k][i] for k in keys], dtype=np.int64) for i in (0, 1))
     if len(keys) and max((offsets + sizes).max(), (id_offsets + id_sizes).max()) > size:
         raise ValueError(f"shard {path} is truncated: members extend past its {size} bytes")
-    return ShardInfo(path, lengths.astype(np.int64), offsets, sizes, id_offsets, id_sizes)
+    meta = _set_meta(path)
+    lengths = lengths.astype(np.int64)
+    # Each member is the 128-byte .npy header and length x itemsize bytes: an index that disagrees
+    # with its tar shows here, before any document is read.
+    itemsizes = [np.dtype(meta["dtype"]).itemsize] if meta.get("dtype") in ("uint16", "uint32") else [2, 4]
+    if len(keys) and not any(np.array_equal(sizes, NPY_HEADER + lengths * b) for b in itemsizes):
+        bad = next(i for i in range(len(keys)) if all(sizes[i] != NPY_HEADER + lengths[i] * b for b in itemsizes))
+        raise ValueError(f"shard {path}: its length index disagrees with its tar: document {keys[bad]} is listed "
+                         f"with {lengths[bad]} tokens but its tokens.npy member has {sizes[bad]} bytes")
+    return ShardInfo(path, lengths, offsets, sizes, id_offsets, id_sizes, tuple(keys),
+                     _checksums(path, meta, len(keys)), meta.get("vocab_size"))
 
 
 def _scan_all(paths: list[str], skip_corrupt: bool) -> tuple[list[ShardInfo], list[tuple[str, str]]]:
@@ -132,36 +210,95 @@ def _scan_all(paths: list[str], skip_corrupt: bool) -> tuple[list[ShardInfo], li
 
 
 class _ShardFiles:
-    """Open file handles per process: DataLoader workers each get their own after fork or spawn."""
+    """Reads byte ranges of shards through at most ``max_open`` file descriptors per process.
 
-    def __init__(self) -> None:
-        self._pid, self._files = None, {}
+    Descriptors are kept in least-recently-used order and the oldest is closed when one more is
+    needed, so any number of shards reads under a small ``ulimit -n`` (100,000 shards under 256 in
+    ``tests/packing/test_shards.py``). ``os.pread`` reads without moving a shared offset, and a raw
+    descriptor is closed here, not left to the garbage collector (no unclosed-file warning). Fork-
+    and spawn-safe: a DataLoader worker finds another pid, closes its inherited copies, and opens
+    its own; descriptors never travel in a pickle.
+    """
+
+    def __init__(self, max_open: int = 64) -> None:
+        self.max_open = max_open
+        self._pid: int | None = None
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def _fd(self, path: str) -> int:
+        if self._pid != os.getpid():  # a new process: the descriptors it inherited are its own copies
+            self.close()
+            self._pid = os.getpid()
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        if len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd
 
     def read(self, path: str, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():
-            self._pid, self._files = os.getpid(), {}
-        f = self._files.get(path) or self._files.setdefault(path, open(path, "rb"))
-        f.seek(offset)
-        data = f.read(size)
+        data = os.pread(self._fd(path), size, offset)
         if len(data) != size:
             raise ValueError(f"shard {path} is truncated: wanted {size} bytes at {offset}, got {len(data)}")
         return data
 
+    def close(self) -> None:
+        while self._fds:
+            try:
+                os.close(self._fds.popitem()[1])
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        if self._pid == os.getpid():
+            self.close()
+
     def __getstate__(self) -> dict:
-        return {}  # handles never travel to a worker
+        return {"max_open": self.max_open}  # descriptors never travel to a worker
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(**state)
 
 
-def _decode_tokens(data: bytes, path: str, position: int, length: int) -> torch.Tensor:
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"shard {path}: document {position} is not a readable .npy ({e})") from None
+def _npy_header(descr: str, length: int) -> bytes:
+    """The 128-byte header ``np.save`` (format 1.0) writes for a 1-D array of ``length`` ``descr``s."""
+    text = "{'descr': '%s', 'fortran_order': False, 'shape': (%d,), }" % (descr, length)
+    text += " " * (-(10 + len(text) + 1) % 64) + "\n"  # padded so data starts 64-byte aligned
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+class CorruptDocument(ValueError):
+    """One document's bytes fail a check (checksum, decoding, length or vocabulary); its shard is
+    otherwise sound, so a stream with ``skip_corrupt=True`` can skip just this document."""
+
+
+def _decode_tokens(data: bytes, info: ShardInfo, j: int) -> torch.Tensor:
+    """Document ``j`` of ``info``'s shard from its member bytes, checked; (length,) int64."""
+    name = f"document {info.keys[j]} (position {j})" if info.keys else f"document {j}"
+    if info.crc32 is not None:
+        found = zlib.crc32(data)
+        if found != int(info.crc32[j]):
+            raise CorruptDocument(f"shard {info.path}: {name} is corrupt: its bytes have CRC-32 {found:08x}, "
+                                  f"the writer recorded {int(info.crc32[j]):08x}")
+    length = int(info.lengths[j])
+    if data[:NPY_HEADER] in (_npy_header("<u2", length), _npy_header("<u4", length)):
+        # The header np.save writes for exactly this array: read the ids without parsing it (np.load
+        # parses the header with ast.literal_eval, the largest cost of a read).
+        arr = np.frombuffer(data, dtype=np.uint16 if data[22:24] == b"u2" else np.uint32, offset=NPY_HEADER)
+    else:
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CorruptDocument(f"shard {info.path}: {name} is not a readable .npy ({e})") from None
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or len(arr) != length:
-        raise ValueError(f"shard {path}: document {position} holds {arr.dtype} {arr.shape}, "
-                         f"but the length index says {length} tokens")
+        raise CorruptDocument(f"shard {info.path}: {name} holds {arr.dtype} {arr.shape}, "
+                              f"but the length index says {length} tokens")
+    if info.vocab_size is not None and length and int(arr.max()) >= info.vocab_size:
+        at = int(arr.argmax())
+        raise CorruptDocument(f"shard {info.path}: {name} has token id {int(arr[at])} at token {at}, at or above "
+                              f"the vocabulary size {info.vocab_size} in its index.json")
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -193,7 +330,7 @@ class ShardDataset(LengthIndexed):
     def __getitem__(self, i: int) -> torch.Tensor:
         info, j = self._locate(i)
         data = self._files.read(info.path, int(info.offsets[j]), int(info.sizes[j]))
-        return _decode_tokens(data, info.path, j, int(info.lengths[j]))
+        return _decode_tokens(data, info, j)
 
     def doc_id(self, i: int) -> str:
         """The document's id as written: its source file, JSONL id, or FILE:LINE."""
@@ -209,28 +346,47 @@ class ShardStream(IterableDataset):
     of its rank's (as webdataset's ``split_by_node`` and ``split_by_worker`` do). Yields 1-D int64
     token tensors, or ``{"input_ids", "id"}`` dicts with ``with_ids=True``.
 
+    **Long documents.** ``max_len=N, too_long="error" | "split" | "truncate"`` is the policy of
+    :mod:`packing.data.split`: a document over ``N`` tokens is refused naming it (the default once
+    ``max_len`` is given), cut into chunks of ``N`` (each a :class:`~packing.sample.Sample` that keeps
+    the document's next-token targets; with ids, ``"labels"`` too and an id ending ``[start:end]``), or
+    truncated to its first ``N``. Chunks are planned from the length indexes, so each has its own
+    position and a resume is exact; ``too_long_summary()`` counts what was split or truncated, and
+    the tokens dropped, over the whole set. Give ``StreamPacker(max_tokens=M)`` a stream with
+    ``max_len <= M``.
+
     **Resume.** ``state_dict()`` is this process's (or worker's) place in its stream: the epoch, the
     seed, a fingerprint of the shard set, the rank, world size, worker and worker count, and
-    ``position``, how many documents of its share it has yielded. ``load_state_dict`` makes the next
+    ``position``, how many documents (chunks) of its share it has yielded. ``load_state_dict`` makes the next
     iteration start there. torchdata's ``StatefulDataLoader`` saves and restores these per worker.
-    A state from another shard set, seed, world size, rank, worker count or worker is refused with a
+    A state from another shard set, seed, ``max_len``/``too_long``, world size, rank, worker count or worker is refused with a
     ``ValueError``; it is never silently restarted. Positions count the documents in each shard's
-    length index, so a shard skipped as corrupt still occupies its place.
+    length index, so a shard or document skipped as corrupt still occupies its place.
+
+    ``skipped`` and ``skipped_docs`` list what this process skipped with ``skip_corrupt=True``: each
+    DataLoader worker keeps its own lists (and warns for each), so read them with ``num_workers=0``,
+    or from the warnings.
 
     ``documents(positions)`` reads documents of the share by position, so ``StreamPacker`` can
     restore a buffer it saved as positions, not tokens.
     """
 
     def __init__(self, shards: str | Path | list[str], *, shuffle: bool = True, seed: int = 0,
-                 skip_corrupt: bool = False, with_ids: bool = False) -> None:
+                 skip_corrupt: bool = False, with_ids: bool = False, max_len: int | None = None,
+                 too_long: str = "error") -> None:
+        check_policy(max_len, too_long)
         self.paths = expand_shards(shards)
         self.shuffle, self.seed, self.skip_corrupt, self.with_ids = shuffle, seed, skip_corrupt, with_ids
+        self.max_len, self.too_long = max_len, too_long
         self.epoch = 0
         self.position = 0  # documents of this share yielded in this epoch
         self._resume: dict[str, Any] | None = None
         self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see place
         self._files = _ShardFiles()
-        self._counts: dict[str, int] = {}
+        self._plans: dict[str, ChunkPlan] = {}
+        self._last: tuple[str, int, Any] | None = None  # (shard, doc, tokens or the error): a split document is read once
+        self.skipped: list[tuple[str, str]] = []  # (shard, why): shards skipped as corrupt, this process
+        self.skipped_docs: list[tuple[str, str, str]] = []  # (shard, key, why): documents skipped as corrupt
         # The shard set: names and sizes of every tar and length index, so a state from other data
         # is refused without reading the shards.
         digest = hashlib.sha256()
@@ -278,14 +434,23 @@ class ShardStream(IterableDataset):
         arrays = []
         for path in self.share(rank, worker, world_size, num_workers):
             try:
-                arrays.append(np.load(_index_path(path), allow_pickle=False))
+                np.load(_index_path(path), allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
                 raise ValueError(f"shard {path}: its length index is unreadable ({e})") from None
+            arrays.append(self._plan(path).length)
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+    def too_long_summary(self) -> dict[str, int]:
+        """What ``max_len`` / ``too_long`` do to the whole shard set, from the length indexes alone:
+        ``{"documents", "chunks", "split", "truncated", "dropped_tokens"}``."""
+        plans = [self._plan(path) for path in self.paths]
+        return {"documents": sum(int(len(np.unique(p.doc))) for p in plans), "chunks": sum(len(p.doc) for p in plans),
+                "split": sum(p.split for p in plans), "truncated": sum(p.truncated for p in plans),
+                "dropped_tokens": sum(p.dropped_tokens for p in plans)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle, "fingerprint": self.fingerprint,
-                "position": self.position, **self.place()}
+                "max_len": self.max_len, "too_long": self.too_long, "position": self.position, **self.place()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``'s position on the next iteration; see the class docstring."""
@@ -297,8 +462,8 @@ class ShardStream(IterableDataset):
                 f"ShardStream state is from another shard set (fingerprint {state.get('fingerprint')!r}, these "
                 f"{len(self.paths)} shards give {self.fingerprint!r}); resume with the shards it was saved with"
             )
-        for key in ("seed", "shuffle"):
-            if state[key] != getattr(self, key):
+        for key in ("seed", "shuffle", "max_len", "too_long"):
+            if state.get(key, {"max_len": None, "too_long": "error"}.get(key)) != getattr(self, key):  # absent: saved before them
                 raise ValueError(f"ShardStream state has {key}={state[key]!r}, this stream {key}={getattr(self, key)!r}; "
                                  f"construct the stream with {key}={state[key]!r} to resume it")
         place = self.place()
@@ -311,22 +476,46 @@ class ShardStream(IterableDataset):
         self.epoch, self.position = state["epoch"], state["position"]
         self._resume = state
 
-    def _count(self, path: str) -> int:
-        """Documents in a shard's length index (0 if it is unreadable): its width in positions."""
-        if path not in self._counts:
+    def _plan(self, path: str) -> ChunkPlan:
+        """The chunks of a shard's documents under ``max_len`` / ``too_long``, from its length index
+        alone (none if it is unreadable): positions count chunks, so a resume stays exact."""
+        if path not in self._plans:
             try:
-                self._counts[path] = len(np.load(_index_path(path), allow_pickle=False))
+                lengths = np.load(_index_path(path), allow_pickle=False)
             except (ValueError, OSError, EOFError):
-                self._counts[path] = 0
-        return self._counts[path]
+                lengths = np.zeros(0, dtype=np.int64)
+            self._plans[path] = plan_chunks(lengths, self.max_len, self.too_long,
+                                            name=lambda i: f"document {i} of shard {path}")
+        return self._plans[path]
+
+    def _count(self, path: str) -> int:
+        """Positions a shard occupies: its chunks (its documents, without ``max_len``)."""
+        return len(self._plan(path).doc)
 
     def _sample(self, info: ShardInfo, j: int) -> Any:
-        data = self._files.read(info.path, int(info.offsets[j]), int(info.sizes[j]))
-        tokens = _decode_tokens(data, info.path, j, int(info.lengths[j]))
+        """Chunk ``j`` of the shard: its tokens (a whole document), or a :class:`Sample` with the
+        document's own targets (a piece of one); a dict with its id with ``with_ids=True``."""
+        if self.max_len is None and not self.with_ids:  # the usual case: chunk j is document j
+            data = self._files.read(info.path, int(info.offsets[j]), int(info.sizes[j]))
+            return _decode_tokens(data, info, j)
+        plan = self._plan(info.path)
+        d, start, length = int(plan.doc[j]), int(plan.start[j]), int(plan.length[j])
+        if self._last is None or self._last[:2] != (info.path, d):
+            try:
+                data = self._files.read(info.path, int(info.offsets[d]), int(info.sizes[d]))
+                self._last = (info.path, d, _decode_tokens(data, info, d))
+            except CorruptDocument as e:
+                self._last = (info.path, d, e)
+        tokens = self._last[2]
+        if isinstance(tokens, CorruptDocument):
+            raise tokens
+        sample = chunk_sample(tokens, start, length)
         if not self.with_ids:
-            return tokens
-        raw = self._files.read(info.path, int(info.id_offsets[j]), int(info.id_sizes[j]))
-        return {"input_ids": tokens, "id": raw.decode("utf-8", "surrogateescape")}
+            return sample
+        doc_id = self._files.read(info.path, int(info.id_offsets[d]), int(info.id_sizes[d])).decode("utf-8", "surrogateescape")
+        if isinstance(sample, Sample):
+            return {"input_ids": sample.input_ids, "labels": sample.labels, "id": f"{doc_id}[{start}:{start + length}]"}
+        return {"input_ids": sample, "id": doc_id}
 
     def documents(self, positions: list[int]) -> list[Any]:
         """The documents at these positions of this share (this epoch), in the order given."""
@@ -355,13 +544,24 @@ class ShardStream(IterableDataset):
             if skip and skip >= self._count(path):  # taken before the saved state
                 skip -= self._count(path)
                 continue
-            infos, _ = _scan_all([path], self.skip_corrupt)  # validated before its first document
+            infos, skipped = _scan_all([path], self.skip_corrupt)  # validated before its first document
+            self.skipped += skipped
             if not infos:  # skipped as corrupt: its positions pass without documents
                 self.position += self._count(path) - skip
                 skip = 0
                 continue
-            for j in range(skip, len(infos[0].lengths)):
-                sample = self._sample(infos[0], j)
+            for j in range(skip, self._count(path)):
+                try:
+                    sample = self._sample(infos[0], j)
+                except CorruptDocument as e:
+                    if not self.skip_corrupt:
+                        raise ValueError(f"{e}; pass skip_corrupt=True to skip such documents and count them") from None
+                    self.position += 1  # its position passes without a document, as a skipped shard's do
+                    key = infos[0].keys[int(self._plan(path).doc[j])]
+                    if not self.skipped_docs or self.skipped_docs[-1][:2] != (path, key):  # once per document, not per chunk
+                        self.skipped_docs.append((path, key, str(e)))
+                        warnings.warn(f"skipping {e}", stacklevel=2)
+                    continue
                 self.position += 1  # before the yield: a saved state counts this document as taken
                 yield sample
             skip = 0

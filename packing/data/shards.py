@@ -7,13 +7,16 @@ Layout of ``--output``::
 
     shard-000000.tar            webdataset tar: per document, KEY.tokens.npy and KEY.id.txt
     shard-000000.lengths.npy    (docs_in_shard,) int64 token counts, in tar order
+    shard-000000.crc32.npy      (docs_in_shard,) uint32 CRC-32 of each KEY.tokens.npy member's bytes
     ...
     index.json                  format, tokenizer, vocab size, and per shard: docs, tokens, files
 
 ``KEY`` is the document's 9-digit position in the whole set. ``tokens.npy`` is a 1-D uint16 (or
 uint32 for vocabularies over 65,536) array written with ``np.save(..., allow_pickle=False)``;
 ``id.txt`` is the source file's relative path, or the JSONL ``id`` field (else ``FILE:LINE``).
-Readers need nothing but numpy and tarfile, and never unpickle.
+Readers need nothing but numpy, tarfile and zlib, and never unpickle. They check each document's
+CRC-32 and that its ids are under ``vocab_size`` before handing it out (format 2; shards of format 1,
+written before checksums, still read, with a warning that they are unverified).
 
 Inputs: a directory (every file under it, sorted, is one document, read as raw bytes), or a JSONL
 file whose lines are objects with a string ``text`` field. Empty documents are skipped and counted;
@@ -26,6 +29,7 @@ import io
 import json
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,10 +38,17 @@ from tqdm import tqdm
 
 from packing.cli import Parser
 from packing.validate import positive_int
+from packing.data.split import CLI_FIX, TOO_LONG, check_policy, plan_chunks
 from packing.data.tokenizer import ByteTokenizer, load_tokenizer
 
-FORMAT = "varlen-packing-shards/1"
+FORMAT = "varlen-packing-shards/2"  # 2: a CRC-32 per document (1: none)
 TOKENS, DOC_ID = "tokens.npy", "id.txt"
+
+
+def sidecar(tar_path: str, kind: str) -> str:
+    """The file beside a shard: ``kind`` "lengths" or "crc32" (shard-000000.tar -> shard-000000.KIND.npy)."""
+    stem = tar_path[: -len(".tar")] if tar_path.endswith(".tar") else tar_path
+    return f"{stem}.{kind}.npy"
 
 
 def iter_documents(path: str | Path) -> Iterator[tuple[str, bytes | str]]:
@@ -113,6 +124,7 @@ class ShardWriter:
                         "dtype": np.dtype(self.dtype).name, "docs": 0, "tokens": 0, "skipped_empty": 0, "shards": []}
         self._tar: tarfile.TarFile | None = None
         self._lengths: list[int] = []
+        self._crcs: list[int] = []
 
     def write(self, doc_id: str, tokens: np.ndarray) -> None:
         """Add one document; an empty one is skipped and counted in ``skipped_empty``."""
@@ -122,11 +134,21 @@ class ShardWriter:
         if self._tar is None:
             name = f"{self.prefix}-{len(self.summary['shards']):06d}"
             self._tar = tarfile.open(self.out / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT)
-            self.summary["shards"].append({"tar": f"{name}.tar", "lengths": f"{name}.lengths.npy", "docs": 0, "tokens": 0})
+            self.summary["shards"].append({"tar": f"{name}.tar", "lengths": f"{name}.lengths.npy",
+                                           "crc32": f"{name}.crc32.npy", "docs": 0, "tokens": 0})
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"document {doc_id!r} is {tokens.dtype} {tuple(tokens.shape)}; write 1-D integer token ids")
+        if tokens.min() < 0 or tokens.max() >= self.summary["vocab_size"]:
+            bad = int(np.flatnonzero((tokens < 0) | (tokens >= self.summary["vocab_size"]))[0])
+            raise ValueError(f"document {doc_id!r} has token id {int(tokens[bad])} at position {bad}, outside the "
+                             f"vocabulary [0, {self.summary['vocab_size']}); fix the tokenizer or pass its vocab_size")
         key = f"{self.summary['docs']:09d}"
-        _add(self._tar, f"{key}.{TOKENS}", _npy(np.asarray(tokens, dtype=self.dtype)))
+        payload = _npy(tokens.astype(self.dtype))
+        _add(self._tar, f"{key}.{TOKENS}", payload)
         _add(self._tar, f"{key}.{DOC_ID}", doc_id.encode("utf-8", "surrogateescape"))
         self._lengths.append(len(tokens))
+        self._crcs.append(zlib.crc32(payload))
         self.summary["docs"] += 1
         self.summary["tokens"] += len(tokens)
         if len(self._lengths) == self.shard_size:
@@ -138,8 +160,9 @@ class ShardWriter:
         self._tar.close()
         shard = self.summary["shards"][-1]
         np.save(self.out / shard["lengths"], np.asarray(self._lengths, dtype=np.int64), allow_pickle=False)
+        np.save(self.out / shard["crc32"], np.asarray(self._crcs, dtype=np.uint32), allow_pickle=False)
         shard["docs"], shard["tokens"] = len(self._lengths), int(sum(self._lengths))
-        self._tar, self._lengths = None, []
+        self._tar, self._lengths, self._crcs = None, [], []
 
     def close(self) -> None:
         self._close_shard()
@@ -154,18 +177,40 @@ class ShardWriter:
 
 def write_shards(documents: Iterable[tuple[str, bytes | str]], out_dir: str | Path, *, tokenizer: str = "bytes",
                  shard_size: int = 10_000, add_bos: bool = False, add_eos: bool = False,
+                 max_len: int | None = None, too_long: str = "error",
                  total: int | None = None, progress: bool = True) -> dict:
-    """Tokenize ``documents`` and write them as shards; returns the ``index.json`` summary."""
+    """Tokenize ``documents`` and write them as shards; returns the ``index.json`` summary.
+
+    ``max_len`` / ``too_long`` is the policy of :mod:`packing.data.split`, applied as each document
+    is tokenized: "error" stops at the first one over ``max_len`` naming it; "split" writes its
+    chunks as documents of their own, with ids ``ID[start:end]`` (the last token of each chunk then
+    has no target in training: one per cut, counted in ``targets_lost_at_cuts``; split in the reader
+    instead, ``ShardStream(max_len=...)``, to keep them); "truncate" keeps the first ``max_len``.
+    """
     tok = load_tokenizer(tokenizer)
+    check_policy(max_len, too_long, names=("--max-len", "--too-long"))
     if (add_bos or add_eos) and not isinstance(tok, ByteTokenizer):
         raise ValueError("--add-bos/--add-eos work with --tokenizer bytes; for a tokenizer.json, set its post-processor")
+    counts = {"split": 0, "split_chunks": 0, "targets_lost_at_cuts": 0, "truncated": 0, "dropped_tokens": 0}
     with ShardWriter(out_dir, vocab_size=tok.vocab_size, tokenizer=tok.name, shard_size=shard_size) as writer:
         for doc_id, text in tqdm(documents, total=total, unit="doc", disable=not progress, desc="writing shards"):
             ids = tok.encode(text)
             if len(ids) and (add_bos or add_eos):
                 ids = np.concatenate([[tok.bos_id]] * add_bos + [ids] + [[tok.eos_id]] * add_eos).astype(ids.dtype)
-            writer.write(doc_id, ids)
+            if max_len is None or len(ids) <= max_len:
+                writer.write(doc_id, ids)
+                continue
+            plan = plan_chunks([len(ids)], max_len, too_long, name=lambda _: f"document {doc_id!r}",
+                               limit="--max-len ", fix=CLI_FIX)
+            for start, n in zip(plan.start.tolist(), plan.length.tolist()):
+                writer.write(doc_id if too_long == "truncate" else f"{doc_id}[{start}:{start + n}]", ids[start:start + n])
+            counts["split"] += plan.split
+            counts["split_chunks"] += plan.split_chunks
+            counts["targets_lost_at_cuts"] += max(plan.split_chunks - 1, 0)
+            counts["truncated"] += plan.truncated
+            counts["dropped_tokens"] += plan.dropped_tokens
     summary = writer.summary
+    summary["too_long"] = {"max_len": max_len, "policy": too_long, **counts}
     summary["replaced_invalid_utf8"] = getattr(tok, "replaced", 0)
     (Path(out_dir) / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -179,16 +224,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=10_000, help="documents per shard (default 10,000)")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS (byte tokenizer only)")
     p.add_argument("--add-eos", action="store_true", help="append EOS (byte tokenizer only)")
+    p.add_argument("--max-len", type=int, help="the longest document to write (default: no limit)")
+    p.add_argument("--too-long", choices=TOO_LONG, default="error",
+                   help="a document over --max-len: error (default), split into chunks, or truncate")
     args = p.parse_args(argv)
     try:
         summary = write_shards(iter_documents(args.input), args.output, tokenizer=args.tokenizer,
                                shard_size=args.shard_size, add_bos=args.add_bos, add_eos=args.add_eos,
+                               max_len=args.max_len, too_long=args.too_long,
                                total=count_documents(args.input), progress=sys.stderr.isatty())
     except (ValueError, ImportError) as e:
         return p.fail(e)
     print(f"wrote {summary['docs']:,} documents, {summary['tokens']:,} tokens in {len(summary['shards'])} shards "
           f"to {args.output}; skipped {summary['skipped_empty']} empty"
           + (f"; {summary['replaced_invalid_utf8']} had invalid UTF-8 replaced" if summary["replaced_invalid_utf8"] else ""))
+    lg = summary["too_long"]
+    if lg["split"]:
+        print(f"split {lg['split']:,} documents over --max-len {args.max_len} into {lg['split_chunks']:,} chunks "
+              f"(no token dropped; {lg['targets_lost_at_cuts']:,} next-token targets lost at the cuts)")
+    if lg["truncated"]:
+        print(f"truncated {lg['truncated']:,} documents over --max-len {args.max_len}, {lg['dropped_tokens']:,} tokens dropped")
     return 0
 
 

@@ -81,7 +81,8 @@ class StreamPacker(IterableDataset):
     single bin). The stream's end flushes the buffer the same way. A 4096-document buffer fills the
     budget almost as well as planning the whole epoch (``python -m benchmarks.samplers`` measures
     both; recorded in benchmarks/results/samplers.txt). Nothing is dropped or truncated: a document
-    longer than ``max_tokens`` raises ``ValueError``.
+    longer than ``max_tokens`` raises ``ValueError``; split it where it enters, with
+    ``ShardStream(..., max_len=max_tokens, too_long="split")``.
 
     Hand each pack to a collator, one pack per step::
 
@@ -253,7 +254,8 @@ class StreamPacker(IterableDataset):
             if not 1 <= n <= self.max_tokens:
                 raise ValueError(
                     f"document {position} of the stream has length {n}; StreamPacker takes 1 to max_tokens="
-                    f"{self.max_tokens} tokens. Filter empty documents, or split long ones before packing"
+                    f"{self.max_tokens} tokens. Split long documents where they enter: ShardStream(..., "
+                    f"max_len={self.max_tokens}, too_long='split') (or 'truncate'); filter empty ones"
                 )
             buffer.add(n, sample, position)
             if position == self._next and position - self._base < len(self._gone):  # the usual case, inline

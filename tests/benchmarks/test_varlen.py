@@ -136,3 +136,31 @@ def test_static_packs_keep_the_loss_and_fix_the_row(tmp_path):
     assert static["static"] is True and plain["static"] is False
     assert static["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert static["padding_fraction"] >= plain["padding_fraction"]  # rows padded to 512 slots, never fewer
+
+
+def test_too_long_policy_on_the_command_line(tmp_path, capsys):
+    """Issue 22 items 3 and 10: documents over the model's max_len (or --max-tokens) go through
+    --too-long; 'error' names the document and points to --too-long split, in one line."""
+    import numpy as np
+
+    from packing.data.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "s", vocab_size=259, tokenizer="bytes") as w:
+        for n in (40, 300, 700, 90):
+            w.write("d", np.ones(n, dtype=np.uint16))
+    common = ["--device", "cpu", "--collate", "concat", "--data", str(tmp_path / "s"), "--steps", "1", "--warmup", "0"]
+    assert main([*common, "--sampler", "pack", "--max-tokens", "128", "--too-long", "error"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("document 1 has 300 tokens, over --max-tokens 128 (2 such documents); pass "
+                                     "--too-long split to cut it into chunks (every token kept)") in err
+    assert main([*common, "--too-long", "error"]) == 2  # --sampler fixed: the model's max_len is the limit
+    assert "over the model's max_len 256 (2 such documents)" in capsys.readouterr().err
+    assert main([*common, "--sampler", "pack", "--max-tokens", "128"]) == 0
+    assert "2 documents over --max-tokens 128 split into 9 chunks, no token dropped" in capsys.readouterr().out
+    assert main([*common, "--sampler", "pack", "--max-tokens", "128", "--too-long", "truncate"]) == 0
+    assert "2 documents over --max-tokens 128 truncated, 744 tokens dropped" in capsys.readouterr().out
+    # Synthetic documents too: --max-tokens below the model's max_len splits, where the sampler used
+    # to stop with a Python wrapper to write.
+    assert main(["--device", "cpu", "--collate", "concat", "--sampler", "pack", "--max-tokens", "64", "--steps", "1",
+                 "--warmup", "0"]) == 0
+    assert "over --max-tokens 64 split into" in capsys.readouterr().out

@@ -38,14 +38,20 @@ def test_batch_of_one_padded_to_the_longest_wastes_nothing():
     "mode, kept, counts",
     [("split", [5, 10, 2, 10, 10, 10], {"long_documents": 2, "split_into": 5}),
      ("truncate", [5, 10, 10], {"long_documents": 2, "truncated_tokens": 22}),
-     ("drop", [5], {"long_documents": 2, "dropped_documents": 2, "dropped_tokens": 42})],
+     ("error", None, None)],
 )
 def test_long_documents_are_counted(mode, kept, counts):
+    if mode == "error":
+        with pytest.raises(ValueError, match=r"document 1 has 12 tokens, over --max-len 10 \(2 such documents\); pass "
+                                             r"--too-long split to cut it into chunks \(every token kept\) or --too-long "
+                                             r"truncate to drop its tail"):
+            fit_lengths(np.array([5, 12, 30]), 10, mode)
+        return
     fitted, info = fit_lengths(np.array([5, 12, 30]), 10, mode)
     assert sorted(fitted.tolist()) == sorted(kept)
     for key, value in counts.items():
         assert getattr(info, key) == value
-    r = padding_report(np.array([5, 12, 30]), max_len=10, batch_size=2, token_budget=10, long=mode,
+    r = padding_report(np.array([5, 12, 30]), max_len=10, batch_size=2, token_budget=10, too_long=mode,
                        pad_to_multiple_of=1)
     assert (r.documents, r.real_tokens) == (3, 47)  # source documents, before any split
     assert r.strategy("pack").real_tokens == sum(kept)
@@ -56,8 +62,7 @@ def test_long_documents_are_counted(mode, kept, counts):
     [([], {}, r"no lengths to report on"),
      ([3, 0], {}, r"document 1 has length 0; lengths must be >= 1"),
      ([3], {"token_budget": 100}, r"--token-budget 100 < --max-len 128 rounded up to --pad-to-multiple-of 64 \(128\)"),
-     ([300], {"long": "drop"}, r"every document is longer than --max-len 128 and --long drop left none"),
-     ([3], {"long": "chop"}, r"--long is 'chop'; expected one of")],
+     ([3], {"too_long": "chop"}, r"--too-long is 'chop'; expected one of error, split, truncate")],
 )
 def test_bad_input(lengths, kw, match):
     args = {**dict(max_len=128, batch_size=4, token_budget=1024), **kw}

@@ -23,7 +23,7 @@ def test_synthetic_table_json_and_plot(tmp_path, capsys):
 def test_lengths_file_text_and_npy(tmp_path):
     txt, npy, out = tmp_path / "l.txt", tmp_path / "l.npy", tmp_path / "r.json"
     txt.write_text("3\n1\n\n4\n2000\n")
-    assert main(["--lengths", str(txt), "--long", "truncate", "--json", str(out)]) == 0
+    assert main(["--lengths", str(txt), "--too-long", "truncate", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["documents"] == 4 and record["long"]["truncated_tokens"] == 2000 - 1024
     np.save(npy, np.array([3, 1, 4]))

@@ -21,7 +21,7 @@ def test_split_keeps_every_token(lengths, max_len):
 
 
 def test_truncate_counts_what_it_drops():
-    view = SplitDocuments([[1, 2, 3, 4, 5], [6]], [5, 1], max_len=2, mode="truncate")
+    view = SplitDocuments([[1, 2, 3, 4, 5], [6]], [5, 1], max_len=2, too_long="truncate")
     assert view.lengths.tolist() == [2, 1] and view[0].input_ids.tolist() == [1, 2]
     assert (view.num_truncated, view.dropped_tokens) == (1, 3)
 
@@ -35,10 +35,26 @@ def test_split_makes_long_documents_packable():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"max_len": 0}, r"max_len is 0"), ({"max_len": 4, "mode": "chop"}, r"mode is 'chop'; expected one of"),
+    [({"max_len": 0}, r"max_len is 0"),
+     ({"max_len": 4, "too_long": "chop"}, r"too_long is 'chop'; expected one of 'error', 'split', 'truncate'"),
+     ({"max_len": 2, "too_long": "error"}, r"document 0 has 3 tokens, over max_len=2 \(1 such documents\); pass "
+                                           r"too_long='split' to cut it into chunks \(every token kept\) or too_long='truncate'"),
      ({"max_len": 4, "lengths": [3]}, r"lengths has 1 entries but the dataset has 2 documents")],
 )
 def test_bad_settings(kw, match):
     kw = {"lengths": [3, 2], **kw}
     with pytest.raises(ValueError, match=match):
         SplitDocuments([[1, 2, 3], [4, 5]], **kw)
+
+
+def test_truncate_keeps_the_real_target_of_the_last_kept_token_and_summaries():
+    view = SplitDocuments([[1, 2, 3, 4, 5], [6]], [5, 1], max_len=2, too_long="truncate")
+    assert view[0].labels.tolist() == [2, 3]  # token 2 still predicts 3: only inputs are cut
+    assert view.plan.summary() == "1 documents over max_len 2 truncated, 3 tokens dropped"
+    split = SplitDocuments([[1, 2, 3, 4, 5], [6]], [5, 1], max_len=2)
+    assert split.plan.summary() == "1 documents over max_len 2 split into 3 chunks, no token dropped"
+
+
+def test_mode_keyword_is_gone_not_ignored():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'mode'"):
+        SplitDocuments([[1, 2, 3]], [3], max_len=2, mode="truncate")

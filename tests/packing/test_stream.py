@@ -42,7 +42,8 @@ def test_packs_feed_a_collator_through_a_dataloader():
 @pytest.mark.parametrize(
     "doc, match",
     [([], r"document 1 of the stream has length 0; StreamPacker takes 1 to max_tokens=8"),
-     (list(range(9)), r"document 1 of the stream has length 9; .*split long ones before packing")],
+     (list(range(9)), r"document 1 of the stream has length 9; StreamPacker takes 1 to max_tokens=8 tokens. Split long documents where they "
+                           r"enter: ShardStream\(..., max_len=8, too_long='split'\) \(or 'truncate'\)")],
 )
 def test_bad_documents(doc, match):
     with pytest.raises(ValueError, match=match):

@@ -22,7 +22,7 @@ pytest.importorskip("torchdata", reason="the stream extra: pip install -e '.[str
 
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
-from packing import StreamPacker  # noqa: E402
+from packing import StreamPacker, as_sample, restore_loader  # noqa: E402
 from packing.sampling.stream import pack_sizes  # noqa: E402
 from packing.data.shard_reader import ShardStream  # noqa: E402
 from packing.data.shards import ShardWriter  # noqa: E402
@@ -278,3 +278,76 @@ def test_more_refusals_say_why(shards, tmp_path):
     next(broken.glob("*.lengths.npy")).write_bytes(b"not an npy file")
     with pytest.raises(ValueError, match=r"shard .*shard-000000.tar: its length index is unreadable"):
         ShardStream(str(broken)).share_lengths(0, 0, 2, 1)
+
+
+@pytest.mark.parametrize("saved, now", [(0, 2), (2, 0), (2, 1), (1, 2)])
+def test_resume_with_another_worker_count_names_both(shards, saved, now, tmp_path):
+    """Issue 22 item 5: torchdata gives a bare AssertionError (or a worker's traceback); restore_loader
+    names the saved and the new worker counts."""
+    def loader(workers):
+        packer = StreamPacker(ShardStream(shards, seed=3), max_tokens=128, buffer_size=8)
+        return StatefulDataLoader(packer, batch_size=None, num_workers=workers, collate_fn=len)
+
+    dl = loader(saved)
+    it = iter(dl)
+    next(it)
+    torch.save(dl.state_dict(), tmp_path / "loader.pt")
+    del it
+    with pytest.raises(ValueError, match=rf"the loader state was saved with num_workers={saved}, this loader has "
+                                         rf"num_workers={now}; .* resume with num_workers={saved}, or start the epoch afresh"):
+        restore_loader(loader(now), tmp_path / "loader.pt")
+    assert restore_loader(loader(saved), tmp_path / "loader.pt") is True
+    assert restore_loader(loader(saved), tmp_path / "absent.pt") is False  # a first run
+    with pytest.raises(ValueError, match=r"it is not a StatefulDataLoader.state_dict\(\)"):
+        restore_loader(loader(0), {"epoch": 1})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_split_long_documents_resume_exactly_and_keep_every_token_and_target(tmp_path, workers):
+    """Issue 22 item 3: documents up to 59 tokens streamed with max_len=16, too_long='split' into
+    32-token packs. Every token comes once with its document's own target, across chunk ends, and a
+    loader resumed mid-epoch gives the same packs."""
+    shards = write(tmp_path / "s", 60)
+    lengths = np.concatenate([np.load(p) for p in sorted((tmp_path / "s").glob("*.lengths.npy"))])
+
+    def loader(state=None):
+        stream = ShardStream(shards, seed=3, max_len=16, too_long="split")
+        dl = StatefulDataLoader(StreamPacker(stream, max_tokens=32, buffer_size=8), batch_size=None,
+                                num_workers=workers, collate_fn=lambda p: [[as_sample(d).input_ids.tolist(),
+                                                                           as_sample(d).labels.tolist()] for d in p])
+        if state is not None:
+            restore_loader(dl, state)
+        return dl
+
+    full = list(loader())
+    summary = ShardStream(shards, max_len=16, too_long="split").too_long_summary()
+    assert summary["split"] == int((lengths > 16).sum()) > 0 and summary["dropped_tokens"] == 0
+    assert summary["chunks"] == int(np.ceil(lengths / 16).sum()) == sum(len(p) for p in full)
+    tokens = {i: t for pack in full for ids, labels in pack for t, i in zip(labels, ids)}
+    ids = sorted(t for pack in full for ids, _ in pack for t in ids)
+    expected = sorted(int(t) for i, n in enumerate(lengths) for t in np.arange(n) + 100 * i + 1)
+    assert ids == expected  # every token once
+    assert all(label == (i + 1 if (i - 1) % 100 + 1 < lengths[(i - 1) // 100] else -100) for i, label in tokens.items())
+    interrupted = loader()
+    it = iter(interrupted)
+    first = [next(it) for _ in range(5)]
+    state = interrupted.state_dict()
+    del it
+    assert first + list(loader(state)) == full
+    with pytest.raises(ValueError, match=r"ShardStream state has max_len=16, this stream max_len=None"):
+        ShardStream(shards, seed=3).load_state_dict(state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]["source"]
+                                                    if workers else state["dataset_state"]["source"])
+
+
+def test_stream_too_long_error_and_truncate(tmp_path):
+    shards = write(tmp_path / "s", 30)
+    lengths = np.concatenate([np.load(p) for p in sorted((tmp_path / "s").glob("*.lengths.npy"))])
+    with pytest.raises(ValueError, match=r"document \d+ of shard .*shard-000000.tar has \d+ tokens, over max_len=16 "
+                                         r"\(\d+ such documents\); pass too_long='split'"):
+        list(ShardStream(shards, shuffle=False, max_len=16))
+    stream = ShardStream(shards, shuffle=False, max_len=16, too_long="truncate")
+    got = list(stream)
+    assert [len(as_sample(d).input_ids) for d in got] == np.minimum(lengths, 16).tolist()
+    assert stream.too_long_summary()["dropped_tokens"] == int(np.maximum(lengths - 16, 0).sum())
+    with pytest.raises(ValueError, match=r"too_long is 'chop'; expected one of 'error', 'split', 'truncate'"):
+        ShardStream(shards, max_len=16, too_long="chop")
