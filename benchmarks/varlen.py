@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from benchmarks.harness import (
     Parser,
@@ -391,7 +392,20 @@ def run(args: VarlenConfig) -> tuple[list[VarlenRecord], str]:
     for name, row in rows.items():
         get_adapter(row.attn, COLLATORS[name].layout, device)
         make_collator(name, config, row)
-    return [run_collate(name, row, config, device, docs, steps) for name, row in rows.items()], description
+    # A row takes seconds to minutes (a CPU's whole run is about a minute): a bar over the rows, and
+    # each row's result as soon as it is measured, before the table.
+    records = []
+    # disable=None: no bar when stderr is not a terminal (a log file, CI), the row lines still print.
+    with tqdm(total=len(rows), unit="row", desc="benchmark", disable=True if rank() != 0 else None, file=sys.stderr) as bar:
+        for name, row in rows.items():
+            bar.set_postfix_str(name)
+            r = run_collate(name, row, config, device, docs, steps)
+            records.append(r)
+            if rank() == 0:
+                tqdm.write(f"{name} + {r.attn} ({r.backend}): {r.ms_per_step:.1f} ms/step, "
+                           f"{r.tokens_per_s:,.0f} real tok/s", file=sys.stdout)
+            bar.update()
+    return records, description
 
 
 def main(argv: list[str] | None = None) -> int:

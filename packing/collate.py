@@ -164,6 +164,18 @@ class NestedJagged(Collator):
         return self._batch(lens, cu, **nested)
 
 
+class _TorchsOwnDeprecation(logging.Filter):
+    """torch's ``nested_tensor_from_jagged`` calls its own deprecated ``is_fx_tracing()``, which logs
+    "is_fx_tracing will return true for both fx.symbolic_trace and torch.export..." on the first
+    nested batch (torch 2.13; nothing the caller can change). Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("is_fx_tracing will return true")
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_TorchsOwnDeprecation())
+
+
 class ConcatCuSeqlens(Collator):
     """All sequences concatenated into one row (1, T), with ``cu_seqlens`` marking the boundaries.
 

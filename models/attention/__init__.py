@@ -11,7 +11,7 @@ the layout's dense token form (``Batch.unwrap``):
 It returns the output in the same shape as q. Adding an adapter means one file here with one
 :class:`~models.attention.base.AttentionAdapter` subclass (``name``, ``layouts``, ``attend``), and
 one line in :data:`ADAPTERS`. This package is the registry; each adapter lives in its own module
-(``naive``, ``sdpa``, ``sdpa_nested``, ``flash``, ``xformers``, ``flex``), and kernel discovery in
+(``naive``, ``sdpa``, ``sdpa_nested``, ``sdpa_docs``, ``flash``, ``xformers``, ``flex``), and kernel discovery in
 :mod:`models.attention.kernels`.
 
 =================  ========  ===================================================  ============
@@ -22,6 +22,8 @@ adapter            layout    kernel (``backend``)                               
 ``sdpa_nested``    nested    SDPA on jagged NestedTensors                          CUDA; CPU bidirectional
 ``sdpa``           padded    ``F.scaled_dot_product_attention``                   CUDA, CPU
 ``flex``           packed    ``flex_attention`` + document BlockMask              CUDA; CPU forward only
+``sdpa_docs``      packed,   SDPA on the documents gathered into one block       CPU (auto), CUDA
+                   nested
 ``naive``          any       explicit fp32 softmax per sequence (ground truth)    CUDA, CPU
 =================  ========  ===================================================  ============
 
@@ -33,7 +35,7 @@ Example:
     >>> get_adapter("naive", batch.layout, "cpu")(q, k, v, batch, causal=True).shape
     torch.Size([5, 2, 4])
     >>> adapter_for(batch).name  # "auto" for this batch on its device
-    'naive'
+    'sdpa_docs'
 
 """
 
@@ -47,6 +49,7 @@ from models.attention.flex import FlexDocumentAttention
 from models.attention.kernels import flash_backend, fmha_backend
 from models.attention.naive import NaiveAttention
 from models.attention.sdpa import SdpaAttention
+from models.attention.sdpa_docs import SdpaDocsAttention
 from models.attention.sdpa_nested import SdpaNestedAttention
 from models.attention.xformers import XformersAttention
 from packing.batch import LAYOUTS, Batch
@@ -58,6 +61,7 @@ __all__ = [
     "FlexDocumentAttention",
     "NaiveAttention",
     "SdpaAttention",
+    "SdpaDocsAttention",
     "SdpaNestedAttention",
     "XformersAttention",
     "adapter_for",
@@ -79,6 +83,7 @@ ADAPTERS: dict[str, type[AttentionAdapter]] = {
         SdpaNestedAttention,
         SdpaAttention,
         FlexDocumentAttention,
+        SdpaDocsAttention,
         NaiveAttention,
     )
 }

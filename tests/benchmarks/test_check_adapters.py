@@ -7,8 +7,8 @@ def test_cpu_adapters_match_the_reference_and_limits_are_recorded(tmp_path, caps
     out = tmp_path / "adapters.json"
     assert main(["--device", "cpu", "--lengths", "1,7,130", "--heads", "2", "--head-dim", "16", "--json", str(out)]) == 0
     records = {(r["adapter"], r["causal"]): r for r in json.loads(out.read_text())}
-    assert {a for a, _ in records} == {"sdpa", "sdpa_nested", "flex"}  # flash and xformers need CUDA
-    for key in [("sdpa", True), ("sdpa", False), ("sdpa_nested", False)]:
+    assert {a for a, _ in records} == {"sdpa", "sdpa_nested", "flex", "sdpa_docs"}  # flash and xformers need CUDA
+    for key in [("sdpa", True), ("sdpa", False), ("sdpa_nested", False), ("sdpa_docs", True), ("sdpa_docs", False)]:
         r = records[key]
         assert r["status"] == "ok" and r["fwd_rel_err"] < 1e-5 and r["bwd_rel_err"] < 1e-5
     assert records[("sdpa_nested", True)]["status"].startswith("unsupported: torch has no causal SDPA kernel")

@@ -72,7 +72,7 @@ def test_profile_appends_one_table_per_collate(tmp_path):
                  "--profile", str(path)]) == 0
     text = path.read_text()
     assert "## pad_max + sdpa (torch.sdpa), train: 1 steps" in text
-    assert "## concat + naive (naive-fp32), train: 1 steps" in text and "aten::mm" in text
+    assert "## concat + sdpa_docs (torch.sdpa (documents gathered)), train: 1 steps" in text and "aten::mm" in text
 
 
 def test_data_from_shards(tmp_path):
@@ -164,3 +164,17 @@ def test_too_long_policy_on_the_command_line(tmp_path, capsys):
     assert main(["--device", "cpu", "--collate", "concat", "--sampler", "pack", "--max-tokens", "64", "--steps", "1",
                  "--warmup", "0"]) == 0
     assert "over --max-tokens 64 split into" in capsys.readouterr().out
+
+
+def test_main_job_on_cpu_prints_each_row_as_it_finishes_with_no_torch_noise():
+    """Issue 22 item 11: a row per line as it finishes, the kernel each ran, and no torch warning
+    (torch's nested_tensor_from_jagged logs its own deprecated is_fx_tracing otherwise)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.varlen", "--collate", "all", "--steps", "1", "--warmup", "0",
+                           "--batch-size", "4"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "is_fx_tracing" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("device="))
+    assert [l.split(" + ")[0] for l in lines[:header]] == list(COLLATORS)  # each row before the table
+    assert "concat + sdpa_docs (torch.sdpa (documents gathered)):" in proc.stdout  # the CPU's packed kernel

@@ -95,21 +95,23 @@ def test_cpu_limits_raise_errors_that_say_what_to_do():
 def test_gpu_adapters_are_unavailable_on_cpu_with_a_clear_error():
     with pytest.raises(ValueError, match=r"'flash' is not available on cpu: it needs CUDA and a varlen kernel: "
                        r"flash-attn-4 \(Hopper\+\), flash-attn 2, or torch >= 2.10's varlen_attn; "
-                       r"adapters for 'packed' there: flex, naive"):
+                       r"adapters for 'packed' there: flex, sdpa_docs, naive"):
         get_adapter("flash", "packed", "cpu")
     with pytest.raises(ValueError, match=r"'xformers' is not available on cpu: it needs CUDA and xFormers kernels "
-                       r"that load: .*mslk-cuda \(torch 2.11\); adapters for 'packed' there: flex, naive"):
+                       r"that load: .*mslk-cuda \(torch 2.11\); adapters for 'packed' there: flex, sdpa_docs, naive"):
         get_adapter("xformers", "packed", "cpu")
 
 
 def test_auto_picks_the_fastest_available():
     assert get_adapter("auto", "padded", "cpu").name == "sdpa"
-    assert get_adapter("auto", "packed", "cpu").name == "naive"
-    assert get_adapter("auto", "nested", "cpu").name == "naive"
+    assert get_adapter("auto", "packed", "cpu").name == "sdpa_docs"  # issue 22: a real packed path on a CPU
+    assert get_adapter("auto", "nested", "cpu").name == "sdpa_docs"
+    assert "sdpa_docs" not in [get_adapter("auto", layout, "cuda").name for layout in ("packed", "nested")
+                               if torch.cuda.is_available()]
 
 
 def test_unknown_adapter_and_layout():
-    with pytest.raises(ValueError, match=r"unknown attention adapter 'flashy'; known: auto, flash, xformers, sdpa_nested, sdpa, flex, naive"):
+    with pytest.raises(ValueError, match=r"unknown attention adapter 'flashy'; known: auto, flash, xformers, sdpa_nested, sdpa, flex, sdpa_docs, naive"):
         get_adapter("flashy", "packed", "cpu")
     with pytest.raises(ValueError, match=r"unknown layout 'ragged'"):
         get_adapter("naive", "ragged", "cpu")
@@ -123,7 +125,7 @@ def test_adapter_unavailable_on_device_lists_alternatives(monkeypatch):
         needs = "CUDA"
 
     monkeypatch.setitem(ADAPTERS, "cuda_only", CudaOnly)
-    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu: it needs CUDA; adapters for 'packed' there: flex, naive"):
+    with pytest.raises(ValueError, match=r"'cuda_only' is not available on cpu: it needs CUDA; adapters for 'packed' there: flex, sdpa_docs, naive"):
         get_adapter("cuda_only", "packed", "cpu")
     assert "cuda_only" in adapters_for("packed") and "cuda_only" not in adapters_for("packed", "cpu")
 
@@ -155,7 +157,7 @@ def test_without_a_consumer_the_mask_batch_falls_back_by_layout():
     from packing import get_collator
 
     batch = get_collator("xformers")([[5, 6, 7], [8, 9]])
-    assert adapter_for(batch).name == "naive"  # CPU: no xFormers kernels, the layout's choice
+    assert adapter_for(batch).name == "sdpa_docs"  # CPU: no xFormers kernels, the layout's choice
 
 
 def test_collator_for_pairs_each_adapter_with_its_batches():

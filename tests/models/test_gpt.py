@@ -110,7 +110,7 @@ def test_model_takes_only_a_batch(weights):
 
 def test_layout_the_adapter_cannot_take(weights):
     batch = get_collator("nested")([[1, 2]])
-    with pytest.raises(ValueError, match=r"'sdpa' takes layouts \['padded'\], not 'nested'; adapters that take 'nested': sdpa_nested, naive"):
+    with pytest.raises(ValueError, match=r"'sdpa' takes layouts \['padded'\], not 'nested'; adapters that take 'nested': sdpa_nested, sdpa_docs, naive"):
         model_with("sdpa", weights)(batch)
 
 
