@@ -402,8 +402,9 @@ def run(args: VarlenConfig) -> tuple[list[VarlenRecord], str]:
             r = run_collate(name, row, config, device, docs, steps)
             records.append(r)
             if rank() == 0:
+                ranks = "" if world_size() == 1 else f" on rank 0 of {world_size()} (the table sums the ranks)"
                 tqdm.write(f"{name} + {r.attn} ({r.backend}): {r.ms_per_step:.1f} ms/step, "
-                           f"{r.tokens_per_s:,.0f} real tok/s", file=sys.stdout)
+                           f"{r.tokens_per_s:,.0f} real tok/s{ranks}", file=sys.stdout)
             bar.update()
     return records, description
 

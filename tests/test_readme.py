@@ -1,34 +1,70 @@
 import pathlib
 import re
 
+import pytest
 import torch
 import torch._dynamo
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_examples_run():
+def run_block(block: str, capsys) -> tuple[dict, str]:
+    """Run a README python block as a user pastes it; its namespace and what it printed."""
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    return namespace, capsys.readouterr().out
+
+
+def test_readme_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) >= 3, "README lost its python examples"
-    first: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), first)  # the DataLoader example
+    assert len(blocks) >= 4, "README lost its python examples"
+    first, out = run_block(blocks[0], capsys)  # the DataLoader example
     assert first["batch"].layout == "packed"
     assert any(p.grad is not None for p in first["model"].parameters())
-    second: dict = {}
-    exec(compile(blocks[1], "README.md", "exec"), second)  # the sampler example
+    # What the README says it prints: every slot a real token, a loss near ln(1024).
+    m = re.fullmatch(r"packed batch: 32 documents, (\d+) tokens in (\d+) slots; loss (\d+\.\d+)\n", out)
+    assert m and m[1] == m[2] and abs(float(m[3]) - 6.93) < 0.3, out
+    second, out = run_block(blocks[1], capsys)  # the sampler example
     assert second["batch"].num_tokens <= 16384 and second["sampler"].epoch == 1
-    third: dict = {}
+    assert out == "epoch 0: 66 packs of at most 16384 tokens, 1,072,796 tokens in all; 0 documents dropped\n" \
+                  "epoch 1: 66 packs of at most 16384 tokens, 1,072,796 tokens in all; 0 documents dropped\n"
+    assert "`66 packs of at most 16384 tokens, 1,072,796 tokens in all; 0 documents dropped`" in README.read_text()
     torch._dynamo.reset()  # earlier tests compiled the same model class: start from no compilation
     with torch._dynamo.config.patch(error_on_recompile=True):  # the compiled recipe compiles once
-        exec(compile(blocks[2], "README.md", "exec"), third)  # the transformers example
+        third, out = run_block(blocks[2], capsys)  # the transformers example
     assert "cu_seq_lens_q" in third["kwargs"] and third["model"].config._attn_implementation == "packing_varlen"
     assert third["kwargs"]["input_ids"].shape == (1, 2048) and third["kwargs"]["max_length_q"] == 256
+    m = re.fullmatch(r"5 packs of shape \(1, 2048\); last loss (\d+\.\d+)\n", out)
+    assert m and abs(float(m[1]) - 6.93) < 0.3, out
+
+
+def test_readme_streaming_recipe_runs_as_written_on_a_first_run_and_resumes(tmp_path, monkeypatch, capsys):
+    """Issue 22 item 13: the recipe failed with FileNotFoundError: loader.pt before any state was
+    saved. Run as written in a directory with shards/ (and a document longer than the budget, which
+    the recipe splits): a first run, then a second that resumes at the epoch's end."""
+    import numpy as np
+    pytest.importorskip("torchdata", reason="the stream extra: pip install -e '.[stream]'")
+    from packing.data.shards import ShardWriter
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "restore_loader" in b)
+    rng = np.random.default_rng(0)
+    lengths = [40_000] + rng.integers(1, 3000, 199).tolist()  # one document over max_tokens=16384
+    with ShardWriter(tmp_path / "shards", vocab_size=259, tokenizer="bytes", shard_size=50) as w:
+        for i, n in enumerate(lengths):
+            w.write(f"d{i}", rng.integers(0, 256, n).astype(np.uint16))
+    monkeypatch.chdir(tmp_path)
+    _, out = run_block(block, capsys)
+    m = re.fullmatch(r"resumed=False: (\d+) packs, ([\d,]+) tokens; \{'documents': 200, 'chunks': 202, 'split': 1, "
+                     r"'truncated': 0, 'dropped_tokens': 0\}\n", out)
+    assert m and int(m[2].replace(",", "")) == sum(lengths), out  # every token, the long document's included
+    _, out = run_block(block, capsys)
+    assert out.startswith("resumed=True: 0 packs, 0 tokens;"), out
 
 
 def test_readme_commands_are_the_ci_commands():
     ci = (README.parent / ".ci" / "run").read_text()
     text = README.read_text()
-    for command in ('pip install torch==2.13.0 -e ".[dev]"', "python -m pytest -q"):
+    for command in ('pip install torch==2.13.0 -e ".[dev]"', "python -m pytest\n"):
         assert command in text and command in ci
 
 

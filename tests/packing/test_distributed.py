@@ -55,7 +55,8 @@ def test_benchmark_under_torchrun_merges_rank_records(tmp_path, extra):
     merged = [r for r in records if r["rank"] is None]
     assert len(merged) == 1 and merged[0]["tokens_per_s"] > 0
     assert merged[0]["loss"] == ranks[0]["loss"] == ranks[1]["loss"]  # the global mean, the same on every rank
-    assert proc.stdout.count("real tok/s") == 1  # only rank 0 prints
+    assert proc.stdout.count("real tok/s") == 2  # only rank 0 prints: its row line, then the merged table
+    assert proc.stdout.count("real tok/s on rank 0 of 2 (the table sums the ranks)") == 1
 
 
 def test_rank_with_no_data_is_a_clear_error(tmp_path):
