@@ -50,11 +50,12 @@ class SdpaDocsAttention(AttentionAdapter):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         lens = batch.seq_lens  # host ints: the block's shape needs no device read
         docs, longest, real = len(lens), max(lens), sum(lens)
-        lengths = torch.tensor(lens, device=q.device)
+        # Token t of document b sits at row b * longest + (t - starts[b]) of the flattened block. Made
+        # on the host with the lengths and sent in one copy: on CUDA the step then never waits.
+        lengths = torch.tensor(lens)
         starts = lengths.cumsum(0) - lengths
-        # Token t of document b sits at row b * longest + (t - starts[b]) of the flattened block.
-        slot = torch.arange(real, device=q.device) + torch.repeat_interleave(
-            torch.arange(docs, device=q.device) * longest - starts, lengths)
+        slot = torch.arange(real) + torch.repeat_interleave(torch.arange(docs) * longest - starts, lengths)
+        slot, lengths = torch.cat([slot, lengths]).to(q.device, non_blocking=True).split([real, docs])
 
         def block(x: Tensor) -> Tensor:  # (T, H, D) -> (docs, H, longest, D)
             flat = x.new_zeros(docs * longest, *x.shape[1:]).index_copy(0, slot, x[:real])
