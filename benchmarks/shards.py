@@ -1,7 +1,7 @@
 """CPU-side throughput: read shards, then collate into the concat layout, in one process (one worker).
 
     python -m benchmarks.shards                         # writes seed-like shards to a temp dir first
-    python -m benchmarks.shards --data 'shards/shard-{000000..000009}.tar'
+    python -m benchmarks.shards --data shards/            # a directory, or a glob 'shards/*.tar'
 
 Three paths, each timed over every document once:
 - map-style: ``ShardDataset`` + ``PackingSampler`` batches + ``ConcatCuSeqlens``, what a DataLoader

@@ -155,7 +155,7 @@ def build_parser() -> Parser:
                    help="a document over the model's max_len (or --max-tokens with --sampler pack|bucket): split "
                         "into chunks (default), truncate, or error")
     p.add_argument("--data", metavar="SHARDS", help="real documents from shards written by python -m packing.data.shards: "
-                   "a directory, 'DIR/shard-{000000..000009}.tar' or a glob (default: synthetic seed documents)")
+                   "a directory, a glob 'DIR/*.tar' or a brace list of existing shards (default: synthetic seed documents)")
     p.add_argument("--fuse", default="none", metavar="NAMES",
                    help="fused kernels for every row but the baseline: 'none' (default), 'auto', or a comma list "
                         "of mlp (GELU in the GEMM epilogues), norm (residual add + LayerNorm), qkv (one qkv gradient)")
