@@ -1,1 +1,1 @@
-import packing._moved  # noqa: F401  (python -m benchmarks.padding_report still runs, as packing.report)
+"""The benchmark harness and its entry points (python -m benchmarks.X), run from the repository root."""

@@ -8,7 +8,7 @@ one packed row of T tokens, 16 heads of dimension 64, bf16, causal (training) an
 (eval), the q/k/v of one layer. Each kernel computes the same attention:
 
 - ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn`` (FA2 inside torch): varlen over the packed
-  row, the ``flash`` adapter's kernels (:mod:`models.attention.kernels`);
+  row, the ``flash`` adapter's kernels (:mod:`packing.kernels`);
 - ``xformers`` / ``mslk``: ``memory_efficient_attention`` with a ``BlockDiagonalMask``, the
   ``xformers`` adapter's kernel;
 - ``sdpa-cudnn``, ``sdpa-flash``: ``F.scaled_dot_product_attention`` restricted to one backend, on
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Parser, environment, format_table, non_negative, positive, resolve_device, time_steps, write_json
-from models.attention.kernels import fmha_backend, varlen_kernels
+from packing.kernels import fmha_backend, varlen_kernels
 from packing import SyntheticDocs
 from packing.boundaries import cumulative_lengths
 

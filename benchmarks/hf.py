@@ -114,7 +114,7 @@ def register_repeat_kv() -> str:
     way a kernel without grouped-query support must be fed; only for measuring that cost."""
     from transformers import AttentionInterface
 
-    from models.hf_attention import varlen_attention
+    from packing.interop.hf_attention import varlen_attention
 
     def repeat_kv(module, query, key, value, *args, **kwargs):
         group = query.shape[1] // key.shape[1]
@@ -238,7 +238,7 @@ def warmup_steps(args: HFConfig, compiled: bool) -> int:
 def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device, p: Plan) -> HFRecord:
     import transformers
 
-    from models.hf_attention import kernel_name
+    from packing.interop.hf_attention import kernel_name
 
     model = build_model(args, p.impl).to(device)
     train = args.mode == "train"
@@ -278,7 +278,7 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
 def run(args: HFConfig) -> list[HFRecord]:
     if importlib.util.find_spec("transformers") is None:
         raise ImportError("benchmarks.hf needs transformers: pip install -e '.[hf]'")
-    from models.hf_attention import register
+    from packing.interop.hf_attention import register
 
     device = resolve_device(args.device)
     fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None

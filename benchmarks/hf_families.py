@@ -147,7 +147,7 @@ def build(family: str, **fields):
 def verify(family: str, implementations=IMPLEMENTATIONS) -> list[Verdict]:
     """The family's verdict for each implementation, measured with the family table off (the
     config check and every attention refusal stay on)."""
-    from models.hf_attention import register
+    from packing.interop.hf_attention import register
     from packing import get_collator
     from packing.interop.hf import hf_kwargs
     from packing.interop.hf_families import unverified
@@ -193,7 +193,7 @@ def router_tail(family: str) -> list[dict[str, float]]:
     with the tail, without it, and the language-model loss with and without (which the tail, having
     no targets, must not move).
     """
-    from models.hf_attention import register
+    from packing.interop.hf_attention import register
     from packing.interop.hf import HFPackedCollator
 
     register()

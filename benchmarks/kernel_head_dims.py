@@ -2,7 +2,7 @@
 
 Why it exists: FlashAttention-4 4.0.0b36 gave the right forward at head dimension 16 on an H200 but
 dq, dk and dv 83-94% off fp32 (benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt), so
-``models.attention.kernels.VARLEN_MIN_HEAD_DIM`` keeps it above 16. Re-run it on a new GPU or kernel
+``packing.kernels.VARLEN_MIN_HEAD_DIM`` keeps it above 16. Re-run it on a new GPU or kernel
 version before lowering that floor.
 
 Usage (on a GPU): python -m benchmarks.kernel_head_dims [--head-dims 16 32 64]
@@ -18,9 +18,9 @@ import torch
 
 def probe(head_dims=(16, 32, 64)) -> list[str]:
     """One line a (head dimension, kernel): the relative errors of out, dq, dk and dv against fp32."""
-    from models import hf_attention
-    from models.attention.kernels import varlen_kernels
-    from models.hf_attention import LayerOptions
+    from packing.interop import hf_attention
+    from packing.kernels import varlen_kernels
+    from packing.interop.hf_attention import LayerOptions
     from packing.boundaries import cumulative_lengths
 
     g = torch.Generator().manual_seed(0)

@@ -53,7 +53,7 @@ from benchmarks.harness import (
     write_json,
 )
 from models import ADAPTERS, GPT, PRESETS, GPTConfig, get_adapter, lm_loss
-from models.bf16_weights import BF16Weights
+from benchmarks.bf16_weights import BF16Weights
 from models.fusion import resolve_fuse
 from packing import (
     COLLATORS,
@@ -160,7 +160,7 @@ def build_parser() -> Parser:
                    help="fused kernels for every row but the baseline: 'none' (default), 'auto', or a comma list "
                         "of mlp (GELU in the GEMM epilogues), norm (residual add + LayerNorm), qkv (one qkv gradient)")
     p.add_argument("--bf16-weights", action="store_true",
-                   help="train with bf16 copies of the Linear weights and fp32 masters (models.bf16_weights) "
+                   help="train with bf16 copies of the Linear weights and fp32 masters (benchmarks.bf16_weights) "
                         "instead of autocast's per-step weight casts; every row but the baseline")
     p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "
                    "(no optimizer update) and append each collate's top ops by device time to PATH")

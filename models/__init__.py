@@ -1,6 +1,5 @@
 """The toy GPT decoder and the attention adapters it can use."""
 
-import packing._moved  # noqa: F401  (old module paths such as models.block_mask keep importing)
 from models.attention import ADAPTERS, AttentionAdapter, adapter_for, adapters_for, collator_for, get_adapter
 from models.gpt import GPT, PRESETS, GPTConfig, lm_loss
 

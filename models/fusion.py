@@ -38,10 +38,18 @@ INSTALL = "pip install -e \".[hopper]\" (quack-kernels, a Hopper or newer GPU)"
 
 @functools.cache
 def quack_available() -> bool:
-    """Whether quack-kernels imports and the GPU is Hopper (sm90) or newer."""
-    from models.attention.kernels import gpu_loads
+    """Whether quack-kernels imports, is a version whose private API models.norm and models.mlp were
+    written against (``packing.kernels.common.VERIFIED``; each private function is called in one
+    place), and the GPU is Hopper (sm90) or newer."""
+    from packing.kernels.common import check_version, gpu_loads
 
-    return gpu_loads("quack.linear") and gpu_loads("quack.rmsnorm")
+    if not (gpu_loads("quack.linear") and gpu_loads("quack.rmsnorm")):
+        return False
+    try:
+        check_version("quack-kernels")
+    except ImportError:
+        return False
+    return True
 
 
 def available_fusions() -> frozenset[str]:

@@ -9,10 +9,14 @@ The tree names the concepts:
   ``packing.report``: the padding report before a training run;
 - ``packing.sampling``: which documents share a batch (bin packing, samplers, streaming packer);
 - ``packing.data``: where documents come from (shards, tokenizers, synthetic data, splitting);
-- ``packing.interop``: handing batches to other libraries (transformers).
+- ``packing.interop``: handing batches to other libraries (transformers: ``register``, ``HFPackedCollator``);
+- ``packing.kernels``: the one door to optional GPU kernels (what loads is decided there).
+
+``import packing`` imports nothing from ``models`` (the toy GPT) or ``benchmarks`` (the harness).
 """
 
-import packing._moved  # noqa: F401  (old module paths such as packing.sampler keep importing)
+__version__ = "0.2.0"  # the one version string (pyproject reads it); CHANGELOG.md says what changed
+
 from packing.batch import LAYOUTS, Batch
 from packing.collate import (
     COLLATORS,
@@ -24,6 +28,7 @@ from packing.collate import (
     XformersBlockDiagonal,
     get_collator,
 )
+from packing.data.shard_reader import ShardDataset, ShardStream
 from packing.data.split import SplitDocuments
 from packing.data.synthetic import SyntheticDocs
 from packing.sample import IGNORE_INDEX, Sample, as_sample
@@ -49,6 +54,8 @@ __all__ = [
     "LengthBucketSampler",
     "PackingSampler",
     "SplitDocuments",
+    "ShardDataset",
+    "ShardStream",
     "StreamPacker",
     "restore_loader",
 ]

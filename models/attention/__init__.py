@@ -12,7 +12,7 @@ It returns the output in the same shape as q. Adding an adapter means one file h
 :class:`~models.attention.base.AttentionAdapter` subclass (``name``, ``layouts``, ``attend``), and
 one line in :data:`ADAPTERS`. This package is the registry; each adapter lives in its own module
 (``naive``, ``sdpa``, ``sdpa_nested``, ``sdpa_docs``, ``flash``, ``xformers``, ``flex``), and kernel discovery in
-:mod:`models.attention.kernels`.
+:mod:`packing.kernels`.
 
 =================  ========  ===================================================  ============
 adapter            layout    kernel (``backend``)                                 devices
@@ -46,7 +46,7 @@ import torch
 from models.attention.base import AttentionAdapter
 from models.attention.flash import FlashVarlenAttention
 from models.attention.flex import FlexDocumentAttention
-from models.attention.kernels import flash_backend, fmha_backend
+from packing.kernels import flash_backend, fmha_backend
 from models.attention.naive import NaiveAttention
 from models.attention.sdpa import SdpaAttention
 from models.attention.sdpa_docs import SdpaDocsAttention

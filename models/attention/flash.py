@@ -1,4 +1,4 @@
-"""``flash``: varlen flash attention on the packed layout (kernels: :mod:`models.attention.kernels`)."""
+"""``flash``: varlen flash attention on the packed layout (kernels: :mod:`packing.kernels`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention.base import AttentionAdapter
-from models.attention.kernels import flash_backend, packed_kernel
+from packing.kernels import flash_backend, packed_kernel
 from packing.batch import Batch
 
 
@@ -34,10 +34,10 @@ class FlashVarlenAttention(AttentionAdapter):
 
     Backends, first that loads wins (``backend`` says which ran):
 
-    0. ``flash-attn-3``: FlashAttention-3's varlen kernel (:mod:`models.attention.flash3`), on
+    0. ``flash-attn-3``: FlashAttention-3's varlen kernel (:mod:`packing.kernels.flash3`), on
        Hopper (sm90) only, where it is the production kernel;
     1. ``flash-attn-4``: FlashAttention-4's varlen kernel as a torch custom op
-       (:mod:`models.attention.flash4`), on Hopper (sm90) or newer;
+       (:mod:`packing.kernels.flash4`), on Hopper (sm90) or newer;
     2. ``flash-attn-2``: ``flash_attn.flash_attn_varlen_func`` (detected by that attribute, since
        FlashAttention-4 installs a ``flash_attn`` namespace package without it);
     3. ``torch.varlen_attn``: ``torch.nn.attention.varlen.varlen_attn``, the FA2 kernel in torch

@@ -22,7 +22,7 @@ random Llama and GPT-2 models, one packed row of three documents then gave logit
 each document alone, silently. A 4-D bool mask fixes sdpa but not eager (eager adds the mask, so
 True adds 1); eager needs the additive float mask (measured: benchmarks/results/README.md). The 4-D
 masks cost T x T memory (a quarter GiB of bools at T = 16,384): for long rows use a varlen
-implementation. ``packing_varlen`` is this project's (see :mod:`models.hf_attention`): the varlen
+implementation. ``packing_varlen`` is this project's (see :mod:`packing.interop.hf_attention`): the varlen
 kernels on CUDA without the flash-attn package.
 
 Under ``torch.compile``, ask for static shapes: give the collator a fixed row length, the most
@@ -60,6 +60,7 @@ from packing.batch import Batch
 from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
 from packing.interop.hf_families import check_config, has_state_layers, layer_windows
+from packing.interop.hf_attention import register  # noqa: F401  (one import for users: register, HFPackedCollator)
 
 __all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "check_model", "check_vocab",
            "hf_kwargs", "shifted_labels"]

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from packing.sample import is_pair
+from packing.sampling.source import ResumableSource
 from packing.validate import positive_int
 
 
@@ -134,11 +135,12 @@ class StreamPacker(IterableDataset):
 
     # -- resume ---------------------------------------------------------------------------------
 
-    def _resumable_source(self) -> Any:
-        if not all(hasattr(self.source, a) for a in ("state_dict", "load_state_dict", "documents", "position")):
+    def _resumable_source(self) -> ResumableSource:
+        if not isinstance(self.source, ResumableSource):
             raise TypeError(
-                f"StreamPacker can save and resume only a source with state_dict, load_state_dict, position and "
-                f"documents(positions), such as packing.ShardStream; got {type(self.source).__name__}"
+                f"StreamPacker can save and resume only a packing.sampling.source.ResumableSource (position, state_dict, "
+                f"load_state_dict, documents, place, share_lengths), such as packing.ShardStream; got "
+                f"{type(self.source).__name__}"
             )
         return self.source
 
@@ -214,7 +216,7 @@ class StreamPacker(IterableDataset):
         many of its packs of two or more documents in two, spread over its workers in order. Nothing
         is dropped or duplicated. Empty set: one rank, or a source that cannot tell its shares.
         """
-        if not hasattr(self.source, "share_lengths"):
+        if not isinstance(self.source, ResumableSource):
             return set()
         place = self.source.place()
         world, workers = place["world_size"], place["num_workers"]
@@ -242,7 +244,7 @@ class StreamPacker(IterableDataset):
 
     def __iter__(self) -> Iterator[list[Any]]:
         buffer = _BestFitBuffer(self.max_tokens, self.max_seqs)
-        resumable = hasattr(self.source, "position")
+        resumable = isinstance(self.source, ResumableSource)
         restored, pending, taken = self._restored()
         self._gone = np.zeros(2 * self.buffer_size, dtype=bool)
         self._base = self._next = restored[0][0] if restored else 0

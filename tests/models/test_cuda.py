@@ -155,7 +155,7 @@ def test_static_shapes_match_fp32_reference(causal, setup):
 def test_static_shapes_compile_once(setup):
     # dynamic=False with static packs: batches with different document counts and longest documents
     # reuse the first compilation (a recompile raises here).
-    # With FlashAttention-4 this runs its custom op (models.attention.flash4): as Python, its launcher broke
+    # With FlashAttention-4 this runs its custom op (packing.kernels.flash4): as Python, its launcher broke
     # the graph and recompiled per document count (benchmarks/results/2026-11-22-h200-static).
     weights, samples, _ = setup
     model = torch.compile(model_with("flash", weights), dynamic=False)
@@ -173,7 +173,7 @@ def test_static_shapes_compile_once(setup):
 def test_fa4_custom_op_registrations():
     # Schema, fake (shape-only) implementation, autograd registration and AOT dispatch of the FA4
     # custom op, checked by torch itself; grouped-query heads and an empty sequence included.
-    from models.attention.flash4 import _fwd, fa4_available
+    from packing.kernels.flash4 import _fwd, fa4_available
 
     if not fa4_available():
         pytest.skip("FlashAttention-4 is not installed here, or the GPU is older than Hopper")
@@ -234,7 +234,7 @@ def test_fused_eval_without_grad_matches_the_torch_path(setup):
 @pytest.mark.parametrize("name", ["flash-attn-4", "flash-attn-3"])
 def test_packed_qkv_custom_op_registrations(name):
     # The packed forms' schemas, fakes and autograd, checked by torch, with an empty sequence.
-    from models.attention import flash3, flash4
+    from packing.kernels import flash3, flash4
 
     module, available = (flash4, flash4.fa4_available) if name == "flash-attn-4" else (flash3, flash3.fa3_available)
     if not available():

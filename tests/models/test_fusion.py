@@ -12,7 +12,7 @@ from equivalence import CPU_CONFIG, CPU_TOL, assert_within, collator, each_alone
 from models import GPT, lm_loss
 from models.attention.flash import FlashVarlenAttention
 from models.attention.naive import NaiveAttention
-from models.bf16_weights import BF16Weights
+from benchmarks.bf16_weights import BF16Weights
 from models.fusion import FUSIONS, quack_available, resolve_fuse
 from models.mlp import MLP
 from models.norm import add_layer_norm

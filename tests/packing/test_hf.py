@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
 from equivalence import assert_within, errors_against, hf_each_alone as each_alone, rel  # noqa: E402
-from models.hf_attention import register  # noqa: E402
+from packing.interop.hf_attention import register  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.interop.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
 

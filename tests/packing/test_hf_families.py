@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers", reason="the hf extra: pip ins
 
 from benchmarks import hf_families  # noqa: E402
 from equivalence import hf_each_alone, rel  # noqa: E402
-from models import hf_attention  # noqa: E402
-from models.hf_attention import LayerOptions, register  # noqa: E402
+from packing.interop import hf_attention  # noqa: E402
+from packing.interop.hf_attention import LayerOptions, register  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.boundaries import block_causal_mask, cumulative_lengths  # noqa: E402
 from packing.interop.hf import HFPackedCollator, check_model, hf_kwargs  # noqa: E402
@@ -187,7 +187,7 @@ def test_cuda_kernel_choice_follows_the_options(monkeypatch):
     assert ran == [("fa3", {"window": 2, "softcap": 3.0})]
     assert hf_attention.kernel_name({"scale": 0.1}) == "fa3"
     # A kernel wrong at a head dimension is passed over there (FA4's gradients at 16: kernels.py).
-    from models.attention import kernels
+    from packing import kernels
 
     monkeypatch.setitem(kernels.VARLEN_MIN_HEAD_DIM, "fa3", 32)
     assert hf_attention.kernel_name({"scale": 0.1}, head_dim=16) == "torch"
@@ -291,7 +291,7 @@ def test_cuda_kernels_compute_each_option(layer, head_dim):
     # Every varlen kernel that loads here, in bf16, against the fp32 CPU path (2e-2) for each option
     # it takes; an option it lacks is refused by name, never dropped. Which kernel ran which option
     # is printed for the record (pytest -s).
-    from models.attention.kernels import varlen_kernels, varlen_options
+    from packing.kernels import varlen_kernels, varlen_options
 
     g = torch.Generator().manual_seed(0)
     cu = cumulative_lengths([40, 3, 77, 8])
@@ -414,8 +414,8 @@ def test_config_variants_are_exact_or_refused(variant):
 
 def test_kernels_refuse_what_they_do_not_compute_by_name():
     # Device-free: both refusals happen before any kernel launches.
-    from models.attention.flash4 import fa4_varlen
-    from models.attention.kernels import _torch_varlen
+    from packing.kernels.flash4 import fa4_varlen
+    from packing.kernels import _torch_varlen
 
     q = torch.zeros(4, 2, 16)
     cu = cumulative_lengths([4])

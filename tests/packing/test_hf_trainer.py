@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra: pip ins
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the dev extra has it)")
 
 from equivalence import rel  # noqa: E402
-from models.hf_attention import register  # noqa: E402
+from packing.interop.hf_attention import register  # noqa: E402
 from packing.interop.hf import HFPackedCollator  # noqa: E402
 from trainer_worker import by_hand, padded, tiny, trained  # noqa: E402
 

@@ -7,7 +7,7 @@ import sys
 import torch
 import transformers
 
-from models.hf_attention import register
+from packing.interop.hf_attention import register
 from packing.interop.hf import HFPackedCollator
 
 LENS = [5, 31, 2, 12, 9, 1, 17, 4]  # very unequal micro-batches: a per-micro-batch mean would show

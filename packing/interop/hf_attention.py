@@ -26,7 +26,7 @@ v head dim != q's      exact   no         no                              refuse
 =====================  ======  =========  ==============================  ====================
 
 Example:
-    >>> from models.hf_attention import register
+    >>> from packing.interop.hf_attention import register
     >>> name = register()  # once per process
     >>> # model = AutoModelForCausalLM.from_config(config, attn_implementation=name)
     >>> # loss = model(**packing.interop.hf.hf_kwargs(batch, model)).loss
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention.kernels import takes_head_dim, varlen_kernels, varlen_options
+from packing.kernels import takes_head_dim, varlen_kernels, varlen_options
 from packing.boundaries import block_causal_mask
 
 NAME = "packing_varlen"
@@ -224,7 +224,7 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
     if _kernels is None:
         raise ValueError(
             "'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-3/4 or flash-attn 2), "
-            "resolved by models.hf_attention.register(): call it after CUDA is available"
+            "resolved by packing.interop.hf_attention.register(): call it after CUDA is available"
         )
     if layer.sinks is not None and layer.sinks.dim() != 1:
         raise ValueError(

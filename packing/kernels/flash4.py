@@ -14,7 +14,7 @@ attention runs in the kernel, no repeat) and head dimension D:
 - returns out (T, H, D); the forward op also returns lse (H, T) fp32 for the backward.
 
 Example (needs FA4 and a Hopper GPU):
-    >>> from models.attention.flash4 import fa4_varlen  # doctest: +SKIP
+    >>> from packing.kernels.flash4 import fa4_varlen  # doctest: +SKIP
     >>> out = fa4_varlen(q, k, v, cu_seqlens, max_seqlen=1024, causal=True)  # doctest: +SKIP
 """
 
@@ -23,14 +23,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.attention.packed_qkv import packed_qkv_op
+from packing.kernels.common import VARLEN_MIN_HEAD_DIM, check_version, gpu_loads
+from packing.kernels.packed_qkv import packed_qkv_op
 
 
 def fa4_available() -> bool:
-    """Whether FlashAttention-4 imports and the GPU is Hopper (sm90) or newer."""
-    from models.attention.kernels import gpu_loads
+    """Whether FlashAttention-4 imports, is a version whose private API is the one wrapped here
+    (:data:`packing.kernels.common.VERIFIED`), and the GPU is Hopper (sm90) or newer."""
+    if not gpu_loads("flash_attn.cute.interface"):
+        return False
+    try:
+        check_version("flash-attn-4")
+    except ImportError:
+        return False
+    return True
 
-    return gpu_loads("flash_attn.cute.interface")
+
+# FA4's private API: each function called in exactly one place, here, after the version check.
+def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    """``flash_attn.cute.interface._flash_attn_fwd`` with varlen keywords; returns (out, lse)."""
+    check_version("flash-attn-4")
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(q, k, v, return_lse=True, **kwargs)
+    return out, lse
+
+
+def _flash_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, scale: float | None,
+               causal: bool, **kwargs) -> tuple[Tensor, ...]:
+    """``flash_attn.cute.interface._flash_attn_bwd``: (dq, dk, dv[, dsink]); writes into given dq, dk, dv."""
+    check_version("flash-attn-4")
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    return _flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, **kwargs)
 
 
 def _window(window_left: int, causal: bool) -> dict:
@@ -50,13 +75,9 @@ def _scale(q: Tensor, scale: float) -> float:
 @torch.library.custom_op("varlen_packing::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
 def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float = 0.0,
          window_left: int = -1, softcap: float = 0.0, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                   max_seqlen_k=max_seqlen, softmax_scale=_scale(q, scale), causal=causal,
-                                   softcap=softcap or None, learnable_sink=sinks, return_lse=True,
-                                   **_window(window_left, causal))
-    return out, lse
+    return _flash_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                      max_seqlen_k=max_seqlen, softmax_scale=_scale(q, scale), causal=causal, softcap=softcap or None,
+                      learnable_sink=sinks, **_window(window_left, causal))
 
 
 @_fwd.register_fake
@@ -71,11 +92,9 @@ def _bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
     causal: bool, scale: float = 0.0, window_left: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    grads = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, _scale(q, scale), causal, softcap=softcap,
-                            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                            max_seqlen_k=max_seqlen, learnable_sink=sinks, **_window(window_left, causal))
+    grads = _flash_bwd(q, k, v, out, dout.contiguous(), lse, _scale(q, scale), causal, softcap=softcap,
+                       cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                       max_seqlen_k=max_seqlen, learnable_sink=sinks, **_window(window_left, causal))
     # With a sink FA4 also returns its gradient (H,); without, an empty one keeps the op's schema fixed.
     return (*grads, q.new_empty(0)) if sinks is None else tuple(grads)
 
@@ -110,9 +129,7 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
                scale: float | None = None, window: int | None = None, softcap: float | None = None,
                sinks: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D), see the module docstring;
-    ``window``, ``softcap`` and ``sinks`` (H,) as in :data:`models.attention.kernels.VARLEN_OPTIONS`."""
-    from models.attention.kernels import VARLEN_MIN_HEAD_DIM
-
+    ``window``, ``softcap`` and ``sinks`` (H,) as in :data:`packing.kernels.VARLEN_OPTIONS`."""
     if q.shape[-1] < VARLEN_MIN_HEAD_DIM["flash-attn-4"]:
         raise ValueError(
             f"FlashAttention-4's backward is wrong at head dimension {q.shape[-1]} (measured: dq, dk, dv 83-94% off fp32 "
@@ -124,13 +141,11 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
 
 
 def _packed_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
     # FA4's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
-    _flash_attn_bwd(q, k, v, out, dout, lse, None, causal, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                    max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
+    _flash_bwd(q, k, v, out, dout, lse, None, causal, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+               max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
 
 
 # The packed form (fusion "qkv"): fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D),
-# whose backward writes one (T, 3, H, D) gradient (models.attention.packed_qkv).
+# whose backward writes one (T, 3, H, D) gradient (packing.kernels.packed_qkv).
 fa4_varlen_qkvpacked = packed_qkv_op("fa4_varlen", _fwd, _packed_bwd)

@@ -1,7 +1,21 @@
-"""Kernel discovery: which varlen and xFormers kernels load and run here, resolved once per process.
+"""The one place that decides which optional kernels load: the varlen kernels (FlashAttention-3,
+FlashAttention-4 custom ops, flash-attn 2, torch's ``varlen_attn``), their packed-qkv forms, and
+xFormers' (or mslk's) memory-efficient attention. Resolved once per process.
+
+Everything that runs a kernel asks here: ``packing.interop.hf_attention`` (transformers'
+``packing_varlen``) and the toy GPT's adapters (``models.attention``). The kernel modules beside
+this one (``flash3``, ``flash4``, ``packed_qkv``) each wrap their package's private API in one
+function and check its version at load (:mod:`packing.kernels.common`). Nothing here imports
+``models`` or ``benchmarks``.
 
 Adapters resolve their kernel at construction, never per layer: a cached lookup called inside every
 layer breaks the ``torch.compile`` graph.
+
+Example:
+    >>> sorted(VARLEN_OPTIONS["flash-attn-4"])
+    ['scale', 'sinks', 'softcap', 'window']
+    >>> takes_head_dim("flash-attn-4", 16), takes_head_dim("torch.varlen_attn", 16)
+    (False, True)
 """
 
 from __future__ import annotations
@@ -15,6 +29,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from packing.kernels.common import VARLEN_MIN_HEAD_DIM, flash_window, gpu_loads
+
+__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_backend", "flash_window", "fmha_backend", "gpu_loads",
+           "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
 
@@ -25,7 +43,7 @@ Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **
 #   softcap  logits capped as softcap * tanh(logits / softcap) before the softmax (Gemma 2)
 #   sinks    a learnable per-head logit (H,) in every softmax's denominator (gpt-oss' s_aux), with
 #            its gradient: FA4's learnable_sink (Hopper and Blackwell)
-# An option a kernel lacks is never passed to it: models.hf_attention picks the first kernel that
+# An option a kernel lacks is never passed to it: packing.interop.hf_attention picks the first kernel that
 # has every option a layer asks for, and refuses the layer where none does. A value head dimension
 # other than the query's runs on no CUDA kernel here (the CPU path has it).
 VARLEN_OPTIONS = {
@@ -35,29 +53,7 @@ VARLEN_OPTIONS = {
     "torch.varlen_attn": frozenset({"scale", "window"}),  # torch >= 2.11; 2.10's has neither
 }
 
-# The smallest head dimension whose gradients a kernel computes right. FA4 4.0.0b36 on an H200 gave
-# the right forward at head dimension 16 but dq, dk and dv 83-94% off fp32 (32, 64 and 128 within
-# 0.5%): benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt (python -m
-# benchmarks.kernel_head_dims). torch's kernel was right at 16.
-VARLEN_MIN_HEAD_DIM = {"flash-attn-4": 32}
-
-
 PackedVarlen = Callable[..., Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
-
-
-def gpu_loads(module: str, *, min_major: int = 9, max_major: int | None = None) -> bool:
-    """Whether a CUDA GPU of compute capability major ``min_major`` (9: Hopper) up to ``max_major``
-    is here and ``module`` imports: the check every Hopper-only kernel package needs."""
-    if not torch.cuda.is_available():
-        return False
-    major = torch.cuda.get_device_capability()[0]
-    if major < min_major or (max_major is not None and major > max_major):
-        return False
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 def varlen_kernels() -> dict[str, Varlen]:
@@ -90,13 +86,6 @@ def takes_head_dim(name: str, head_dim: int) -> bool:
     return head_dim >= VARLEN_MIN_HEAD_DIM.get(name, 1)
 
 
-def flash_window(window: int | None, causal: bool) -> tuple[int, int]:
-    """A flash kernel's ``window_size=(left, right)`` for transformers' ``sliding_window`` (keys
-    counting the query itself; None for none): (window - 1, 0) causal, -1 meaning unbounded."""
-    left = -1 if window is None else window - 1
-    return (left, 0) if causal else (left, left)
-
-
 @functools.cache
 def flash_backend() -> tuple[str, Varlen] | None:
     """(name, fn) for the best varlen kernel (the first of :func:`varlen_kernels`), or None."""
@@ -107,18 +96,18 @@ def packed_kernel(name: str) -> PackedVarlen | None:
     """The packed form of varlen kernel ``name``: fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal)
     -> out (T, H, D), whose backward writes one (T, 3, H, D) gradient; None where it has none."""
     if name == "flash-attn-4":
-        from models.attention.flash4 import fa4_varlen_qkvpacked
+        from packing.kernels.flash4 import fa4_varlen_qkvpacked
 
         return fa4_varlen_qkvpacked
     if name == "flash-attn-3":
-        from models.attention.flash3 import fa3_varlen_qkvpacked
+        from packing.kernels.flash3 import fa3_varlen_qkvpacked
 
         return fa3_varlen_qkvpacked
     return None
 
 
 def _fa3() -> Varlen | None:
-    from models.attention.flash3 import fa3_available, fa3_varlen
+    from packing.kernels.flash3 import fa3_available, fa3_varlen
 
     # FA3 is Hopper's production kernel; on sm90 it comes first (a build of it ran in
     # benchmarks/results/2026-11-24-h100-speed2: faster than FA4 and FA2 in the compiled seed step).
@@ -126,9 +115,9 @@ def _fa3() -> Varlen | None:
 
 
 def _fa4() -> Varlen | None:
-    from models.attention.flash4 import fa4_available, fa4_varlen
+    from packing.kernels.flash4 import fa4_available, fa4_varlen
 
-    # A custom op (models.attention.flash4): traced as Python, FA4's launcher broke the graph and
+    # A custom op (packing.kernels.flash4): traced as Python, FA4's launcher broke the graph and
     # recompiled on every layer, and behind torch.compiler.disable it still broke the graph in
     # every layer (H200; counts in benchmarks/results/README.md).
     return fa4_varlen if fa4_available() else None

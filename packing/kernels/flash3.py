@@ -1,0 +1,88 @@
+"""FlashAttention-3 (the ``hopper/`` build of flash-attention, module ``flash_attn_interface``) for the
+``flash`` adapter, on Hopper (sm90), where it is what production training runs.
+
+FA3 publishes no wheels: it builds from source (``cd flash-attention/hopper && python setup.py
+install``; its ``FLASH_ATTENTION_DISABLE_*`` switches cut the build to the kernels this model uses:
+head dimension 64, bf16, varlen, forward and backward). Its Python interface already wraps the
+kernels as torch custom ops with fake implementations, so ``torch.compile`` keeps them in the graph.
+
+Every call into ``flash_attn_interface`` goes through :func:`_interface`, which checks that the
+private functions have the parameters written against here (FA3 builds from source and reports no
+usable version), so an incompatible build is reported as not loading, never run.
+
+Shapes as in :mod:`packing.kernels.flash4`: q (T, H, D), k and v (T, H_kv, D) in bf16 or fp16,
+cu_seqlens (num_seqs + 1,) int32; out (T, H, D). The packed form takes qkv (T, 3, H, D) and its
+backward writes one (T, 3, H, D) gradient (FA3's backward takes dq, dk, dv outputs).
+
+Example (needs FA3 and a Hopper GPU):
+    >>> from packing.kernels.flash3 import fa3_varlen  # doctest: +SKIP
+    >>> out = fa3_varlen(q, k, v, cu_seqlens, max_seqlen=1024, causal=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from torch import Tensor
+
+from packing.kernels.common import flash_window, gpu_loads
+from packing.kernels.packed_qkv import packed_qkv_op
+
+
+# The parameters of FA3's private functions, in the order the calls below pass them positionally.
+_BACKWARD_PARAMS = ("dout", "q", "k", "v", "out", "softmax_lse", "cu_seqlens_q", "cu_seqlens_k", "sequed_q",
+                    "sequed_k", "max_seqlen_q", "max_seqlen_k", "dq", "dk", "dv", "softmax_scale", "causal")
+
+
+@functools.cache
+def _interface():
+    """FA3's ``flash_attn_interface``, once its private functions are the ones written against here:
+    ``_flash_attn_backward`` takes these 17 leading parameters, by position, in this order."""
+    import flash_attn_interface
+
+    params = tuple(inspect.signature(flash_attn_interface._flash_attn_backward).parameters)[: len(_BACKWARD_PARAMS)]
+    if len(params) < len(_BACKWARD_PARAMS) or params[12:15] != ("dq", "dk", "dv") or "cu_seqlens_q" not in params:
+        raise ImportError(f"flash_attn_interface._flash_attn_backward takes {params}, not the parameters this wrapper "
+                          f"passes by position ({_BACKWARD_PARAMS}); build FA3 from flash-attention's hopper/ at a "
+                          "commit with that signature")
+    return flash_attn_interface
+
+
+def fa3_available() -> bool:
+    """Whether FlashAttention-3 imports, its private API is the one wrapped here, and the GPU is
+    Hopper (sm90): FA3's kernels are sm90 only."""
+    # flash_attn_interface is FA3's top-level module; it loads flash_attn_3._C, its kernels.
+    if not gpu_loads("flash_attn_interface", max_major=9):
+        return False
+    try:
+        _interface()
+    except ImportError:
+        return False
+    return True
+
+
+def fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, *,
+               scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D). ``scale`` defaults to
+    1/sqrt(D); ``window`` and ``softcap`` as in :data:`packing.kernels.VARLEN_OPTIONS`."""
+    return _interface().flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
+                                  causal=causal, window_size=flash_window(window, causal), softcap=softcap or 0.0)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
+    out, lse, *_ = _interface()._flash_attn_forward(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                       max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                                       softmax_scale=q.shape[-1] ** -0.5, causal=causal)
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
+    # FA3's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
+    _interface()._flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, None, None, max_seqlen, max_seqlen,
+                         dq, dk, dv, q.shape[-1] ** -0.5, causal)
+
+
+# fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D), whose backward writes one
+# (T, 3, H, D) gradient (packing.kernels.packed_qkv).
+fa3_varlen_qkvpacked = packed_qkv_op("fa3_varlen", _forward, _backward)
