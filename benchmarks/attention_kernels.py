@@ -55,6 +55,7 @@ class KernelRecord:
     device: str
     gpu: str | None
     torch: str
+    kernels: dict[str, str]  # the optional kernel packages that loaded (packing.kernels.loaded)
     status: str = "ok"  # or why the kernel could not run this case
     command: str = ""
     speedup_fwd_bwd_vs_baseline: float | None = None

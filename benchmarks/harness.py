@@ -234,6 +234,7 @@ class Record:
     device: str
     gpu: str | None
     torch: str
+    kernels: dict[str, str]  # the optional kernel packages that loaded, with versions (packing.kernels.loaded)
     batch_size: int | None
     steps: int
     warmup: int
@@ -278,9 +279,12 @@ def gemm_tflops(device: torch.device, shapes: Sequence[tuple[int, int, int]], *,
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """The record fields that say where a row ran: device type, GPU name and torch version."""
+    """The record fields that say where a row ran: device type, GPU name, torch version, and the
+    optional kernels that loaded (each row's ``backend`` says which one it ran)."""
+    from packing.kernels import loaded
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return dict(device=device.type, gpu=gpu, torch=torch.__version__)
+    return dict(device=device.type, gpu=gpu, torch=torch.__version__, kernels=loaded() if device.type == "cuda" else {})
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

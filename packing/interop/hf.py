@@ -59,64 +59,19 @@ from torch import Tensor
 from packing.batch import Batch
 from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
-from packing.interop.hf_families import check_config, has_state_layers, layer_windows
+from packing.interop.hf_families import (  # noqa: F401  (check_model and accepted_implementation are API here too)
+    MASK_IMPLEMENTATIONS,
+    VARLEN_IMPLEMENTATIONS,
+    _config_of,
+    accepted_implementation,
+    check_model,
+    has_state_layers,
+    layer_windows,
+)
 from packing.interop.hf_attention import register  # noqa: F401  (one import for users: register, HFPackedCollator)
 
 __all__ = ["HFPackedCollator", "accepted_implementation", "block_causal_mask", "check_model", "check_vocab",
            "hf_kwargs", "shifted_labels"]
-
-VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")
-MASK_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def accepted_implementation(model_or_name: Any) -> str:
-    """The attention implementation of a transformers model or config (``_attn_implementation``),
-    or the name itself; a ValueError if it is one that would attend across documents."""
-    name = model_or_name
-    if not isinstance(name, str):
-        config = getattr(model_or_name, "config", model_or_name)
-        name = getattr(config, "_attn_implementation", None)
-        if not isinstance(name, str):
-            raise TypeError(
-                f"expected a transformers model or config (with _attn_implementation) or an implementation name, "
-                f"got {type(model_or_name).__name__}"
-            )
-    if name not in VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation {name!r} is refused: packing.interop.hf cannot keep its documents apart, and "
-            f"it would attend across them silently; load the model with one of "
-            f"{', '.join(VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS)}"
-        )
-    return name
-
-
-def _config_of(model_or_name: Any) -> Any:
-    """The model's (or config's) text config, or None for a bare implementation name."""
-    if isinstance(model_or_name, str):
-        return None
-    config = getattr(model_or_name, "config", model_or_name)
-    try:
-        return config.get_text_config()
-    except (AttributeError, ValueError):  # not a transformers config, or one with several text models
-        return config
-
-
-def check_model(model_or_config: Any, implementation: str | None = None) -> str:
-    """Refuse, before the first step, a model whose packed rows would not equal its documents run
-    alone with ``implementation`` (by default the model's own); returns the implementation name.
-
-    See :mod:`packing.interop.hf_families`: the family must be verified exact for the
-    implementation, and its config must ask for nothing packing cannot reproduce. Raises a
-    ValueError naming the family or config field, its value and the nearest supported path.
-    """
-    name = accepted_implementation(implementation or model_or_config)
-    outer = getattr(model_or_config, "config", model_or_config)
-    if isinstance(model_or_config, str) or not hasattr(outer, "model_type"):
-        raise TypeError(f"check_model takes a transformers model or config, got {type(model_or_config).__name__}")
-    # The family is the model's (a multimodal wrapper is verified as a whole); the fields are its text model's.
-    check_config(_config_of(model_or_config), name, family=outer.model_type)
-    return name
-
 
 def check_vocab(batch: Batch, vocab_size: int) -> None:
     """A ValueError naming the first token id at or above ``vocab_size``, its position and its

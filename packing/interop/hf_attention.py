@@ -214,7 +214,7 @@ _checked: dict[int, Any] = {}
 def _check_family(config: Any) -> None:
     if config is None or id(config) in _checked:
         return
-    from packing.interop.hf import check_model
+    from packing.interop.hf_families import check_model
 
     check_model(config, NAME)
     _checked[id(config)] = config

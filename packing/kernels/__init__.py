@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from packing.kernels.common import VARLEN_MIN_HEAD_DIM, flash_window, gpu_loads
+from packing.kernels.common import VARLEN_MIN_HEAD_DIM, check_version, flash_window, gpu_loads
 
 __all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_backend", "flash_window", "fmha_backend", "gpu_loads",
-           "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
+           "loaded", "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
 
@@ -185,3 +185,30 @@ def fmha_backend() -> tuple[str, ModuleType] | None:
             continue
         return name, fmha
     return None
+
+
+def loaded() -> dict[str, str]:
+    """Each optional kernel package that loads and runs here, with its version where it has one:
+    what a benchmark record says ran beside each row's ``backend``. Keys among ``flash-attn-3``,
+    ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn``, ``xformers``, ``mslk``, ``quack``."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "source build"
+
+    dists = {"flash-attn-4": "flash-attn-4", "flash-attn-2": "flash-attn", "flash-attn-3": "flash-attn-3",
+             "xformers": "xformers", "mslk": "mslk-cuda"}
+    found = {name: (torch.__version__ if name == "torch.varlen_attn" else version(dists[name]))
+             for name in varlen_kernels()}
+    fmha = fmha_backend()
+    if fmha is not None:
+        found[fmha[0]] = version(dists[fmha[0]])
+    if gpu_loads("quack.rmsnorm"):
+        try:
+            found["quack"] = check_version("quack-kernels")
+        except ImportError as e:
+            found["quack"] = f"not used: {e}"
+    return found

@@ -1,6 +1,5 @@
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from property import given, settings, st
 
 from models.attention.block_mask import block_structure, document_block_mask, document_ids
 

@@ -3,6 +3,7 @@ each sequence alone, to 2e-2 relative, and batches pin and move without a sync. 
 this module; run it on a GPU with `python -m pytest -m gpu`."""
 
 import pytest
+from kernels_required import required, skip_unless
 import torch
 from torch.utils.data import DataLoader
 
@@ -175,8 +176,7 @@ def test_fa4_custom_op_registrations():
     # custom op, checked by torch itself; grouped-query heads and an empty sequence included.
     from packing.kernels.flash4 import _fwd, fa4_available
 
-    if not fa4_available():
-        pytest.skip("FlashAttention-4 is not installed here, or the GPU is older than Hopper")
+    skip_unless("fa4", fa4_available(), "FlashAttention-4 is not installed here, or the GPU is older than Hopper")
     g = torch.Generator("cuda").manual_seed(0)
     q = torch.randn(40, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
     k, v = (torch.randn(40, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True) for _ in "kv")
@@ -198,8 +198,9 @@ FUSED = [("pad_max", "sdpa", "mlp"), ("pad_max", "sdpa", "norm"), ("concat", "fl
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("collate, attn, fuse", FUSED, ids=[f"{c}-{a}-{f}" for c, a, f in FUSED])
 def test_fused_kernels_match_fp32_reference(collate, attn, fuse, causal, setup):
-    if fuse != "qkv" and not _quack_loads():
-        pytest.skip("quack-kernels is not installed here (pip install -e '.[hopper]'), or the GPU is older than Hopper")
+    if fuse != "qkv":
+        skip_unless("quack", _quack_loads(), "quack-kernels is not installed here (pip install -e '.[hopper]'), "
+                                             "or the GPU is older than Hopper")
     weights, samples, refs = setup
     assert_bf16_matches(shared_model_with(attn, weights, CONFIG, "cuda", fuse=fuse), collate, samples, causal, refs[causal])
 
@@ -221,8 +222,7 @@ def test_fused_kernels_compile_once(setup):
 
 def test_fused_eval_without_grad_matches_the_torch_path(setup):
     # Without autograd the fused MLP stores no pre-activation: a different code path in quack.
-    if not _quack_loads():
-        pytest.skip("quack-kernels is not installed here, or the GPU is older than Hopper")
+    skip_unless("quack", _quack_loads(), "quack-kernels is not installed here, or the GPU is older than Hopper")
     weights, samples, _ = setup
     batch = collator("concat")(samples).to("cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -237,8 +237,7 @@ def test_packed_qkv_custom_op_registrations(name):
     from packing.kernels import flash3, flash4
 
     module, available = (flash4, flash4.fa4_available) if name == "flash-attn-4" else (flash3, flash3.fa3_available)
-    if not available():
-        pytest.skip(f"{name} is not installed here, or the GPU does not take it")
+    skip_unless("fa4" if name == "flash-attn-4" else "fa3", available(), f"{name} is not installed here, or the GPU does not take it")
     g = torch.Generator("cuda").manual_seed(0)
     qkv = torch.randn(40, 3, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
     cu = torch.tensor([0, 10, 30, 40, 40], dtype=torch.int32, device="cuda")
@@ -252,3 +251,17 @@ def test_packed_qkv_custom_op_registrations(name):
     plain = (flash4.fa4_varlen(q, k, v, cu, 20, True) if name == "flash-attn-4" else flash3.fa3_varlen(q, k, v, cu, 20, True))
     grads = torch.autograd.grad(plain.float().square().sum(), (q, k, v))
     assert torch.allclose(out, plain) and torch.allclose(dqkv, torch.stack(grads, 1))
+
+
+def test_every_required_kernel_loads():
+    """REQUIRE_KERNELS names kernels a device run must have; a test that does not see its kernel
+    (an adapter absent from PAIRS, a skipped fusion) would otherwise pass without running it."""
+    from models.fusion import quack_available
+    from packing.kernels import fmha_backend, varlen_kernels
+
+    varlen = varlen_kernels()
+    fmha = (fmha_backend() or ("none",))[0]
+    loads = {"fa3": "flash-attn-3" in varlen, "fa4": "flash-attn-4" in varlen, "fa2": "flash-attn-2" in varlen,
+             "quack": quack_available(), "mslk": fmha == "mslk", "xformers": fmha == "xformers"}
+    missing = sorted(k for k in required() if not loads[k])
+    assert not missing, f"REQUIRE_KERNELS has {missing}, which do not load here (loaded: {sorted(varlen)}, fmha {fmha})"

@@ -2,10 +2,9 @@
 each sequence alone, to 1e-5 relative in fp32 on CPU (observed: about 3e-7)."""
 
 import pytest
+from property import given, settings, st
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from equivalence import CPU_CONFIG, CPU_TOL, each_alone, model_with, random_docs, rel
 from equivalence import collator as shared_collator

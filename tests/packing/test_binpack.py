@@ -4,8 +4,7 @@ from bisect import bisect_left, insort
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from property import given, settings, st
 
 from packing.sampling.binpack import best_fit_decreasing, group_by
 

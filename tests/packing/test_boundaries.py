@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
+from property import given, settings, st
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from packing.boundaries import (
     block_causal_mask,

@@ -2,9 +2,8 @@ import pickle
 
 import numpy as np
 import pytest
+from property import given, settings, st
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from equivalence import collator, random_docs

@@ -7,6 +7,7 @@ packing_varlen but need the flash-attn package and a GPU.
 """
 
 import pytest
+from kernels_required import skip_unless
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
@@ -190,7 +191,8 @@ def test_cuda_varlen_implementations_match_fp32_reference(impl):
     try:
         model = tiny("llama", impl, dim=256).cuda()  # head dim 64, which every flash kernel takes
     except (ImportError, ValueError) as e:  # transformers refuses an implementation whose package is missing
-        pytest.skip(f"{impl} is not usable here: {str(e).splitlines()[0]}")
+        kernel = {"flash_attention_2": "fa2", "flash_attention_3": "fa3", "flash_attention_4": "fa4"}.get(impl, impl)
+        skip_unless(kernel, False, f"{impl} is not usable here: {str(e).splitlines()[0]}")
     reference = tiny("llama", "sdpa", dim=256).cuda()
     samples = [s.cuda() for s in docs()]
     ref_logits, ref_loss, ref_grads = each_alone(reference, samples)

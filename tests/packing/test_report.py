@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from property import given, settings, st
 
 from packing.report import fit_lengths, padding_report
 

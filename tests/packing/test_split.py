@@ -1,7 +1,6 @@
 import pytest
+from property import given, settings, st
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from packing import PackingSampler, SplitDocuments, as_sample
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
+from property import given, settings, st
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from packing import StreamPacker, SyntheticDocs, get_collator

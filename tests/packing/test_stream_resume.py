@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from property import HealthCheck, given, settings, st
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("torchdata", reason="the stream extra: pip install -e '.[stream]'")
 
