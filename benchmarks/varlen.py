@@ -64,6 +64,7 @@ from packing import (
     SyntheticDocs,
     get_collator,
 )
+from packing.collate import block_diagonal_mask_class
 from packing.data.shard_reader import ShardDataset
 from packing.data.split import CLI_FIX, TOO_LONG, plan_chunks
 from packing.distributed import global_num_targets, loss_scale, rank, world_size
@@ -377,6 +378,13 @@ def run(args: VarlenConfig) -> tuple[list[VarlenRecord], str]:
     docs, lengths, config, description = load_documents(args, PRESETS[args.preset], world)
     steps = plan_steps(args, lengths, world, rank())
     names = list(COLLATORS) if args.collate == "all" else [args.collate]
+    if args.collate == "all":  # --collate all runs every row it can; an optional package's row says why it cannot
+        try:
+            block_diagonal_mask_class()
+        except ImportError as e:
+            names.remove("xformers")
+            if rank() == 0:
+                print(f"xformers row skipped: {str(e).splitlines()[0]}")
     if not args.no_baseline and BASELINE not in names:
         names.insert(0, BASELINE)
     # The added baseline row runs pad_max with its best adapter, whatever --attn the others use, and

@@ -98,8 +98,15 @@ def test_flash_adapter_packed_path_with_a_reference_kernel():
     out = adapter.attend_packed(qkv, batch, causal=True)
     assert out.shape == (batch.num_slots, 2, 4) and torch.equal(out[batch.num_tokens :], torch.zeros_like(out[batch.num_tokens :]))
     assert torch.allclose(out, adapter(*qkv.unbind(1), batch, causal=True))
-    out.sum().backward()
-    assert qkv.grad.shape == qkv.shape
+    # Gradient values, not just a shape (issue 23): the packed path's one (T, 3, H, D) gradient equals
+    # the three-tensor path's dq, dk, dv, stacked; the padding tail's rows get none.
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    q, k, v = (t.detach().requires_grad_() for t in qkv.detach().unbind(1))
+    (adapter(q, k, v, batch, causal=True) * g).sum().backward()
+    expected = torch.stack([q.grad, k.grad, v.grad], dim=1)
+    assert torch.allclose(qkv.grad, expected, rtol=1e-6, atol=1e-7) and expected[: batch.num_tokens].abs().sum() > 0
+    assert torch.equal(qkv.grad[batch.num_tokens:], torch.zeros_like(qkv.grad[batch.num_tokens:]))
 
 
 def test_bf16_weights_train_exactly_like_autocast_with_fp32_sgd():
