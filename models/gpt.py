@@ -13,8 +13,8 @@ from torch import Tensor
 
 from models.attention import AttentionAdapter, get_adapter
 from models.fusion import resolve_fuse
-from models.mlp import MLP
-from models.norm import add_layer_norm
+from models.block import Block, Blocks
+from models.fused import fuse as apply_fuse
 from packing.batch import Batch
 
 
@@ -43,42 +43,6 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-class Block(nn.Module):
-    """Pre-norm decoder block: x + attn(LN(x)), then x + MLP(LN(x)), with a fused qkv projection.
-
-    ``forward(x, delta, ...)`` takes the residual stream and the previous block's MLP output not yet
-    added to it (None for the first block) and returns the same pair, so that each residual add
-    sits right before the LayerNorm that reads it: one kernel with the ``norm`` fusion
-    (:func:`models.norm.add_layer_norm`). Unfused it is the plain ``x = x + delta; ln(x)``.
-    """
-
-    def __init__(self, config: GPTConfig, fuse: frozenset[str] = frozenset()) -> None:
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.head_dim = config.dim // config.n_heads
-        self.fuse_norm = "norm" in fuse
-        self.fuse_qkv = "qkv" in fuse
-        self.ln1 = nn.LayerNorm(config.dim)
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
-        self.proj = nn.Linear(config.dim, config.dim)
-        self.ln2 = nn.LayerNorm(config.dim)
-        self.mlp = MLP(config.dim, 4 * config.dim, fused="mlp" in fuse)
-
-    def forward(
-        self, x: Tensor, delta: Tensor | None, attn: AttentionAdapter, batch: Batch, causal: bool
-    ) -> tuple[Tensor, Tensor]:
-        # x, delta: (..., dim) in the batch's token form: (B, L, dim) padded, (T, dim) packed or nested
-        x, h = add_layer_norm(x, delta, self.ln1, fused=self.fuse_norm)
-        qkv = self.qkv(h).unflatten(-1, (3, self.n_heads, self.head_dim))  # (..., 3, H, Dh)
-        if self.fuse_qkv:
-            out = attn.attend_packed(qkv, batch, causal=causal)  # dq, dk, dv written into one (..., 3, H, Dh)
-        else:
-            q, k, v = qkv.unbind(-3)  # each (..., H, Dh)
-            out = attn(q, k, v, batch, causal=causal)
-        x, h = add_layer_norm(x, self.proj(out.flatten(-2)), self.ln2, fused=self.fuse_norm)
-        return x, self.mlp(h)
-
-
 class GPT(nn.Module):
     """Decoder-only transformer with learned token and position embeddings.
 
@@ -86,9 +50,9 @@ class GPT(nn.Module):
         config: the model size (see :data:`PRESETS`).
         attn: the attention adapter's name, or ``"auto"`` for the fastest one that takes the
             batch's layout on its device. It is resolved once per (layout, device).
-        fuse: fused kernels to use where they can take the tensors (:mod:`models.fusion`):
-            ``"none"`` (default), ``"auto"`` (all that load here), or names from ``mlp``, ``norm``,
-            ``qkv``. Each is the same math as the plain model, with the same parameters.
+        fuse: sugar for :func:`models.fuse` after construction: ``"none"`` (default), ``"auto"``
+            (every fusion whose kernels load here), or names from ``mlp``, ``norm``, ``qkv``. Each
+            is the same math as the plain model, with the same parameters.
 
     ``forward(batch, causal=True)`` returns logits in the batch's layout: (B, L, vocab) padded,
     (1, T, vocab) packed, or a jagged (B, j, vocab) NestedTensor. Positions come from
@@ -106,13 +70,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.attn = attn
-        self.fuse = resolve_fuse(fuse)
+        self.fuse: frozenset[str] = frozenset()  # what models.fuse has applied
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.max_len, config.dim)
-        self.blocks = nn.ModuleList(Block(config, self.fuse) for _ in range(config.n_layers))
+        self.blocks = Blocks(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._adapters: dict[tuple[str, str], AttentionAdapter] = {}
+        if resolve_fuse(fuse):
+            apply_fuse(self, fuse)
 
     @torch.compiler.disable
     def adapter(self, layout: str, device: torch.device | str, attn_bias: bool = False) -> AttentionAdapter:
@@ -164,11 +130,8 @@ class GPT(nn.Module):
         attn = self.adapter(batch.layout, batch.input_ids.device, batch.attn_bias is not None)
         ids, pos = batch.unwrap(batch.input_ids), batch.unwrap(batch.position_ids)
         x = self.tok_emb(ids) + self.pos_emb(pos)  # (B, L, dim) or (T, dim)
-        delta = None  # the last block's MLP output, added to x inside the next LayerNorm
-        for block in self.blocks:
-            x, delta = block(x, delta, attn, batch, causal)
-        _, h = add_layer_norm(x, delta, self.ln_f, fused="norm" in self.fuse)
-        return batch.wrap(self.head(h))
+        x = self.blocks(x, attn, batch, causal)
+        return batch.wrap(self.head(self.ln_f(x)))
 
 
 def lm_loss(logits: Tensor, batch: Batch, *, normalizer: int | Tensor | None = None) -> Tensor:

@@ -28,7 +28,6 @@ from packing.collate import (
     XformersBlockDiagonal,
     get_collator,
 )
-from packing.data.shard_reader import ShardDataset, ShardStream
 from packing.data.split import SplitDocuments
 from packing.data.synthetic import SyntheticDocs
 from packing.sample import IGNORE_INDEX, Sample, as_sample
@@ -59,3 +58,13 @@ __all__ = [
     "StreamPacker",
     "restore_loader",
 ]
+
+
+def __getattr__(name: str):
+    # ShardDataset and ShardStream load on first use: imported here, packing.data.shards would be in
+    # sys.modules before `python -m packing.data.shards` runs it, and runpy warns about that.
+    if name in ("ShardDataset", "ShardStream"):
+        from packing.data import shard_reader
+
+        return getattr(shard_reader, name)
+    raise AttributeError(f"module 'packing' has no attribute {name!r}")

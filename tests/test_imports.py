@@ -20,6 +20,16 @@ def modules() -> dict[str, Path]:
     return out
 
 
+def _executed(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (annotations only, never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *_executed(child)])
+            continue
+        yield node
+        yield from _executed(node)
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it names in an import statement, anywhere in it. A parent
     package's __init__ runs first but is already importing by then, so it is not an edge."""
@@ -28,7 +38,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in known.items():
         edges = set()
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _executed(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 edges |= {a.name for a in node.names if a.name in known}
             elif isinstance(node, ast.ImportFrom):

@@ -29,6 +29,7 @@ def test_readme_examples_run(capsys):
     assert out == "epoch 0: 66 packs of at most 16384 tokens, 1,072,796 tokens in all; 0 documents dropped\n" \
                   "epoch 1: 66 packs of at most 16384 tokens, 1,072,796 tokens in all; 0 documents dropped\n"
     assert "`66 packs of at most 16384 tokens, 1,072,796 tokens in all; 0 documents dropped`" in README.read_text()
+    pytest.importorskip("transformers", reason="the transformers example needs the hf extra")
     torch._dynamo.reset()  # earlier tests compiled the same model class: start from no compilation
     with torch._dynamo.config.patch(error_on_recompile=True):  # the compiled recipe compiles once
         third, out = run_block(blocks[2], capsys)  # the transformers example

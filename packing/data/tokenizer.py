@@ -36,13 +36,13 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():  # first: a wrong path is the likelier mistake, with or without the package
+            raise ValueError(f"tokenizer file {str(path)!r} does not exist; pass --tokenizer bytes or a tokenizer.json")
         try:
             from tokenizers import Tokenizer
         except ImportError:
             raise ImportError("--tokenizer PATH needs the tokenizers package: pip install tokenizers") from None
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"tokenizer file {str(path)!r} does not exist; pass --tokenizer bytes or a tokenizer.json")
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type

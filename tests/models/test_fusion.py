@@ -54,8 +54,8 @@ def test_qkv_fusion_matches_each_document_alone(collate, attn, causal, weights):
     assert_within(errors_against(batch, logits, loss, model, ref_logits, ref_loss, ref_grads), CPU_TOL)
 
 
-def test_the_restructured_block_is_the_plain_pre_norm_block(weights):
-    # Block.forward carries the MLP output to the next LayerNorm: the same sums in the same order.
+def test_the_block_is_the_textbook_pre_norm_block(weights):
+    # Block.forward is the two residual lines; the model is embeddings, blocks, final norm, head.
     model = model_with("naive", weights)
     batch = get_collator("concat")(random_docs([7, 12, 3], seed=4))
     x = model.tok_emb(batch.input_ids[0]) + model.pos_emb(batch.position_ids[0])
@@ -66,6 +66,35 @@ def test_the_restructured_block_is_the_plain_pre_norm_block(weights):
         x = x + block.mlp(block.ln2(x))
     expected = model.head(model.ln_f(x))
     assert torch.equal(model(batch)[0], expected)
+
+
+def test_fuse_is_a_converter_that_keeps_every_parameter(weights):
+    # models.fuse swaps the blocks for fused ones holding the same parameters (the same tensors);
+    # where quack cannot run (this CPU) the fused block computes what the plain one does, and the
+    # restructured residual (each add moved into the next LayerNorm) sums in the same order.
+    from models import fuse
+    from models.fused import FusedBlock, FusedBlocks
+
+    plain = model_with("naive", weights)
+    batch = get_collator("concat")(random_docs([7, 12, 3], seed=4))
+    expected = plain(batch)
+    params = {n: p for n, p in plain.named_parameters()}
+    assert fuse(plain, "qkv") is plain and isinstance(plain.blocks, FusedBlocks)
+    assert all(type(b) is FusedBlock for b in plain.blocks) and plain.fuse == {"qkv"}
+    assert {n: p for n, p in plain.named_parameters()} == params  # the same tensors, by name
+    assert torch.allclose(plain(batch), expected, rtol=1e-6, atol=1e-6)
+    fuse(plain, "none")
+    assert type(plain.blocks[0]).__name__ == "Block" and torch.equal(plain(batch), expected)
+    sugar = GPT(CPU_CONFIG, attn="naive", fuse="qkv")
+    assert isinstance(sugar.blocks, FusedBlocks) and list(sugar.state_dict()) == list(plain.state_dict())
+    with pytest.raises(TypeError, match=r"fuse converts a GPT's Block modules; model.blocks holds \['Linear'\]"):
+        fuse(_holder(), "qkv")
+
+
+def _holder():
+    m = nn.Module()
+    m.blocks = nn.ModuleList([nn.Linear(2, 2)])
+    return m
 
 
 def test_fused_mlp_and_norm_keep_the_torch_path_where_quack_cannot_run():

@@ -3,11 +3,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from packing.report import main
 
 
 def test_synthetic_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs the report extra")
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     assert main(["--synthetic", "5000", "--json", str(out), "--plot", str(png)]) == 0
     record = json.loads(out.read_text())
