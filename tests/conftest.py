@@ -49,6 +49,8 @@ def pytest_runtest_makereport(item, call):
     if call.excinfo is None or report.when != "call":
         return
     error = call.excinfo.value
+    if getattr(error, "failures", None):  # pytest's doctest runner collects its failures
+        error = error.failures[0]
     error = getattr(error, "exc_info", (None, error))[1]  # a doctest's UnexpectedException wraps it
     if isinstance(error, ImportError):
         package = _missing_optional(error)
