@@ -34,10 +34,18 @@ from torch import Tensor
 
 
 class BF16Weights:
-    """SGD (``lr``, no momentum) on fp32 masters of ``model``'s Linear weights, which become bf16."""
+    """SGD (``lr``, no momentum) on fp32 masters of ``model``'s Linear weights, which become bf16;
+    with ``optimizer="adamw"``, torch's AdamW on the masters (``fused`` on CUDA) and on the rest,
+    each master's gradient the bf16 gradient in fp32, then the new bf16 copy written.
 
-    def __init__(self, model: nn.Module, *, lr: float, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.lr = lr
+    A benchmark tool (``--bf16-weights``), not library API: it rewrites the model's parameters in
+    its constructor and has no ``state_dict``."""
+
+    def __init__(self, model: nn.Module, *, lr: float, dtype: torch.dtype = torch.bfloat16,
+                 optimizer: str = "sgd") -> None:
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer is {optimizer!r}; BF16Weights implements 'sgd' and 'adamw'")
+        self.lr, self.optimizer = lr, optimizer
         self.copies: list[nn.Parameter] = []
         self.masters: list[Tensor] = []
         for module in model.modules():
@@ -48,12 +56,27 @@ class BF16Weights:
                 self.masters.append(master)
         copied = {id(p) for p in self.copies}
         rest = [p for p in model.parameters() if id(p) not in copied]
-        self.rest = torch.optim.SGD(rest, lr=lr) if rest else None
+        self.adamw = None
+        if optimizer == "adamw":
+            self.masters = [nn.Parameter(m) for m in self.masters]
+            fused = bool(self.masters) and self.masters[0].is_cuda
+            self.adamw = torch.optim.AdamW(self.masters, lr=lr, fused=fused) if self.masters else None
+            self.rest = torch.optim.AdamW(rest, lr=lr, fused=fused) if rest else None
+        else:
+            self.rest = torch.optim.SGD(rest, lr=lr) if rest else None
 
     @torch.no_grad()
     def step(self) -> None:
         with_grad = [(c, m) for c, m in zip(self.copies, self.masters) if c.grad is not None]
-        if with_grad:
+        if with_grad and self.adamw is not None:
+            copies, masters = zip(*with_grad)
+            for c, m in with_grad:
+                m.grad = c.grad.to(m.dtype)
+            self.adamw.step()
+            torch._foreach_copy_(list(copies), list(masters))
+            for m in masters:
+                m.grad = None
+        elif with_grad:
             copies, masters = zip(*with_grad)
             update = _compiled_update() if copies[0].is_cuda else _update
             update(list(masters), list(copies), [c.grad for c in copies], self.lr)

@@ -97,6 +97,7 @@ class VarlenConfig(RunConfig):
     profile: str | None = None
     fuse: str = "none"
     bf16_weights: bool = False
+    optimizer: str = "sgd"
 
     def resolved(self, device: torch.device) -> VarlenConfig:
         """Defaults that follow the device: the seed model in bf16 on CUDA, tiny in fp32 on a CPU."""
@@ -125,6 +126,7 @@ class VarlenRecord(Record):
     data: str = "synthetic"
     fuse: str = "none"
     bf16_weights: bool = False
+    optimizer: str | None = None  # the train step's update: "sgd" or "adamw" (None for eval)
     matmul_params: int = 0  # N: the Linear weights' elements, the head included
     gemm_tflops: float | None = None  # the GPU's bf16 GEMM rate at the model's shapes, this run
     roofline_fraction: float | None = None  # matmul floor (6·N·T train, 2·N·T eval, T real tokens) / ms_per_step
@@ -163,6 +165,9 @@ def build_parser() -> Parser:
     p.add_argument("--bf16-weights", action="store_true",
                    help="train with bf16 copies of the Linear weights and fp32 masters (benchmarks.bf16_weights) "
                         "instead of autocast's per-step weight casts; every row but the baseline")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="the update after each train step: SGD (the seed article's, default) or torch's AdamW "
+                        "(fused on CUDA; with --bf16-weights, AdamW on the fp32 masters)")
     p.add_argument("--profile", metavar="PATH", help="after timing, profile a pass over the timed batches "
                    "(no optimizer update) and append each collate's top ops by device time to PATH")
     return p
@@ -266,7 +271,8 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
 
     torch.manual_seed(args.seed)  # same weights for every collate
     model = gpt = GPT(config, attn=args.attn, fuse=args.fuse).to(device)
-    shadow = BF16Weights(gpt, lr=1e-3) if args.bf16_weights and args.mode == "train" else None
+    shadow = (BF16Weights(gpt, lr=1e-3, optimizer=args.optimizer)
+              if args.bf16_weights and args.mode == "train" else None)
     adapter = model.adapter_for(batches[0], device)
     world = world_size()
     if world > 1:
@@ -280,7 +286,11 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
                               dynamic=False if static else None)
     train = args.mode == "train"
     model.train(train)
-    opt = (shadow or torch.optim.SGD(model.parameters(), lr=1e-3)) if train else None
+    if args.optimizer == "adamw":  # torch's fused AdamW on CUDA, as users train
+        plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    else:
+        plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    opt = (shadow or plain_opt) if train else None
     bf16 = args.dtype == "bf16"
     # Eval needs no gradient sync; inference_mode tensors do not mix with collectives, no_grad does.
     no_grad = torch.inference_mode if world == 1 else torch.no_grad
@@ -320,6 +330,7 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
         static=static, world_size=world, rank=rank(), parallel="none" if world == 1 else ("fsdp2" if args.fsdp else "ddp"),
         sampler=args.sampler, max_tokens=None if args.sampler == "fixed" else args.max_tokens, data=args.data or "synthetic",
         fuse=",".join(sorted(gpt.fuse)) or "none", bf16_weights=shadow is not None, matmul_params=matmul_params(gpt),
+        optimizer=args.optimizer if train else None,
     )
 
 

@@ -138,14 +138,17 @@ def test_flash_adapter_packed_path_with_a_reference_kernel():
     assert torch.equal(qkv.grad[batch.num_tokens:], torch.zeros_like(qkv.grad[batch.num_tokens:]))
 
 
-def test_bf16_weights_train_exactly_like_autocast_with_fp32_sgd():
-    # Bit for bit: bf16(master) in the forward, the same bf16 weight gradient, the same fp32 update.
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_bf16_weights_train_exactly_like_autocast_with_fp32_updates(optimizer):
+    # Bit for bit: bf16(master) in the forward, the same bf16 weight gradient, the same fp32 update
+    # (SGD, or AdamW with its moments on the masters).
     torch.manual_seed(0)
     config = CPU_CONFIG
     plain = GPT(config, attn="naive")
     shadowed = copy.deepcopy(plain)
-    sgd = torch.optim.SGD(plain.parameters(), lr=0.5)
-    bf16 = BF16Weights(shadowed, lr=0.5)
+    lr = 0.5 if optimizer == "sgd" else 1e-2
+    sgd = torch.optim.SGD(plain.parameters(), lr=lr) if optimizer == "sgd" else torch.optim.AdamW(plain.parameters(), lr=lr)
+    bf16 = BF16Weights(shadowed, lr=lr, optimizer=optimizer)
     assert shadowed.blocks[0].qkv.weight.dtype == torch.bfloat16 and shadowed.ln_f.weight.dtype == torch.float32
     for seed in (1, 2, 3):
         batch = get_collator("concat")(random_docs([9, 20, 4, 13], seed=seed))
