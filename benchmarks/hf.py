@@ -77,6 +77,7 @@ class HFConfig(RunConfig):
     layers: int = 24
     dim: int = 1024
     kv_heads: int = 16
+    loss: str = "full"
 
 
 @dataclass(kw_only=True)
@@ -89,12 +90,19 @@ class HFRecord(Record):
     transformers: str
     kernel: str | None  # what packing_varlen ran on CUDA (a flatten row names its implementation in method)
     doc_counts: list[int]  # documents in each timed step
+    vocab_size: int = 0
+    loss_impl: str = "full"  # "full": the model's loss on its logits; "chunked": packing.interop.hf_loss
     speedup_vs_compiled_baseline: float | None = None  # against pad_max+sdpa compiled; speedup_vs_baseline: eager
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m benchmarks.hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="model architecture (default gpt2)")
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "qwen3-0.6b"],
+                   help="model architecture (default gpt2); qwen3-0.6b: the Qwen3-0.6B shape with its 151,936-token "
+                        "vocabulary (hidden 1024, 28 layers, 16 query / 8 key-value heads of 128, tied head)")
+    p.add_argument("--loss", default="full", choices=["full", "chunked"],
+                   help="full: the model's own loss on its (T, vocab) logits; chunked: packing.interop.hf_loss, "
+                        "the head and cross-entropy a chunk of tokens at a time (default full)")
     HFConfig.add_arguments(p, mode_help="train step (SGD) or forward only", steps_help="timed padded steps per method")
     p.add_argument("--compile", action="store_true", help="run every method eager and under torch.compile")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="rows to run (default: see above)")
@@ -129,6 +137,11 @@ def build_config(args: HFConfig, attn_implementation: str):
     """The benchmark model's config: what hf_kwargs checks and reads the masks' windows from."""
     import transformers
 
+    if args.arch == "qwen3-0.6b":
+        return transformers.Qwen3Config(
+            vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=MAX_LEN,
+            attention_dropout=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
     if args.arch == "llama":
         return transformers.LlamaConfig(
             vocab_size=1024, hidden_size=args.dim, intermediate_size=4 * args.dim, num_hidden_layers=args.layers,
@@ -144,6 +157,8 @@ def build_model(args: HFConfig, attn_implementation: str):
 
     torch.manual_seed(args.seed)  # the same weights for every row
     config = build_config(args, attn_implementation)
+    if args.arch == "qwen3-0.6b":
+        return transformers.Qwen3ForCausalLM(config)
     if args.arch == "llama":
         return transformers.LlamaForCausalLM(config)
     model = transformers.GPT2LMHeadModel(config)
@@ -247,15 +262,23 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
     bf16 = device.type == "cuda"
     if compiled:
         torch._dynamo.reset()  # each row compiles from scratch, its counts its own
-    forward = torch.compile(model) if compiled else model
+    if args.loss == "chunked":
+        from packing.interop.hf_loss import causal_lm_loss
+
+        def loss_of(**kwargs: Any) -> torch.Tensor:
+            return causal_lm_loss(model, kwargs)
+    else:
+        def loss_of(**kwargs: Any) -> torch.Tensor:
+            return model(**kwargs).loss
+    forward = torch.compile(loss_of) if compiled else loss_of
 
     def step(host: Any) -> torch.Tensor:
         kwargs = p.kwargs(host, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if not train:
                 with torch.inference_mode():
-                    return forward(**kwargs).loss
-            loss = forward(**kwargs).loss
+                    return forward(**kwargs)
+            loss = forward(**kwargs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -270,7 +293,7 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
         compiled=compiled, **environment(device), transformers=transformers.__version__,
         kernel=kernel_name() if "packing_varlen" in p.impl and device.type == "cuda" else None,
         batch_size=args.batch_size, steps=len(timed), warmup=warm, seed=args.seed,
-        doc_counts=[p.doc_counts[i] for i in timed],
+        doc_counts=[p.doc_counts[i] for i in timed], vocab_size=model.config.vocab_size, loss_impl=args.loss,
         **timing.summary([p.real_tokens[i] for i in timed], [p.slots[i] for i in timed]),
     )
 
@@ -330,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     command = parser.command(argv)
     r0 = records[0]
     print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} arch={r0.arch} mode={r0.mode} "
-          f"layers={args.layers} dim={args.dim} kv_heads={args.kv_heads if args.arch == 'llama' else 16} "
+          f"vocab={r0.vocab_size} loss={args.loss} "
+          + (f"layers={args.layers} dim={args.dim} kv_heads={args.kv_heads if args.arch == 'llama' else 16} "
+             if args.arch != "qwen3-0.6b" else "layers=28 hidden=1024 heads=16/8x128 ") +
           f"padded batch_size={r0.batch_size} max_tokens={args.max_tokens}")
     header = ["method", "how", "steps", "docs/step", "ms/step", "real tok/s", "median", "padding", "peak mem", "loss",
               "graphs", "recompiles", "x pad eager", "x pad compiled"]

@@ -1,0 +1,127 @@
+"""A causal-LM loss that never holds the (tokens, vocabulary) logits: the LM head and the
+cross-entropy computed a chunk of tokens at a time, for large vocabularies (Qwen3's 151,936).
+
+transformers' ``ForCausalLM`` loss upcasts the whole (T, V) logits to fp32: at T = 16,384 and
+V = 151,936 that is 10 GB, plus the bf16 logits and their gradient. :func:`chunked_lm_loss` takes
+the final hidden states instead, and for each chunk of ``chunk`` tokens computes the logits, the
+summed cross-entropy, and right away the chunk's gradients for the hidden states and the head
+weight (the way Liger Kernel's fused linear cross-entropy does), so one chunk's logits are alive at
+a time. It is a ``torch.autograd.Function`` of plain torch ops with a fixed number of chunks per
+shape, so ``torch.compile`` traces it into the model's graph.
+
+Targets are ``shift_labels`` (the next token at each position, -100 where there is none), the
+convention of :func:`packing.interop.hf.hf_kwargs`; the loss is their sum over real targets divided
+by ``normalizer`` (default: their count), as transformers' loss with ``num_items_in_batch``.
+
+Example:
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> hidden, weight = torch.randn(7, 8), torch.randn(50, 8)
+    >>> labels = torch.tensor([3, 9, -100, 4, 4, 1, -100])
+    >>> ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels)
+    >>> bool(torch.allclose(chunked_lm_loss(hidden, weight, labels, chunk=3), ref))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from packing.sample import IGNORE_INDEX
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """hidden (T, d), weight (V, d), labels (T,) -> the summed cross-entropy over real labels (fp32
+    scalar); gradients for hidden and weight made in the forward, a chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, ignore_index: int) -> Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        need = ctx.needs_input_grad
+        d_hidden = torch.empty_like(hidden) if need[0] else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            logits = (h @ weight.T).float()  # (c, V): the only logits alive
+            valid = y != ignore_index
+            target = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total = total + torch.where(valid, lse - picked, 0.0).sum()
+            if d_hidden is None and d_weight is None:
+                continue
+            # d(sum CE)/d logits = softmax - onehot(target), zero on ignored rows.
+            grad = torch.exp(logits - lse[:, None])
+            grad.scatter_add_(1, target[:, None], torch.full_like(picked[:, None], -1.0))
+            grad = (grad * valid[:, None]).to(hidden.dtype)
+            if d_hidden is not None:
+                d_hidden[start:start + chunk] = grad @ weight.to(hidden.dtype)
+            if d_weight is not None:
+                d_weight += (grad.T @ h).float()
+        ctx.save_for_backward(*(t for t in (d_hidden, d_weight) if t is not None))
+        ctx.has = (d_hidden is not None, d_weight is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        saved = iter(ctx.saved_tensors)
+        d_hidden = (next(saved) * grad_total).to(ctx.dtypes[0]) if ctx.has[0] else None
+        d_weight = (next(saved) * grad_total).to(ctx.dtypes[1]) if ctx.has[1] else None
+        return d_hidden, d_weight, None, None, None
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, shift_labels: Tensor, *, chunk: int = 4096,
+                    normalizer: int | Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The causal-LM loss from final hidden states, never materialising the full logits.
+
+    hidden: (..., T, d) the model's last hidden state (before the LM head); weight: (V, d) the LM
+    head's weight (tied or not); shift_labels: (..., T) next-token targets, ``ignore_index`` where
+    none. ``chunk`` tokens' logits exist at a time. Returns sum(CE over real targets) / normalizer
+    (default: the count of real targets, at least 1). Under ``torch.autocast`` the head GEMMs run in
+    the autocast dtype and the softmax in fp32, as transformers' own loss does.
+    """
+    if hidden.shape[:-1] != shift_labels.shape:
+        raise ValueError(f"hidden has tokens {tuple(hidden.shape[:-1])} but shift_labels has {tuple(shift_labels.shape)}; "
+                         "pass the model's last hidden state and the batch's shift_labels")
+    if chunk < 1:
+        raise ValueError(f"chunk is {chunk}; expected >= 1 tokens")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = shift_labels.reshape(-1)
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        total = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, ignore_index)
+    if normalizer is None:
+        normalizer = (labels != ignore_index).sum().clamp(min=1)
+    return total / normalizer
+
+
+
+# Config fields that change the logits after the LM head: the chunked loss does not apply them, so a
+# model that sets them is refused rather than trained on other logits.
+_LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0,
+                 "output_multiplier_scale": None}
+
+
+def causal_lm_loss(model, kwargs: dict, *, chunk: int = 4096, normalizer: int | Tensor | None = None) -> Tensor:
+    """The loss of a transformers causal LM on :func:`~packing.interop.hf.hf_kwargs` (or
+    ``HFPackedCollator``) kwargs, through :func:`chunked_lm_loss`: the base model's last hidden
+    state, then the LM head and cross-entropy a chunk at a time. Equal to ``model(**kwargs).loss``
+    (tested at 1e-5 in fp32) without the (T, V) logits. A config that transforms the logits after
+    the head (a final softcap, a logit scale) is refused by name.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for field, neutral in _LOGIT_FIELDS.items():
+        value = getattr(config, field, neutral)
+        if value is not None and value != neutral:
+            raise ValueError(f"{type(model).__name__} has {field}={value!r}, which the chunked loss does not apply after "
+                             "the LM head; use model(**kwargs).loss for this model")
+    if "shift_labels" not in kwargs:
+        raise ValueError("causal_lm_loss needs kwargs with shift_labels (hf_kwargs and HFPackedCollator make them)")
+    inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
+    hidden = model.base_model(**inputs).last_hidden_state
+    return chunked_lm_loss(hidden, model.get_output_embeddings().weight, kwargs["shift_labels"], chunk=chunk,
+                           normalizer=normalizer)
