@@ -252,8 +252,11 @@ class _ShardFiles:
                 pass
 
     def __del__(self) -> None:
-        if self._pid == os.getpid():
-            self.close()
+        try:
+            if self._pid == os.getpid():
+                self.close()
+        except Exception:  # noqa: BLE001 - at interpreter shutdown os may already be gone; the OS closes them
+            pass
 
     def __getstate__(self) -> dict:
         return {"max_open": self.max_open}  # descriptors never travel to a worker
