@@ -37,7 +37,7 @@ from packing import SyntheticDocs
 from packing.boundaries import cumulative_lengths
 
 BASELINE = "torch.varlen_attn"
-HEADS, HEAD_DIM = 16, 64
+HEADS, HEAD_DIM = 16, 64  # the seed model's; --heads / --head-dim for other shapes (Qwen3: 16 of 128)
 
 
 @dataclass
@@ -56,6 +56,8 @@ class KernelRecord:
     gpu: str | None
     torch: str
     kernels: dict[str, str]  # the optional kernel packages that loaded (packing.kernels.loaded)
+    heads: int = HEADS
+    head_dim: int = HEAD_DIM
     status: str = "ok"  # or why the kernel could not run this case
     command: str = ""
     speedup_fwd_bwd_vs_baseline: float | None = None
@@ -99,8 +101,8 @@ def padded(x: torch.Tensor, lens: list[int]) -> torch.Tensor:
 
 def measure(name: str, layout: str, fn: Callable, lens: list[int], causal: bool, args, device) -> KernelRecord:
     g = torch.Generator(device=device).manual_seed(args.seed)
-    T = sum(lens)
-    q, k, v, grad = (torch.randn(T, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    T, heads, head_dim = sum(lens), args.heads, args.head_dim
+    q, k, v, grad = (torch.randn(T, heads, head_dim, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
     if layout == "padded":
         q, k, v, grad = (padded(t, lens) for t in (q, k, v, grad))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -118,12 +120,13 @@ def measure(name: str, layout: str, fn: Callable, lens: list[int], causal: bool,
     fwd = time_steps([forward] * args.warmup, [forward] * args.steps, device)
     both = time_steps([forward_backward] * args.warmup, [forward_backward] * args.steps, device)
     fwd_ms, both_ms = statistics.median(fwd.step_ms), statistics.median(both.step_ms)
-    flops = sum(4 * n * n * HEADS * HEAD_DIM for n in lens) * (0.5 if causal else 1.0)
+    flops = sum(4 * n * n * heads * head_dim for n in lens) * (0.5 if causal else 1.0)
     slots = len(lens) * max(lens) if layout == "padded" else T
     bwd_ms = both_ms - fwd_ms
     return KernelRecord(kernel=name, layout=layout, causal=causal, tokens=T, slots=slots, fwd_ms=fwd_ms,
                         fwd_bwd_ms=both_ms, bwd_ms=bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
-                        bwd_tflops=2.5 * flops / bwd_ms / 1e9 if bwd_ms > 0 else float("nan"), **environment(device))
+                        bwd_tflops=2.5 * flops / bwd_ms / 1e9 if bwd_ms > 0 else float("nan"), heads=heads,
+                        head_dim=head_dim, **environment(device))
 
 
 # Every kernel this benchmark knows, whether or not it loads here: a name outside it is a typo.
@@ -137,6 +140,8 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive, default=30, help="timed calls per kernel (default 30)")
     p.add_argument("--warmup", type=non_negative, default=5, help="untimed calls first (default 5)")
     p.add_argument("--seed", type=int, default=0, help="documents and q, k, v (default 0)")
+    p.add_argument("--heads", type=positive, default=HEADS, help=f"attention heads (default {HEADS})")
+    p.add_argument("--head-dim", type=positive, default=HEAD_DIM, help=f"head dimension (default {HEAD_DIM}; Qwen3: 128)")
     p.add_argument("--kernels", nargs="+", metavar="NAME",
                    help=f"only these kernels, from {', '.join(KNOWN)} (default: every one that loads)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 nan = float("nan")
                 records.append(KernelRecord(
                     kernel=name, layout=layout, causal=causal, tokens=sum(lens), slots=0, fwd_ms=nan, fwd_bwd_ms=nan,
-                    bwd_ms=nan, fwd_tflops=nan, bwd_tflops=nan, **environment(device),
+                    bwd_ms=nan, fwd_tflops=nan, bwd_tflops=nan, heads=args.heads, head_dim=args.head_dim,
+                    **environment(device),
                     status=f"failed: {str(e).splitlines()[0][:200]}"))
     command = parser.command(argv)
     for r in records:
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         r.speedup_fwd_bwd_vs_baseline = None if base is None or r.status != "ok" else base.fwd_bwd_ms / r.fwd_bwd_ms
     r0 = records[0]
     print(f"gpu={r0.gpu} torch={r0.torch} documents={len(lens)} tokens={r0.tokens} longest={max(lens)} "
-          f"heads={HEADS} head_dim={HEAD_DIM} bf16")
+          f"heads={args.heads} head_dim={args.head_dim} bf16")
     print(format_table(
         ["kernel", "layout", "causal", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd TFLOP/s", "bwd TFLOP/s", f"x {BASELINE}", "status"],
         [[r.kernel, r.layout, r.causal, f"{r.fwd_ms:.3f}", f"{r.bwd_ms:.3f}", f"{r.fwd_bwd_ms:.3f}",
