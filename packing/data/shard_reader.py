@@ -286,10 +286,11 @@ def _decode_tokens(data: bytes, info: ShardInfo, j: int) -> torch.Tensor:
             raise CorruptDocument(f"shard {info.path}: {name} is corrupt: its bytes have CRC-32 {found:08x}, "
                                   f"the writer recorded {int(info.crc32[j]):08x}")
     length = int(info.lengths[j])
-    if data[:NPY_HEADER] in (_npy_header("<u2", length), _npy_header("<u4", length)):
+    dtype = np.uint16 if data[22:24] == b"u2" else np.uint32  # the descr's bytes, e.g. '<u2'
+    if data[:NPY_HEADER] == _npy_header(np.dtype(dtype).str, length):
         # The header np.save writes for exactly this array: read the ids without parsing it (np.load
         # parses the header with ast.literal_eval, the largest cost of a read).
-        arr = np.frombuffer(data, dtype=np.uint16 if data[22:24] == b"u2" else np.uint32, offset=NPY_HEADER)
+        arr = np.frombuffer(data, dtype=dtype, offset=NPY_HEADER)
     else:
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -387,6 +388,7 @@ class ShardStream(IterableDataset):
         self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see place
         self._files = _ShardFiles()
         self._plans: dict[str, ChunkPlan] = {}
+        self._unreadable: dict[str, str] = {}  # shard -> why its length index could not be read
         self._last: tuple[str, int, Any] | None = None  # (shard, doc, tokens or the error): a split document is read once
         self.skipped: list[tuple[str, str]] = []  # (shard, why): shards skipped as corrupt, this process
         self.skipped_docs: list[tuple[str, str, str]] = []  # (shard, key, why): documents skipped as corrupt
@@ -436,11 +438,10 @@ class ShardStream(IterableDataset):
             )
         arrays = []
         for path in self.share(rank, worker, world_size, num_workers):
-            try:
-                np.load(_index_path(path), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"shard {path}: its length index is unreadable ({e})") from None
-            arrays.append(self._plan(path).length)
+            plan = self._plan(path)
+            if path in self._unreadable:
+                raise ValueError(f"shard {path}: its length index is unreadable ({self._unreadable[path]})")
+            arrays.append(plan.length)
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
     def too_long_summary(self) -> dict[str, int]:
@@ -466,9 +467,10 @@ class ShardStream(IterableDataset):
                 f"{len(self.paths)} shards give {self.fingerprint!r}); resume with the shards it was saved with"
             )
         for key in ("seed", "shuffle", "max_len", "too_long"):
-            if state.get(key, {"max_len": None, "too_long": "error"}.get(key)) != getattr(self, key):  # absent: saved before them
-                raise ValueError(f"ShardStream state has {key}={state[key]!r}, this stream {key}={getattr(self, key)!r}; "
-                                 f"construct the stream with {key}={state[key]!r} to resume it")
+            saved = state.get(key, {"max_len": None, "too_long": "error"}.get(key))  # absent: saved before them
+            if saved != getattr(self, key):
+                raise ValueError(f"ShardStream state has {key}={saved!r}, this stream {key}={getattr(self, key)!r}; "
+                                 f"construct the stream with {key}={saved!r} to resume it")
         place = self.place()
         for key in ("world_size", "rank", "num_workers", "worker"):
             if state[key] != place[key]:
@@ -485,7 +487,8 @@ class ShardStream(IterableDataset):
         if path not in self._plans:
             try:
                 lengths = np.load(_index_path(path), allow_pickle=False)
-            except (ValueError, OSError, EOFError):
+            except (ValueError, OSError, EOFError) as e:
+                self._unreadable[path] = str(e)  # share_lengths refuses it; a stream skips it as corrupt
                 lengths = np.zeros(0, dtype=np.int64)
             self._plans[path] = plan_chunks(lengths, self.max_len, self.too_long,
                                             name=lambda i: f"document {i} of shard {path}")

@@ -64,6 +64,17 @@ def run(shards, tmp, workers, buffer, kill_after=-1, resume=0, out="packs.jsonl"
     return proc
 
 
+def interrupted_and_resumed(loader, steps):
+    """The packs of ``loader()`` stopped after ``steps`` packs and resumed from its state in a new
+    loader, ``loader(state)``; and that state."""
+    interrupted = loader()
+    it = iter(interrupted)
+    first = [next(it) for _ in range(steps)]
+    state = interrupted.state_dict()
+    del it
+    return first + list(loader(state)), state
+
+
 def packs(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -125,12 +136,8 @@ def test_state_resumes_in_process(shards, workers):
         return dl
 
     full = list(loader())
-    interrupted = loader()
-    it = iter(interrupted)
-    first = [next(it) for _ in range(7)]
-    state = interrupted.state_dict()
-    del it
-    assert first + list(loader(state)) == full
+    resumed, _ = interrupted_and_resumed(loader, 7)
+    assert resumed == full
 
 
 def test_state_holds_positions_not_tokens(shards):
@@ -329,15 +336,17 @@ def test_split_long_documents_resume_exactly_and_keep_every_token_and_target(tmp
     expected = sorted(int(t) for i, n in enumerate(lengths) for t in np.arange(n) + 100 * i + 1)
     assert ids == expected  # every token once
     assert all(label == (i + 1 if (i - 1) % 100 + 1 < lengths[(i - 1) // 100] else -100) for i, label in tokens.items())
-    interrupted = loader()
-    it = iter(interrupted)
-    first = [next(it) for _ in range(5)]
-    state = interrupted.state_dict()
-    del it
-    assert first + list(loader(state)) == full
+    resumed, state = interrupted_and_resumed(loader, 5)
+    assert resumed == full
+    source = (state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]["source"] if workers
+              else state["dataset_state"]["source"])
     with pytest.raises(ValueError, match=r"ShardStream state has max_len=16, this stream max_len=None"):
-        ShardStream(shards, seed=3).load_state_dict(state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]["source"]
-                                                    if workers else state["dataset_state"]["source"])
+        ShardStream(shards, seed=3).load_state_dict(source)
+    # A state saved before these settings existed holds neither: it was a stream without max_len.
+    older = {k: v for k, v in source.items() if k not in ("max_len", "too_long")}
+    with pytest.raises(ValueError, match=r"ShardStream state has max_len=None, this stream max_len=16; construct "
+                                         r"the stream with max_len=None to resume it"):
+        ShardStream(shards, seed=3, max_len=16, too_long="split").load_state_dict(older)
 
 
 def test_stream_too_long_error_and_truncate(tmp_path):
