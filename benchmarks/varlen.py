@@ -229,9 +229,10 @@ def load_documents(args: VarlenConfig, config: GPTConfig, world: int) -> tuple[A
         name = f"{args.data}: {len(source):,} documents; vocab {config.vocab_size}"
     if int(source.lengths.max()) <= limit:
         return source, source.lengths, config, name
-    plan = plan_chunks(source.lengths, limit, args.too_long, limit=limit_name, fix=CLI_FIX)  # refuses for "error"
+    if args.too_long == "error":  # refused in the command's words: the limit's flag and --too-long
+        plan_chunks(source.lengths, limit, "error", limit=limit_name, fix=CLI_FIX)
     view = SplitDocuments(source, source.lengths, max_len=limit, too_long=args.too_long)
-    return view, view.lengths, config, f"{name}; {plan.summary().replace('max_len ', limit_name)}"
+    return view, view.lengths, config, f"{name}; {view.plan.summary().replace('max_len ', limit_name)}"
 
 
 def plan_steps(args: VarlenConfig, lengths: np.ndarray, world: int, rank: int) -> list[list[int]]:

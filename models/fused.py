@@ -49,11 +49,8 @@ class FusedBlock(Block):
     @classmethod
     def from_block(cls, block: Block, fusions: frozenset[str]) -> FusedBlock:
         """The fused form of ``block``, taking its submodules (and so its parameters) as they are."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.n_heads, fused.head_dim, fused.fusions = block.n_heads, block.head_dim, fusions
-        for name, module in block.named_children():
-            fused.add_module(name, module)
+        fused = _rebuilt(cls, block)
+        fused.fusions = fusions
         fused.mlp.fused = "mlp" in fusions
         return fused
 
@@ -106,14 +103,20 @@ def fuse(model: nn.Module, fusions: str | frozenset[str] = "auto") -> nn.Module:
     return model
 
 
+def _rebuilt(cls: type[Block], block: Block) -> Block:
+    """A ``cls`` block holding ``block``'s submodules (its parameters, not copies) and head shape."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.n_heads, new.head_dim = block.n_heads, block.head_dim
+    for name, module in block.named_children():
+        new.add_module(name, module)
+    return new
+
+
 def _unfused(block: Block) -> Block:
     """A fused block back to a plain one, with its submodules."""
     if type(block) is Block:
         return block
-    plain = Block.__new__(Block)
-    nn.Module.__init__(plain)
-    plain.n_heads, plain.head_dim = block.n_heads, block.head_dim
-    for name, module in block.named_children():
-        plain.add_module(name, module)
+    plain = _rebuilt(Block, block)
     plain.mlp.fused = False
     return plain
