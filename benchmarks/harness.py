@@ -185,13 +185,15 @@ class Timing:
 
 
 def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], torch.Tensor]],
-               device: torch.device, *, count_compiles: bool = False) -> Timing:
+               device: torch.device, *, count_compiles: bool = False,
+               before_timed: Callable[[], Any] | None = None) -> Timing:
     """Run ``warm`` untimed (the first on the wall clock), then time each of ``timed``.
 
     Each step is a zero-argument callable returning its loss (a detached tensor). Nothing syncs
     inside the timed loop: the clock reads CUDA events after one final synchronize, so the GPU's
     queue never drains between steps. ``count_compiles`` clears dynamo's counters first and records
-    the graphs, graph breaks and compilations after the first step.
+    the graphs, graph breaks and compilations after the first step. ``before_timed`` runs once,
+    after the warm-up's final synchronize and before the first timed step.
     """
     if not timed:
         raise ValueError("no steps to time; raise --steps")
@@ -210,6 +212,8 @@ def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], t
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if before_timed is not None:
+        before_timed()
     clock, losses = StepClock(device), []
     for step in timed:
         with clock:

@@ -10,6 +10,9 @@ in bf16 autocast with SGD. One pool of seed documents (lengths uniform in [1, 10
 row, with ``use_cache=False`` everywhere (a cache is for generation):
 
 - ``pad_max+sdpa``: ``--batch-size`` documents a step padded to 1024, 2-D mask (the baseline);
+- ``pad_max+packing_varlen``: the same padded steps through the packed rows' kernels (each padded
+  row one 1024-token block of the varlen kernel, -100 at the padding): padding with the same
+  kernels, so a table separates what packing buys from what the kernels buy;
 - ``pad_longest+sdpa``: the same steps padded to the longest, rounded up to 64;
 - ``concat+packing_varlen`` / ``concat+sdpa``: the same steps as one packed row, into this
   project's varlen attention, or into sdpa with a 4-D block-causal mask;
@@ -18,21 +21,33 @@ row, with ``use_cache=False`` everywhere (a cache is for generation):
   every step the same shapes, so a compiled model compiles once;
 - ``static+packing_varlen_repeat_kv``: the same, with k and v repeated to every query head before the
   kernel (what grouped-query attention costs without the kernel's own support; use ``--kv-heads``);
+- ``dynamic+packing_varlen``: the same packs unpadded (no ``total_tokens`` tail), the kernel's
+  ``max_seqlen`` fixed at 1024; under ``--compile`` with automatic dynamic shapes, so the row
+  recompiles once (its ``recompiles`` over the epoch's packs say whether it holds there);
 - ``flatten+<impl>``: the same packs through transformers' ``DataCollatorWithFlattening``, the peer,
   into ``flash_attention_4|3|2``, whichever loads (else ``packing_varlen``).
 
-``--compile`` runs every method eager and then under ``torch.compile(model)``, and records each
-row's dynamo graphs, graph breaks and the compilations after its first step (recompiles). Ratios:
-real tokens per second against pad_max + sdpa eager, and for compiled rows also against pad_max +
-sdpa compiled, both measured in the same run. Throughput counts real tokens only. Eval is causal.
+``--compile`` runs every method eager and then under ``torch.compile(model)``
+(``--compile-mode``), and records each row's dynamo graphs, graph breaks and the compilations after
+its first step (recompiles). Ratios: real tokens per second against pad_max + sdpa eager, and for
+compiled rows also against pad_max + sdpa compiled, both measured in the same run. Throughput
+counts real tokens only. Eval is causal. Each record carries the varlen kernel its layers ran
+(``--kernel`` picks one), its peak memory, and its matmul roofline: 6·N·T FLOPs to train (2·N·T
+to evaluate; N the model's Linear weights, the LM head included, T its real tokens) at the bf16
+GEMM rate measured in the same process at the model's own shapes, over its step time.
+
+``--liger`` puts Liger Kernel's RMSNorm, SwiGLU and RoPE (Triton) into every model but the
+baseline's, to measure them against Inductor's own fusion. ``--arch`` takes several architectures,
+run one after another in one process (the second-model slowdown of issue 24).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,6 +58,7 @@ from benchmarks.harness import (
     cell,
     environment,
     format_table,
+    gemm_tflops,
     gib,
     positive,
     resolve_device,
@@ -53,12 +69,12 @@ from packing import Batch, PackingSampler, SyntheticDocs, get_collator
 from packing.interop.hf import hf_kwargs, shifted_labels
 
 PEER_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_3", "flash_attention_2")
-METHODS = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2",
-           "static+packing_varlen", "static+packing_varlen_repeat_kv", "flatten")
+METHODS = ("pad_max+sdpa", "pad_max+packing_varlen", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2",
+           "static+packing_varlen", "static+packing_varlen_repeat_kv", "dynamic+packing_varlen", "flatten")
 BASELINE = METHODS[0]
 # Defaults: without --compile, the eager comparison of batch layouts (and flash_attention_2 where its
 # package is installed); with it, the compiled recipe against compiled padding and the peer.
-EAGER_DEFAULT = METHODS[:4]
+EAGER_DEFAULT = ("pad_max+sdpa", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa")
 COMPILE_DEFAULT = ("pad_max+sdpa", "static+packing_varlen", "flatten")
 MAX_LEN = 1024
 
@@ -79,6 +95,13 @@ class HFConfig(RunConfig):
     kv_heads: int = 16
     loss: str = "full"
     compiled_only: bool = False
+    kernels: tuple[str, ...] = ()  # varlen kernels to run the packing_varlen rows on, one row each (() : the default)
+    no_baseline: bool = False
+    compile_mode: str = "default"
+    liger: bool = False
+    archs: tuple[str, ...] = ()  # every --arch, run in this order in one process (arch: the one running)
+    memory_cap_gib: float | None = None
+    arch_order: int = 0  # the position of arch in archs (set by run, not a flag)
 
 
 @dataclass(kw_only=True)
@@ -92,18 +115,42 @@ class HFRecord(Record):
     kernel: str | None  # what packing_varlen ran on CUDA (a flatten row names its implementation in method)
     doc_counts: list[int]  # documents in each timed step
     vocab_size: int = 0
-    loss_impl: str = "full"  # "full": the model's loss on its logits; "chunked": packing.interop.hf_loss
+    loss_impl: str = "full"  # "full": the model's loss on its logits; "chunked": packing.interop.hf_loss; "liger"
+    compile_mode: str | None = None
+    liger: bool = False  # Liger Kernel's RMSNorm, SwiGLU and RoPE in the model
+    arch_order: int = 0  # which model of this process it was (0: the first); --arch runs several
+    matmul_params: int = 0  # N: the model's Linear weights, the LM head included
+    gemm_tflops: float | None = None  # the GPU's bf16 GEMM rate at the model's shapes, this process
+    roofline_fraction: float | None = None  # 6·N·T (train) / gemm rate, over the measured step
+    alloc_retries: int = 0  # the caching allocator's cudaMalloc retries (frees and re-asks) in the timed steps
+    gc_ms: float = 0.0  # host time in Python's garbage collector during the timed steps
+    gc_objects: int = 0  # objects Python's collector tracked after the row (what earlier models left)
+    memory_cap_gib: float | None = None  # the process's CUDA memory cap (an 80 GB H100's, on a bigger GPU)
     speedup_vs_compiled_baseline: float | None = None  # against pad_max+sdpa compiled; speedup_vs_baseline: eager
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m benchmarks.hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "qwen3-0.6b"],
+    p.add_argument("--arch", default=["gpt2"], nargs="+", choices=["gpt2", "llama", "qwen3-0.6b"],
                    help="model architecture (default gpt2); qwen3-0.6b: the Qwen3-0.6B shape with its 151,936-token "
-                        "vocabulary (hidden 1024, 28 layers, 16 query / 8 key-value heads of 128, tied head)")
-    p.add_argument("--loss", default="full", choices=["full", "chunked"],
+                        "vocabulary (hidden 1024, 28 layers, 16 query / 8 key-value heads of 128, tied head); "
+                        "several run one after another in this process")
+    p.add_argument("--loss", default="full", choices=["full", "chunked", "liger"],
                    help="full: the model's own loss on its (T, vocab) logits; chunked: packing.interop.hf_loss, "
-                        "the head and cross-entropy a chunk of tokens at a time (default full)")
+                        "the head and cross-entropy a chunk of tokens at a time; liger: Liger Kernel's fused linear "
+                        "cross-entropy (default full)")
+    p.add_argument("--kernel", nargs="+", choices=["flash-attn-3", "flash-attn-4", "flash-attn-2", "torch.varlen_attn"],
+                   help="the varlen kernel(s) packing_varlen runs, one row each, side by side (default: the first "
+                        "that loads, FA3 first)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the pad_max+sdpa rows (no ratios; for a memory or recompile check)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode for the compiled rows; reduce-overhead: CUDA graphs (default: default)")
+    p.add_argument("--liger", action="store_true",
+                   help="Liger Kernel's RMSNorm, SwiGLU and RoPE in every model but the baseline's (llama, qwen3-0.6b)")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap this process's CUDA memory (79.1: an 80 GB H100's, on a larger GPU)")
     HFConfig.add_arguments(p, mode_help="train step (SGD) or forward only", steps_help="timed padded steps per method")
     p.add_argument("--compile", action="store_true", help="run every method eager and under torch.compile")
     p.add_argument("--compiled-only", action="store_true",
@@ -226,9 +273,13 @@ def plan(method: str, args: HFConfig, device: torch.device, docs: SyntheticDocs,
             return {**moved, "use_cache": False}
 
         return Plan(impl, steps, peer_kwargs, counts, counts, [len(p) for p in packs])
+    if layout == "pad_max" and impl == "packing_varlen":
+        return padded_varlen_plan(args, device, docs, fixed)
     if layout == "static":
         collate = get_collator("concat", total_tokens=args.max_tokens, max_seqs=args.max_seqs, max_seqlen=MAX_LEN)
         groups = packs
+    elif layout == "dynamic":
+        collate, groups = get_collator("concat"), packs
     else:
         collate = {"pad_max": get_collator("pad_max", max_len=MAX_LEN),
                    "pad_longest": get_collator("pad_longest", pad_to_multiple_of=64),
@@ -242,10 +293,39 @@ def plan(method: str, args: HFConfig, device: torch.device, docs: SyntheticDocs,
 
     def batch_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
         batch = batch.to(device, non_blocking=True)
-        return padded_kwargs(batch) if batch.layout == "padded" else hf_kwargs(batch, target)
+        if batch.layout == "padded":
+            return padded_kwargs(batch)
+        kwargs = hf_kwargs(batch, target)
+        if layout == "dynamic":
+            # A fixed bound, as the static rows have: the kernels take max_seqlen as a host int, and
+            # each new longest document would be one more value for the compiled graph to guard on.
+            kwargs["max_length_q"] = kwargs["max_length_k"] = MAX_LEN
+        return kwargs
 
     return Plan(impl, batches, batch_kwargs, [b.num_tokens for b in batches], [b.num_slots for b in batches],
                 [len(b.seq_lens) for b in batches])
+
+
+def padded_varlen_plan(args: HFConfig, device: torch.device, docs: SyntheticDocs, fixed: list[list[int]]) -> Plan:
+    """``pad_max+packing_varlen``: each padded step as one packed row of ``--batch-size`` blocks of
+    1024 tokens (a document and its padding, the padding's targets -100), through the varlen kernel.
+    The same positions as pad_max are computed, and the same targets learnt: only the kernels change."""
+    def padded(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = docs[i]
+        tail = MAX_LEN - len(inputs)
+        return (torch.cat([inputs, inputs.new_zeros(tail)]), torch.cat([targets, targets.new_full((tail,), -100)]))
+
+    size = args.batch_size * MAX_LEN
+    collate = get_collator("concat", total_tokens=size, max_seqs=args.batch_size, max_seqlen=MAX_LEN)
+    batches = [collate([padded(i) for i in group]) for group in fixed]
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+
+    def batch_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
+        return hf_kwargs(batch.to(device, non_blocking=True), "packing_varlen")
+
+    real = [int(sum(docs.lengths[i] for i in group)) for group in fixed]
+    return Plan("packing_varlen", batches, batch_kwargs, real, [size] * len(fixed), [len(g) for g in fixed])
 
 
 def warmup_steps(args: HFConfig, compiled: bool) -> int:
@@ -253,50 +333,121 @@ def warmup_steps(args: HFConfig, compiled: bool) -> int:
     return max(args.warmup, 1) if compiled else args.warmup
 
 
+def loss_function(model: Any, loss: str) -> Callable[..., torch.Tensor]:
+    """kwargs -> the step's loss: the model's own (``full``), ``packing.interop.hf_loss``'s chunked
+    head and cross-entropy (``chunked``), or Liger Kernel's fused linear cross-entropy (``liger``)."""
+    if loss == "chunked":
+        from packing.interop.hf_loss import causal_lm_loss
+
+        return lambda **kwargs: causal_lm_loss(model, kwargs)
+    if loss == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+        def liger_loss(**kwargs: Any) -> torch.Tensor:
+            inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
+            hidden = model.base_model(**inputs).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            weight = model.get_output_embeddings().weight
+            if torch.is_autocast_enabled(hidden.device.type):  # Liger's kernels take one dtype
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return flce(weight, hidden, kwargs["shift_labels"].reshape(-1))
+
+        return liger_loss
+    return lambda **kwargs: model(**kwargs).loss
+
+
+@contextlib.contextmanager
+def liger_kernels(model: Any, arch: str) -> Iterator[None]:
+    """Liger Kernel's RMSNorm, SwiGLU MLP and RoPE in ``model`` (its own instance patching), with the
+    transformers module globals Liger also rebinds put back afterwards, so later rows stay plain."""
+    import importlib
+
+    from liger_kernel.transformers import monkey_patch
+
+    family = {"llama": "llama", "qwen3-0.6b": "qwen3"}.get(arch)
+    if family is None:
+        raise ValueError(f"--liger takes --arch llama or qwen3-0.6b, got {arch!r} (Liger Kernel has no {arch} patch)")
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    saved = dict(vars(module))
+    getattr(monkey_patch, f"apply_liger_kernel_to_{family}")(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device, p: Plan) -> HFRecord:
+    import gc
+    import time
+
     import transformers
 
-    from packing.interop.hf_attention import kernel_name
+    from packing.interop import hf_attention
 
     model = build_model(args, p.impl).to(device)
     train = args.mode == "train"
     model.train(train)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     bf16 = device.type == "cuda"
+    liger = args.liger and method != BASELINE
     if compiled:
         torch._dynamo.reset()  # each row compiles from scratch, its counts its own
-    if args.loss == "chunked":
-        from packing.interop.hf_loss import causal_lm_loss
-
-        def loss_of(**kwargs: Any) -> torch.Tensor:
-            return causal_lm_loss(model, kwargs)
-    else:
-        def loss_of(**kwargs: Any) -> torch.Tensor:
-            return model(**kwargs).loss
-    forward = torch.compile(loss_of) if compiled else loss_of
+    loss_of = loss_function(model, args.loss)
+    forward = torch.compile(loss_of, mode=None if args.compile_mode == "default" else args.compile_mode) if compiled \
+        else loss_of
+    graphed = compiled and args.compile_mode == "reduce-overhead"
 
     def step(host: Any) -> torch.Tensor:
         kwargs = p.kwargs(host, device)
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if not train:
                 with torch.inference_mode():
-                    return forward(**kwargs)
+                    return forward(**kwargs).clone()  # a CUDA graph's output is overwritten by its next run
             loss = forward(**kwargs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()
 
     warm = warmup_steps(args, compiled)
     timed = range(warm, len(p.steps))
-    timing = time_steps([lambda h=h: step(h) for h in p.steps[:warm]], [lambda i=i: step(p.steps[i]) for i in timed],
-                        device, count_compiles=compiled)
+    gc_s = [0.0]
+
+    def gc_clock(phase: str, info: dict, started: list[float] = [0.0]) -> None:  # noqa: B006 - the callback's own state
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - started[0]
+
+    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+    hf_attention.last_kernel = None
+    with liger_kernels(model, args.arch) if liger else contextlib.nullcontext():
+        warm_steps = [lambda h=h: step(h) for h in p.steps[:warm]]
+        timed_steps = [lambda i=i: step(p.steps[i]) for i in timed]
+        gc.callbacks.append(gc_clock)
+        try:
+            timing = time_steps(warm_steps, timed_steps, device, count_compiles=compiled,
+                                before_timed=lambda: gc_s.__setitem__(0, 0.0))  # the collector's time in timed steps only
+        finally:
+            gc.callbacks.remove(gc_clock)
+    retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries) if device.type == "cuda" else 0
     return HFRecord(
         method=method if not method == "flatten" else f"flatten+{p.impl}", arch=args.arch, mode=args.mode,
         compiled=compiled, **environment(device), transformers=transformers.__version__,
-        kernel=kernel_name() if "packing_varlen" in p.impl and device.type == "cuda" else None,
+        kernel=hf_attention.last_kernel if "packing_varlen" in p.impl else None,
         batch_size=args.batch_size, steps=len(timed), warmup=warm, seed=args.seed,
         doc_counts=[p.doc_counts[i] for i in timed], vocab_size=model.config.vocab_size, loss_impl=args.loss,
+        compile_mode=args.compile_mode if compiled else None, liger=liger, arch_order=args.arch_order,
+        matmul_params=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
+        alloc_retries=retries, gc_ms=1000 * gc_s[0], gc_objects=len(gc.get_objects()),
+        memory_cap_gib=args.memory_cap_gib,
         **timing.summary([p.real_tokens[i] for i in timed], [p.slots[i] for i in timed]),
     )
 
@@ -314,10 +465,33 @@ def run(args: HFConfig) -> list[HFRecord]:
         raise ValueError("concat+flash_attention_2 needs CUDA and the flash-attn package; leave it out of --methods")
     if args.compiled_only and not args.compile:
         raise ValueError("--compiled-only skips the eager rows of --compile: give --compile too")
-    if BASELINE not in methods:
+    if BASELINE not in methods and not args.no_baseline:
         methods.insert(0, BASELINE)
+    if (args.liger or args.loss == "liger") and importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError("--liger and --loss liger need Liger Kernel: pip install liger-kernel")
+    for kernel in args.kernels:
+        register([kernel])  # a ValueError naming what loads, before any row runs
     register()
     register_repeat_kv()
+    if args.memory_cap_gib is not None:
+        if device.type != "cuda":
+            raise ValueError(f"--memory-cap-gib {args.memory_cap_gib} caps CUDA memory; this run is on {device.type}")
+        total = torch.cuda.get_device_properties(device).total_memory
+        if not 0 < args.memory_cap_gib * 2**30 <= total:
+            raise ValueError(f"--memory-cap-gib {args.memory_cap_gib}: expected between 0 and this GPU's "
+                             f"{total / 2**30:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, device)
+    records = []
+    for order, arch in enumerate(args.archs or (args.arch,)):
+        records += run_arch(replace(args, arch=arch, arch_order=order), device, methods)
+    return records
+
+
+def run_arch(args: HFConfig, device: torch.device, methods: list[str]) -> list[HFRecord]:
+    """Every method's rows for ``args.arch``, with their ratios against this arch's baseline and
+    their roofline against the GEMM rate measured now at this model's shapes."""
+    from packing.interop.hf_attention import register
+
     n = (args.warmup + args.steps) * args.batch_size
     docs = SyntheticDocs(n, max_len=MAX_LEN, vocab_size=1024, seed=args.seed)
     fixed = [list(range(i, i + args.batch_size)) for i in range(0, n, args.batch_size)]
@@ -334,41 +508,60 @@ def run(args: HFConfig) -> list[HFRecord]:
             )
     records = []
     for method, p in plans.items():
-        for compiled in ((True,) if args.compiled_only else (False, True)) if args.compile else (False,):
-            records.append(run_method(method, compiled, args, device, p))
-            r = records[-1]
-            print(f"done: {r.method} {'compiled' if compiled else 'eager'}: {r.tokens_per_s:,.0f} real tok/s, "
-                  f"first step {r.first_step_s:.1f} s, recompiles {r.recompiles}", file=sys.stderr, flush=True)
+        kernels = args.kernels if "packing_varlen" in p.impl and args.kernels else (None,)
+        for kernel in kernels:
+            register(None if kernel is None else [kernel])
+            for compiled in ((True,) if args.compiled_only else (False, True)) if args.compile else (False,):
+                records.append(run_method(method, compiled, args, device, p))
+                r = records[-1]
+                print(f"done: {r.arch} {r.method} {'compiled' if compiled else 'eager'} {r.kernel or ''}: "
+                      f"{r.tokens_per_s:,.0f} real tok/s, {r.ms_per_step:.1f} ms/step, peak {gib(r.peak_mem_bytes)}, "
+                      f"first step {r.first_step_s:.1f} s, recompiles {r.recompiles}", file=sys.stderr, flush=True)
+    register()
     base = {r.compiled: r for r in records if r.method == BASELINE}
     for r in records:
         r.speedup_vs_baseline = r.tokens_per_s / base[False].tokens_per_s if False in base else None
-        if r.compiled:
+        if r.compiled and True in base:
             r.speedup_vs_compiled_baseline = r.tokens_per_s / base[True].tokens_per_s
+    with torch.device("meta"):
+        shapes = {(m.in_features, m.out_features) for m in build_model(args, "sdpa").modules()
+                  if isinstance(m, torch.nn.Linear)}
+    rate = gemm_tflops(device, [(args.max_tokens, k, n) for k, n in sorted(shapes)])
+    if rate is not None:
+        for r in records:
+            r.gemm_tflops = rate
+            r.roofline_fraction = (6 if r.mode == "train" else 2) * r.matmul_params * r.tokens_per_s / (rate * 1e12)
     return records
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parsed = parser.parse_args(argv)
-    args = HFConfig.from_args(parsed, methods=tuple(parsed.methods) if parsed.methods else None)
+    args = HFConfig.from_args(parsed, methods=tuple(parsed.methods) if parsed.methods else None, arch=parsed.arch[0],
+                              archs=tuple(parsed.arch), kernels=tuple(parsed.kernel or ()))
     try:
         records = run(args)
     except (ValueError, TypeError, ImportError) as e:
         return parser.fail(e)
     command = parser.command(argv)
     r0 = records[0]
-    print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} arch={r0.arch} mode={r0.mode} "
-          f"vocab={r0.vocab_size} loss={args.loss} "
-          + (f"layers={args.layers} dim={args.dim} kv_heads={args.kv_heads if args.arch == 'llama' else 16} "
-             if args.arch != "qwen3-0.6b" else "layers=28 hidden=1024 heads=16/8x128 ") +
-          f"padded batch_size={r0.batch_size} max_tokens={args.max_tokens}")
-    header = ["method", "how", "steps", "docs/step", "ms/step", "real tok/s", "median", "padding", "peak mem", "loss",
-              "graphs", "recompiles", "x pad eager", "x pad compiled"]
+    print(f"gpu={r0.gpu} torch={r0.torch} transformers={r0.transformers} mode={r0.mode} loss={args.loss} "
+          f"compile_mode={args.compile_mode} liger={args.liger} padded batch_size={r0.batch_size} "
+          f"max_tokens={args.max_tokens} kernels={r0.kernels}"
+          + (f" memory_cap={args.memory_cap_gib} GiB" if args.memory_cap_gib else ""))
+    if r0.gemm_tflops is not None:
+        print(f"roofline: 6·N·T train (2·N·T eval) FLOPs, N the Linear weights (LM head included), T real tokens, "
+              f"at {r0.gemm_tflops:.0f} TFLOP/s, the bf16 GEMM rate measured now at the model's shapes")
+    header = ["arch", "method", "how", "kernel", "steps", "docs/step", "ms/step", "real tok/s", "padding", "peak mem",
+              "loss", "graphs", "recompiles", "x pad eager", "x pad compiled", "roofline"]
     print(format_table(header, [
-        [r.method, "compiled" if r.compiled else "eager", r.steps, f"{min(r.doc_counts)}-{max(r.doc_counts)}",
-         f"{r.ms_per_step:.1f}", f"{r.tokens_per_s:,.0f}", f"{r.median_tokens_per_s:,.0f}",
+        [f"{r.arch}#{r.arch_order}" if len(args.archs) > 1 else r.arch, r.method + (" +liger" if r.liger else ""),
+         ("compiled" if r.compile_mode == "default" else r.compile_mode) if r.compiled else "eager",
+         r.kernel or "-", r.steps, f"{min(r.doc_counts)}-{max(r.doc_counts)}",
+         f"{r.ms_per_step:.1f}", f"{r.tokens_per_s:,.0f}",
          f"{100 * r.padding_fraction:.1f}%", gib(r.peak_mem_bytes), f"{r.loss:.4f}", cell(r.graphs), cell(r.recompiles),
-         cell(r.speedup_vs_baseline, ".2f"), cell(r.speedup_vs_compiled_baseline, ".2f")]
+         cell(r.speedup_vs_baseline, ".2f"), cell(r.speedup_vs_compiled_baseline, ".2f"),
+         "-" if r.roofline_fraction is None else f"{100 * r.roofline_fraction:.0f}%"]
         for r in records
     ]))
     for r in records:

@@ -35,13 +35,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from packing.kernels import takes_head_dim, varlen_kernels, varlen_options
+from packing.kernels import head_dim_check, varlen_kernels, varlen_options
 from packing.boundaries import block_causal_mask
 
 NAME = "packing_varlen"
@@ -49,7 +49,7 @@ NAME = "packing_varlen"
 # The CUDA kernels, best first with the options each computes, resolved once by register(): the
 # cached lookup that every layer's call made broke the torch.compile graph (issue 13, H200: with it
 # and the cache on, a compiled Llama ran as 22 graphs).
-_kernels: list[tuple[str, Callable[..., Tensor], frozenset[str]]] | None = None
+_kernels: list[tuple[str, Callable[..., Tensor], frozenset[str], Callable[[int], bool]]] | None = None
 last_kernel: str | None = None  # the kernel the last CUDA layer ran (traced once under torch.compile): for records
 
 # Keywords computed exactly (read by layer_options), besides the signature's dropout, scaling and
@@ -100,18 +100,34 @@ class LayerOptions:
         return {k: v for k, v in options.items() if v is not None}
 
 
-def register() -> str:
+def register(kernels: Sequence[str] | None = None) -> str:
     """Register ``packing_varlen`` with transformers' ``AttentionInterface``; returns the name.
 
-    It resolves the CUDA kernels here, once (:func:`kernel_name` says which comes first). It
-    registers no mask function on purpose: for an implementation without one, transformers builds
-    no attention mask, and the boundaries come only from ``cu_seq_lens_q``.
+    It resolves the CUDA kernels here, once (:func:`kernel_name` says which comes first). ``kernels``
+    names the varlen kernels to use, best first (``"flash-attn-3"``, ``"flash-attn-4"``,
+    ``"flash-attn-2"``, ``"torch.varlen_attn"``); by default every one that loads, in
+    :func:`packing.kernels.varlen_kernels`' order. A named kernel that does not load here is a
+    ValueError naming those that do. It registers no mask function on purpose: for an
+    implementation without one, transformers builds no attention mask, and the boundaries come only
+    from ``cu_seq_lens_q``.
     """
     from transformers import AttentionInterface
 
     global _kernels
     found = varlen_kernels() if torch.cuda.is_available() else {}
-    _kernels = [(name, run, varlen_options(name)) for name, run in found.items()]
+    if kernels is not None:
+        if isinstance(kernels, str):
+            raise TypeError(f"kernels takes a sequence of names, got the string {kernels!r}; write [{kernels!r}]")
+        missing = [k for k in kernels if k not in found]
+        if missing or not kernels:
+            raise ValueError(
+                f"packing_varlen kernels={list(kernels)}: "
+                + (f"{missing} {'does' if len(missing) == 1 else 'do'} not load here" if missing else "names no kernel")
+                + f"; the varlen kernels that load here are {list(found) or 'none (no CUDA)'}: name some of those, "
+                "or leave kernels=None"
+            )
+        found = {k: found[k] for k in kernels}
+    _kernels = [(name, run, varlen_options(name), head_dim_check(name)) for name, run in found.items()]
     AttentionInterface.register(NAME, varlen_attention)
     return NAME
 
@@ -124,8 +140,9 @@ def kernel_name(options: dict[str, Any] | None = None, head_dim: int = 64) -> st
     return None if chosen is None else chosen[0]
 
 
-def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[..., Tensor], frozenset[str]] | None:
-    return next((k for k in _kernels or () if set(options) <= k[2] and takes_head_dim(k[0], head_dim)), None)
+def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[..., Tensor], frozenset[str], Any] | None:
+    # (name, fn, options, takes_head_dim), each resolved by register(): nothing here imports or caches
+    return next((k for k in _kernels or () if set(options) <= k[2] and k[3](head_dim)), None)
 
 
 def layer_options(module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None, dropout: float,
@@ -239,9 +256,9 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
     options = layer.cuda_options()
     chosen = _kernel_for(options, q.shape[-1])
     if chosen is None:
-        have = ", ".join(f"{name}: {sorted(opts)}" + ("" if takes_head_dim(name, q.shape[-1]) else
+        have = ", ".join(f"{name}: {sorted(opts)}" + ("" if takes(q.shape[-1]) else
                                                       f" (not at head dimension {q.shape[-1]})")
-                         for name, _, opts in _kernels) or "none"
+                         for name, _, opts, takes in _kernels) or "none"
         raise ValueError(
             f"'packing_varlen' on CUDA: no varlen kernel here computes {sorted(options)} (this layer asks "
             f"{', '.join(f'{k}={_show(v)}' for k, v in options.items())}); "

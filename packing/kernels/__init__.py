@@ -32,7 +32,7 @@ from torch import Tensor
 from packing.kernels.common import VARLEN_MIN_HEAD_DIM, check_version, flash_window, gpu_loads
 
 __all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_backend", "flash_window", "fmha_backend", "gpu_loads",
-           "loaded", "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
+           "head_dim_check", "loaded", "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
 
@@ -78,12 +78,29 @@ def varlen_options(name: str) -> frozenset[str]:
 
         params = inspect.signature(varlen_attn).parameters
         return frozenset(o for o, p in (("scale", "scale"), ("window", "window_size")) if p in params)
+    if name == "flash-attn-3":  # a source build may leave the window or softcap kernels out
+        from packing.kernels.flash3 import built_options
+
+        return VARLEN_OPTIONS[name] & built_options()
     return VARLEN_OPTIONS[name]
 
 
 def takes_head_dim(name: str, head_dim: int) -> bool:
-    """Whether varlen kernel ``name`` computes head dimension ``head_dim`` right, gradients included."""
-    return head_dim >= VARLEN_MIN_HEAD_DIM.get(name, 1)
+    """Whether varlen kernel ``name`` computes head dimension ``head_dim`` right, gradients included
+    (for FA3, also: whether this build has that head dimension's kernels)."""
+    return head_dim_check(name)(head_dim)
+
+
+def head_dim_check(name: str) -> Callable[[int], bool]:
+    """:func:`takes_head_dim` for kernel ``name`` as a plain function of the head dimension, with
+    the FA3 build's switches read now: safe to call while ``torch.compile`` traces a layer."""
+    least = VARLEN_MIN_HEAD_DIM.get(name, 1)
+    if name == "flash-attn-3":
+        from packing.kernels.flash3 import build_flags, built_head_dim
+
+        flags = build_flags()
+        return lambda head_dim: head_dim >= least and built_head_dim(head_dim, flags)
+    return lambda head_dim: head_dim >= least
 
 
 @functools.cache

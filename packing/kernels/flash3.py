@@ -2,8 +2,10 @@
 ``flash`` adapter, on Hopper (sm90), where it is what production training runs.
 
 FA3 publishes no wheels: it builds from source (``cd flash-attention/hopper && python setup.py
-install``; its ``FLASH_ATTENTION_DISABLE_*`` switches cut the build to the kernels this model uses:
-head dimension 64, bf16, varlen, forward and backward). Its Python interface already wraps the
+install``; its ``FLASH_ATTENTION_DISABLE_*`` switches cut the build to the kernels a model uses:
+a head dimension, bf16, varlen, forward and backward). The build's own ``flash_attn_config`` says
+which switches were on: a head dimension or an option it left out counts as not computed here
+(:func:`built_head_dim`, :func:`built_options`), so a layer takes the next kernel instead of failing. Its Python interface already wraps the
 kernels as torch custom ops with fake implementations, so ``torch.compile`` keeps them in the graph.
 
 Every call into ``flash_attn_interface`` goes through :func:`_interface`, which checks that the
@@ -47,6 +49,49 @@ def _interface():
                           f"passes by position ({_BACKWARD_PARAMS}); build FA3 from flash-attention's hopper/ at a "
                           "commit with that signature")
     return flash_attn_interface
+
+
+# FA3 compiles each head dimension as its own kernels, rounded up to one of these; a build may switch
+# any of them off (FLASH_ATTENTION_DISABLE_HDIM128, ...), and a call at a missing one fails at run time.
+_HEAD_DIM_BUCKETS = (64, 96, 128, 192, 256)
+
+
+def build_flags() -> dict[str, bool]:
+    """The ``FLASH_ATTENTION_DISABLE_*`` switches the installed FA3 was built with (its own
+    ``flash_attn_config`` module; empty where the build has none: then everything counts as built)."""
+    try:
+        import flash_attn_config
+    except ImportError:
+        return {}
+    return {k.replace("FLASH_ATTENTION_", "").replace("FLASHATTENTION_", ""): bool(v)
+            for k, v in flash_attn_config.CONFIG.get("build_flags", {}).items()}
+
+
+def built_head_dim(head_dim: int, flags: dict[str, bool] | None = None) -> bool:
+    """Whether this FA3 build has kernels for ``head_dim`` (the bucket it rounds up to is not switched off).
+
+    Example:
+        >>> built_head_dim(128, {"DISABLE_HDIM64": True}), built_head_dim(64, {"DISABLE_HDIM64": True})
+        (True, False)
+        >>> built_head_dim(80, {"DISABLE_HDIM96": True}), built_head_dim(300, {})
+        (False, False)
+    """
+    flags = build_flags() if flags is None else flags
+    bucket = next((b for b in _HEAD_DIM_BUCKETS if head_dim <= b), None)
+    return bucket is not None and not flags.get(f"DISABLE_HDIM{bucket}", False)
+
+
+def built_options(flags: dict[str, bool] | None = None) -> frozenset[str]:
+    """The keyword options of :data:`packing.kernels.VARLEN_OPTIONS` this FA3 build computes: a build
+    with ``DISABLE_LOCAL`` has no sliding window, one with ``DISABLE_SOFTCAP`` no softcap.
+
+    Example:
+        >>> sorted(built_options({"DISABLE_LOCAL": True}))
+        ['scale', 'softcap']
+    """
+    flags = build_flags() if flags is None else flags
+    off = {"window": flags.get("DISABLE_LOCAL", False), "softcap": flags.get("DISABLE_SOFTCAP", False)}
+    return frozenset(o for o in ("scale", "window", "softcap") if not off.get(o, False))
 
 
 def fa3_available() -> bool:

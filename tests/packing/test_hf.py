@@ -16,6 +16,7 @@ from equivalence import assert_within, errors_against, hf_each_alone as each_alo
 from packing.interop.hf_attention import register  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.interop.hf import HFPackedCollator, block_causal_mask, hf_kwargs  # noqa: E402
+from packing.kernels import varlen_kernels  # noqa: E402
 
 TOL = 1e-5
 LENS = [5, 1, 9, 4]  # a one-token document too: it predicts nothing and must not see its neighbours
@@ -342,3 +343,56 @@ def test_out_of_vocabulary_ids_are_named_before_the_embedding():
 def test_a_row_without_targets_is_not_silent():
     with pytest.warns(UserWarning, match=r"this packed row has no target tokens \(all 2 documents are one token long\)"):
         HFPackedCollator(register())([[5], [6]])
+
+
+def test_register_takes_only_kernels_that_load():
+    import packing.interop.hf_attention as hf_attention
+
+    here = list(varlen_kernels()) if torch.cuda.is_available() else []
+    try:
+        with pytest.raises(ValueError, match=r"kernels=\['flash-attn-9'\]: \['flash-attn-9'\] does not load here; "
+                                             r"the varlen kernels that load here are .*leave kernels=None"):
+            register(["flash-attn-9"])
+        with pytest.raises(ValueError, match=r"kernels=\[\]: names no kernel"):
+            register([])
+        with pytest.raises(TypeError, match=r"a sequence of names, got the string 'torch.varlen_attn'; write \['torch.varlen_attn'\]"):
+            register("torch.varlen_attn")
+        if here:  # the last kernel alone is the only one a layer may take
+            register(here[-1:])
+            assert hf_attention.kernel_name(head_dim=128) == here[-1]
+    finally:
+        register()  # every kernel again, for the tests after this one
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["flash-attn-3", "flash-attn-4", "flash-attn-2", "torch.varlen_attn"])
+def test_each_kernel_at_head_dim_128_matches_fp32_reference(kernel):
+    # Qwen3's attention shape (head dimension 128, grouped-query 4 / 2, q and k norms) through one
+    # varlen kernel at a time, as register(kernels=...) and benchmarks.hf --kernel run it: bf16
+    # against each document alone in fp32, 2e-2.
+    import packing.interop.hf_attention as hf_attention
+
+    short = {"flash-attn-3": "fa3", "flash-attn-4": "fa4", "flash-attn-2": "fa2"}.get(kernel)
+    here = varlen_kernels()
+    if short is not None:
+        skip_unless(short, kernel in here, f"{kernel} does not load here")
+    name = register([kernel])
+    try:
+        def qwen3(impl):
+            torch.manual_seed(0)
+            return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+                vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=128, max_position_embeddings=64, attn_implementation=impl)).cuda()
+
+        model, reference = qwen3(name), qwen3("sdpa")
+        samples = [s.cuda() for s in docs()]
+        ref_logits, ref_loss, ref_grads = each_alone(reference, samples)
+        batch = get_collator("concat", pad_to_multiple_of=32)([s.cpu() for s in samples]).to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**hf_kwargs(batch, model))
+        out.loss.backward()
+        assert hf_attention.last_kernel == kernel
+        assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), 2e-2)
+    finally:
+        register()

@@ -6,6 +6,7 @@ verdicts must equal the committed table that check_model enforces, so a family w
 drift from its documents alone fails CI instead of training wrong.
 """
 
+import sys
 import pytest
 import torch
 
@@ -179,21 +180,22 @@ def test_cuda_kernel_choice_follows_the_options(monkeypatch):
             return q
         return run
 
-    monkeypatch.setattr(hf_attention, "_kernels", [("fa3", kernel("fa3"), frozenset({"scale", "window", "softcap"})),
-                                                    ("torch", kernel("torch"), frozenset({"scale", "window"}))])
+    fa3_head_dims = [lambda d: True]  # each kernel's head-dimension check, as register() resolves it
+    monkeypatch.setattr(hf_attention, "_kernels", [
+        ("fa3", kernel("fa3"), frozenset({"scale", "window", "softcap"}), lambda d: fa3_head_dims[0](d)),
+        ("torch", kernel("torch"), frozenset({"scale", "window"}), lambda d: True)])
     q = torch.randn(6, 4, 8, dtype=torch.bfloat16)
     cu = cumulative_lengths([6])
     hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0, window=2))
     assert ran == [("fa3", {"window": 2, "softcap": 3.0})]
     assert hf_attention.kernel_name({"scale": 0.1}) == "fa3"
-    # A kernel wrong at a head dimension is passed over there (FA4's gradients at 16: kernels.py).
-    from packing import kernels
-
-    monkeypatch.setitem(kernels.VARLEN_MIN_HEAD_DIM, "fa3", 32)
+    # A kernel wrong at a head dimension, or a build without it, is passed over there (FA4's
+    # gradients at 16: kernels.py; an FA3 built for head dimension 128 only).
+    fa3_head_dims[0] = lambda d: d >= 32
     assert hf_attention.kernel_name({"scale": 0.1}, head_dim=16) == "torch"
     hf_attention._on_cuda(q[..., :4], q[:, :2, :4], q[:, :2, :4], cu, 6, LayerOptions(causal=True, window=2))
     assert ran[-1] == ("torch", {"window": 2})
-    monkeypatch.delitem(kernels.VARLEN_MIN_HEAD_DIM, "fa3")
+    fa3_head_dims[0] = lambda d: True
     monkeypatch.setattr(hf_attention, "_kernels", hf_attention._kernels[1:])
     hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, window=2, scale=0.1))
     assert ran[-1] == ("torch", {"scale": 0.1, "window": 2})
@@ -426,3 +428,22 @@ def test_kernels_refuse_what_they_do_not_compute_by_name():
         with pytest.raises(ValueError, match=r"the varlen kernel 'torch.varlen_attn' does not compute \{'softcap': 5.0\}; "
                                              r"it takes \['scale', 'window'\]"):
             run_torch(q, q, q, cu, 4, True, softcap=5.0)
+
+
+def test_an_fa3_build_without_a_head_dimension_or_option_counts_as_not_computing_it(monkeypatch):
+    # FA3 builds from source with switches off; its own flash_attn_config says which. A head
+    # dimension or an option the build left out must send the layer to the next kernel, not to a
+    # run-time failure inside FA3.
+    import types
+
+    from packing import kernels
+
+    config = types.ModuleType("flash_attn_config")
+    config.CONFIG = {"build_flags": {"FLASHATTENTION_DISABLE_HDIM64": True, "FLASHATTENTION_DISABLE_LOCAL": True,
+                                     "FLASHATTENTION_DISABLE_SOFTCAP": False, "FLASHATTENTION_DISABLE_HDIM128": False}}
+    monkeypatch.setitem(sys.modules, "flash_attn_config", config)
+    check = kernels.head_dim_check("flash-attn-3")
+    assert [check(d) for d in (64, 80, 128, 256, 512)] == [False, True, True, True, False]
+    assert kernels.varlen_options("flash-attn-3") == {"scale", "softcap"}
+    monkeypatch.setitem(sys.modules, "flash_attn_config", None)  # a build without the module: all built
+    assert kernels.head_dim_check("flash-attn-3")(64) and kernels.varlen_options("flash-attn-3") == {"scale", "window", "softcap"}
