@@ -22,8 +22,9 @@ row, with ``use_cache=False`` everywhere (a cache is for generation):
 - ``static+packing_varlen_repeat_kv``: the same, with k and v repeated to every query head before the
   kernel (what grouped-query attention costs without the kernel's own support; use ``--kv-heads``);
 - ``dynamic+packing_varlen``: the same packs unpadded (no ``total_tokens`` tail), the kernel's
-  ``max_seqlen`` fixed at 1024; under ``--compile`` with automatic dynamic shapes, so the row
-  recompiles once (its ``recompiles`` over the epoch's packs say whether it holds there);
+  ``max_seqlen`` fixed at 1024, the token and document dimensions marked dynamic: under
+  ``--compile`` one dynamic compilation for every pack (its ``recompiles`` over the epoch say
+  whether it holds);
 - ``flatten+<impl>``: the same packs through transformers' ``DataCollatorWithFlattening``, the peer,
   into ``flash_attention_4|3|2``, whichever loads (else ``packing_varlen``).
 
@@ -115,7 +116,7 @@ class HFRecord(Record):
     kernel: str | None  # what packing_varlen ran on CUDA (a flatten row names its implementation in method)
     doc_counts: list[int]  # documents in each timed step
     vocab_size: int = 0
-    loss_impl: str = "full"  # "full": the model's loss on its logits; "chunked": packing.interop.hf_loss; "liger"
+    loss_impl: str = "full"  # "full": the model's loss on its logits; "chunked": packing.interop.hf_loss
     compile_mode: str | None = None
     liger: bool = False  # Liger Kernel's RMSNorm, SwiGLU and RoPE in the model
     arch_order: int = 0  # which model of this process it was (0: the first); --arch runs several
@@ -135,10 +136,9 @@ def build_parser() -> Parser:
                    help="model architecture (default gpt2); qwen3-0.6b: the Qwen3-0.6B shape with its 151,936-token "
                         "vocabulary (hidden 1024, 28 layers, 16 query / 8 key-value heads of 128, tied head); "
                         "several run one after another in this process")
-    p.add_argument("--loss", default="full", choices=["full", "chunked", "liger"],
+    p.add_argument("--loss", default="full", choices=["full", "chunked"],
                    help="full: the model's own loss on its (T, vocab) logits; chunked: packing.interop.hf_loss, "
-                        "the head and cross-entropy a chunk of tokens at a time; liger: Liger Kernel's fused linear "
-                        "cross-entropy (default full)")
+                        "the head and cross-entropy a chunk of tokens at a time (default full)")
     p.add_argument("--kernel", nargs="+", choices=["flash-attn-3", "flash-attn-4", "flash-attn-2", "torch.varlen_attn"],
                    help="the varlen kernel(s) packing_varlen runs, one row each, side by side (default: the first "
                         "that loads, FA3 first)")
@@ -300,10 +300,22 @@ def plan(method: str, args: HFConfig, device: torch.device, docs: SyntheticDocs,
             # A fixed bound, as the static rows have: the kernels take max_seqlen as a host int, and
             # each new longest document would be one more value for the compiled graph to guard on.
             kwargs["max_length_q"] = kwargs["max_length_k"] = MAX_LEN
+            mark_dynamic(kwargs)
         return kwargs
 
     return Plan(impl, batches, batch_kwargs, [b.num_tokens for b in batches], [b.num_slots for b in batches],
                 [len(b.seq_lens) for b in batches])
+
+
+def mark_dynamic(kwargs: dict[str, Any]) -> None:
+    """Mark the token dimension of every (1, T) tensor and the document dimension of the boundaries
+    dynamic, so the first compilation is the dynamic one. Left to automatic dynamic shapes, a
+    compiled Llama recompiled twice over an epoch of packs (CPU, torch 2.13): once when the token
+    count changed, and again when the document count first changed, which the first recompile had
+    kept static."""
+    for key, value in kwargs.items():
+        if torch.is_tensor(value):
+            torch._dynamo.mark_dynamic(value, 0 if key.startswith("cu_seq_lens") else 1)
 
 
 def padded_varlen_plan(args: HFConfig, device: torch.device, docs: SyntheticDocs, fixed: list[list[int]]) -> Plan:
@@ -334,29 +346,18 @@ def warmup_steps(args: HFConfig, compiled: bool) -> int:
 
 
 def loss_function(model: Any, loss: str) -> Callable[..., torch.Tensor]:
-    """kwargs -> the step's loss: the model's own (``full``), ``packing.interop.hf_loss``'s chunked
-    head and cross-entropy (``chunked``), or Liger Kernel's fused linear cross-entropy (``liger``)."""
+    """kwargs -> the step's loss: the model's own (``full``), or ``packing.interop.hf_loss``'s chunked
+    head and cross-entropy (``chunked``). Liger Kernel's fused linear cross-entropy was tried here
+    and removed: compiled on static packs it gave another loss than the model's own on the same
+    pack (issue 24's record, benchmarks/results/2026-12-01-h200-qwen3-levers)."""
     if loss == "chunked":
         from packing.interop.hf_loss import causal_lm_loss
 
         return lambda **kwargs: causal_lm_loss(model, kwargs)
-    if loss == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
-
-        def liger_loss(**kwargs: Any) -> torch.Tensor:
-            inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
-            hidden = model.base_model(**inputs).last_hidden_state
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            weight = model.get_output_embeddings().weight
-            if torch.is_autocast_enabled(hidden.device.type):  # Liger's kernels take one dtype
-                dtype = torch.get_autocast_dtype(hidden.device.type)
-                hidden, weight = hidden.to(dtype), weight.to(dtype)
-            return flce(weight, hidden, kwargs["shift_labels"].reshape(-1))
-
-        return liger_loss
     return lambda **kwargs: model(**kwargs).loss
+
+
+LIGER_FAMILIES = {"llama": "llama", "qwen3-0.6b": "qwen3"}  # --arch: Liger Kernel's patch for it
 
 
 @contextlib.contextmanager
@@ -367,9 +368,7 @@ def liger_kernels(model: Any, arch: str) -> Iterator[None]:
 
     from liger_kernel.transformers import monkey_patch
 
-    family = {"llama": "llama", "qwen3-0.6b": "qwen3"}.get(arch)
-    if family is None:
-        raise ValueError(f"--liger takes --arch llama or qwen3-0.6b, got {arch!r} (Liger Kernel has no {arch} patch)")
+    family = LIGER_FAMILIES[arch]
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     saved = dict(vars(module))
     getattr(monkey_patch, f"apply_liger_kernel_to_{family}")(
@@ -467,8 +466,12 @@ def run(args: HFConfig) -> list[HFRecord]:
         raise ValueError("--compiled-only skips the eager rows of --compile: give --compile too")
     if BASELINE not in methods and not args.no_baseline:
         methods.insert(0, BASELINE)
-    if (args.liger or args.loss == "liger") and importlib.util.find_spec("liger_kernel") is None:
-        raise ImportError("--liger and --loss liger need Liger Kernel: pip install liger-kernel")
+    plain = [a for a in args.archs or (args.arch,) if a not in LIGER_FAMILIES]
+    if args.liger and plain:
+        raise ValueError(f"--liger takes --arch {' or '.join(LIGER_FAMILIES)}, got {plain[0]!r} (Liger Kernel has no "
+                         "patch for it); leave out --liger")
+    if args.liger and importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError("--liger needs Liger Kernel: pip install liger-kernel")
     for kernel in args.kernels:
         register([kernel])  # a ValueError naming what loads, before any row runs
     register()
@@ -480,7 +483,8 @@ def run(args: HFConfig) -> list[HFRecord]:
         if not 0 < args.memory_cap_gib * 2**30 <= total:
             raise ValueError(f"--memory-cap-gib {args.memory_cap_gib}: expected between 0 and this GPU's "
                              f"{total / 2**30:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, device)
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total,
+                                                   device.index if device.index is not None else torch.cuda.current_device())
     records = []
     for order, arch in enumerate(args.archs or (args.arch,)):
         records += run_arch(replace(args, arch=arch, arch_order=order), device, methods)

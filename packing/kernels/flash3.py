@@ -43,7 +43,10 @@ def _interface():
     ``_flash_attn_backward`` takes these 17 leading parameters, by position, in this order."""
     import flash_attn_interface
 
-    params = tuple(inspect.signature(flash_attn_interface._flash_attn_backward).parameters)[: len(_BACKWARD_PARAMS)]
+    backward = flash_attn_interface._flash_attn_backward
+    # Newer builds define it as a torch custom op, whose own signature is (*args, **kwargs): read the function it wraps.
+    backward = getattr(backward, "_init_fn", backward)
+    params = tuple(inspect.signature(backward).parameters)[: len(_BACKWARD_PARAMS)]
     if len(params) < len(_BACKWARD_PARAMS) or params[12:15] != ("dq", "dk", "dv") or "cu_seqlens_q" not in params:
         raise ImportError(f"flash_attn_interface._flash_attn_backward takes {params}, not the parameters this wrapper "
                           f"passes by position ({_BACKWARD_PARAMS}); build FA3 from flash-attention's hopper/ at a "

@@ -55,3 +55,53 @@ def test_too_few_packs_to_time_is_one_clear_error(capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err == ("python -m benchmarks.hf: error: pad_max+sdpa has 1 steps (2 documents), none "
                                        "left to time after 1 warm-up step(s); raise --steps or lower --max-tokens\n")
+
+
+def test_padded_with_the_packed_kernels_learns_what_padding_learns(tmp_path):
+    # pad_max+packing_varlen: each padded row one block of the varlen kernel, -100 at its padding.
+    # The same documents, weights and targets as pad_max+sdpa, so the same loss; only kernels change.
+    out = tmp_path / "hf.json"
+    assert main([*TINY, "--arch", "llama", "--kv-heads", "2", "--mode", "eval", "--methods", "pad_max+packing_varlen",
+                 "--json", str(out)]) == 0
+    base, padded = json.loads(out.read_text())
+    assert (base["method"], padded["method"]) == ("pad_max+sdpa", "pad_max+packing_varlen")
+    assert padded["padding_fraction"] == base["padding_fraction"] > 0.2
+    assert padded["doc_counts"] == base["doc_counts"]
+    assert abs(padded["loss"] - base["loss"]) <= 1e-5 * base["loss"]
+    assert padded["matmul_params"] > 0 and padded["gemm_tflops"] is None  # no GEMM rate on a CPU
+
+
+def test_dynamic_packs_compile_once_over_the_epoch_and_several_archs_share_a_process(tmp_path):
+    # dynamic+packing_varlen: the packs unpadded, their token and document dimensions marked dynamic.
+    # Over every pack of the epoch (different token and document counts) it compiles once. Left to
+    # automatic dynamic shapes it compiled three times here: static, then dynamic tokens, then
+    # dynamic documents. Two --arch run one after another, each with its own rows and place.
+    out = tmp_path / "hf.json"
+    argv = [*TINY, "--arch", "llama", "gpt2", "--steps", "3", "--compile", "--compiled-only", "--no-baseline",
+            "--max-tokens", "1024", "--max-seqs", "8", "--methods", "dynamic+packing_varlen", "static+packing_varlen",
+            "--json", str(out)]
+    assert main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [(r["arch"], r["arch_order"], r["method"]) for r in records] == [
+        ("llama", 0, "dynamic+packing_varlen"), ("llama", 0, "static+packing_varlen"),
+        ("gpt2", 1, "dynamic+packing_varlen"), ("gpt2", 1, "static+packing_varlen")]
+    for dynamic, static in (records[:2], records[2:]):
+        assert len(set(dynamic["doc_counts"])) > 1 and dynamic["padding_fraction"] == 0.0 < static["padding_fraction"]
+        assert (dynamic["graphs"], dynamic["recompiles"], static["graphs"], static["recompiles"]) == (1, 0, 1, 0)
+        assert abs(dynamic["loss"] - static["loss"]) <= 1e-5 * static["loss"]
+        assert dynamic["speedup_vs_compiled_baseline"] is None  # --no-baseline: no ratio
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "gpt2", "--liger"], "--liger takes --arch llama or qwen3-0.6b, got 'gpt2' (Liger Kernel has no patch "
+                                    "for it); leave out --liger"),
+    (["--memory-cap-gib", "78"], "--memory-cap-gib 78.0 caps CUDA memory; this run is on cpu"),
+    (["--kernel", "flash-attn-4"], "packing_varlen kernels=['flash-attn-4']: ['flash-attn-4'] does not load here; "
+                                   "the varlen kernels that load here are none (no CUDA): name some of those, or "
+                                   "leave kernels=None"),
+])
+def test_lever_options_refuse_what_they_cannot_do(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.hf", *TINY, *argv], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [l for l in proc.stderr.splitlines() if l.strip()] == [f"python -m benchmarks.hf: error: {message}"]

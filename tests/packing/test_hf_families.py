@@ -447,3 +447,36 @@ def test_an_fa3_build_without_a_head_dimension_or_option_counts_as_not_computing
     assert kernels.varlen_options("flash-attn-3") == {"scale", "softcap"}
     monkeypatch.setitem(sys.modules, "flash_attn_config", None)  # a build without the module: all built
     assert kernels.head_dim_check("flash-attn-3")(64) and kernels.varlen_options("flash-attn-3") == {"scale", "window", "softcap"}
+
+
+def test_fa3_private_api_check_reads_through_a_custom_op(monkeypatch):
+    # flash-attention's hopper/ (0251105a) defines _flash_attn_backward as a torch custom op, whose
+    # own signature is (*args, **kwargs): the check must read the function it wraps. Before, a
+    # correct build counted as not loading (found on an H200, issue 24).
+    import types
+
+    from torch import Tensor
+
+    from packing.kernels import flash3
+
+    @torch.library.custom_op("packing_test_fa3::_flash_attn_backward", mutates_args=("dq", "dk", "dv"))
+    def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor, cu_seqlens_q: Tensor,
+                 cu_seqlens_k: Tensor, sequed_q: Tensor, sequed_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                 dq: Tensor, dk: Tensor, dv: Tensor, softmax_scale: float, causal: bool) -> None:
+        pass
+
+    def wrong(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+        pass
+
+    for fn, loads in ((backward, True), (wrong, False)):
+        module = types.ModuleType("flash_attn_interface")
+        module._flash_attn_backward = fn
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+        flash3._interface.cache_clear()
+        if loads:
+            assert flash3._interface() is module
+        else:
+            with pytest.raises(ImportError, match=r"_flash_attn_backward takes \('dout', 'q', 'k', 'v', 'out', 'dq', "
+                                                  r"'dk', 'dv'\), not the parameters this wrapper passes by position"):
+                flash3._interface()
+    flash3._interface.cache_clear()
