@@ -124,11 +124,12 @@ def packed_kernel(name: str) -> PackedVarlen | None:
 
 
 def _fa3() -> Varlen | None:
-    from packing.kernels.flash3 import fa3_available, fa3_varlen
+    from packing.kernels.flash3 import bound_varlen, fa3_available
 
     # FA3 is Hopper's production kernel; on sm90 it comes first (a build of it ran in
-    # benchmarks/results/2026-11-24-h100-speed2: faster than FA4 and FA2 in the compiled seed step).
-    return fa3_varlen if fa3_available() else None
+    # benchmarks/results/2026-11-24-h100-speed2: faster than FA4 and FA2 in the compiled seed step;
+    # at head dimension 128, 2026-12-01-h200-qwen3-levers: faster than torch's kernel in Qwen3's step).
+    return bound_varlen() if fa3_available() else None
 
 
 def _fa4() -> Varlen | None:

@@ -114,8 +114,22 @@ def fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
                scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v within each block of ``cu_seqlens``: (T, H, D). ``scale`` defaults to
     1/sqrt(D); ``window`` and ``softcap`` as in :data:`packing.kernels.VARLEN_OPTIONS`."""
-    return _interface().flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
-                                  causal=causal, window_size=flash_window(window, causal), softcap=softcap or 0.0)
+    return bound_varlen()(q, k, v, cu_seqlens, max_seqlen, causal, scale=scale, window=window, softcap=softcap)
+
+
+def bound_varlen():
+    """:func:`fa3_varlen` with FA3's checked interface looked up now, once: what the kernel door hands
+    out. Called inside every layer, the cached lookup made dynamo trace ``_interface`` per layer
+    (its warning about an lru_cache-wrapped function, seen on an H200)."""
+    interface = _interface()
+
+    def run(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, *,
+            scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
+        return interface.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                softmax_scale=scale, causal=causal,
+                                                window_size=flash_window(window, causal), softcap=softcap or 0.0)
+
+    return run
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
