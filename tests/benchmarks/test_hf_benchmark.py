@@ -105,3 +105,29 @@ def test_lever_options_refuse_what_they_cannot_do(argv, message):
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [l for l in proc.stderr.splitlines() if l.strip()] == [f"python -m benchmarks.hf: error: {message}"]
+
+
+def test_no_model_outlives_its_row(monkeypatch):
+    # Issue 24's second-model slowdown: a compiled model kept alive by the harness (its compiled
+    # code, a closure) would hold its memory while the next model runs. Each row's model is gone
+    # once the row returns, through architectures and compiled rows alike.
+    import gc
+
+    import transformers
+
+    from benchmarks import hf
+
+    alive = []
+    run_method = hf.run_method
+
+    def counting(*args, **kwargs):
+        record = run_method(*args, **kwargs)
+        gc.collect()
+        alive.append(sum(isinstance(o, transformers.PreTrainedModel) for o in gc.get_objects()))
+        return record
+
+    monkeypatch.setattr(hf, "run_method", counting)
+    argv = [*TINY, "--arch", "llama", "gpt2", "--compile", "--compiled-only", "--max-tokens", "1024",
+            "--methods", "static+packing_varlen"]
+    assert main(argv) == 0
+    assert alive == [0, 0, 0, 0]  # pad_max+sdpa and static+packing_varlen, for each arch
