@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -137,6 +138,38 @@ class StepClock:
     def total_s(self) -> float:
         first, last = self.marks[0][0], self.marks[-1][1]
         return first.elapsed_time(last) / 1000 if self.cuda else last - first
+
+
+class GcClock:
+    """Host time Python's garbage collector takes while the clock is entered (``gc.callbacks``).
+
+    Example:
+        >>> import gc
+        >>> with GcClock() as clock:
+        ...     _ = gc.collect()
+        >>> clock.seconds > 0
+        True
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    def _tick(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def __enter__(self) -> "GcClock":
+        gc.callbacks.append(self._tick)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._tick)
 
 
 def dynamo_counts() -> tuple[int, int, int]:

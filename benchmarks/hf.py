@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from benchmarks.harness import (
+    GcClock,
     Parser,
     Record,
     RunConfig,
@@ -382,7 +383,6 @@ def liger_kernels(model: Any, arch: str) -> Iterator[None]:
 
 def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device, p: Plan) -> HFRecord:
     import gc
-    import time
 
     import transformers
 
@@ -408,34 +408,22 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if not train:
                 with torch.inference_mode():
-                    return forward(**kwargs).clone()  # a CUDA graph's output is overwritten by its next run
+                    loss = forward(**kwargs)
+                # a CUDA graph's output is overwritten by its next run: keep a copy for the record
+                return loss.clone() if graphed else loss
             loss = forward(**kwargs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach().clone()
+        return loss.detach().clone() if graphed else loss.detach()
 
     warm = warmup_steps(args, compiled)
     timed = range(warm, len(p.steps))
-    gc_s = [0.0]
-
-    def gc_clock(phase: str, info: dict, started: list[float] = [0.0]) -> None:  # noqa: B006 - the callback's own state
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            gc_s[0] += time.perf_counter() - started[0]
-
     retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
     hf_attention.last_kernel = None
-    with liger_kernels(model, args.arch) if liger else contextlib.nullcontext():
-        warm_steps = [lambda h=h: step(h) for h in p.steps[:warm]]
-        timed_steps = [lambda i=i: step(p.steps[i]) for i in timed]
-        gc.callbacks.append(gc_clock)
-        try:
-            timing = time_steps(warm_steps, timed_steps, device, count_compiles=compiled,
-                                before_timed=lambda: gc_s.__setitem__(0, 0.0))  # the collector's time in timed steps only
-        finally:
-            gc.callbacks.remove(gc_clock)
+    with liger_kernels(model, args.arch) if liger else contextlib.nullcontext(), GcClock() as gc_clock:
+        timing = time_steps([lambda h=h: step(h) for h in p.steps[:warm]], [lambda i=i: step(p.steps[i]) for i in timed],
+                            device, count_compiles=compiled, before_timed=gc_clock.reset)  # the collector in timed steps only
     retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries) if device.type == "cuda" else 0
     return HFRecord(
         method=method if not method == "flatten" else f"flatten+{p.impl}", arch=args.arch, mode=args.mode,
@@ -445,7 +433,7 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
         doc_counts=[p.doc_counts[i] for i in timed], vocab_size=model.config.vocab_size, loss_impl=args.loss,
         compile_mode=args.compile_mode if compiled else None, liger=liger, arch_order=args.arch_order,
         matmul_params=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
-        alloc_retries=retries, gc_ms=1000 * gc_s[0], gc_objects=len(gc.get_objects()),
+        alloc_retries=retries, gc_ms=1000 * gc_clock.seconds, gc_objects=len(gc.get_objects()),
         memory_cap_gib=args.memory_cap_gib,
         **timing.summary([p.real_tokens[i] for i in timed], [p.slots[i] for i in timed]),
     )
