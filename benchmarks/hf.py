@@ -38,7 +38,8 @@ to evaluate; N the model's Linear weights, the LM head included, T its real toke
 GEMM rate measured in the same process at the model's own shapes, over its step time.
 
 ``--liger`` puts Liger Kernel's RMSNorm, SwiGLU and RoPE (Triton) into every model but the
-baseline's, to measure them against Inductor's own fusion. ``--arch`` takes several architectures,
+baseline's, to measure them against Inductor's own fusion; ``--checkpoint`` turns on activation
+checkpointing there (memory for recomputation). ``--arch`` takes several architectures,
 run one after another in one process (the second-model slowdown of issue 24).
 """
 
@@ -101,6 +102,7 @@ class HFConfig(RunConfig):
     no_baseline: bool = False
     compile_mode: str = "default"
     liger: bool = False
+    checkpoint: bool = False
     archs: tuple[str, ...] = ()  # every --arch, run in this order in one process (arch: the one running)
     memory_cap_gib: float | None = None
     arch_order: int = 0  # the position of arch in archs (set by run, not a flag)
@@ -120,6 +122,7 @@ class HFRecord(Record):
     loss_impl: str = "full"  # "full": the model's loss on its logits; "chunked": packing.interop.hf_loss
     compile_mode: str | None = None
     liger: bool = False  # Liger Kernel's RMSNorm, SwiGLU and RoPE in the model
+    checkpoint: bool = False  # activation checkpointing: each layer's activations recomputed in the backward
     arch_order: int = 0  # which model of this process it was (0: the first); --arch runs several
     matmul_params: int = 0  # N: the model's Linear weights, the LM head included
     gemm_tflops: float | None = None  # the GPU's bf16 GEMM rate at the model's shapes, this process
@@ -150,6 +153,9 @@ def build_parser() -> Parser:
                    help="torch.compile mode for the compiled rows; reduce-overhead: CUDA graphs (default: default)")
     p.add_argument("--liger", action="store_true",
                    help="Liger Kernel's RMSNorm, SwiGLU and RoPE in every model but the baseline's (llama, qwen3-0.6b)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant) in every "
+                        "model but the baseline's: each layer recomputed in the backward, for memory")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap this process's CUDA memory (79.1: an 80 GB H100's, on a larger GPU)")
     HFConfig.add_arguments(p, mode_help="train step (SGD) or forward only", steps_help="timed padded steps per method")
@@ -394,6 +400,9 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     bf16 = device.type == "cuda"
     liger = args.liger and method != BASELINE
+    checkpoint = args.checkpoint and method != BASELINE
+    if checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         torch._dynamo.reset()  # each row compiles from scratch, its counts its own
     loss_of = loss_function(model, args.loss)
@@ -431,7 +440,8 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
         kernel=hf_attention.last_kernel if "packing_varlen" in p.impl else None,
         batch_size=args.batch_size, steps=len(timed), warmup=warm, seed=args.seed,
         doc_counts=[p.doc_counts[i] for i in timed], vocab_size=model.config.vocab_size, loss_impl=args.loss,
-        compile_mode=args.compile_mode if compiled else None, liger=liger, arch_order=args.arch_order,
+        compile_mode=args.compile_mode if compiled else None, liger=liger, checkpoint=checkpoint,
+        arch_order=args.arch_order,
         matmul_params=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
         alloc_retries=retries, gc_ms=1000 * gc_clock.seconds, gc_objects=len(gc.get_objects()),
         memory_cap_gib=args.memory_cap_gib,
@@ -454,6 +464,9 @@ def run(args: HFConfig) -> list[HFRecord]:
         raise ValueError("--compiled-only skips the eager rows of --compile: give --compile too")
     if BASELINE not in methods and not args.no_baseline:
         methods.insert(0, BASELINE)
+    if args.checkpoint and args.mode != "train":
+        raise ValueError(f"--checkpoint recomputes activations in the backward; --mode {args.mode} has none: "
+                         "use --mode train or leave out --checkpoint")
     plain = [a for a in args.archs or (args.arch,) if a not in LIGER_FAMILIES]
     if args.liger and plain:
         raise ValueError(f"--liger takes --arch {' or '.join(LIGER_FAMILIES)}, got {plain[0]!r} (Liger Kernel has no "
@@ -547,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["arch", "method", "how", "kernel", "steps", "docs/step", "ms/step", "real tok/s", "padding", "peak mem",
               "loss", "graphs", "recompiles", "x pad eager", "x pad compiled", "roofline"]
     print(format_table(header, [
-        [f"{r.arch}#{r.arch_order}" if len(args.archs) > 1 else r.arch, r.method + (" +liger" if r.liger else ""),
+        [f"{r.arch}#{r.arch_order}" if len(args.archs) > 1 else r.arch,
+         r.method + (" +liger" if r.liger else "") + (" +checkpoint" if r.checkpoint else ""),
          ("compiled" if r.compile_mode == "default" else r.compile_mode) if r.compiled else "eager",
          r.kernel or "-", r.steps, f"{min(r.doc_counts)}-{max(r.doc_counts)}",
          f"{r.ms_per_step:.1f}", f"{r.tokens_per_s:,.0f}",

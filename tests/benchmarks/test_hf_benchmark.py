@@ -131,3 +131,17 @@ def test_no_model_outlives_its_row(monkeypatch):
             "--methods", "static+packing_varlen"]
     assert main(argv) == 0
     assert alive == [0, 0, 0, 0]  # pad_max+sdpa and static+packing_varlen, for each arch
+
+
+def test_activation_checkpointing_trains_the_same_steps(tmp_path):
+    # --checkpoint recomputes each layer in the backward (memory for compute): the same packs and
+    # weights give the same training losses, step after step, as without it; the baseline stays plain.
+    losses = {}
+    for flag in ([], ["--checkpoint"]):
+        out = tmp_path / f"hf{len(flag)}.json"
+        assert main([*TINY, "--arch", "llama", "--max-tokens", "1024", "--methods",
+                     "static+packing_varlen", *flag, "--json", str(out)]) == 0
+        records = json.loads(out.read_text())
+        assert [r["checkpoint"] for r in records] == [False, bool(flag)]
+        losses[bool(flag)] = [r["loss"] for r in records]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
