@@ -154,7 +154,7 @@ def build_parser() -> Parser:
     p.add_argument("--liger", action="store_true",
                    help="Liger Kernel's RMSNorm, SwiGLU and RoPE in every model but the baseline's (llama, qwen3-0.6b)")
     p.add_argument("--checkpoint", action="store_true",
-                   help="activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant) in every "
+                   help="activation checkpointing (transformers' activation_checkpointing_enable, non-reentrant) in every "
                         "model but the baseline's: each layer recomputed in the backward, for memory")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap this process's CUDA memory (79.1: an 80 GB H100's, on a larger GPU)")
@@ -402,7 +402,10 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
     liger = args.liger and method != BASELINE
     checkpoint = args.checkpoint and method != BASELINE
     if checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.24; the other name is deprecated there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         torch._dynamo.reset()  # each row compiles from scratch, its counts its own
     loss_of = loss_function(model, args.loss)
