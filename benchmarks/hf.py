@@ -72,8 +72,9 @@ from packing import Batch, PackingSampler, SyntheticDocs, get_collator
 from packing.interop.hf import hf_kwargs, shifted_labels
 
 PEER_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_3", "flash_attention_2")
-METHODS = ("pad_max+sdpa", "pad_max+packing_varlen", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa", "concat+flash_attention_2",
-           "static+packing_varlen", "static+packing_varlen_repeat_kv", "dynamic+packing_varlen", "flatten")
+METHODS = ("pad_max+sdpa", "pad_max+packing_varlen", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa",
+           "concat+flash_attention_2", "static+packing_varlen", "static+packing_varlen_repeat_kv",
+           "dynamic+packing_varlen", "flatten")
 BASELINE = METHODS[0]
 # Defaults: without --compile, the eager comparison of batch layouts (and flash_attention_2 where its
 # package is installed); with it, the compiled recipe against compiled padding and the peer.
@@ -98,7 +99,7 @@ class HFConfig(RunConfig):
     kv_heads: int = 16
     loss: str = "full"
     compiled_only: bool = False
-    kernels: tuple[str, ...] = ()  # varlen kernels to run the packing_varlen rows on, one row each (() : the default)
+    kernels: tuple[str, ...] = ()  # varlen kernels for the packing_varlen rows, one row each (empty: the default order)
     no_baseline: bool = False
     compile_mode: str = "default"
     liger: bool = False
@@ -154,10 +155,11 @@ def build_parser() -> Parser:
     p.add_argument("--liger", action="store_true",
                    help="Liger Kernel's RMSNorm, SwiGLU and RoPE in every model but the baseline's (llama, qwen3-0.6b)")
     p.add_argument("--checkpoint", action="store_true",
-                   help="activation checkpointing (transformers' activation_checkpointing_enable, non-reentrant) in every "
-                        "model but the baseline's: each layer recomputed in the backward, for memory")
+                   help="activation checkpointing (transformers' activation_checkpointing_enable, non-reentrant) in "
+                        "every model but the baseline's: each layer recomputed in the backward, for memory")
     p.add_argument("--memory-cap-gib", type=float, default=None,
-                   help="cap this process's CUDA memory (79.1: an 80 GB H100's, on a larger GPU)")
+                   help="cap this process's CUDA memory in GiB (78: what an 80 GB H100 leaves after its CUDA context, "
+                        "on a larger GPU)")
     HFConfig.add_arguments(p, mode_help="train step (SGD) or forward only", steps_help="timed padded steps per method")
     p.add_argument("--compile", action="store_true", help="run every method eager and under torch.compile")
     p.add_argument("--compiled-only", action="store_true",
@@ -434,8 +436,9 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
     retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
     hf_attention.last_kernel = None
     with liger_kernels(model, args.arch) if liger else contextlib.nullcontext(), GcClock() as gc_clock:
-        timing = time_steps([lambda h=h: step(h) for h in p.steps[:warm]], [lambda i=i: step(p.steps[i]) for i in timed],
-                            device, count_compiles=compiled, before_timed=gc_clock.reset)  # the collector in timed steps only
+        timing = time_steps([lambda h=h: step(h) for h in p.steps[:warm]],
+                            [lambda i=i: step(p.steps[i]) for i in timed], device, count_compiles=compiled,
+                            before_timed=gc_clock.reset)  # the collector's time in the timed steps only
     retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries) if device.type == "cuda" else 0
     return HFRecord(
         method=method if not method == "flatten" else f"flatten+{p.impl}", arch=args.arch, mode=args.mode,
@@ -487,8 +490,8 @@ def run(args: HFConfig) -> list[HFRecord]:
         if not 0 < args.memory_cap_gib * 2**30 <= total:
             raise ValueError(f"--memory-cap-gib {args.memory_cap_gib}: expected between 0 and this GPU's "
                              f"{total / 2**30:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total,
-                                                   device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, index)
     records = []
     for order, arch in enumerate(args.archs or (args.arch,)):
         records += run_arch(replace(args, arch=arch, arch_order=order), device, methods)

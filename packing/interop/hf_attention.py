@@ -140,7 +140,8 @@ def kernel_name(options: dict[str, Any] | None = None, head_dim: int = 64) -> st
     return None if chosen is None else chosen[0]
 
 
-def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[..., Tensor], frozenset[str], Any] | None:
+def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[..., Tensor], frozenset[str],
+                                                                   Callable[[int], bool]] | None:
     # (name, fn, options, takes_head_dim), each resolved by register(): nothing here imports or caches
     return next((k for k in _kernels or () if set(options) <= k[2] and k[3](head_dim)), None)
 

@@ -5,8 +5,9 @@ FA3 publishes no wheels: it builds from source (``cd flash-attention/hopper && p
 install``; its ``FLASH_ATTENTION_DISABLE_*`` switches cut the build to the kernels a model uses:
 a head dimension, bf16, varlen, forward and backward). The build's own ``flash_attn_config`` says
 which switches were on: a head dimension or an option it left out counts as not computed here
-(:func:`built_head_dim`, :func:`built_options`), so a layer takes the next kernel instead of failing. Its Python interface already wraps the
-kernels as torch custom ops with fake implementations, so ``torch.compile`` keeps them in the graph.
+(:func:`built_head_dim`, :func:`built_options`), so a layer takes the next kernel instead of
+failing. Its Python interface already wraps the kernels as torch custom ops with fake
+implementations, so ``torch.compile`` keeps them in the graph.
 
 Every call into ``flash_attn_interface`` goes through :func:`_interface`, which checks that the
 private functions have the parameters written against here (FA3 builds from source and reports no

@@ -355,7 +355,8 @@ def test_register_takes_only_kernels_that_load():
             register(["flash-attn-9"])
         with pytest.raises(ValueError, match=r"kernels=\[\]: names no kernel"):
             register([])
-        with pytest.raises(TypeError, match=r"a sequence of names, got the string 'torch.varlen_attn'; write \['torch.varlen_attn'\]"):
+        with pytest.raises(TypeError, match=r"a sequence of names, got the string 'torch.varlen_attn'; "
+                                            r"write \['torch.varlen_attn'\]"):
             register("torch.varlen_attn")
         if here:  # the last kernel alone is the only one a layer may take
             register(here[-1:])
