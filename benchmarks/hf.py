@@ -470,6 +470,17 @@ def run(args: HFConfig) -> list[HFRecord]:
         raise ValueError("--compiled-only skips the eager rows of --compile: give --compile too")
     if BASELINE not in methods and not args.no_baseline:
         methods.insert(0, BASELINE)
+    # Options that would change nothing in the rows asked for are refused, never dropped.
+    if args.compile_mode != "default" and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode} sets how the compiled rows compile; give --compile too")
+    varlen_rows = [m for m in methods if "packing_varlen" in m]
+    if args.kernels and not varlen_rows:
+        raise ValueError(f"--kernel picks the kernel of the packing_varlen rows, and none of {methods} is one; add "
+                         "one (static+packing_varlen) or leave out --kernel")
+    for flag, on in (("--liger", args.liger), ("--checkpoint", args.checkpoint)):
+        if on and methods == [BASELINE]:
+            raise ValueError(f"{flag} applies to every row but the baseline, and only the baseline ({BASELINE}) runs; "
+                             "add a row with --methods or leave it out")
     if args.checkpoint and args.mode != "train":
         raise ValueError(f"--checkpoint recomputes activations in the backward; --mode {args.mode} has none: "
                          "use --mode train or leave out --checkpoint")

@@ -96,6 +96,17 @@ def test_dynamic_packs_compile_once_over_the_epoch_and_several_archs_share_a_pro
     (["--arch", "gpt2", "--liger"], "--liger takes --arch llama or qwen3-0.6b, got 'gpt2' (Liger Kernel has no patch "
                                     "for it); leave out --liger"),
     (["--memory-cap-gib", "78"], "--memory-cap-gib 78.0 caps CUDA memory; this run is on cpu"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead sets how the compiled rows compile; give "
+                                             "--compile too"),
+    (["--kernel", "torch.varlen_attn", "--methods", "pad_longest+sdpa"],
+     "--kernel picks the kernel of the packing_varlen rows, and none of ['pad_max+sdpa', 'pad_longest+sdpa'] is one; "
+     "add one (static+packing_varlen) or leave out --kernel"),
+    (["--arch", "llama", "--checkpoint", "--methods", "pad_max+sdpa"],
+     "--checkpoint applies to every row but the baseline, and only the baseline (pad_max+sdpa) runs; add a row with "
+     "--methods or leave it out"),
+    (["--arch", "llama", "--mode", "eval", "--checkpoint"],
+     "--checkpoint recomputes activations in the backward; --mode eval has none: use --mode train or leave out "
+     "--checkpoint"),
     (["--kernel", "flash-attn-4"], "packing_varlen kernels=['flash-attn-4']: ['flash-attn-4'] does not load here; "
                                    "the varlen kernels that load here are none (no CUDA): name some of those, or "
                                    "leave kernels=None"),
