@@ -219,7 +219,7 @@ class Timing:
 
 def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], torch.Tensor]],
                device: torch.device, *, count_compiles: bool = False,
-               before_timed: Callable[[], Any] | None = None) -> Timing:
+               before_timed: Callable[[], Any] | None = None, peak_from_start: bool = False) -> Timing:
     """Run ``warm`` untimed (the first on the wall clock), then time each of ``timed``.
 
     Each step is a zero-argument callable returning its loss (a detached tensor). Nothing syncs
@@ -227,6 +227,11 @@ def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], t
     queue never drains between steps. ``count_compiles`` clears dynamo's counters first and records
     the graphs, graph breaks and compilations after the first step. ``before_timed`` runs once,
     after the warm-up's final synchronize and before the first timed step.
+
+    The peak memory is that of the timed steps, so a compilation's own buffers are left out.
+    ``peak_from_start`` counts the warm-up too: a CUDA graph allocates its activations while it is
+    recorded there, and its replays allocate nothing. Measured on an H200 (Qwen3-0.6B shape, 16k
+    packs): the timed replays alone read 2.22 GiB, against 29.46 GiB for the same step uncaptured.
     """
     if not timed:
         raise ValueError("no steps to time; raise --steps")
@@ -234,6 +239,8 @@ def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], t
         from torch._dynamo.utils import counters
 
         counters.clear()
+    if peak_from_start and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     if warm:
         warm[0]()
@@ -243,7 +250,7 @@ def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], t
     for step in warm[1:]:
         step()
     sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     if before_timed is not None:
         before_timed()

@@ -39,7 +39,8 @@ GEMM rate measured in the same process at the model's own shapes, over its step 
 
 ``--liger`` puts Liger Kernel's RMSNorm, SwiGLU and RoPE (Triton) into every model but the
 baseline's, to measure them against Inductor's own fusion; ``--checkpoint`` turns on activation
-checkpointing there (memory for recomputation). ``--arch`` takes several architectures,
+checkpointing there (memory for recomputation), and ``--memory-budget`` lets the compiler choose what
+to recompute instead. ``--arch`` takes several architectures,
 run one after another in one process (the second-model slowdown of issue 24).
 """
 
@@ -104,6 +105,7 @@ class HFConfig(RunConfig):
     compile_mode: str = "default"
     liger: bool = False
     checkpoint: bool = False
+    memory_budget: float | None = None  # torch.compile's activation memory budget for the compiled rows
     archs: tuple[str, ...] = ()  # every --arch, run in this order in one process (arch: the one running)
     memory_cap_gib: float | None = None
     arch_order: int = 0  # the position of arch in archs (set by run, not a flag)
@@ -124,6 +126,7 @@ class HFRecord(Record):
     compile_mode: str | None = None
     liger: bool = False  # Liger Kernel's RMSNorm, SwiGLU and RoPE in the model
     checkpoint: bool = False  # activation checkpointing: each layer's activations recomputed in the backward
+    memory_budget: float | None = None  # AOTAutograd's activation_memory_budget (None: 1.0, save all it chose to)
     arch_order: int = 0  # which model of this process it was (0: the first); --arch runs several
     matmul_params: int = 0  # N: the model's Linear weights, the LM head included
     gemm_tflops: float | None = None  # the GPU's bf16 GEMM rate at the model's shapes, this process
@@ -157,6 +160,10 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing (transformers' activation_checkpointing_enable, non-reentrant) in "
                         "every model but the baseline's: each layer recomputed in the backward, for memory")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="torch.compile's activation memory budget for every compiled row but the baseline's, "
+                        "in [0, 1): the compiler recomputes the cheapest activations in the backward to keep "
+                        "this fraction of them (torch._functorch.config.activation_memory_budget); one graph, unlike --checkpoint")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap this process's CUDA memory in GiB (78: what an 80 GB H100 leaves after its CUDA context, "
                         "on a larger GPU)")
@@ -410,6 +417,7 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         torch._dynamo.reset()  # each row compiles from scratch, its counts its own
+    budget = args.memory_budget if compiled and method != BASELINE else None
     loss_of = loss_function(model, args.loss)
     forward = torch.compile(loss_of, mode=None if args.compile_mode == "default" else args.compile_mode) if compiled \
         else loss_of
@@ -435,10 +443,14 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
     timed = range(warm, len(p.steps))
     retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
     hf_attention.last_kernel = None
-    with liger_kernels(model, args.arch) if liger else contextlib.nullcontext(), GcClock() as gc_clock:
+    # The partitioner reads the budget when the warm-up step compiles the backward.
+    budgeted = torch._functorch.config.patch(activation_memory_budget=budget) if budget is not None \
+        else contextlib.nullcontext()
+    with liger_kernels(model, args.arch) if liger else contextlib.nullcontext(), budgeted, GcClock() as gc_clock:
         timing = time_steps([lambda h=h: step(h) for h in p.steps[:warm]],
                             [lambda i=i: step(p.steps[i]) for i in timed], device, count_compiles=compiled,
-                            before_timed=gc_clock.reset)  # the collector's time in the timed steps only
+                            before_timed=gc_clock.reset,  # the collector's time in the timed steps only
+                            peak_from_start=graphed)
     retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries) if device.type == "cuda" else 0
     return HFRecord(
         method=method if not method == "flatten" else f"flatten+{p.impl}", arch=args.arch, mode=args.mode,
@@ -447,6 +459,7 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
         batch_size=args.batch_size, steps=len(timed), warmup=warm, seed=args.seed,
         doc_counts=[p.doc_counts[i] for i in timed], vocab_size=model.config.vocab_size, loss_impl=args.loss,
         compile_mode=args.compile_mode if compiled else None, liger=liger, checkpoint=checkpoint,
+        memory_budget=budget,
         arch_order=args.arch_order,
         matmul_params=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
         alloc_retries=retries, gc_ms=1000 * gc_clock.seconds, gc_objects=len(gc.get_objects()),
@@ -481,6 +494,15 @@ def run(args: HFConfig) -> list[HFRecord]:
         if on and methods == [BASELINE]:
             raise ValueError(f"{flag} applies to every row but the baseline, and only the baseline ({BASELINE}) runs; "
                              "add a row with --methods or leave it out")
+    if args.memory_budget is not None:
+        if not args.compile:
+            raise ValueError(f"--memory-budget {args.memory_budget} is torch.compile's; give --compile too")
+        if not 0 <= args.memory_budget < 1:
+            raise ValueError(f"--memory-budget {args.memory_budget}: expected a fraction in [0, 1) (1 is the default, "
+                             "nothing recomputed); e.g. --memory-budget 0.5")
+        if args.mode != "train" or methods == [BASELINE]:
+            raise ValueError(f"--memory-budget {args.memory_budget} trades the backward's saved activations of every "
+                             "row but the baseline; it needs --mode train and a row besides the baseline")
     if args.checkpoint and args.mode != "train":
         raise ValueError(f"--checkpoint recomputes activations in the backward; --mode {args.mode} has none: "
                          "use --mode train or leave out --checkpoint")
@@ -578,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
               "loss", "graphs", "recompiles", "x pad eager", "x pad compiled", "roofline"]
     print(format_table(header, [
         [f"{r.arch}#{r.arch_order}" if len(args.archs) > 1 else r.arch,
-         r.method + (" +liger" if r.liger else "") + (" +checkpoint" if r.checkpoint else ""),
+         r.method + (" +liger" if r.liger else "") + (" +checkpoint" if r.checkpoint else "")
+         + (f" +budget {r.memory_budget}" if r.memory_budget is not None else ""),
          ("compiled" if r.compile_mode == "default" else r.compile_mode) if r.compiled else "eager",
          r.kernel or "-", r.steps, f"{min(r.doc_counts)}-{max(r.doc_counts)}",
          f"{r.ms_per_step:.1f}", f"{r.tokens_per_s:,.0f}",

@@ -315,7 +315,10 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
 
     warmup, timed = batches[: args.warmup], batches[args.warmup :]
     warm = [lambda b=b: step(b) for b in warmup] + [lambda b=b: step(b, update=False) for b in unseen_widths(warmup, timed)]
-    timing = time_steps(warm, [lambda b=b: step(b) for b in timed], device, count_compiles=args.compile)
+    # These modes record CUDA graphs, whose activations are allocated during the warm-up's recording.
+    graphed = args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
+    timing = time_steps(warm, [lambda b=b: step(b) for b in timed], device, count_compiles=args.compile,
+                        peak_from_start=graphed)
     if args.profile:
         profile_pass(f"{name} + {adapter.name} ({adapter.backend}), {args.mode}",
                      [lambda b=b: step(b, update=False) for b in timed], device, args.profile)

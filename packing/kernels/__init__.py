@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from packing.kernels.common import VARLEN_MIN_HEAD_DIM, check_version, flash_window, gpu_loads
+from packing.kernels.common import (VARLEN_HEAD_DIM_MULTIPLE, VARLEN_MAX_HEAD_DIM, VARLEN_MIN_HEAD_DIM,
+                                    check_version, flash_window, gpu_loads)
 
 __all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_backend", "flash_window", "fmha_backend", "gpu_loads",
            "head_dim_check", "loaded", "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
@@ -94,13 +95,14 @@ def takes_head_dim(name: str, head_dim: int) -> bool:
 def head_dim_check(name: str) -> Callable[[int], bool]:
     """:func:`takes_head_dim` for kernel ``name`` as a plain function of the head dimension, with
     the FA3 build's switches read now: safe to call while ``torch.compile`` traces a layer."""
-    least = VARLEN_MIN_HEAD_DIM.get(name, 1)
+    least, multiple = VARLEN_MIN_HEAD_DIM.get(name, 1), VARLEN_HEAD_DIM_MULTIPLE.get(name, 1)
+    most = VARLEN_MAX_HEAD_DIM.get(name, float("inf"))
     if name == "flash-attn-3":
         from packing.kernels.flash3 import build_flags, built_head_dim
 
         flags = build_flags()
         return lambda head_dim: head_dim >= least and built_head_dim(head_dim, flags)
-    return lambda head_dim: head_dim >= least
+    return lambda head_dim: least <= head_dim <= most and head_dim % multiple == 0
 
 
 @functools.cache

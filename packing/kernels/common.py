@@ -25,6 +25,10 @@ import torch
 # 0.5%): benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt (python -m
 # benchmarks.kernel_head_dims). torch's kernel was right at 16.
 VARLEN_MIN_HEAD_DIM = {"flash-attn-4": 32}
+# Head dimensions torch's kernel (FA2 through aten._flash_attention_forward) refuses at run time,
+# from inside the kernel: "head_size must be a multiple of 8" (H200, head dimension 4), and at most 256.
+VARLEN_HEAD_DIM_MULTIPLE = {"torch.varlen_attn": 8}
+VARLEN_MAX_HEAD_DIM = {"torch.varlen_attn": 256}
 
 # distribution -> (lowest, below): the versions whose private APIs the wrappers were written against
 # and run with (pyproject's extras pin the same ranges). FA3 publishes no distribution version we

@@ -51,3 +51,24 @@ def test_run_config_is_frozen_and_built_from_arguments():
 def test_format_table_pads_columns_under_a_rule():
     assert format_table(["a", "bb"], [[1, "x"], ["long", None]]).splitlines() == [
         "a     bb", "----  ----", "1     x", "long  None"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_peak_memory_counts_the_recording():
+    """A CUDA graph's replays allocate nothing: its activations come from its pool while it is
+    recorded in the warm-up. peak_from_start counts them; the timed replays alone do not."""
+    torch._dynamo.reset()
+    device = torch.device("cuda")
+    x = torch.randn(2048, 2048, device=device)  # 16 MiB; x @ x inside the graph is another 16 MiB
+    f = torch.compile(lambda a: (a @ a).sin().sum(), mode="reduce-overhead")
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        return f(x).clone()
+
+    recorded = time_steps([step] * 3, [step] * 3, device, peak_from_start=True)
+    replayed = time_steps([step] * 3, [step] * 3, device)
+    assert recorded.peak_mem_bytes - replayed.peak_mem_bytes >= 15 * 2**20, (recorded.peak_mem_bytes,
+                                                                            replayed.peak_mem_bytes)
+    torch._dynamo.reset()

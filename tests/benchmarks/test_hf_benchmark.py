@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
@@ -107,6 +108,12 @@ def test_dynamic_packs_compile_once_over_the_epoch_and_several_archs_share_a_pro
     (["--arch", "llama", "--mode", "eval", "--checkpoint"],
      "--checkpoint recomputes activations in the backward; --mode eval has none: use --mode train or leave out "
      "--checkpoint"),
+    (["--memory-budget", "0.5"], "--memory-budget 0.5 is torch.compile's; give --compile too"),
+    (["--compile", "--memory-budget", "1.5"], "--memory-budget 1.5: expected a fraction in [0, 1) (1 is the default, "
+                                              "nothing recomputed); e.g. --memory-budget 0.5"),
+    (["--compile", "--mode", "eval", "--memory-budget", "0.5"],
+     "--memory-budget 0.5 trades the backward's saved activations of every row but the baseline; it needs --mode "
+     "train and a row besides the baseline"),
     (["--kernel", "flash-attn-4"], "packing_varlen kernels=['flash-attn-4']: ['flash-attn-4'] does not load here; "
                                    "the varlen kernels that load here are none (no CUDA): name some of those, or "
                                    "leave kernels=None"),
@@ -155,4 +162,31 @@ def test_activation_checkpointing_trains_the_same_steps(tmp_path):
         records = json.loads(out.read_text())
         assert [r["checkpoint"] for r in records] == [False, bool(flag)]
         losses[bool(flag)] = [r["loss"] for r in records]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_memory_budget_compiles_one_graph_and_trains_the_same_steps(tmp_path, monkeypatch):
+    # --memory-budget lets the compiler's partitioner recompute activations in the backward: the
+    # budget is in force while the row compiles (not the baseline's), the step stays one graph, and
+    # the losses are those of the same compiled row saving everything.
+    from benchmarks import hf
+
+    seen, time_steps = [], hf.time_steps
+
+    def spying(*args, **kwargs):
+        seen.append(torch._functorch.config.activation_memory_budget)
+        return time_steps(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "time_steps", spying)
+    losses = {}
+    for flag in ([], ["--memory-budget", "0.0"]):
+        out = tmp_path / f"hf{len(flag)}.json"
+        assert main([*TINY, "--arch", "llama", "--kv-heads", "2", "--compile", "--compiled-only",
+                     "--max-tokens", "1024", "--methods", "static+packing_varlen", *flag, "--json", str(out)]) == 0
+        records = json.loads(out.read_text())
+        assert [r["memory_budget"] for r in records] == [None, 0.0 if flag else None]
+        assert records[1]["graphs"] == 1 and records[1]["recompiles"] == 0
+        losses[bool(flag)] = records[1]["loss"]
+    assert seen == [1.0, 1.0, 1.0, 0.0]
+    assert torch._functorch.config.activation_memory_budget == 1.0  # restored after the row
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -430,6 +430,15 @@ def test_kernels_refuse_what_they_do_not_compute_by_name():
             run_torch(q, q, q, cu, 4, True, softcap=5.0)
 
 
+def test_torch_kernel_takes_only_the_head_dimensions_it_computes():
+    # Outside them it raised inside the kernel ("head_size must be a multiple of 8", H200, head
+    # dimension 4); now the layer goes to the next kernel, or gets packing_varlen's ValueError.
+    from packing import kernels
+
+    check = kernels.head_dim_check("torch.varlen_attn")
+    assert [check(d) for d in (4, 12, 16, 64, 128, 256, 264)] == [False, False, True, True, True, True, False]
+
+
 def test_an_fa3_build_without_a_head_dimension_or_option_counts_as_not_computing_it(monkeypatch):
     # FA3 builds from source with switches off; its own flash_attn_config says which. A head
     # dimension or an option the build left out must send the layer to the next kernel, not to a
