@@ -163,7 +163,7 @@ def build_parser() -> Parser:
     p.add_argument("--memory-budget", type=float, default=None,
                    help="torch.compile's activation memory budget for every compiled row but the baseline's, "
                         "in [0, 1): the compiler recomputes the cheapest activations in the backward to keep "
-                        "this fraction of them (torch._functorch.config.activation_memory_budget); one graph, unlike --checkpoint")
+                        "this fraction of them (torch._functorch.config.activation_memory_budget)")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap this process's CUDA memory in GiB (78: what an 80 GB H100 leaves after its CUDA context, "
                         "on a larger GPU)")
