@@ -86,6 +86,7 @@ def check_adapter(name: str, lengths: list[int], args: argparse.Namespace, devic
     layout = batch.layout
     reference_batch = get_collator("concat")(samples).to(device)
     adapter = get_adapter(name, layout, device)
+    adapter.bind_head_dim(args.head_dim)  # backend then names the kernel that runs this head dimension
     naive = get_adapter("naive", "packed", device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     g = torch.Generator(device=device).manual_seed(args.seed)

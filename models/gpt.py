@@ -90,7 +90,9 @@ class GPT(nn.Module):
         """
         key = (layout, torch.device(device).type, attn_bias)
         if key not in self._adapters:
-            self._adapters[key] = get_adapter(self.attn, layout, device, attn_bias=attn_bias)
+            adapter = get_adapter(self.attn, layout, device, attn_bias=attn_bias)
+            adapter.bind_head_dim(self.config.dim // self.config.n_heads)
+            self._adapters[key] = adapter
         return self._adapters[key]
 
     def adapter_for(self, batch: Batch, device: torch.device | str | None = None) -> AttentionAdapter:

@@ -52,6 +52,10 @@ class AttentionAdapter:
         """The kernel that actually runs, for benchmark records."""
         return self.name
 
+    def bind_head_dim(self, head_dim: int) -> None:
+        """Told the model's head dimension before its first step (``GPT.adapter``): an adapter
+        whose kernel depends on it checks and picks here. The others take every head dimension."""
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         reason = self.unsupported(causal=causal, grad=torch.is_grad_enabled() and q.requires_grad)
         if reason is not None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention.base import AttentionAdapter
-from packing.kernels import flash_backend, packed_kernel
+from packing.kernels import flash_backend, head_dim_check, packed_kernel, varlen_kernels
 from packing.batch import Batch
 
 
@@ -47,6 +47,10 @@ class FlashVarlenAttention(AttentionAdapter):
 
     :meth:`attend_packed` (the model's ``qkv`` fusion) runs FA3's or FA4's packed form, whose
     backward writes one (T, 3, H, D) gradient; with the other kernels it unbinds q, k, v.
+
+    The first kernel that computes the head dimension runs: an FA3 build without head dimension 64
+    passes a head-dimension-64 model to the next kernel. ``GPT.adapter`` calls
+    :meth:`bind_head_dim`, so ``backend`` names the kernel the model's layers run.
     """
 
     name = "flash"
@@ -74,14 +78,40 @@ class FlashVarlenAttention(AttentionAdapter):
         check this adapter's own logic on a CPU."""
         super().__init__(device)
         # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
-        self._backend, self._run = kernel if kernel is not None else flash_backend()
-        self._packed = packed_kernel(self._backend) if kernel is None else packed
+        # Each entry: (name, fn, packed fn or None, whether it computes a head dimension).
+        if kernel is not None:
+            self._kernels = [(kernel[0], kernel[1], packed, lambda head_dim: True)]
+        else:
+            if flash_backend() is None:
+                raise ValueError(f"attention adapter 'flash' needs {self.needs}; none loads here")
+            self._kernels = [(name, fn, packed_kernel(name), head_dim_check(name))
+                             for name, fn in varlen_kernels().items()]
+        self._head_dim: int | None = None
         if kernel_dtypes is not None:
             self.kernel_dtypes = kernel_dtypes
 
     @property
     def backend(self) -> str:
-        return self._backend
+        """The kernel the bound head dimension runs (:meth:`bind_head_dim`), else the first that loads."""
+        return self._kernels[0][0] if self._head_dim is None else self._kernel_for(self._head_dim)[0]
+
+    def bind_head_dim(self, head_dim: int) -> None:
+        """Check now, outside any compiled step, that a kernel here computes ``head_dim``, and name
+        it in ``backend``; a ValueError listing the kernels if none does."""
+        self._kernel_for(head_dim)
+        self._head_dim = head_dim
+
+    def _kernel_for(self, head_dim: int) -> tuple[str, Callable[..., Tensor], Callable[..., Tensor] | None,
+                                                  Callable[[int], bool]]:
+        # A pure lookup over plain tuples: safe while torch.compile traces a layer.
+        for entry in self._kernels:
+            if entry[3](head_dim):
+                return entry
+        raise ValueError(
+            f"attention adapter 'flash': no varlen kernel here computes head dimension {head_dim} (loaded: "
+            f"{', '.join(name for name, *_ in self._kernels)}); torch's kernel takes multiples of 8 up to 256, "
+            "an FA3 build only the head dimensions it was built with: change n_heads or dim, or use attn='sdpa'"
+        )
 
     def _check_dtype(self, q: Tensor) -> None:
         if q.dtype not in self.kernel_dtypes:
@@ -91,16 +121,18 @@ class FlashVarlenAttention(AttentionAdapter):
             )
 
     def attend_packed(self, qkv: Tensor, batch: Batch, *, causal: bool) -> Tensor:
-        if self._packed is None:
+        packed = self._kernel_for(qkv.shape[-1])[2]
+        if packed is None:
             return super().attend_packed(qkv, batch, causal=causal)
         self._check_dtype(qkv)
         cu_seqlens, max_seqlen, n = _boundaries(batch, qkv.shape[0])
-        return _pad_rows(self._packed(_first_rows(qkv, n), cu_seqlens, max_seqlen, causal), qkv.shape[0])
+        return _pad_rows(packed(_first_rows(qkv, n), cu_seqlens, max_seqlen, causal), qkv.shape[0])
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         self._check_dtype(q)
+        run = self._kernel_for(q.shape[-1])[1]
         cu_seqlens, max_seqlen, n = _boundaries(batch, q.shape[0])
-        out = self._run(_first_rows(q, n), _first_rows(k, n), _first_rows(v, n), cu_seqlens, max_seqlen, causal)
+        out = run(_first_rows(q, n), _first_rows(k, n), _first_rows(v, n), cu_seqlens, max_seqlen, causal)
         return _pad_rows(out, q.shape[0])
 
 

@@ -74,3 +74,37 @@ def test_flash_refuses_fp32_with_the_fix():
     with pytest.raises(ValueError, match=r"attention adapter 'flash' needs bf16 or fp16 q/k/v, got torch.float32; "
                                          r"run the model under torch.autocast"):
         FlashVarlenAttention("cpu", kernel=("reference", reference_varlen)).attend(q, q, q, batch, causal=True)
+
+
+def test_flash_takes_the_first_kernel_that_computes_the_head_dimension(monkeypatch):
+    # An FA3 build with only head dimension 128 first in line: a head-dimension-64 model runs the
+    # next kernel, named in backend; a head dimension no kernel takes is a ValueError up front.
+    import models.attention.flash as flash
+
+    calls = []
+
+    def kernel(name):
+        def run(q, k, v, cu_seqlens, max_seqlen, causal):
+            calls.append(name)
+            return reference_varlen(q, k, v, cu_seqlens, max_seqlen, causal)
+        return run
+
+    monkeypatch.setattr(flash, "flash_backend", lambda: ("flash-attn-3", kernel("flash-attn-3")))
+    monkeypatch.setattr(flash, "varlen_kernels", lambda: {"flash-attn-3": kernel("flash-attn-3"),
+                                                          "torch.varlen_attn": kernel("torch.varlen_attn")})
+    monkeypatch.setattr(flash, "packed_kernel", lambda name: None)
+    takes = {"flash-attn-3": lambda d: d == 128, "torch.varlen_attn": lambda d: d % 8 == 0}
+    monkeypatch.setattr(flash, "head_dim_check", lambda name: takes[name])
+    adapter = FlashVarlenAttention("cpu", kernel_dtypes=(torch.float32,))
+    assert adapter.backend == "flash-attn-3"  # before a head dimension is bound: the first that loads
+    adapter.bind_head_dim(64)
+    assert adapter.backend == "torch.varlen_attn"
+    batch = get_collator("concat")(docs([5, 3]))
+    for head_dim, ran in ((64, "torch.varlen_attn"), (128, "flash-attn-3")):
+        q = torch.randn(batch.num_tokens, 2, head_dim)
+        out = adapter.attend(q, q, q, batch, causal=True)
+        assert calls[-1] == ran and out.shape == q.shape
+    with pytest.raises(ValueError, match=r"attention adapter 'flash': no varlen kernel here computes head dimension "
+                                         r"12 \(loaded: flash-attn-3, torch.varlen_attn\); torch's kernel takes "
+                                         r"multiples of 8 up to 256"):
+        adapter.bind_head_dim(12)
