@@ -217,6 +217,11 @@ class Timing:
         )
 
 
+# torch.compile modes that record CUDA graphs: their activations are allocated while a graph is
+# recorded in the warm-up, so a row compiled with one measures its peak with peak_from_start.
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
+
 def time_steps(warm: Sequence[Callable[[], Any]], timed: Sequence[Callable[[], torch.Tensor]],
                device: torch.device, *, count_compiles: bool = False,
                before_timed: Callable[[], Any] | None = None, peak_from_start: bool = False) -> Timing:

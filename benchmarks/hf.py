@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from benchmarks.harness import (
+    CUDA_GRAPH_MODES,
     GcClock,
     Parser,
     Record,
@@ -421,7 +422,7 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
     loss_of = loss_function(model, args.loss)
     forward = torch.compile(loss_of, mode=None if args.compile_mode == "default" else args.compile_mode) if compiled \
         else loss_of
-    graphed = compiled and args.compile_mode == "reduce-overhead"
+    graphed = compiled and args.compile_mode in CUDA_GRAPH_MODES
 
     def step(host: Any) -> torch.Tensor:
         kwargs = p.kwargs(host, device)

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.harness import (
+    CUDA_GRAPH_MODES,
     Parser,
     Record,
     RunConfig,
@@ -287,11 +288,14 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
                               dynamic=False if static else None)
     train = args.mode == "train"
     model.train(train)
-    if args.optimizer == "adamw":  # torch's fused AdamW on CUDA, as users train
-        plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    if not train:
+        opt = None
+    elif shadow is not None:
+        opt = shadow
+    elif args.optimizer == "adamw":  # torch's fused AdamW on CUDA, as users train
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     else:
-        plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    opt = (shadow or plain_opt) if train else None
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     bf16 = args.dtype == "bf16"
     # Eval needs no gradient sync; inference_mode tensors do not mix with collectives, no_grad does.
     no_grad = torch.inference_mode if world == 1 else torch.no_grad
@@ -315,8 +319,7 @@ def run_collate(name: str, args: VarlenConfig, config: GPTConfig, device: torch.
 
     warmup, timed = batches[: args.warmup], batches[args.warmup :]
     warm = [lambda b=b: step(b) for b in warmup] + [lambda b=b: step(b, update=False) for b in unseen_widths(warmup, timed)]
-    # These modes record CUDA graphs, whose activations are allocated during the warm-up's recording.
-    graphed = args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
+    graphed = args.compile and args.compile_mode in CUDA_GRAPH_MODES
     timing = time_steps(warm, [lambda b=b: step(b) for b in timed], device, count_compiles=args.compile,
                         peak_from_start=graphed)
     if args.profile:

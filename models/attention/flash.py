@@ -73,8 +73,8 @@ class FlashVarlenAttention(AttentionAdapter):
         packed: Callable[..., Tensor] | None = None,
     ) -> None:
         """``kernel``: (name, fn(q, k, v, cu_seqlens, max_seqlen, causal) -> out) to run instead of
-        :func:`flash_backend`'s, with the dtypes it takes, and ``packed`` its packed form
-        fn(qkv, cu_seqlens, max_seqlen, causal) -> out, if any; tests pass fp32 references here to
+        the kernels that load (:func:`packing.kernels.varlen_kernels`), with the dtypes it takes,
+        and ``packed`` its packed form fn(qkv, cu_seqlens, max_seqlen, causal) -> out, if any; tests pass fp32 references here to
         check this adapter's own logic on a CPU."""
         super().__init__(device)
         # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
@@ -82,10 +82,10 @@ class FlashVarlenAttention(AttentionAdapter):
         if kernel is not None:
             self._kernels = [(kernel[0], kernel[1], packed, lambda head_dim: True)]
         else:
-            if flash_backend() is None:
-                raise ValueError(f"attention adapter 'flash' needs {self.needs}; none loads here")
             self._kernels = [(name, fn, packed_kernel(name), head_dim_check(name))
                              for name, fn in varlen_kernels().items()]
+            if not self._kernels:
+                raise ValueError(f"attention adapter 'flash' needs {self.needs}; none loads here")
         self._head_dim: int | None = None
         if kernel_dtypes is not None:
             self.kernel_dtypes = kernel_dtypes

@@ -97,12 +97,16 @@ def head_dim_check(name: str) -> Callable[[int], bool]:
     the FA3 build's switches read now: safe to call while ``torch.compile`` traces a layer."""
     least, multiple = VARLEN_MIN_HEAD_DIM.get(name, 1), VARLEN_HEAD_DIM_MULTIPLE.get(name, 1)
     most = VARLEN_MAX_HEAD_DIM.get(name, float("inf"))
+
+    def computes(head_dim: int) -> bool:
+        return least <= head_dim <= most and head_dim % multiple == 0
+
     if name == "flash-attn-3":
         from packing.kernels.flash3 import build_flags, built_head_dim
 
         flags = build_flags()
-        return lambda head_dim: head_dim >= least and built_head_dim(head_dim, flags)
-    return lambda head_dim: least <= head_dim <= most and head_dim % multiple == 0
+        return lambda head_dim: computes(head_dim) and built_head_dim(head_dim, flags)
+    return computes
 
 
 @functools.cache

@@ -89,7 +89,6 @@ def test_flash_takes_the_first_kernel_that_computes_the_head_dimension(monkeypat
             return reference_varlen(q, k, v, cu_seqlens, max_seqlen, causal)
         return run
 
-    monkeypatch.setattr(flash, "flash_backend", lambda: ("flash-attn-3", kernel("flash-attn-3")))
     monkeypatch.setattr(flash, "varlen_kernels", lambda: {"flash-attn-3": kernel("flash-attn-3"),
                                                           "torch.varlen_attn": kernel("torch.varlen_attn")})
     monkeypatch.setattr(flash, "packed_kernel", lambda name: None)
