@@ -107,3 +107,6 @@ def test_flash_takes_the_first_kernel_that_computes_the_head_dimension(monkeypat
                                          r"12 \(loaded: flash-attn-3, torch.varlen_attn\); torch's kernel takes "
                                          r"multiples of 8 up to 256"):
         adapter.bind_head_dim(12)
+    monkeypatch.setattr(flash, "varlen_kernels", lambda: {})
+    with pytest.raises(ValueError, match=r"attention adapter 'flash' needs CUDA and a varlen kernel: .*; none loads here"):
+        FlashVarlenAttention("cpu")
