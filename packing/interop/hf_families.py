@@ -7,10 +7,13 @@ convolution), take its positions from the row instead of ``position_ids``, or pa
 an option the implementation does not compute. No config field says which, so the rule is:
 
 - **the family must be verified.** ``hf_families.json`` beside this file is the family matrix: for
-  every causal LM of the installed transformers, a tiny random model (fp32, CPU) ran one packed row
-  of three documents with each implementation and was compared with each document alone through
-  ``eager``. A family is ``exact`` there (logits and loss within 1e-5 relative) or refused with the
-  reason the matrix found. ``python -m benchmarks.hf_families`` writes it; a test re-runs it in CI.
+  every causal LM of the transformers release it names, a tiny random model (fp32, CPU) ran one
+  packed row of three documents with each implementation and was compared with each document alone
+  through ``eager``. A family is ``exact`` there (logits and loss within 1e-5 relative) or refused
+  with the reason the matrix found. ``python -m benchmarks.hf_families --write`` writes it; a test
+  re-runs it in CI. On any other transformers release the family is measured the same way at its
+  first use (:mod:`packing.interop.hf_verify`), once per process: a verdict is never carried over
+  from another release.
 - **the config must ask for nothing packing cannot reproduce** (:func:`check_config`): a rotary
   scaling that depends on the row's length, a kind of attention layer with no packed mask.
 
@@ -32,7 +35,6 @@ import contextlib
 import contextvars
 import functools
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -113,19 +115,17 @@ def check_config(config: Any, implementation: str, *, family: str | None = None)
     """
     family = family or getattr(config, "model_type", None)
     if not _unverified.get():
-        table = family_table()
-        verdict = table["families"].get(family, {}).get(VERDICT_OF.get(implementation, implementation))
+        verdict, source = family_verdict(family, implementation)
         if verdict is None:
             raise ValueError(
-                f"model_type {family!r} is not in the family matrix (transformers {table['transformers']}), so it is "
-                f"unverified that its packed rows equal its documents alone with {implementation!r}; verify it with "
-                "python -m benchmarks.hf_families --family " + str(family) + " or train it unpacked"
+                f"model_type {family!r} is not in the family matrix ({source}), so it is unverified that its packed "
+                f"rows equal its documents alone with {implementation!r}; register its causal LM with transformers' "
+                "auto classes so it can be verified, or train it unpacked"
             )
         if verdict != "exact":
-            exact = [impl for impl, v in table["families"][family].items() if v == "exact"]
-            fix = f"load it with attn_implementation in {exact}" if exact else "train it unpacked (pad_longest)"
-            raise ValueError(f"model_type {family!r} is refused on packed rows with {implementation!r}: {verdict}; {fix}")
-        _warn_version(table["transformers"])
+            fix = _nearest_exact(family, implementation)
+            raise ValueError(f"model_type {family!r} is refused on packed rows with {implementation!r}: {verdict} "
+                             f"({source}); {fix}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_types = {p.get("rope_type", p.get("type")) for p in (rope.values() if _nested(rope) else [rope])}
     for rope_type in rope_types & set(LENGTH_DEPENDENT_ROPE):
@@ -153,16 +153,36 @@ def _nested(rope: dict) -> bool:
     return bool(rope) and all(isinstance(v, dict) for v in rope.values())
 
 
-@functools.cache
-def _warn_version(verified: str) -> None:
+def family_verdict(family: str | None, implementation: str) -> tuple[str | None, str]:
+    """(verdict, where it comes from) for ``family`` with ``implementation``: ``"exact"``, the reason
+    it is refused, or None for a family transformers cannot build.
+
+    The committed table is trusted only on the transformers release it was measured on. On any
+    other release (newer or older), or for a family the table lacks, the family is measured here,
+    once per process (:func:`packing.interop.hf_verify.measured`): a release can change how a family
+    computes attention, so no verdict is carried over from another.
+    """
     import transformers
 
-    if transformers.__version__ != verified:
-        warnings.warn(
-            f"packing's family matrix was verified on transformers {verified}, this is {transformers.__version__}; "
-            "re-run python -m benchmarks.hf_families to verify the families you train",
-            stacklevel=3,
-        )
+    from packing.interop import hf_verify
+
+    table = family_table()
+    key = VERDICT_OF.get(implementation, implementation)
+    if table["transformers"] == transformers.__version__:
+        verdict = table["families"].get(family, {}).get(key)
+        if verdict is not None:
+            return verdict, f"family matrix, transformers {table['transformers']}"
+    source = f"measured at first use on transformers {transformers.__version__}"
+    if family not in hf_verify.families():
+        return None, f"transformers {transformers.__version__} has no causal LM of that type"
+    return hf_verify.measured(family, key), source
+
+
+def _nearest_exact(family: str, implementation: str) -> str:
+    """The fix for a refused family: the implementations that are exact for it, or training unpacked."""
+    exact = [impl for impl in (VARLEN_IMPLEMENTATIONS[-1],) + MASK_IMPLEMENTATIONS
+             if impl != implementation and family_verdict(family, impl)[0] == "exact"]
+    return f"load it with attn_implementation in {exact}" if exact else "train it unpacked (pad_longest)"
 
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")

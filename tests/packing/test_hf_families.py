@@ -2,11 +2,15 @@
 
 The family matrix (benchmarks.hf_families) runs here in full: every family's tiny random model,
 one packed row against each document alone through eager, for packing_varlen, sdpa and eager. The
-verdicts must equal the committed table that check_model enforces, so a family whose packed rows
-drift from its documents alone fails CI instead of training wrong.
+verdicts check_model enforces must equal it: the committed table on the release it names, the
+family measured at first use on any other, so a family whose packed rows drift from its documents
+alone is refused instead of training wrong, and a new transformers release turns nothing red.
 """
 
+import re
 import sys
+import warnings
+
 import pytest
 import torch
 
@@ -19,28 +23,59 @@ from packing.interop.hf_attention import LayerOptions, register  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.boundaries import block_causal_mask, cumulative_lengths  # noqa: E402
 from packing.interop.hf import HFPackedCollator, check_model, hf_kwargs  # noqa: E402
-from packing.interop.hf_families import family_table  # noqa: E402
+from packing.interop import hf_families as hf_families_module  # noqa: E402
+from packing.interop.hf_families import family_table, family_verdict  # noqa: E402
+from packing.interop.hf_verify import measured  # noqa: E402
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def matrix():
+    # hf_verify.measured is the measurement check_model falls back on, cached per process: on a release
+    # other than the committed table's, the checks below then reuse it instead of measuring twice.
     transformers.logging.set_verbosity_error()
-    return hf_families.table([v for family in hf_families.families() for v in hf_families.verify(family)])
+    return {f: {impl: measured(f, impl) for impl in hf_families.IMPLEMENTATIONS} for f in hf_families.families()}
 
 
-def test_the_committed_table_is_what_the_matrix_measures(matrix):
-    committed = family_table()
-    assert committed["transformers"] == transformers.__version__, "re-run python -m benchmarks.hf_families --write"
-    assert set(matrix) == set(hf_families.families())  # every causal LM the installed transformers knows
+def exact(verdicts):
     # Exact or not is the verdict; a refusal's wording (an error's text, a rounded error) may vary.
-    def exact(verdicts):
-        return {impl: v == "exact" for impl, v in verdicts.items()}
+    return {impl: v == "exact" for impl, v in verdicts.items()}
 
-    changed = {f: (committed["families"].get(f), matrix[f]) for f in matrix
-               if exact(committed["families"].get(f, {})) != exact(matrix[f])}
+
+def test_check_model_uses_what_the_matrix_measures_on_this_release(matrix):
+    # On the release the committed table names, check_model reads the table, and the table must be
+    # what the matrix measures now; on any other release (CI takes the newest) it measures each family
+    # itself. Either way, the verdicts in force are the measured ones, so a release never trains wrong.
+    assert set(matrix) == set(hf_families.families())  # every causal LM the installed transformers knows
+    in_force = {f: {impl: family_verdict(f, impl)[0] for impl in matrix[f]} for f in matrix}
+    changed = {f: (in_force[f], matrix[f]) for f in matrix if exact(in_force[f]) != exact(matrix[f])}
     assert not changed, f"re-run python -m benchmarks.hf_families --write: {changed}"
+    committed = family_table()
+    sources = {family_verdict(f, "sdpa")[1] for f in matrix}
+    if committed["transformers"] == transformers.__version__:
+        assert sources == {f"family matrix, transformers {transformers.__version__}"}
+    else:
+        assert sources == {f"measured at first use on transformers {transformers.__version__}"}
+
+
+def test_a_table_from_another_release_is_never_trusted(monkeypatch):
+    # A stale table says bart is exact with sdpa and lacks llama: on this release bart is measured
+    # (and refused, as the matrix finds it) and llama is measured exact. No warning: nothing is guessed.
+    stale = {"transformers": "0.0.1", "families": {"bart": {"packing_varlen": "exact", "sdpa": "exact", "eager": "exact"}}}
+    monkeypatch.setattr(hf_families_module, "family_table", lambda: stale)
+    with pytest.raises(ValueError, match=r"model_type 'bart' is refused on packed rows with 'sdpa': packed logits \d+% "
+                                         r"off each document alone \(measured at first use on transformers "
+                                         + re.escape(transformers.__version__) + r"\); train it unpacked"):
+        check_model(hf_families.tiny_config("bart"), "sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_model(transformers.LlamaConfig(attn_implementation="sdpa")) == "sdpa"
+    # The same table on this very release: a family it lacks is measured too, never refused unheard.
+    monkeypatch.setattr(hf_families_module, "family_table", lambda: {**stale, "transformers": transformers.__version__})
+    assert family_verdict("llama", "packing_varlen") == ("exact", f"measured at first use on transformers "
+                                                                  f"{transformers.__version__}")
+    assert family_verdict("bart", "sdpa") == ("exact", f"family matrix, transformers {transformers.__version__}")
 
 
 def test_enough_families_and_the_must_list_are_exact(matrix):
@@ -215,13 +250,13 @@ def test_cuda_kernel_choice_follows_the_options(monkeypatch):
 
 def test_config_refusals_name_the_field_and_the_fix():
     with pytest.raises(ValueError, match=r"model_type 'bart' is refused on packed rows with 'sdpa': packed logits \d+% "
-                                         r"off each document alone; train it unpacked"):
+                                         r"off each document alone \(.*transformers .*\); train it unpacked"):
         check_model(hf_families.tiny_config("bart"), "sdpa")
     unknown = transformers.LlamaConfig(attn_implementation="sdpa")
     unknown.model_type = "my_llama"
-    with pytest.raises(ValueError, match=r"model_type 'my_llama' is not in the family matrix \(transformers .*\), so it "
-                                         r"is unverified .* with 'sdpa'; verify it with python -m benchmarks.hf_families "
-                                         r"--family my_llama"):
+    with pytest.raises(ValueError, match=r"model_type 'my_llama' is not in the family matrix \(transformers .* has no "
+                                         r"causal LM of that type\), so it is unverified .* with 'sdpa'; register its "
+                                         r"causal LM with transformers' auto classes so it can be verified"):
         check_model(unknown)
     dynamic = transformers.LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
                                        attn_implementation="sdpa")
