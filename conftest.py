@@ -14,6 +14,7 @@ OPTIONAL = {  # package -> how to install it
     "mslk": "pip install -e '.[xformers]' (or mslk-cuda on torch 2.11)",
     "tokenizers": "pip install -e '.[hf]'", "transformers": "pip install -e '.[hf]'", "accelerate": "pip install -e '.[dev]'",
     "matplotlib": "pip install -e '.[report]'", "torchdata": "pip install -e '.[stream]'", "hypothesis": "pip install -e '.[dev]'",
+    "datasets": "pip install -e '.[dev]'", "pyarrow": "pip install -e '.[dev]'", "trl": "pip install -e '.[dev]'",
 }
 
 

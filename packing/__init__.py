@@ -4,7 +4,7 @@ readers around them.
 The tree names the concepts:
 
 - ``packing.batch``: the :class:`Batch` contract; ``packing.collate``: the five collators;
-  ``packing.sample``: the sample forms they accept; ``packing.boundaries``: the boundary arithmetic
+  ``packing.sample``: the sample forms they accept; ``packing.loader``: a DataLoader whose sampler and collator agree; ``packing.boundaries``: the boundary arithmetic
   every layout shares; ``packing.distributed``: loss normalisation across ranks;
   ``packing.report``: the padding report before a training run;
 - ``packing.sampling``: which documents share a batch (bin packing, samplers, streaming packer);
@@ -30,7 +30,8 @@ from packing.collate import (
 )
 from packing.data.split import SplitDocuments
 from packing.data.synthetic import SyntheticDocs
-from packing.sample import IGNORE_INDEX, Sample, as_sample
+from packing.loader import make_loader
+from packing.sample import IGNORE_INDEX, Sample, as_sample, as_samples
 from packing.sampling.resume import restore_loader
 from packing.sampling.samplers import LengthBucketSampler, PackingSampler
 from packing.sampling.stream import StreamPacker
@@ -49,6 +50,8 @@ __all__ = [
     "IGNORE_INDEX",
     "Sample",
     "as_sample",
+    "as_samples",
+    "make_loader",
     "SyntheticDocs",
     "LengthBucketSampler",
     "PackingSampler",

@@ -40,7 +40,7 @@ from packing.boundaries import (
     static_boundaries,
     static_length,
 )
-from packing.sample import IGNORE_INDEX, Sample, as_sample
+from packing.sample import IGNORE_INDEX, Sample, as_samples
 from packing.validate import positive_int
 
 
@@ -50,16 +50,23 @@ class Collator:
     name: ClassVar[str]
     layout: ClassVar[str]
 
-    def __init__(self, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX, ignore_keys: Sequence[str] = ()) -> None:
         if not isinstance(pad_id, int) or pad_id < 0:
             raise ValueError(f"pad_id is {pad_id!r}; expected an int >= 0 (it is embedded like any token)")
+        if isinstance(ignore_keys, str):
+            raise TypeError(f"ignore_keys takes a sequence of key names, got the string {ignore_keys!r}; "
+                            f"write [{ignore_keys!r}]")
         self.pad_id = pad_id
         self.ignore_index = ignore_index
+        self.ignore_keys = tuple(ignore_keys)
 
     def __call__(self, samples: Sequence[Any]) -> Batch:
         if len(samples) == 0:
             raise ValueError(f"{type(self).__name__} got an empty batch (0 samples); pass at least one sample")
-        parsed = [as_sample(s, i, ignore_index=self.ignore_index) for i, s in enumerate(samples)]
+        # A packed row (position_ids or seq_lengths) is split back into its documents here, so every
+        # layout sees documents, never a row of several.
+        parsed = [doc for i, s in enumerate(samples)
+                  for doc in as_samples(s, i, ignore_index=self.ignore_index, ignore_keys=self.ignore_keys)]
         return self.collate(parsed)
 
     def collate(self, samples: list[Sample]) -> Batch:
@@ -100,8 +107,9 @@ class PadToMax(_Padded):
 
     name = "pad_max"
 
-    def __init__(self, max_len: int, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(pad_id=pad_id, ignore_index=ignore_index)
+    def __init__(self, max_len: int, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX,
+                 ignore_keys: Sequence[str] = ()) -> None:
+        super().__init__(pad_id=pad_id, ignore_index=ignore_index, ignore_keys=ignore_keys)
         positive_int("max_len", max_len)
         self.max_len = max_len
 
@@ -127,9 +135,10 @@ class PadToLongest(_Padded):
     name = "pad_longest"
 
     def __init__(
-        self, pad_to_multiple_of: int | None = 64, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX
+        self, pad_to_multiple_of: int | None = 64, *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX,
+        ignore_keys: Sequence[str] = (),
     ) -> None:
-        super().__init__(pad_id=pad_id, ignore_index=ignore_index)
+        super().__init__(pad_id=pad_id, ignore_index=ignore_index, ignore_keys=ignore_keys)
         positive_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
         self.pad_to_multiple_of = pad_to_multiple_of
 
@@ -207,8 +216,9 @@ class ConcatCuSeqlens(Collator):
         max_seqlen: int | None = None,
         pad_id: int = 0,
         ignore_index: int = IGNORE_INDEX,
+        ignore_keys: Sequence[str] = (),
     ) -> None:
-        super().__init__(pad_id=pad_id, ignore_index=ignore_index)
+        super().__init__(pad_id=pad_id, ignore_index=ignore_index, ignore_keys=ignore_keys)
         for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("total_tokens", total_tokens),
                             ("max_seqs", max_seqs), ("max_seqlen", max_seqlen)):
             positive_int(name, value, optional=True)
@@ -333,7 +343,7 @@ def get_collator(name: str, **options: Any) -> Collator:
 
     Example:
         >>> get_collator("pad_longest", pad_to_multiple_of=8)
-        PadToLongest(pad_id=0, ignore_index=-100, pad_to_multiple_of=8)
+        PadToLongest(pad_id=0, ignore_index=-100, ignore_keys=(), pad_to_multiple_of=8)
     """
     if name not in COLLATORS:
         raise ValueError(f"unknown collator {name!r}; known collators: {', '.join(COLLATORS)}")

@@ -353,7 +353,7 @@ class ShardStream(IterableDataset):
     **Long documents.** ``max_len=N, too_long="error" | "split" | "truncate"`` is the policy of
     :mod:`packing.data.split`: a document over ``N`` tokens is refused naming it (the default once
     ``max_len`` is given), cut into chunks of ``N`` (each a :class:`~packing.sample.Sample` that keeps
-    the document's next-token targets; with ids, ``"labels"`` too and an id ending ``[start:end]``), or
+    the document's next-token targets; with ids, ``"targets"`` too and an id ending ``[start:end]``), or
     truncated to its first ``N``. Chunks are planned from the length indexes, so each has its own
     position and a resume is exact; ``too_long_summary()`` counts what was split or truncated, and
     the tokens dropped, over the whole set. Give ``StreamPacker(max_tokens=M)`` a stream with
@@ -520,7 +520,7 @@ class ShardStream(IterableDataset):
             return sample
         doc_id = self._files.read(info.path, int(info.id_offsets[d]), int(info.id_sizes[d])).decode("utf-8", "surrogateescape")
         if isinstance(sample, Sample):
-            return {"input_ids": sample.input_ids, "labels": sample.labels, "id": f"{doc_id}[{start}:{start + length}]"}
+            return {"input_ids": sample.input_ids, "targets": sample.labels, "id": f"{doc_id}[{start}:{start + length}]"}
         return {"input_ids": sample, "id": doc_id}
 
     def documents(self, positions: list[int]) -> list[Any]:

@@ -149,6 +149,7 @@ class SplitDocuments(LengthIndexed):
         if len(lengths) != len(dataset):
             raise ValueError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} documents")
         self.dataset, self.max_len, self.too_long, self.ignore_index = dataset, max_len, too_long, ignore_index
+        self._stated = lengths
         self.plan = plan_chunks(lengths, max_len, too_long)
         self._lengths = self.plan.length  # (num_chunks,)
         self.num_split, self.num_truncated = self.plan.split, self.plan.truncated
@@ -158,4 +159,12 @@ class SplitDocuments(LengthIndexed):
         i = self._index(i)
         doc = int(self.plan.doc[i])
         sample = as_sample(self.dataset[doc], doc, ignore_index=self.ignore_index)
+        # The plan was made from the lengths the caller stated; a document of another length would
+        # lose tokens past the stated end or yield empty chunks, so it is refused as it is read.
+        if len(sample.input_ids) != self._stated[doc]:
+            raise ValueError(
+                f"document {doc} has {len(sample.input_ids)} tokens but lengths[{doc}] says {int(self._stated[doc])}; "
+                "the chunks were planned from lengths: pass the documents' own token counts (after padding is "
+                "stripped), e.g. [len(d) for d in dataset]"
+            )
         return chunk_of(sample, int(self.plan.start[i]), int(self.plan.length[i]))

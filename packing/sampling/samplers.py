@@ -33,6 +33,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from packing.boundaries import ceil_div
+from packing.data.hf_datasets import is_hf_dataset, lengths_of
 from packing.distributed import rank as current_rank
 from packing.distributed import world_size
 from packing.sampling.binpack import best_fit_decreasing
@@ -42,6 +43,8 @@ BALANCES = ("tokens", "attention")
 
 
 def _validate_lengths(lengths: Any, max_tokens: int) -> np.ndarray:
+    if is_hf_dataset(lengths):  # a datasets.Dataset: its lengths from the Arrow columns, no row decoded
+        lengths = lengths_of(lengths)
     arr = np.asarray(lengths)
     if arr.ndim != 1:
         raise ValueError(f"lengths has shape {arr.shape}; expected a 1-D sequence of document lengths")
@@ -261,7 +264,9 @@ class PackingSampler(_PlannedBatchSampler):
     in random order, and ties between equal lengths are broken at random, so packs differ per epoch.
 
     Args:
-        lengths: (num_docs,) ints, each in [1, max_tokens]; ``SyntheticDocs.lengths`` for example.
+        lengths: (num_docs,) ints, each in [1, max_tokens] (``SyntheticDocs.lengths`` for example), or a
+            Hugging Face ``datasets.Dataset`` whose lengths are read from its Arrow columns
+            (:mod:`packing.data.hf_datasets`).
         max_tokens: the token budget of one pack.
         max_seqs: at most this many documents per pack (None: no limit).
         shuffle, seed, drop_last, num_replicas, rank, balance: see the module docstring.
@@ -298,7 +303,8 @@ class LengthBucketSampler(_PlannedBatchSampler):
     contents; then all batches are shuffled together.
 
     Args:
-        lengths: (num_docs,) ints, each in [1, max_tokens].
+        lengths: (num_docs,) ints, each in [1, max_tokens], or a ``datasets.Dataset`` (as for
+            :class:`PackingSampler`).
         max_tokens: budget per batch, count x longest (rounded up to ``pad_to_multiple_of``).
         max_batch_size: at most this many documents per batch (None: no limit).
         boundaries: sorted bucket upper bounds; the last must be >= the longest document.

@@ -15,9 +15,11 @@ from packing.validate import positive_int
 
 
 def sample_length(sample: Any) -> int:
-    """Tokens in a sample of any form :mod:`packing.sample` accepts, without parsing it."""
+    """Tokens in a sample of any form :mod:`packing.sample` accepts, without parsing it (a dict row's
+    padding, where its attention_mask marks it, is not counted)."""
     if isinstance(sample, dict):
-        return len(sample["input_ids"])
+        mask = sample.get("attention_mask")
+        return int(sum(mask.tolist() if hasattr(mask, "tolist") else mask)) if mask is not None else len(sample["input_ids"])
     if is_pair(sample):
         return len(sample[0])
     return len(sample)

@@ -21,7 +21,7 @@ def test_round_trip_returns_the_samples(name, form):
     if form == "ids":
         samples = ids
     elif form == "dict":
-        samples = [{"input_ids": s.numpy(), "labels": torch.roll(s, -1)} for s in ids]
+        samples = [{"input_ids": s.numpy(), "targets": torch.roll(s, -1)} for s in ids]
     else:
         samples = [(s.tolist(), torch.roll(s, -1).tolist()) for s in ids]
     batch = collator(name)(samples)

@@ -57,3 +57,13 @@ def test_truncate_keeps_the_real_target_of_the_last_kept_token_and_summaries():
 def test_mode_keyword_is_gone_not_ignored():
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'mode'"):
         SplitDocuments([[1, 2, 3]], [3], max_len=2, mode="truncate")
+
+
+@pytest.mark.parametrize("stated, found", [(3, 10), (12, 10)], ids=["short", "long"])
+def test_wrong_stated_lengths_are_refused_as_read(stated, found):
+    # A wrong length would drop the tokens past it (or make empty chunks) without a word.
+    view = SplitDocuments([list(range(1, found + 1)), [1, 2]], [stated, 2], max_len=4)
+    with pytest.raises(ValueError, match=rf"document 0 has {found} tokens but lengths\[0\] says {stated}; the chunks "
+                                         r"were planned from lengths"):
+        view[0]
+    assert view[len(view) - 1].input_ids.tolist() == [1, 2]  # a right length reads as before
