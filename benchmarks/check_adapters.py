@@ -1,6 +1,6 @@
 """Check every attention adapter against the fp32 naive reference on the same documents.
 
-    python -m benchmarks.check_adapters                      # on a GPU: bf16, writes benchmarks/results/adapters.json
+    python -m benchmarks.check_adapters                      # on a GPU: bf16, writes a new file in benchmarks/results/
     python -m benchmarks.check_adapters --device cpu --dtype fp32 --json /tmp/adapters.json
 
 The documents (lengths include 1, 7, 130 and 1023 by default) are laid out the way each adapter
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,8 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--tol", type=float, default=2e-2, help="relative error bound (default 2e-2, bf16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="benchmarks/results/adapters.json", help="where to write the records")
+    p.add_argument("--json", help="where to write the records (default: a new file, "
+                   "benchmarks/results/adapters-DEVICE-DATE-TIME.json; the committed records are never overwritten)")
     return p
+
+
+def new_record_path(device: str, folder: str = "benchmarks/results") -> Path:
+    """A file that does not exist yet, named by device and time: a run never overwrites a record."""
+    stem = f"adapters-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = Path(folder) / f"{stem}.json", 1
+    while path.exists():
+        path, n = Path(folder) / f"{stem}-{n}.json", n + 1
+    return path
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -171,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c.adapter:12} {c.backend:20} {str(c.causal):6} {cols}  {c.status}")
     if unavailable:
         print(f"not available on {device.type}: {', '.join(unavailable)}")
-    path = Path(args.json)
+    path = Path(args.json) if args.json else new_record_path(device.type)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(c) for c in checks], indent=2) + "\n")
+    print(f"records: {path}")
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 

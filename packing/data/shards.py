@@ -19,16 +19,22 @@ CRC-32 and that its ids are under ``vocab_size`` before handing it out (format 2
 written before checksums, still read, with a warning that they are unverified).
 
 Inputs: a directory (every file under it, sorted, is one document, read as raw bytes), or a JSONL
-file whose lines are objects with a string ``text`` field. Empty documents are skipped and counted;
-bytes that are not valid UTF-8 are kept (byte tokenizer).
+file whose lines are objects with a string ``text`` field. Hidden files and folders (``.git/``),
+files that are not text (a NUL byte in their first 8 KiB) and, with ``--include GLOB``, files that
+match no glob are skipped; empty documents are skipped too; each kind is counted and printed. An
+input with no document is an error. Bytes that are not valid UTF-8 are kept (byte tokenizer).
+The tokenizer is recorded by the SHA-256 of its file (``index.json``'s ``tokenizer``), never by
+the path typed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -51,15 +57,57 @@ def sidecar(tar_path: str, kind: str) -> str:
     return f"{stem}.{kind}.npy"
 
 
-def iter_documents(path: str | Path) -> Iterator[tuple[str, bytes | str]]:
-    """(doc_id, raw text) for every document under ``path``: files of a directory, or JSONL lines."""
+BINARY_PROBE = 8192  # bytes read to tell text from binary: a NUL among them means binary, as git decides
+
+
+class Scan:
+    """What a directory walk saw: the files it will read, and each kind it skipped (counted)."""
+
+    def __init__(self) -> None:
+        self.skipped = {"hidden": 0, "binary": 0, "not_included": 0}
+
+    def line(self) -> str:
+        parts = [f"{n:,} {kind.replace('_', ' ')}" for kind, n in self.skipped.items() if n]
+        return ", ".join(parts)
+
+
+def _files(path: Path, include: list[str] | None, scan: Scan) -> list[Path]:
+    """The files under ``path`` to read, sorted: none under a hidden folder (``.git/``) or hidden
+    itself, and only those matching an ``include`` glob when given (on the path relative to ``path``)."""
+    files = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            scan.skipped["hidden"] += 1
+        elif include and not any(fnmatch.fnmatch(rel.as_posix(), g) or fnmatch.fnmatch(f.name, g) for g in include):
+            scan.skipped["not_included"] += 1
+        else:
+            files.append(f)
+    return files
+
+
+def iter_documents(path: str | Path, *, include: list[str] | None = None,
+                   scan: Scan | None = None) -> Iterator[tuple[str, bytes | str]]:
+    """(doc_id, raw text) for every document under ``path``: files of a directory, or JSONL lines.
+
+    In a directory, hidden files and folders, files that are not text (a NUL byte in their first
+    8 KiB) and, with ``include``, files matching none of its globs are skipped and counted in
+    ``scan.skipped``.
+    """
     path = Path(path)
+    scan = scan if scan is not None else Scan()
     if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            yield f.relative_to(path).as_posix(), f.read_bytes()
+        for f in _files(path, include, scan):
+            data = f.read_bytes()
+            if b"\0" in data[:BINARY_PROBE]:
+                scan.skipped["binary"] += 1
+                continue
+            yield f.relative_to(path).as_posix(), data
         return
     if not path.is_file():
         raise ValueError(f"--input {str(path)!r} does not exist; give a directory of text files or a JSONL file")
+    if include:
+        raise ValueError(f"--include selects files of a directory; --input {str(path)!r} is one JSONL file")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -75,11 +123,11 @@ def iter_documents(path: str | Path) -> Iterator[tuple[str, bytes | str]]:
             yield (str(doc_id) if doc_id is not None else f"{path.name}:{lineno}"), record["text"]
 
 
-def count_documents(path: str | Path) -> int | None:
-    """How many documents ``iter_documents`` will yield, cheaply, for the progress bar."""
+def count_documents(path: str | Path, *, include: list[str] | None = None) -> int | None:
+    """How many documents ``iter_documents`` will yield at most, cheaply, for the progress bar."""
     path = Path(path)
     if path.is_dir():
-        return sum(1 for p in path.rglob("*") if p.is_file())
+        return len(_files(path, include, Scan()))
     if path.is_file():
         with open(path, "rb") as f:
             return sum(1 for line in f if line.strip())
@@ -115,6 +163,8 @@ class ShardWriter:
                  prefix: str = "shard") -> None:
         positive_int("--shard-size", shard_size, meaning="documents per shard")
         self.out = Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--output {str(self.out)!r} is a file; give a new or empty directory for the shards")
         if (self.out / "index.json").exists():
             raise ValueError(f"--output {str(self.out)!r} already holds shards (index.json); choose an empty directory")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -171,14 +221,44 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        elif self._tar is not None:
+            # An error (or Ctrl-C) mid-write: the shards so far are not the set, so no index.json
+            # says they are; readers refuse a directory without one.
+            self._tar.close()
+
+
+class Progress:
+    """Progress of a long write on stderr: tqdm's bar on a terminal; elsewhere (a log file, a pipe, a
+    notebook's captured stream) a plain line every ``every`` seconds, so no run is silent for long."""
+
+    def __init__(self, total: int | None, *, enabled: bool = True, every: float = 10.0) -> None:
+        self.total, self.every, self.done = total, every, 0
+        self.bar = tqdm(total=total, unit="doc", desc="writing shards") if enabled and sys.stderr.isatty() else None
+        self.enabled, self.start = enabled, time.monotonic()
+        self.last = self.start
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            of = f" of {self.total:,} ({self.done / self.total:.0%})" if self.total else ""
+            print(f"writing shards: {self.done:,}{of} documents read, {self.last - self.start:.0f} s", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def write_shards(documents: Iterable[tuple[str, bytes | str]], out_dir: str | Path, *, tokenizer: str = "bytes",
                  shard_size: int = 10_000, add_bos: bool = False, add_eos: bool = False,
                  max_len: int | None = None, too_long: str = "error",
-                 total: int | None = None, progress: bool = True) -> dict:
+                 total: int | None = None, progress: bool = True, scan: Scan | None = None) -> dict:
     """Tokenize ``documents`` and write them as shards; returns the ``index.json`` summary.
 
     ``max_len`` / ``too_long`` is the policy of :mod:`packing.data.split`, applied as each document
@@ -186,32 +266,49 @@ def write_shards(documents: Iterable[tuple[str, bytes | str]], out_dir: str | Pa
     chunks as documents of their own, with ids ``ID[start:end]`` (the last token of each chunk then
     has no target in training: one per cut, counted in ``targets_lost_at_cuts``; split in the reader
     instead, ``ShardStream(max_len=...)``, to keep them); "truncate" keeps the first ``max_len``.
+    ``scan`` is the :class:`Scan` of :func:`iter_documents`, whose skips the summary records.
+
+    Raises:
+        ValueError: no document to write (nothing is left behind then), or the policy's refusal.
     """
     tok = load_tokenizer(tokenizer)
     check_policy(max_len, too_long, names=("--max-len", "--too-long"))
     if (add_bos or add_eos) and not isinstance(tok, ByteTokenizer):
         raise ValueError("--add-bos/--add-eos work with --tokenizer bytes; for a tokenizer.json, set its post-processor")
     counts = {"split": 0, "split_chunks": 0, "targets_lost_at_cuts": 0, "truncated": 0, "dropped_tokens": 0}
-    with ShardWriter(out_dir, vocab_size=tok.vocab_size, tokenizer=tok.name, shard_size=shard_size) as writer:
-        for doc_id, text in tqdm(documents, total=total, unit="doc", disable=not progress, desc="writing shards"):
-            ids = tok.encode(text)
-            if len(ids) and (add_bos or add_eos):
-                ids = np.concatenate([[tok.bos_id]] * add_bos + [ids] + [[tok.eos_id]] * add_eos).astype(ids.dtype)
-            if max_len is None or len(ids) <= max_len:
-                writer.write(doc_id, ids)
-                continue
-            plan = plan_chunks([len(ids)], max_len, too_long, name=lambda _: f"document {doc_id!r}",
-                               limit="--max-len ", fix=CLI_FIX)
-            for start, n in zip(plan.start.tolist(), plan.length.tolist()):
-                writer.write(doc_id if too_long == "truncate" else f"{doc_id}[{start}:{start + n}]", ids[start:start + n])
-            counts["split"] += plan.split
-            counts["split_chunks"] += plan.split_chunks
-            counts["targets_lost_at_cuts"] += max(plan.split_chunks - 1, 0)
-            counts["truncated"] += plan.truncated
-            counts["dropped_tokens"] += plan.dropped_tokens
+    scan = scan if scan is not None else Scan()
+    bar = Progress(total, enabled=progress)
+    try:
+        with ShardWriter(out_dir, vocab_size=tok.vocab_size, tokenizer=tok.name, shard_size=shard_size) as writer:
+            for doc_id, text in documents:
+                bar.step()
+                ids = tok.encode(text)
+                if len(ids) and (add_bos or add_eos):
+                    ids = np.concatenate([[tok.bos_id]] * add_bos + [ids] + [[tok.eos_id]] * add_eos).astype(ids.dtype)
+                if max_len is None or len(ids) <= max_len:
+                    writer.write(doc_id, ids)
+                    continue
+                plan = plan_chunks([len(ids)], max_len, too_long, name=lambda _: f"document {doc_id!r}",
+                                   limit="--max-len ", fix=CLI_FIX)
+                for start, n in zip(plan.start.tolist(), plan.length.tolist()):
+                    writer.write(doc_id if too_long == "truncate" else f"{doc_id}[{start}:{start + n}]",
+                                 ids[start:start + n])
+                counts["split"] += plan.split
+                counts["split_chunks"] += plan.split_chunks
+                counts["targets_lost_at_cuts"] += max(plan.split_chunks - 1, 0)
+                counts["truncated"] += plan.truncated
+                counts["dropped_tokens"] += plan.dropped_tokens
+            if writer.summary["docs"] == 0:
+                skipped = ", ".join(x for x in (scan.line(), f"{writer.summary['skipped_empty']:,} empty"
+                                                if writer.summary["skipped_empty"] else "") if x)
+                raise ValueError(f"the input holds no document to write (skipped: {skipped or 'nothing'}); "
+                                 "point --input at text files or a JSONL file with 'text' fields (--include GLOB selects files)")
+    finally:
+        bar.close()
     summary = writer.summary
     summary["too_long"] = {"max_len": max_len, "policy": too_long, **counts}
     summary["replaced_invalid_utf8"] = getattr(tok, "replaced", 0)
+    summary["skipped_files"] = dict(scan.skipped)
     (Path(out_dir) / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -221,22 +318,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="a directory of text files, or a JSONL file with a 'text' field")
     p.add_argument("--output", required=True, help="an empty or new directory for the shards")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (one token per byte) or a tokenizer.json path")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="only files whose path under --input (or name) matches GLOB, e.g. '*.txt' (repeatable)")
     p.add_argument("--shard-size", type=int, default=10_000, help="documents per shard (default 10,000)")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS (byte tokenizer only)")
     p.add_argument("--add-eos", action="store_true", help="append EOS (byte tokenizer only)")
     p.add_argument("--max-len", type=int, help="the longest document to write (default: no limit)")
-    p.add_argument("--too-long", choices=TOO_LONG, default="error",
-                   help="a document over --max-len: error (default), split into chunks, or truncate")
+    p.add_argument("--too-long", choices=TOO_LONG,
+                   help="a document over --max-len: error (default), split into chunks, or truncate; needs --max-len")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
     args = p.parse_args(argv)
+    if args.too_long is not None and args.max_len is None:
+        p.error(f"--too-long {args.too_long} needs --max-len N, the longest document to write; without it no "
+                "document is too long")
+    args.too_long = args.too_long or "error"
+    scan = Scan()
     try:
-        summary = write_shards(iter_documents(args.input), args.output, tokenizer=args.tokenizer,
-                               shard_size=args.shard_size, add_bos=args.add_bos, add_eos=args.add_eos,
-                               max_len=args.max_len, too_long=args.too_long,
-                               total=count_documents(args.input), progress=sys.stderr.isatty())
+        summary = write_shards(iter_documents(args.input, include=args.include, scan=scan), args.output,
+                               tokenizer=args.tokenizer, shard_size=args.shard_size, add_bos=args.add_bos,
+                               add_eos=args.add_eos, max_len=args.max_len, too_long=args.too_long,
+                               total=count_documents(args.input, include=args.include),
+                               progress=not args.no_progress, scan=scan)
     except (ValueError, ImportError) as e:
         return p.fail(e)
+    except OSError as e:  # a disk that is full, a directory we may not write: one line, not a traceback
+        return p.fail(f"{e.strerror or e}: {e.filename or args.output}")
+    skipped = scan.line()
     print(f"wrote {summary['docs']:,} documents, {summary['tokens']:,} tokens in {len(summary['shards'])} shards "
           f"to {args.output}; skipped {summary['skipped_empty']} empty"
+          + (f", {skipped}" if skipped else "")
           + (f"; {summary['replaced_invalid_utf8']} had invalid UTF-8 replaced" if summary["replaced_invalid_utf8"] else ""))
     lg = summary["too_long"]
     if lg["split"]:

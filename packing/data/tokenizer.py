@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,9 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type
             raise ValueError(f"tokenizer file {str(path)!r} is not a Hugging Face tokenizer.json: {e}") from None
-        self.name = str(path)
+        # Recorded by content: the same path may hold another tokenizer tomorrow, and the same
+        # tokenizer may be typed as another relative path.
+        self.name = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.replaced = 0
 

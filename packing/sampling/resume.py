@@ -15,9 +15,17 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
+
+# torchdata's StatefulDataLoader calls torch.set_vital on every construction, which torch 2.13
+# deprecates with a UserWarning: torchdata's call, nothing a user of restore_loader can change, so
+# it is filtered wherever packing is imported (this module is, by ``import packing``). Only that
+# message, only from torchdata's module.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning,
+                        module="torchdata")
 
 
 def saved_workers(state: dict[str, Any]) -> int:

@@ -34,3 +34,15 @@ def test_bad_lengths_is_one_line(capsys):
 def test_non_integer_lengths_is_one_line(capsys):
     assert main(["--device", "cpu", "--lengths", "3,x"]) == 2
     assert "--lengths '3,x' is not a comma-separated list of ints" in capsys.readouterr().err
+
+
+def test_a_run_without_json_writes_a_new_file_and_keeps_the_committed_record(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "benchmarks" / "results" / "adapters.json"
+    committed.parent.mkdir(parents=True)
+    committed.write_text("[]\n")
+    assert main(["--device", "cpu", "--lengths", "3,5", "--heads", "2", "--head-dim", "16"]) == 0
+    assert committed.read_text() == "[]\n"  # untouched
+    written = sorted(p for p in committed.parent.glob("adapters-cpu-*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())
+    assert f"records: {written[0].relative_to(tmp_path)}" in capsys.readouterr().out

@@ -366,3 +366,99 @@ def test_cli_too_long_policy(tmp_path, corpus):
     assert int(ShardDataset(tmp_path / "t").lengths.max()) == 100
     proc = cli("z", "--max-len", "0")
     assert proc.returncode == 2 and "--max-len is 0" in proc.stderr
+
+
+# -- the shards CLI as a new user meets it ---------------------------------------------------------
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "packing.data.shards", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_skips_hidden_and_binary_files_and_counts_each(tmp_path, corpus):
+    (corpus / ".git" / "objects").mkdir(parents=True)
+    (corpus / ".git" / "objects" / "ab").write_bytes(b"git object")
+    (corpus / ".hidden.txt").write_bytes(b"secret")
+    (corpus / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    proc = cli("--input", corpus, "--output", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 4 documents" in proc.stdout and "skipped 1 empty, 2 hidden, 1 binary" in proc.stdout
+    index = json.loads((tmp_path / "o" / "index.json").read_text())
+    assert index["skipped_files"] == {"hidden": 2, "binary": 1, "not_included": 0}
+    assert sorted(ShardDataset(tmp_path / "o").doc_id(i) for i in range(4)) == sorted(TEXTS)
+
+
+def test_cli_include_selects_files(tmp_path, corpus):
+    (corpus / "notes.md").write_bytes(b"# not this one")
+    proc = cli("--input", corpus, "--output", tmp_path / "o", "--include", "*.txt", "--include", "b/*")
+    assert proc.returncode == 0 and "wrote 4 documents" in proc.stdout and "1 not included" in proc.stdout
+    proc = cli("--input", corpus, "--output", tmp_path / "md", "--include", "*.md")
+    assert proc.returncode == 0 and "wrote 1 documents" in proc.stdout
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    ("empty-dir", [], "the input holds no document to write (skipped: nothing); point --input at text files"),
+    ("only-hidden", [], "the input holds no document to write (skipped: 1 hidden)"),
+    ("corpus", ["--include", "*.rst"], "the input holds no document to write (skipped: 5 not included)"),
+    ("output-file", [], "--output 'OUT' is a file; give a new or empty directory for the shards"),
+    ("jsonl", ["--include", "*.txt"], "--include selects files of a directory; --input 'IN' is one JSONL file"),
+], ids=["empty-dir", "only-hidden", "nothing-included", "output-is-a-file", "include-with-jsonl"])
+def test_cli_user_errors_are_one_line_and_leave_no_index(tmp_path, corpus, setup, args, message):
+    src, out = corpus, tmp_path / "o"
+    if setup in ("empty-dir", "only-hidden"):
+        src = tmp_path / "in"
+        src.mkdir()
+        if setup == "only-hidden":
+            (src / ".x").write_bytes(b"hidden")
+    if setup == "output-file":
+        out.write_text("not a directory")
+    if setup == "jsonl":
+        src = tmp_path / "d.jsonl"
+        src.write_text('{"text": "a"}\n')
+    proc = cli("--input", src, "--output", out, *args)
+    expected = message.replace("OUT", str(out)).replace("IN", str(src))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "index.json").exists()
+
+
+def test_tokenizer_is_recorded_by_content_hash(tmp_path, corpus):
+    import hashlib
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    digest = "sha256:" + hashlib.sha256((tmp_path / "tok" / "tokenizer.json").read_bytes()).hexdigest()
+    proc = subprocess.run([sys.executable, "-m", "packing.data.shards", "--input", str(corpus), "--output", "o",
+                           "--tokenizer", "tok/tokenizer.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "o" / "index.json").read_text())["tokenizer"] == digest
+
+
+def test_a_write_that_fails_midway_leaves_no_index(tmp_path):
+    with pytest.raises(ValueError, match=r"outside the vocabulary"):
+        with ShardWriter(tmp_path / "o", vocab_size=10, tokenizer="t", shard_size=2) as w:
+            for i in range(3):
+                w.write(f"d{i}", np.array([1, 2, 3]))
+            w.write("bad", np.array([99]))
+    assert not (tmp_path / "o" / "index.json").exists()
+
+
+def test_progress_lines_without_a_terminal(capsys):
+    from packing.data.shards import Progress
+
+    bar = Progress(4, every=0.0)  # stderr is captured here, not a terminal: plain lines
+    for _ in range(2):
+        bar.step()
+    bar.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("writing shards: 2 of 4 (50%) documents read, ")
+
+
+def test_cli_too_long_without_max_len_is_an_error(tmp_path, corpus):
+    proc = cli("--input", corpus, "--output", tmp_path / "o", "--too-long", "split")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--too-long split needs --max-len N, the longest document to write" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -361,3 +361,12 @@ def test_stream_too_long_error_and_truncate(tmp_path):
     assert stream.too_long_summary()["dropped_tokens"] == int(np.maximum(lengths - 16, 0).sum())
     with pytest.raises(ValueError, match=r"too_long is 'chop'; expected one of 'error', 'split', 'truncate'"):
         ShardStream(shards, max_len=16, too_long="chop")
+
+
+def test_torchdatas_set_vital_warning_is_filtered_where_packing_is_imported():
+    # A user's run, not pytest's filters: warnings on by default, packing imported, a loader made.
+    code = ("import packing\nfrom torchdata.stateful_dataloader import StatefulDataLoader\n"
+            "list(StatefulDataLoader([1, 2]))\nimport warnings; warnings.warn('still on')\n")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "set_vital" not in proc.stderr and "still on" in proc.stderr  # only torchdata's message is filtered
