@@ -28,6 +28,7 @@ from packing.collate import (
     XformersBlockDiagonal,
     get_collator,
 )
+from packing.data.hf_stream import HFStream
 from packing.data.split import SplitDocuments
 from packing.data.synthetic import SyntheticDocs
 from packing.loader import make_loader
@@ -56,6 +57,7 @@ __all__ = [
     "LengthBucketSampler",
     "PackingSampler",
     "SplitDocuments",
+    "HFStream",
     "ShardDataset",
     "ShardStream",
     "StreamPacker",

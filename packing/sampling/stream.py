@@ -156,6 +156,8 @@ class StreamPacker(IterableDataset):
         start = int(bits.argmax()) if len(bits) else 0  # the first waiting one (argmax: one pass)
         if len(bits) and not bits[start]:
             start = len(bits)  # none waits
+        if hasattr(source, "retain"):  # a source that keeps what it needs to read documents back (HFStream)
+            source.retain(self._base + start)
         return {"source": source.state_dict(), "buffer_start": self._base + start,
                 # a uint8 tensor, not bytes: torch.load(weights_only=True) takes tensors, not bytes
                 "buffer": torch.from_numpy(np.packbits(bits[start:])), "taken": self._taken,
