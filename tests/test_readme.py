@@ -17,6 +17,7 @@ def run_block(block: str, capsys) -> tuple[dict, str]:
 
 def test_readme_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    blocks = [b for b in blocks if "ByT5Tokenizer" not in b]  # the data example has its own test
     assert len(blocks) >= 4, "README lost its python examples"
     first, out = run_block(blocks[0], capsys)  # the DataLoader example
     assert first["batch"].layout == "packed"
@@ -80,3 +81,17 @@ def test_readme_layout_names_every_module():
     files -= {"__init__.py"}
     assert files - named == set(), "modules missing from the README layout"
     assert named - files - {"__init__.py", "equivalence.py"} == set(), "README layout names files that do not exist"
+
+
+def test_readme_data_example_prints_what_it_says(capsys):
+    # A transformers-tokenized dataset, padded and prompt-masked, through the sampler and collator:
+    # the printed output is the README's, line for line.
+    pytest.importorskip("datasets", reason="the dev extra: pip install -e '.[dev]'")
+    pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+    text = README.read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "ByT5Tokenizer" in b)
+    namespace, out = run_block(block, capsys)
+    shown = text[text.index(block):]
+    shown = shown[shown.index("It prints:\n\n```\n") + len("It prints:\n\n```\n"):]
+    assert out == shown[: shown.index("```")]
+    assert namespace["batch"].num_tokens == 72 and namespace["batch"].num_slots == 72
