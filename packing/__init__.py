@@ -29,6 +29,7 @@ from packing.collate import (
     get_collator,
 )
 from packing.data.hf_stream import HFStream
+from packing.data.packed_rows import PackedRows
 from packing.data.split import SplitDocuments
 from packing.data.synthetic import SyntheticDocs
 from packing.loader import make_loader
@@ -58,6 +59,7 @@ __all__ = [
     "PackingSampler",
     "SplitDocuments",
     "HFStream",
+    "PackedRows",
     "ShardDataset",
     "ShardStream",
     "StreamPacker",

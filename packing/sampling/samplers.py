@@ -34,6 +34,7 @@ from torch.utils.data import Sampler
 
 from packing.boundaries import ceil_div
 from packing.data.hf_datasets import is_hf_dataset, lengths_of
+from packing.data.indexed import LengthIndexed
 from packing.distributed import rank as current_rank
 from packing.distributed import world_size
 from packing.sampling.binpack import best_fit_decreasing
@@ -45,6 +46,8 @@ BALANCES = ("tokens", "attention")
 def _validate_lengths(lengths: Any, max_tokens: int) -> np.ndarray:
     if is_hf_dataset(lengths):  # a datasets.Dataset: its lengths from the Arrow columns, no row decoded
         lengths = lengths_of(lengths)
+    elif isinstance(lengths, LengthIndexed):  # SplitDocuments, PackedRows, ShardDataset, SyntheticDocs
+        lengths = lengths.lengths
     arr = np.asarray(lengths)
     if arr.ndim != 1:
         raise ValueError(f"lengths has shape {arr.shape}; expected a 1-D sequence of document lengths")
