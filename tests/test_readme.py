@@ -17,7 +17,7 @@ def run_block(block: str, capsys) -> tuple[dict, str]:
 
 def test_readme_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    blocks = [b for b in blocks if "ByT5Tokenizer" not in b]  # the data example has its own test
+    blocks = [b for b in blocks if "ByT5Tokenizer" not in b]  # the data and TRL examples have their own tests
     assert len(blocks) >= 4, "README lost its python examples"
     first, out = run_block(blocks[0], capsys)  # the DataLoader example
     assert first["batch"].layout == "packed"
@@ -95,3 +95,15 @@ def test_readme_data_example_prints_what_it_says(capsys):
     shown = shown[shown.index("It prints:\n\n```\n") + len("It prints:\n\n```\n"):]
     assert out == shown[: shown.index("```")]
     assert namespace["batch"].num_tokens == 72 and namespace["batch"].num_slots == 72
+
+
+def test_readme_trl_example_trains_on_packed_rows(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("trl", reason="the dev extra: pip install -e '.[dev]'")
+    pytest.importorskip("datasets", reason="the dev extra: pip install -e '.[dev]'")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "SFTTrainer" in b)
+    monkeypatch.chdir(tmp_path)  # its output_dir
+    namespace, out = run_block(block, capsys)
+    m = re.search(r"\n3 steps on packed rows; loss (\d+\.\d+)\n$", out)
+    assert m and abs(float(m[1]) - 5.95) < 0.5, out
+    assert "3 steps on packed rows; loss 6.0" in README.read_text()
+    assert type(namespace["trainer"].data_collator).__name__ == "HFPackedCollator"

@@ -78,7 +78,12 @@ def _row_sums(chunk: Any) -> np.ndarray:
         values = chunk.flatten().to_numpy(zero_copy_only=False)
         return values.reshape(-1, chunk.type.list_size).sum(axis=1, dtype=np.int64)
     offsets = chunk.offsets.to_numpy()
-    values = chunk.values.to_numpy(zero_copy_only=False)
-    running = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(values, out=running[1:])
-    return running[offsets[1:]] - running[offsets[:-1]]
+    values = chunk.values.to_numpy(zero_copy_only=False)[: offsets[-1]]
+    starts, ends = offsets[:-1], offsets[1:]
+    sums = np.zeros(len(starts), dtype=np.int64)
+    filled = ends > starts
+    if filled.any():
+        # One pass over the mask, summed per row in place (reduceat), not a running sum of every value:
+        # a row's segment runs to the next non-empty row's start, and empty rows hold no value.
+        sums[filled] = np.add.reduceat(values, starts[filled], dtype=np.int64)
+    return sums

@@ -34,6 +34,9 @@ def test_lengths_come_from_the_arrow_columns_through_disk_and_views(tmp_path, si
     assert lengths_of(view).tolist() == [sum(r) for r in view["attention_mask"]]
     unpadded = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5, 6]]})
     assert lengths_of(unpadded).tolist() == [2, 4]
+    holes = datasets.Dataset.from_dict({"input_ids": [[1], [], [1, 2, 3], [], [4, 4]],
+                                        "attention_mask": [[1], [], [1, 1, 0], [], [0, 1]]})
+    assert lengths_of(holes).tolist() == [1, 0, 2, 0, 1]  # empty rows between filled ones
 
 
 def test_a_dataset_goes_straight_into_both_samplers_and_collates_to_the_right_targets():
