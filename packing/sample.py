@@ -84,8 +84,9 @@ def _as_ids(value: Any, index: int, what: str, *, row: bool = False) -> Tensor:
             raise TypeError(f"sample {index}: {what} is an object array; token ids must be integers")
         t = torch.from_numpy(value)
     elif isinstance(value, (list, tuple)):
-        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in value):
-            bad = next(x for x in value if not isinstance(x, (int, np.integer)) or isinstance(x, bool))
+        mask = what in _MASKS  # a mask may come as booleans; ids may not
+        if not all(isinstance(x, (int, np.integer)) and (mask or not isinstance(x, bool)) for x in value):
+            bad = next(x for x in value if not isinstance(x, (int, np.integer)) or (isinstance(x, bool) and not mask))
             raise TypeError(
                 f"sample {index}: {what} holds {bad!r} of type {type(bad).__name__}; "
                 "token ids must be Python ints"

@@ -118,6 +118,7 @@ def test_attention_mask_strips_padding_on_either_side(mask, ids):
     assert s.input_ids.tolist() == [5, 6, 7] and s.labels.tolist() == [6, 7, -100]
     assert as_sample({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask, dtype=torch.bool)}) \
         .input_ids.tolist() == [5, 6, 7]
+    assert as_sample({"input_ids": ids, "attention_mask": [bool(m) for m in mask]}).input_ids.tolist() == [5, 6, 7]
 
 
 def test_packed_rows_split_back_into_documents():
