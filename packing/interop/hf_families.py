@@ -164,8 +164,6 @@ def family_verdict(family: str | None, implementation: str) -> tuple[str | None,
     """
     import transformers
 
-    from packing.interop import hf_verify
-
     table = family_table()
     key = VERDICT_OF.get(implementation, implementation)
     if table["transformers"] == transformers.__version__:
@@ -173,9 +171,33 @@ def family_verdict(family: str | None, implementation: str) -> tuple[str | None,
         if verdict is not None:
             return verdict, f"family matrix, transformers {table['transformers']}"
     source = f"measured at first use on transformers {transformers.__version__}"
-    if family not in hf_verify.families():
+    if family not in causal_lm_families():
         return None, f"transformers {transformers.__version__} has no causal LM of that type"
-    return hf_verify.measured(family, key), source
+    return _measure(family, key), source
+
+
+def causal_lm_families() -> dict[str, str]:
+    """{model_type: causal-LM class name} for every family transformers' auto classes know."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
+
+
+# How a family is measured on the installed transformers: packing.interop (its __init__) sets it to
+# hf_verify.measured. Measuring runs a model through hf_kwargs, which calls check_config again, so
+# this module receives the measurement instead of importing the module that makes it.
+_measurer: list = []
+
+
+def set_measurer(measure) -> None:
+    """Install ``measure(family, implementation) -> verdict`` (done once, by ``packing.interop``)."""
+    _measurer[:] = [measure]
+
+
+def _measure(family: str, implementation: str) -> str:
+    if not _measurer:
+        raise RuntimeError("no family measurer installed: import packing.interop (it installs hf_verify.measured)")
+    return _measurer[0](family, implementation)
 
 
 def _nearest_exact(family: str, implementation: str) -> str:

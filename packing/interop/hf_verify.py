@@ -76,9 +76,9 @@ class Verdict:
 
 def families() -> dict[str, str]:
     """{model_type: causal-LM class name} for every family transformers' auto classes know."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from packing.interop.hf_families import causal_lm_families
 
-    return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
+    return causal_lm_families()
 
 
 def tiny_config(family: str):
@@ -144,7 +144,7 @@ def verify(family: str, implementations=IMPLEMENTATIONS) -> list[Verdict]:
     """The family's verdict for each implementation, measured with the family table off (the
     config check and every attention refusal stay on)."""
     from packing import get_collator
-    from packing.interop import hf_attention
+    import packing.interop.hf_attention as hf_attention
     from packing.interop.hf import hf_kwargs
     from packing.interop.hf_families import unverified
 
