@@ -69,7 +69,7 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
         index = Path(spec) / "index.json"
         if not index.is_file():
             raise ValueError(f"{spec!r} has no index.json; write shards with python -m packing.data.shards")
-        return [str(Path(spec) / s["tar"]) for s in json.loads(index.read_text())["shards"]]
+        return [str(Path(spec) / s["tar"]) for s in read_index(index)["shards"]]
     paths: list[str] = []
     for pattern in braceexpand(spec):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -104,6 +104,18 @@ _META: dict[tuple[str, int, int], dict[str, Any]] = {}
 _WARNED_UNVERIFIED: set[str] = set()
 
 
+def read_index(index: str | Path) -> dict[str, Any]:
+    """A set's ``index.json``, or a ValueError naming the file: unreadable, not JSON (a writer killed
+    mid-write, before the writer wrote it atomically), or not an index."""
+    try:
+        meta = json.loads(Path(index).read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{index} is unreadable ({e}); it describes the shards beside it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards", []), list):
+        raise ValueError(f"{index} is not a shard index (a JSON object); write shards with python -m packing.data.shards")
+    return meta
+
+
 def _set_meta(path: str) -> dict[str, Any]:
     """The ``index.json`` beside a shard (format, vocab_size, dtype), read once per directory and
     version of the file; empty when there is none (a shard copied on its own)."""
@@ -114,12 +126,7 @@ def _set_meta(path: str) -> dict[str, Any]:
         return {}
     key = (index, st.st_mtime_ns, st.st_size)
     if key not in _META:
-        try:
-            meta = json.loads(Path(index).read_text())
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{index} is unreadable ({e}); it describes the shards beside it") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{index} is not a shard index (a JSON object); write shards with python -m packing.data.shards")
+        meta = read_index(index)
         _META[key] = {k: meta.get(k) for k in ("format", "vocab_size", "dtype")}
     return _META[key]
 

@@ -3,6 +3,10 @@
     python -m packing.data.shards --input texts/ --output shards/ --tokenizer bytes
     python -m packing.data.shards --input data.jsonl --output shards/ --tokenizer tokenizer.json --shard-size 5000
 
+The set is committed at once: shards are staged in ``--output/.staging/`` and ``index.json`` is
+written last (temporary file, fsync, rename), only when the whole input was written; an error or a
+signal leaves no index, and a re-run starts clean. One writer at a time holds ``--output/.lock``.
+
 Layout of ``--output``::
 
     shard-000000.tar            webdataset tar: per document, KEY.tokens.npy and KEY.id.txt
@@ -32,12 +36,16 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import os
+import re
+import shutil
+import signal
 import sys
 import tarfile
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -165,9 +173,17 @@ class ShardWriter:
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--output {str(self.out)!r} is a file; give a new or empty directory for the shards")
-        if (self.out / "index.json").exists():
-            raise ValueError(f"--output {str(self.out)!r} already holds shards (index.json); choose an empty directory")
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.out)  # before anything is read or removed: one writer at a time
+        try:
+            if (self.out / "index.json").exists():
+                raise ValueError(f"--output {str(self.out)!r} already holds shards (index.json); choose an empty directory")
+            self.stage = self.out / STAGING
+            _clean(self.out, self.stage, prefix)  # what a killed run left: it never had an index
+            self.stage.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
         self.dtype = np.uint16 if vocab_size <= 65536 else np.uint32
         self.shard_size, self.prefix = shard_size, prefix
         self.summary = {"format": FORMAT, "tokenizer": tokenizer, "vocab_size": vocab_size,
@@ -183,7 +199,7 @@ class ShardWriter:
             return
         if self._tar is None:
             name = f"{self.prefix}-{len(self.summary['shards']):06d}"
-            self._tar = tarfile.open(self.out / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self.stage / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT)
             self.summary["shards"].append({"tar": f"{name}.tar", "lengths": f"{name}.lengths.npy",
                                            "crc32": f"{name}.crc32.npy", "docs": 0, "tokens": 0})
         tokens = np.asarray(tokens)
@@ -209,25 +225,109 @@ class ShardWriter:
             return
         self._tar.close()
         shard = self.summary["shards"][-1]
-        np.save(self.out / shard["lengths"], np.asarray(self._lengths, dtype=np.int64), allow_pickle=False)
-        np.save(self.out / shard["crc32"], np.asarray(self._crcs, dtype=np.uint32), allow_pickle=False)
+        np.save(self.stage / shard["lengths"], np.asarray(self._lengths, dtype=np.int64), allow_pickle=False)
+        np.save(self.stage / shard["crc32"], np.asarray(self._crcs, dtype=np.uint32), allow_pickle=False)
         shard["docs"], shard["tokens"] = len(self._lengths), int(sum(self._lengths))
         self._tar, self._lengths, self._crcs = None, [], []
 
     def close(self) -> None:
-        self._close_shard()
-        (self.out / "index.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        """Commit the set: the staged shards move into the directory, then ``index.json`` is written
+        (a temporary file, flushed to disk, renamed), last: until that rename no reader sees a set."""
+        try:
+            self._close_shard()
+            for shard in self.summary["shards"]:
+                for kind in ("tar", "lengths", "crc32"):
+                    _fsync(self.stage / shard[kind])
+                    os.replace(self.stage / shard[kind], self.out / shard[kind])
+            _fsync_dir(self.out)
+            temporary = self.stage / "index.json"
+            temporary.write_text(json.dumps(self.summary, indent=2) + "\n")
+            _fsync(temporary)
+            os.replace(temporary, self.out / "index.json")
+            _fsync_dir(self.out)
+            self.stage.rmdir()
+        finally:
+            self._unlock()
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
-            self.close()
-        elif self._tar is not None:
-            # An error (or Ctrl-C) mid-write: the shards so far are not the set, so no index.json
-            # says they are; readers refuse a directory without one.
+            try:
+                self.close()
+            except BaseException as error:  # an error or a signal mid-commit
+                self._abandon(error)
+                raise
+            return
+        self._abandon(value)
+
+    def _abandon(self, error: BaseException | None) -> None:
+        """An error, Ctrl-C or any signal turned exception mid-write: the documents so far are not
+        the set, so no index.json says they are, and the partial shards go (readers refuse a
+        directory without an index; a re-run starts clean). A commit whose index is in place is
+        the whole set and stays."""
+        if self._tar is not None:
             self._tar.close()
+            self._tar = None
+        if not (self.out / "index.json").exists():
+            _clean(self.out, self.stage, self.prefix)
+            if hasattr(error, "add_note"):
+                error.add_note(f"nothing was written to {str(self.out)!r}: no index.json, the partial shards removed")
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the lock
+            self._lock = None
+
+
+STAGING = ".staging"  # where shards are written before the commit; hidden, so no reader looks there
+LOCK = ".lock"  # held (flock) by the one writer of a directory; the kernel drops it if the writer dies
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``out``, held open until the writer commits or fails; a second writer is
+    refused by name. SIGKILL releases it (the kernel closes the descriptor)."""
+    import fcntl
+
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"--output {str(out)!r} is being written by another writer ({holder}); wait for it to "
+                         "finish, or choose another directory") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _clean(out: Path, stage: Path, prefix: str) -> None:
+    """Remove what a killed writer left in ``out`` (no index.json there): its staging folder, and
+    shards of this writer's naming that a commit had begun to move in."""
+    shutil.rmtree(stage, ignore_errors=True)
+    own = re.compile(rf"^{re.escape(prefix)}-\d{{6,}}\.(tar|lengths\.npy|crc32\.npy)$")
+    for path in out.iterdir():
+        if path.is_file() and own.match(path.name):
+            path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Progress:
@@ -298,6 +398,9 @@ def write_shards(documents: Iterable[tuple[str, bytes | str]], out_dir: str | Pa
                 counts["targets_lost_at_cuts"] += max(plan.split_chunks - 1, 0)
                 counts["truncated"] += plan.truncated
                 counts["dropped_tokens"] += plan.dropped_tokens
+            writer.summary["too_long"] = {"max_len": max_len, "policy": too_long, **counts}
+            writer.summary["replaced_invalid_utf8"] = getattr(tok, "replaced", 0)
+            writer.summary["skipped_files"] = dict(scan.skipped)
             if writer.summary["docs"] == 0:
                 skipped = ", ".join(x for x in (scan.line(), f"{writer.summary['skipped_empty']:,} empty"
                                                 if writer.summary["skipped_empty"] else "") if x)
@@ -305,12 +408,11 @@ def write_shards(documents: Iterable[tuple[str, bytes | str]], out_dir: str | Pa
                                  "point --input at text files or a JSONL file with 'text' fields (--include GLOB selects files)")
     finally:
         bar.close()
-    summary = writer.summary
-    summary["too_long"] = {"max_len": max_len, "policy": too_long, **counts}
-    summary["replaced_invalid_utf8"] = getattr(tok, "replaced", 0)
-    summary["skipped_files"] = dict(scan.skipped)
-    (Path(out_dir) / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return writer.summary
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--too-long {args.too_long} needs --max-len N, the longest document to write; without it no "
                 "document is too long")
     args.too_long = args.too_long or "error"
+    # SIGTERM (a scheduler's stop, kill) ends the write like Ctrl-C: no index, the partial shards removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     scan = Scan()
     try:
         summary = write_shards(iter_documents(args.input, include=args.include, scan=scan), args.output,
@@ -340,9 +444,12 @@ def main(argv: list[str] | None = None) -> int:
                                total=count_documents(args.input, include=args.include),
                                progress=not args.no_progress, scan=scan)
     except (ValueError, ImportError) as e:
-        return p.fail(e)
+        return p.fail("; ".join([str(e), *getattr(e, "__notes__", [])]))
     except OSError as e:  # a disk that is full, a directory we may not write: one line, not a traceback
-        return p.fail(f"{e.strerror or e}: {e.filename or args.output}")
+        return p.fail("; ".join([f"{e.strerror or e}: {e.filename or args.output}", *getattr(e, "__notes__", [])]))
+    except KeyboardInterrupt as e:
+        p.fail("; ".join([f"interrupted ({e.args[0] if e.args else 'SIGINT'})", *getattr(e, "__notes__", [])]))
+        return 128 + (signal.SIGTERM if e.args == ("SIGTERM",) else signal.SIGINT)
     skipped = scan.line()
     print(f"wrote {summary['docs']:,} documents, {summary['tokens']:,} tokens in {len(summary['shards'])} shards "
           f"to {args.output}; skipped {summary['skipped_empty']} empty"
