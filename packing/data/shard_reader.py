@@ -31,11 +31,13 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import io
 import json
 import os
+import stat
 import struct
 import tarfile
 import warnings
@@ -69,7 +71,7 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
         index = Path(spec) / "index.json"
         if not index.is_file():
             raise ValueError(f"{spec!r} has no index.json; write shards with python -m packing.data.shards")
-        return [str(Path(spec) / s["tar"]) for s in read_index(index)["shards"]]
+        return _set_paths(Path(spec), read_index(index))
     paths: list[str] = []
     for pattern in braceexpand(spec):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -77,6 +79,41 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
             raise ValueError(f"no shard at {pattern!r}; check the path (braces and globs are expanded)")
         paths += matches
     return paths
+
+
+def _set_paths(directory: Path, index: dict[str, Any]) -> list[str]:
+    """The shard paths an index lists: bare file names inside its directory, each once."""
+    names = []
+    for entry in index["shards"]:
+        name = entry.get("tar") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") \
+                or "\\" in name:
+            raise ValueError(f"{directory / 'index.json'} lists the shard {name!r}; a set's shards are bare file "
+                             "names inside its directory (no path, no '..')")
+        names.append(name)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{directory / 'index.json'} lists the shard {twice[0]!r} more than once; the index is corrupt")
+    return [str(directory / n) for n in names]
+
+
+def _regular(path: str, what: str) -> os.stat_result:
+    """``path``'s stat, refusing what is not a regular file inside its own directory: a FIFO or a
+    device (reading would hang or never end), a symlink out of the directory (another set's data),
+    or a path the OS cannot open (gone, a loop): each a ValueError naming the shard."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"shard {path}: its {what} cannot be opened ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"shard {path}: its {what} is not a regular file (mode {stat.filemode(st.st_mode)}); "
+                         "shards are plain files")
+    if os.path.islink(path):
+        home = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        if os.path.dirname(os.path.realpath(path)) != home:
+            raise ValueError(f"shard {path}: its {what} is a symlink out of its directory, to "
+                             f"{os.path.realpath(path)}; a set reads only its own files")
+    return st
 
 
 @dataclass(frozen=True)
@@ -116,6 +153,16 @@ def read_index(index: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _check_vocab(index: str, meta: dict[str, Any]) -> None:
+    """The vocabulary size every id is checked against: an int in [1, 2**32], within its dtype. A
+    null, a string or an out-of-range value would turn the check off or fail at the first document."""
+    vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
+    limit = {"uint16": 2**16, "uint32": 2**32}.get(dtype, 2**32)
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= limit:
+        raise ValueError(f"{index} has vocab_size {vocab!r}; expected an int in [1, {limit:,}]"
+                         + (f" (its dtype {dtype})" if dtype else "") + "; the index is corrupt or not a shard index")
+
+
 def _set_meta(path: str) -> dict[str, Any]:
     """The ``index.json`` beside a shard (format, vocab_size, dtype), read once per directory and
     version of the file; empty when there is none (a shard copied on its own)."""
@@ -127,6 +174,7 @@ def _set_meta(path: str) -> dict[str, Any]:
     key = (index, st.st_mtime_ns, st.st_size)
     if key not in _META:
         meta = read_index(index)
+        _check_vocab(index, meta)
         _META[key] = {k: meta.get(k) for k in ("format", "vocab_size", "dtype")}
     return _META[key]
 
@@ -161,16 +209,17 @@ def _index_size(path: str) -> int:
 def scan_shard(path: str) -> ShardInfo:
     """Read a shard's tar headers and its length index, and check that they agree."""
     sidecar = _index_path(path)
-    if not os.path.isfile(sidecar):
+    size = _regular(path, "tar").st_size
+    if not os.path.lexists(sidecar):
         raise ValueError(f"shard {path} has no length index {os.path.basename(sidecar)} beside it; "
                          "write shards with python -m packing.data.shards")
+    _regular(sidecar, f"length index {os.path.basename(sidecar)}")
     try:
         lengths = np.load(sidecar, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"shard {path}: its length index {os.path.basename(sidecar)} is unreadable ({e})") from None
     if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or (len(lengths) and lengths.min() < 1):
         raise ValueError(f"shard {path}: its length index is not a 1-D array of positive ints")
-    size = os.path.getsize(path)
     tokens, ids = {}, {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -182,8 +231,8 @@ def scan_shard(path: str) -> ShardInfo:
                     ids[key] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"shard {path} is corrupt or truncated ({e})") from None
-    keys = sorted(tokens)
-    if len(keys) != len(lengths) or sorted(ids) != keys:
+    keys = list(tokens)  # tar order, the order written and indexed (string order breaks past 10^9 keys)
+    if len(keys) != len(lengths) or sorted(ids) != sorted(keys):
         raise ValueError(f"shard {path} is corrupt or truncated: {len(keys)} token arrays and {len(ids)} ids "
                          f"for {len(lengths)} documents in its length index")
     offsets, sizes = (np.array([tokens[k][i] for k in keys], dtype=np.int64) for i in (0, 1))
@@ -217,32 +266,39 @@ def _scan_all(paths: list[str], skip_corrupt: bool) -> tuple[list[ShardInfo], li
 
 
 class _ShardFiles:
-    """Reads byte ranges of shards through at most ``max_open`` file descriptors per process.
+    """Reads byte ranges of shards through at most ``MAX_OPEN`` file descriptors per process, shared
+    by every reader in it: four readers over 2,000 shards still hold at most 64.
 
     Descriptors are kept in least-recently-used order and the oldest is closed when one more is
-    needed, so any number of shards reads under a small ``ulimit -n`` (100,000 shards under 256 in
-    ``tests/packing/test_shards.py``). ``os.pread`` reads without moving a shared offset, and a raw
-    descriptor is closed here, not left to the garbage collector (no unclosed-file warning). Fork-
-    and spawn-safe: a DataLoader worker finds another pid, closes its inherited copies, and opens
-    its own; descriptors never travel in a pickle.
+    needed, so any number of shards, and of readers, reads under a small ``ulimit -n`` (1,000 shards
+    under 256 in ``tests/packing/test_shards.py``). ``os.pread`` reads without moving a shared
+    offset, and a raw descriptor is closed here, not left to the garbage collector (no
+    unclosed-file warning). Fork- and spawn-safe: a DataLoader worker finds another pid, drops its
+    inherited copies, and opens its own; descriptors never travel in a pickle (each reader holds a
+    handle to the process's table, not the table).
     """
 
-    def __init__(self, max_open: int = 64) -> None:
-        self.max_open = max_open
-        self._pid: int | None = None
-        self._fds: OrderedDict[str, int] = OrderedDict()
+    MAX_OPEN = 64
+    _pid: int | None = None
+    _fds: OrderedDict[str, int] = OrderedDict()  # the process's one table, shared by every reader
 
-    def _fd(self, path: str) -> int:
-        if self._pid != os.getpid():  # a new process: the descriptors it inherited are its own copies
-            self.close()
-            self._pid = os.getpid()
-        fd = self._fds.get(path)
+    @classmethod
+    def _fd(cls, path: str) -> int:
+        if cls._pid != os.getpid():  # a new process: the descriptors it inherited are its own copies
+            cls.close()
+            cls._pid = os.getpid()
+        fd = cls._fds.get(path)
         if fd is not None:
-            self._fds.move_to_end(path)
+            cls._fds.move_to_end(path)
             return fd
-        if len(self._fds) >= self.max_open:
-            os.close(self._fds.popitem(last=False)[1])
-        fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if len(cls._fds) >= cls.MAX_OPEN:
+            os.close(cls._fds.popitem(last=False)[1])
+        _regular(path, "tar")  # opened only as a regular file inside its directory (never a FIFO)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise ValueError(f"shard {path} cannot be opened ({e.strerror or e})") from None
+        cls._fds[path] = fd
         return fd
 
     def read(self, path: str, offset: int, size: int) -> bytes:
@@ -251,25 +307,17 @@ class _ShardFiles:
             raise ValueError(f"shard {path} is truncated: wanted {size} bytes at {offset}, got {len(data)}")
         return data
 
-    def close(self) -> None:
-        while self._fds:
+    @classmethod
+    def close(cls) -> None:
+        """Close the process's descriptors (a forked worker's inherited copies, or at exit)."""
+        while cls._fds:
             try:
-                os.close(self._fds.popitem()[1])
+                os.close(cls._fds.popitem()[1])
             except OSError:
                 pass
 
-    def __del__(self) -> None:
-        try:
-            if self._pid == os.getpid():
-                self.close()
-        except Exception:  # noqa: BLE001 - at interpreter shutdown os may already be gone; the OS closes them
-            pass
 
-    def __getstate__(self) -> dict:
-        return {"max_open": self.max_open}  # descriptors never travel to a worker
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
+atexit.register(_ShardFiles.close)
 
 
 def _npy_header(descr: str, length: int) -> bytes:

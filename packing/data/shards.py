@@ -170,6 +170,9 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, *, vocab_size: int, tokenizer: str, shard_size: int = 10_000,
                  prefix: str = "shard") -> None:
         positive_int("--shard-size", shard_size, meaning="documents per shard")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= 2**32:
+            raise ValueError(f"vocab_size is {vocab_size!r}; shards store ids as uint16 or uint32, so it must be an int "
+                             f"in [1, {2**32:,}]")
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--output {str(self.out)!r} is a file; give a new or empty directory for the shards")

@@ -349,7 +349,9 @@ class LengthBucketSampler(_PlannedBatchSampler):
         if max_batch_size is not None:
             self.batch_sizes = np.minimum(self.batch_sizes, max_batch_size)
         # A table from length to bucket: one gather per document instead of a binary search.
-        self._bucket_of_length = np.searchsorted(self.boundaries, np.arange(self.lengths.max() + 1)).astype(np.int16)
+        # int16 while the bucket count fits (a radix sort of small keys), else int32: 32,768 buckets or more.
+        key = np.int16 if len(self.boundaries) < 2**15 else np.int32
+        self._bucket_of_length = np.searchsorted(self.boundaries, np.arange(self.lengths.max() + 1)).astype(key)
         used = np.unique(self._bucket_of_length[self.lengths])
         if np.any(self.batch_sizes[used] < 1):
             b = int(used[self.batch_sizes[used] < 1][0])

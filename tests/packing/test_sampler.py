@@ -245,3 +245,10 @@ def test_a_state_for_other_lengths_is_refused_even_with_the_same_count_and_total
     state = PackingSampler(lengths, max_tokens=20).state_dict()
     with pytest.raises(ValueError, match=r"sampler state has lengths_crc32=\d+, these lengths give \d+: a different dataset"):
         PackingSampler(lengths[::-1].copy(), max_tokens=20).load_state_dict(state)
+
+
+def test_bucket_sampler_takes_more_than_32767_buckets():
+    # The length-to-bucket table was int16: 32,768 buckets or more overflowed it into numpy's error.
+    lengths = np.arange(1, 40_001)
+    sampler = LengthBucketSampler(lengths, max_tokens=40_000, boundaries=lengths, seed=0)
+    assert sorted(i for b in sampler for i in b) == list(range(40_000))

@@ -1,6 +1,7 @@
 """Shards: text in, the same documents and tokens out, through every reader; bad data is named."""
 
 import io
+import re
 import json
 import subprocess
 import sys
@@ -462,3 +463,100 @@ def test_cli_too_long_without_max_len_is_an_error(tmp_path, corpus):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--too-long split needs --max-len N, the longest document to write" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+FOUR_READERS_UNDER_ULIMIT = """
+import resource, sys, warnings
+warnings.simplefilter("error")
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from packing.data.shard_reader import ShardDataset, ShardStream
+readers = [ShardDataset(sys.argv[1]) for _ in range(4)]
+totals = [sum(int(r[i].sum()) for i in range(len(r))) for r in readers]  # each reader touches every shard
+streamed = [sum(int(d.sum()) for d in ShardStream(sys.argv[1], seed=k)) for k in range(2)]
+print(len(set(totals + streamed)), totals[0])
+"""
+
+
+def test_the_descriptor_cap_holds_per_process_across_readers(tmp_path):
+    # Four map-style readers and two streams over 2,000 shards under ulimit -n 256: before, each
+    # reader kept its own 64 descriptors and the fourth hit EMFILE.
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 1024, 3).astype(np.uint16) for _ in range(2000)]
+    with ShardWriter(tmp_path / "many", vocab_size=1024, tokenizer="t", shard_size=1) as w:
+        for i, d in enumerate(docs):
+            w.write(f"d{i}", d)
+    proc = subprocess.run([sys.executable, "-c", FOUR_READERS_UNDER_ULIMIT, str(tmp_path / "many")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", str(sum(int(d.sum()) for d in docs))]
+
+
+def _one_set(tmp_path, n=4, name="s"):
+    with ShardWriter(tmp_path / name, vocab_size=259, tokenizer="bytes", shard_size=2) as w:
+        for i in range(n):
+            w.write(f"d{i}", np.array([1, 2, 3][: 1 + i % 3], dtype=np.uint16))
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("name, match", [
+    ("../elsewhere/shard-000000.tar", r"lists the shard '\.\./elsewhere/shard-000000\.tar'; a set's shards are bare "
+                                      r"file names inside its directory"),
+    ("/etc/passwd", r"lists the shard '/etc/passwd'; a set's shards are bare file names"),
+    ("shard-000000.tar", r"lists the shard 'shard-000000\.tar' more than once; the index is corrupt"),
+], ids=["dotdot", "absolute", "twice"])
+def test_index_names_only_its_own_files_once(tmp_path, name, match):
+    out = _one_set(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][1]["tar"] = name
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=match):
+        ShardDataset(out)
+
+
+def test_a_fifo_a_symlink_out_and_a_missing_tar_are_named_and_skippable(tmp_path):
+    import os
+
+    out = _one_set(tmp_path)
+    foreign = _one_set(tmp_path, name="foreign")
+    (out / "shard-000001.tar").unlink()
+    os.mkfifo(out / "shard-000001.tar")  # reading it would block forever
+    with pytest.raises(ValueError, match=r"shard .*shard-000001\.tar: its tar is not a regular file \(mode p"):
+        ShardDataset(out)
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000001.tar").symlink_to(foreign / "shard-000001.tar")
+    with pytest.raises(ValueError, match=r"shard-000001\.tar: its tar is a symlink out of its directory, to "):
+        ShardDataset(out)
+    (out / "shard-000001.tar").unlink()  # deleted, its sidecars kept
+    with pytest.raises(ValueError, match=r"shard-000001\.tar: its tar cannot be opened \(No such file"):
+        ShardDataset(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = ShardDataset(out, skip_corrupt=True)  # an OS error is ours now, so it can be skipped
+    assert len(ds) == 2 and len(ds.skipped) == 1
+
+
+@pytest.mark.parametrize("vocab", [None, 10**12, "259", 0, True], ids=["null", "huge", "string", "zero", "bool"])
+def test_vocab_size_is_validated_at_open(tmp_path, vocab):
+    out = _one_set(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    index["vocab_size"] = vocab
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"index.json has vocab_size {re.escape(repr(vocab))}; expected an int in "
+                                         r"\[1, 65,536\] \(its dtype uint16\)"):
+        ShardDataset(out)
+
+
+def test_the_writer_refuses_a_vocabulary_its_ids_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size is 8589934592; shards store ids as uint16 or uint32, so it must "
+                                         r"be an int in \[1, 4,294,967,296\]"):
+        ShardWriter(tmp_path / "o", vocab_size=2**33, tokenizer="t")
+
+
+def test_keys_past_a_billion_documents_read_in_order(tmp_path):
+    w = ShardWriter(tmp_path / "o", vocab_size=259, tokenizer="bytes", shard_size=10)
+    w.summary["docs"] = 999_999_998  # the shard that crosses into 10-digit keys
+    for i in range(4):
+        w.write(f"d{i}", np.arange(1, i + 2, dtype=np.uint16))
+    w.close()
+    ds = ShardDataset(tmp_path / "o")
+    assert [ds.doc_id(i) for i in range(4)] == ["d0", "d1", "d2", "d3"] and ds.lengths.tolist() == [1, 2, 3, 4]
