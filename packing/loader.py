@@ -95,10 +95,11 @@ def _check_packed(sampler: Any, collator: ConcatCuSeqlens, kind: str) -> None:
         )
     if collator.max_seqs is None:
         return
-    most = getattr(sampler, "max_seqs", None) if isinstance(sampler, PackingSampler) else \
-        getattr(sampler, "max_batch_size", None)
-    option = "max_seqs" if isinstance(sampler, PackingSampler) else "max_batch_size"
-    if isinstance(sampler, (PackingSampler, LengthBucketSampler)) and (most is None or most > collator.max_seqs):
+    # The sampler's cap on documents a batch: PackingSampler's max_seqs, LengthBucketSampler's max_batch_size.
+    option = next((name for cls, name in ((PackingSampler, "max_seqs"), (LengthBucketSampler, "max_batch_size"))
+                   if isinstance(sampler, cls)), None)
+    most = getattr(sampler, option) if option else None
+    if option and (most is None or most > collator.max_seqs):
         raise ValueError(
             f"the collator takes at most max_seqs={collator.max_seqs} documents a batch, but {kind}({option}={most}) "
             f"may put more in one; give the sampler {option}={collator.max_seqs}"

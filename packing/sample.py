@@ -260,14 +260,11 @@ def _document_lengths(row: dict, fields: dict[str, Tensor], n: int, index: int) 
         lengths = given.tolist()
     if "position_ids" in fields:
         pos = fields["position_ids"]
-        expected = torch.ones_like(pos)
-        expected[0] = 0
-        step = pos.clone()
-        step[1:] = pos[1:] - pos[:-1]
-        step[0] = pos[0]
         restart = pos == 0
-        bad = ~restart & (step != expected)
-        bad[0] = pos[0] != 0
+        # What each position must be: its distance from the last restart at or before it.
+        at = torch.arange(n)
+        expected = at - torch.cummax(torch.where(restart, at, 0), 0).values
+        bad = pos != expected
         if bool(bad.any()):
             p = int(bad.nonzero()[0, 0])
             raise ValueError(

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from packing.interop.hf_families import causal_lm_families as families
+
 __all__ = ["IMPLEMENTATIONS", "Verdict", "build", "families", "measured", "tiny_config", "verify"]
 
 IMPLEMENTATIONS = ("packing_varlen", "sdpa", "eager")
@@ -72,13 +74,6 @@ class Verdict:
     implementation: str
     status: str  # "exact", or the reason it is refused
     error: float | None = None  # the packed logits' relative error, where they ran
-
-
-def families() -> dict[str, str]:
-    """{model_type: causal-LM class name} for every family transformers' auto classes know."""
-    from packing.interop.hf_families import causal_lm_families
-
-    return causal_lm_families()
 
 
 def tiny_config(family: str):

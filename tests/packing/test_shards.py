@@ -337,14 +337,20 @@ def test_more_shards_than_the_open_file_limit_read_with_bounded_handles(tmp_path
     warning. (100,000 shards under 256: measured once, benchmarks/results/shards_checksums.txt.)"""
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 1024, rng.integers(1, 9)).astype(np.uint16) for _ in range(2000)]
-    with ShardWriter(tmp_path / "many", vocab_size=1024, tokenizer="t", shard_size=2) as w:
+    total = sum(int(d.sum()) for d in docs)
+    assert read_under_ulimit(tmp_path, READ_UNDER_ULIMIT, docs, shard_size=2) == ["2000", str(total), str(total)]
+
+
+def read_under_ulimit(tmp_path, script, docs, *, shard_size):
+    """Write ``docs`` as shards of ``shard_size`` documents, run ``script`` over them in a process of
+    its own (which sets ulimit -n 256), and return the words it printed."""
+    with ShardWriter(tmp_path / "many", vocab_size=1024, tokenizer="t", shard_size=shard_size) as w:
         for i, d in enumerate(docs):
             w.write(f"d{i}", d)
-    proc = subprocess.run([sys.executable, "-c", READ_UNDER_ULIMIT, str(tmp_path / "many")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "many")], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    total = sum(int(d.sum()) for d in docs)
-    assert proc.stdout.split() == ["2000", str(total), str(total)]
+    return proc.stdout.split()
 
 
 def test_cli_too_long_policy(tmp_path, corpus):
@@ -482,13 +488,8 @@ def test_the_descriptor_cap_holds_per_process_across_readers(tmp_path):
     # reader kept its own 64 descriptors and the fourth hit EMFILE.
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 1024, 3).astype(np.uint16) for _ in range(2000)]
-    with ShardWriter(tmp_path / "many", vocab_size=1024, tokenizer="t", shard_size=1) as w:
-        for i, d in enumerate(docs):
-            w.write(f"d{i}", d)
-    proc = subprocess.run([sys.executable, "-c", FOUR_READERS_UNDER_ULIMIT, str(tmp_path / "many")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["1", str(sum(int(d.sum()) for d in docs))]
+    assert read_under_ulimit(tmp_path, FOUR_READERS_UNDER_ULIMIT, docs, shard_size=1) == \
+        ["1", str(sum(int(d.sum()) for d in docs))]
 
 
 def _one_set(tmp_path, n=4, name="s"):
