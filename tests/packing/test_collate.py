@@ -197,3 +197,10 @@ def test_get_collator_names_a_missing_or_unknown_option():
         get_collator("pad_max")
     with pytest.raises(TypeError, match=r"get_collator\('concat'\) takes no option 'max_len'; its options: "):
         get_collator("concat", max_len=8)
+
+
+def test_ignore_keys_as_a_string_is_refused():
+    # A bare string would be read as its characters: 'text' as 't', 'e', 'x', 't'.
+    with pytest.raises(TypeError, match=r"ignore_keys takes a sequence of key names, got the string 'token_type_ids'; "
+                                         r"write \['token_type_ids'\]"):
+        get_collator("concat", ignore_keys="token_type_ids")

@@ -60,3 +60,8 @@ def test_datasets_packed_rows_read_from_arrow():
 def test_bad_packed_rows_are_named(row, match):
     with pytest.raises(ValueError, match=match):
         PackedRows([row])
+
+
+def test_rows_that_are_not_dicts_are_refused():
+    with pytest.raises(TypeError, match=r"PackedRows takes rows that are dicts with input_ids; row 0 is list"):
+        PackedRows([[1, 2, 3]])

@@ -118,3 +118,12 @@ def test_cli_stopped_by_a_signal_says_nothing_was_written(tmp_path, sig):
     assert proc.returncode == 128 + sig, err
     assert err.count("\n") == 1 and f"interrupted ({signal.Signals(sig).name}); nothing was written to '{out}'" in err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_an_index_that_is_not_an_object_is_named(tmp_path):
+    out = tmp_path / "o"
+    with ShardWriter(out, vocab_size=10, tokenizer="t") as w:
+        w.write("a", np.array([1, 2]))
+    (out / "index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{out / 'index.json'} is not a shard index \(a JSON object\)"):
+        ShardDataset(out)
