@@ -56,22 +56,45 @@ from torch.utils.data import IterableDataset
 from packing.data.indexed import LengthIndexed
 from packing.data.split import ChunkPlan, check_policy, chunk_sample, plan_chunks
 from packing.sample import Sample
-from packing.data.shards import DOC_ID, FORMAT, TOKENS, sidecar
+from packing.data.manifest import Manifest, load as load_manifest, of_shard, read_index, sidecar  # noqa: F401
+from packing.data.shards import DOC_ID, TOKENS
 
 NPY_HEADER = 128  # bytes before the data in every tokens.npy np.save writes for a 1-D uint16/uint32 array
 
 
 def expand_shards(spec: str | Path | list[str]) -> list[str]:
-    """Shard paths from a list, a directory (its index.json), braces ``shard-{000000..000009}.tar``,
-    or a glob ``shards/*.tar``. A path that does not exist is an error, not an empty list."""
+    """Shard paths of one set: its directory (every shard its index.json lists, in order), or shards
+    named by a list, braces ``shard-{000000..000009}.tar`` or a glob ``shards/*.tar``.
+
+    Each named shard must be listed in the index.json beside it, all of one set, each once: a stale
+    shard (left by a killed write), another set's, or a path that does not exist is a ValueError
+    naming it, never an empty or mixed list."""
+    if isinstance(spec, (str, Path)) and os.path.isdir(spec):
+        return load_manifest(spec).paths
+    paths = _named(spec)
+    sets: dict[str, str] = {}
+    for path in paths:
+        manifest = of_shard(path)
+        manifest.entry(path)  # listed: not stale, not foreign
+        sets.setdefault(manifest.directory, path)
+    if len(sets) > 1:
+        (a, first), (b, second) = list(sets.items())[:2]
+        raise ValueError(f"the shards named come from {len(sets)} sets ({first} in {a}, {second} in {b}); a reader "
+                         "reads one set: name its directory, or shards of one set")
+    seen: set[str] = set()
+    for path in paths:
+        if os.path.abspath(path) in seen:
+            raise ValueError(f"shard {path} is named twice; each shard is read once")
+        seen.add(os.path.abspath(path))
+    return paths
+
+
+def _named(spec: str | Path | list[str]) -> list[str]:
     if isinstance(spec, (list, tuple)):
-        return [p for s in spec for p in expand_shards(s)]
+        return [p for s in spec for p in _named(s)]
     spec = str(spec)
     if os.path.isdir(spec):
-        index = Path(spec) / "index.json"
-        if not index.is_file():
-            raise ValueError(f"{spec!r} has no index.json; write shards with python -m packing.data.shards")
-        return _set_paths(Path(spec), read_index(index))
+        raise ValueError(f"{spec!r} is a directory inside a list; pass a set's directory on its own")
     paths: list[str] = []
     for pattern in braceexpand(spec):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -79,22 +102,6 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
             raise ValueError(f"no shard at {pattern!r}; check the path (braces and globs are expanded)")
         paths += matches
     return paths
-
-
-def _set_paths(directory: Path, index: dict[str, Any]) -> list[str]:
-    """The shard paths an index lists: bare file names inside its directory, each once."""
-    names = []
-    for entry in index["shards"]:
-        name = entry.get("tar") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") \
-                or "\\" in name:
-            raise ValueError(f"{directory / 'index.json'} lists the shard {name!r}; a set's shards are bare file "
-                             "names inside its directory (no path, no '..')")
-        names.append(name)
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"{directory / 'index.json'} lists the shard {twice[0]!r} more than once; the index is corrupt")
-    return [str(directory / n) for n in names]
 
 
 def _regular(path: str, what: str) -> os.stat_result:
@@ -119,8 +126,8 @@ def _regular(path: str, what: str) -> os.stat_result:
 @dataclass(frozen=True)
 class ShardInfo:
     """Where each document of one shard lies: (docs,) arrays of lengths, byte offsets and sizes, its
-    tar key, and what to check it against: (docs,) uint32 CRC-32s (None: format 1, unverified) and
-    the vocabulary size (None: no index.json beside the shard)."""
+    tar key, and what to check it against: (docs,) uint32 CRC-32s of its tokens and of its id
+    (None: an older format without them) and the set's vocabulary size."""
 
     path: str
     lengths: np.ndarray
@@ -131,95 +138,76 @@ class ShardInfo:
     keys: tuple[str, ...] = ()
     crc32: np.ndarray | None = None
     vocab_size: int | None = None
+    idcrc32: np.ndarray | None = None
 
 
-def _index_path(path: str) -> str:
-    return sidecar(path, "lengths")
+WHAT = {"lengths": "length index", "crc32": "checksum file", "idcrc32": "id checksum file"}
 
 
-_META: dict[tuple[str, int, int], dict[str, Any]] = {}
-_WARNED_UNVERIFIED: set[str] = set()
-
-
-def read_index(index: str | Path) -> dict[str, Any]:
-    """A set's ``index.json``, or a ValueError naming the file: unreadable, not JSON (a writer killed
-    mid-write, before the writer wrote it atomically), or not an index."""
+def _sidecar(path: str, kind: str, manifest: Manifest, entry: dict[str, Any]) -> np.ndarray | None:
+    """The array in a shard's ``kind`` sidecar, read once and checked against the SHA-256 its entry
+    records (format 3); None when an older format has no such file."""
+    file = sidecar(path, kind)
+    what = f"{WHAT[kind]} {os.path.basename(file)}"
+    required = manifest.version >= 3 or kind == "lengths" or (kind == "crc32" and manifest.version >= 2)
+    if not os.path.lexists(file):
+        if not required:
+            return None
+        raise ValueError(f"shard {path} has no {what} beside it, though its index.json says "
+                         f"{manifest.meta.get('format')}; write shards with python -m packing.data.shards")
+    _regular(file, what)
     try:
-        meta = json.loads(Path(index).read_text())
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{index} is unreadable ({e}); it describes the shards beside it") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("shards", []), list):
-        raise ValueError(f"{index} is not a shard index (a JSON object); write shards with python -m packing.data.shards")
-    return meta
-
-
-def _check_vocab(index: str, meta: dict[str, Any]) -> None:
-    """The vocabulary size every id is checked against: an int in [1, 2**32], within its dtype. A
-    null, a string or an out-of-range value would turn the check off or fail at the first document."""
-    vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
-    limit = {"uint16": 2**16, "uint32": 2**32}.get(dtype, 2**32)
-    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= limit:
-        raise ValueError(f"{index} has vocab_size {vocab!r}; expected an int in [1, {limit:,}]"
-                         + (f" (its dtype {dtype})" if dtype else "") + "; the index is corrupt or not a shard index")
-
-
-def _set_meta(path: str) -> dict[str, Any]:
-    """The ``index.json`` beside a shard (format, vocab_size, dtype), read once per directory and
-    version of the file; empty when there is none (a shard copied on its own)."""
-    index = os.path.join(os.path.dirname(os.path.abspath(path)), "index.json")
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"shard {path}: its {what} cannot be read ({e.strerror or e})") from None
+    if manifest.version >= 3:
+        found, recorded = hashlib.sha256(data).hexdigest(), entry["sha256"][kind]
+        if found != recorded:
+            raise ValueError(f"shard {path}: its {what} does not match {manifest.index} (SHA-256 {found[:12]}, the "
+                             f"index records {recorded[:12]}): it was replaced or changed after the set was written "
+                             "(a stale or foreign file); restore it, or rewrite the set")
     try:
-        st = os.stat(index)
-    except OSError:
-        return {}
-    key = (index, st.st_mtime_ns, st.st_size)
-    if key not in _META:
-        meta = read_index(index)
-        _check_vocab(index, meta)
-        _META[key] = {k: meta.get(k) for k in ("format", "vocab_size", "dtype")}
-    return _META[key]
-
-
-def _checksums(path: str, meta: dict[str, Any], docs: int) -> np.ndarray | None:
-    """The shard's (docs,) CRC-32s; None, with a warning once per directory, for format 1 shards."""
-    crc_path = sidecar(path, "crc32")
-    if not os.path.isfile(crc_path):
-        if meta.get("format") == FORMAT:
-            raise ValueError(f"shard {path} has no checksum file {os.path.basename(crc_path)} beside it, "
-                             f"though its index.json says {FORMAT}")
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in _WARNED_UNVERIFIED:
-            _WARNED_UNVERIFIED.add(folder)
-            warnings.warn(f"shards in {folder} have no per-document checksums (format {meta.get('format', 'unknown')}); "
-                          "they are read unverified: rewrite them with python -m packing.data.shards to check every "
-                          "document", stacklevel=4)
-        return None
-    try:
-        crc = np.load(crc_path, allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"shard {path}: its checksum file {os.path.basename(crc_path)} is unreadable ({e})") from None
-    if crc.shape != (docs,) or crc.dtype != np.uint32:
-        raise ValueError(f"shard {path}: its checksum file holds {crc.dtype} {crc.shape}, expected uint32 ({docs},)")
+        raise ValueError(f"shard {path}: its {what} is unreadable ({e})") from None
+
+
+def read_lengths(path: str) -> np.ndarray:
+    """A shard's (docs,) int64 token counts from its length index, checked against its set's entry:
+    the file's hash (format 3), positive ints, the entry's document and token counts."""
+    manifest = of_shard(path)
+    entry = manifest.entry(path)
+    lengths = _sidecar(path, "lengths", manifest, entry)
+    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or (len(lengths) and lengths.min() < 1):
+        raise ValueError(f"shard {path}: its length index is not a 1-D array of positive ints")
+    lengths = lengths.astype(np.int64)
+    for key, found in (("docs", len(lengths)), ("tokens", int(lengths.sum()))):
+        if key in entry and found != entry[key]:
+            raise ValueError(f"shard {path}: its length index gives {found:,} {key}, {manifest.index} records "
+                             f"{entry[key]:,}; the shard or the index changed after the set was written")
+    return lengths
+
+
+def _checksums(path: str, kind: str, manifest: Manifest, entry: dict[str, Any], docs: int) -> np.ndarray | None:
+    """A shard's (docs,) CRC-32s of its tokens (``crc32``) or ids (``idcrc32``); None in an older format."""
+    crc = _sidecar(path, kind, manifest, entry)
+    if crc is not None and (crc.shape != (docs,) or crc.dtype != np.uint32):
+        raise ValueError(f"shard {path}: its {WHAT[kind]} holds {crc.dtype} {crc.shape}, expected uint32 ({docs},)")
     return crc
 
 
-def _index_size(path: str) -> int:
-    return os.path.getsize(_index_path(path)) if os.path.isfile(_index_path(path)) else -1
-
-
 def scan_shard(path: str) -> ShardInfo:
-    """Read a shard's tar headers and its length index, and check that they agree."""
-    sidecar = _index_path(path)
+    """Read a shard's tar headers and its sidecars, and check them against each other and against
+    the shard's entry in its set's index.json."""
+    manifest = of_shard(path)
+    entry = manifest.entry(path)
     size = _regular(path, "tar").st_size
-    if not os.path.lexists(sidecar):
-        raise ValueError(f"shard {path} has no length index {os.path.basename(sidecar)} beside it; "
-                         "write shards with python -m packing.data.shards")
-    _regular(sidecar, f"length index {os.path.basename(sidecar)}")
-    try:
-        lengths = np.load(sidecar, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"shard {path}: its length index {os.path.basename(sidecar)} is unreadable ({e})") from None
-    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or (len(lengths) and lengths.min() < 1):
-        raise ValueError(f"shard {path}: its length index is not a 1-D array of positive ints")
+    if manifest.version >= 3 and size != entry["bytes"]:
+        change = "is truncated" if size < entry["bytes"] else "was replaced or changed after the set was written"
+        raise ValueError(f"shard {path} {change}: its tar has {size:,} bytes, {manifest.index} records "
+                         f"{entry['bytes']:,}; restore it, or rewrite the set")
+    lengths = read_lengths(path)
     tokens, ids = {}, {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -235,12 +223,17 @@ def scan_shard(path: str) -> ShardInfo:
     if len(keys) != len(lengths) or sorted(ids) != sorted(keys):
         raise ValueError(f"shard {path} is corrupt or truncated: {len(keys)} token arrays and {len(ids)} ids "
                          f"for {len(lengths)} documents in its length index")
+    if manifest.version >= 3:  # a key is the document's set position: a shard moved from elsewhere shows
+        expected = [f"{entry['first'] + j:09d}" for j in range(len(keys))]
+        if keys != expected:
+            bad = next(j for j in range(len(keys)) if keys[j] != expected[j])
+            raise ValueError(f"shard {path}: its document {bad} has key {keys[bad]}, but its place in the set gives "
+                             f"{expected[bad]}; the shard came from another position or set")
     offsets, sizes = (np.array([tokens[k][i] for k in keys], dtype=np.int64) for i in (0, 1))
     id_offsets, id_sizes = (np.array([ids[k][i] for k in keys], dtype=np.int64) for i in (0, 1))
     if len(keys) and max((offsets + sizes).max(), (id_offsets + id_sizes).max()) > size:
         raise ValueError(f"shard {path} is truncated: members extend past its {size} bytes")
-    meta = _set_meta(path)
-    lengths = lengths.astype(np.int64)
+    meta = manifest.meta
     # Each member is the 128-byte .npy header and length x itemsize bytes: an index that disagrees
     # with its tar shows here, before any document is read.
     itemsizes = [np.dtype(meta["dtype"]).itemsize] if meta.get("dtype") in ("uint16", "uint32") else [2, 4]
@@ -249,7 +242,8 @@ def scan_shard(path: str) -> ShardInfo:
         raise ValueError(f"shard {path}: its length index disagrees with its tar: document {keys[bad]} is listed "
                          f"with {lengths[bad]} tokens but its tokens.npy member has {sizes[bad]} bytes")
     return ShardInfo(path, lengths, offsets, sizes, id_offsets, id_sizes, tuple(keys),
-                     _checksums(path, meta, len(keys)), meta.get("vocab_size"))
+                     _checksums(path, "crc32", manifest, entry, len(keys)), meta.get("vocab_size"),
+                     _checksums(path, "idcrc32", manifest, entry, len(keys)))
 
 
 def _scan_all(paths: list[str], skip_corrupt: bool) -> tuple[list[ShardInfo], list[tuple[str, str]]]:
@@ -361,6 +355,14 @@ def _decode_tokens(data: bytes, info: ShardInfo, j: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def _decode_id(data: bytes, info: ShardInfo, j: int) -> str:
+    """Document ``j``'s id from its ``id.txt`` member bytes, checked against its CRC-32 (format 3)."""
+    if info.idcrc32 is not None and zlib.crc32(data) != int(info.idcrc32[j]):
+        raise CorruptDocument(f"shard {info.path}: the id of document {info.keys[j]} (position {j}) is corrupt: its "
+                              f"bytes have CRC-32 {zlib.crc32(data):08x}, the writer recorded {int(info.idcrc32[j]):08x}")
+    return data.decode("utf-8", "surrogateescape")
+
+
 class ShardDataset(LengthIndexed):
     """Map-style access to every document of some shards, with their lengths for the samplers.
 
@@ -394,7 +396,25 @@ class ShardDataset(LengthIndexed):
     def doc_id(self, i: int) -> str:
         """The document's id as written: its source file, JSONL id, or FILE:LINE."""
         info, j = self._locate(i)
-        return self._files.read(info.path, int(info.id_offsets[j]), int(info.id_sizes[j])).decode("utf-8", "surrogateescape")
+        return _decode_id(self._files.read(info.path, int(info.id_offsets[j]), int(info.id_sizes[j])), info, j)
+
+
+class _SharedEpochs:
+    """Slots of ``[epoch, set by set_epoch]`` int64 pairs in shared memory, ``BLOCK`` to a block: a
+    shared tensor holds a file descriptor, so a process holds one per block, not one per stream.
+    A forked process takes its slots from a block of its own (its parent's is shared with it)."""
+
+    BLOCK = 1024
+    _block: torch.Tensor | None = None
+    _used = 0
+    _pid: int | None = None
+
+    @classmethod
+    def slot(cls) -> torch.Tensor:
+        if cls._block is None or cls._used == cls.BLOCK or cls._pid != os.getpid():
+            cls._block, cls._used, cls._pid = torch.zeros(cls.BLOCK, 2, dtype=torch.int64).share_memory_(), 0, os.getpid()
+        cls._used += 1
+        return cls._block[cls._used - 1]
 
 
 class ShardStream(IterableDataset):
@@ -437,7 +457,9 @@ class ShardStream(IterableDataset):
         self.paths = expand_shards(shards)
         self.shuffle, self.seed, self.skip_corrupt, self.with_ids = shuffle, seed, skip_corrupt, with_ids
         self.max_len, self.too_long = max_len, too_long
-        self.epoch = 0
+        # [epoch, set by set_epoch] in shared memory: DataLoader workers (persistent ones too, which
+        # keep their copy of the stream across epochs) read the epoch the main process sets.
+        self._epoch = _SharedEpochs.slot()
         self.position = 0  # documents of this share yielded in this epoch
         self._resume: dict[str, Any] | None = None
         self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see place
@@ -447,15 +469,65 @@ class ShardStream(IterableDataset):
         self._last: tuple[str, int, Any] | None = None  # (shard, doc, tokens or the error): a split document is read once
         self.skipped: list[tuple[str, str]] = []  # (shard, why): shards skipped as corrupt, this process
         self.skipped_docs: list[tuple[str, str, str]] = []  # (shard, key, why): documents skipped as corrupt
-        # The shard set: names and sizes of every tar and length index, so a state from other data
-        # is refused without reading the shards.
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        """The shard set's identity: its sealed index's checksum and the shards read, in order (format
+        3); names and sizes for older formats. A state from other data is refused by it."""
         digest = hashlib.sha256()
         for path in self.paths:
-            digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}:{_index_size(path)};".encode())
-        self.fingerprint = digest.hexdigest()[:16]
+            manifest = of_shard(path)
+            if manifest.version >= 3:
+                digest.update(f"{manifest.meta['checksum']}:{os.path.basename(path)};".encode())
+            else:
+                size = os.path.getsize(sidecar(path, "lengths")) if os.path.isfile(sidecar(path, "lengths")) else -1
+                digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}:{size};".encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Shuffle the shards for ``epoch`` from the next iteration on, in this process and in its
+        DataLoader workers, persistent ones included.
+
+        A loaded state resumes the epoch it was saved in. ``set_epoch`` of that epoch keeps it. Of
+        another epoch, a state saved at its epoch's end is done and the new epoch starts from its
+        beginning; a state saved mid-epoch is refused, since the new epoch's order would be read
+        from the old epoch's position (documents lost or repeated)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch is {epoch!r}; expected an int >= 0")
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._settle(self._resume, epoch)
+        self._epoch[0], self._epoch[1] = epoch, 1
+
+    def _settle(self, state: dict[str, Any], epoch: int) -> None:
+        """A state of ``state["epoch"]`` meets epoch ``epoch``: done at its end, refused mid-way."""
+        total = self._share_size(state["epoch"])
+        if state["position"] < total:
+            raise ValueError(
+                f"set_epoch({epoch}) with a ShardStream state saved mid-way through epoch {state['epoch']} (at "
+                f"{state['position']:,} of this share's {total:,} documents): the state resumes epoch "
+                f"{state['epoch']}; call set_epoch({state['epoch']}) to finish it, or do not load the state to start "
+                f"epoch {epoch} from its beginning"
+            )
+        self._resume, self.position = None, 0  # the saved epoch was finished: the next starts afresh
+
+    def _share_size(self, epoch: int) -> int:
+        """Positions (documents, or chunks with ``max_len``) in this process's share of ``epoch``."""
+        saved = int(self._epoch[0])
+        self._epoch[0] = epoch
+        try:
+            paths = self.share()
+        finally:
+            self._epoch[0] = saved
+        for path in paths:
+            self._count(path)
+            if path in self._unreadable:
+                raise ValueError(f"cannot place a resume exactly: shard {path}'s length index fails its check "
+                                 f"({self._unreadable[path]}); restore the shard, or start the epoch afresh")
+        return sum(self._count(path) for path in paths)
 
     def place(self) -> dict[str, int]:
         """``{"rank", "world_size", "worker", "num_workers"}`` of this process: its rank and DataLoader
@@ -533,17 +605,27 @@ class ShardStream(IterableDataset):
                     f"ShardStream state was saved with {key}={state[key]}, this process has {key}={place[key]}; "
                     f"positions belong to one share of the shards: resume with the same world size and DataLoader workers"
                 )
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._resume = state
+        position = state["position"]
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise ValueError(f"ShardStream state has position {position!r}; expected an int >= 0 (documents taken)")
+        total = self._share_size(state["epoch"])
+        if position > total:
+            raise ValueError(f"ShardStream state has position {position:,}, but this share of epoch {state['epoch']} "
+                             f"holds {total:,} documents; the state is corrupt or from other data")
+        if self._epoch[1] and self.epoch != state["epoch"]:  # set_epoch came first: the same rule
+            self._settle(state, self.epoch)
+            return
+        self._epoch[0] = state["epoch"]
+        self.position, self._resume = position, state
 
     def _plan(self, path: str) -> ChunkPlan:
-        """The chunks of a shard's documents under ``max_len`` / ``too_long``, from its length index
-        alone (none if it is unreadable): positions count chunks, so a resume stays exact."""
+        """The chunks of a shard's documents under ``max_len`` / ``too_long``, from its checked length
+        index alone (none if it fails its check): positions count chunks, so a resume stays exact."""
         if path not in self._plans:
             try:
-                lengths = np.load(_index_path(path), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                self._unreadable[path] = str(e)  # share_lengths refuses it; a stream skips it as corrupt
+                lengths = read_lengths(path)
+            except ValueError as e:
+                self._unreadable[path] = str(e)  # share_lengths and a resume refuse it; a stream skips it as corrupt
                 lengths = np.zeros(0, dtype=np.int64)
             self._plans[path] = plan_chunks(lengths, self.max_len, self.too_long,
                                             name=lambda i: f"document {i} of shard {path}")
@@ -573,7 +655,7 @@ class ShardStream(IterableDataset):
         sample = chunk_sample(tokens, start, length)
         if not self.with_ids:
             return sample
-        doc_id = self._files.read(info.path, int(info.id_offsets[d]), int(info.id_sizes[d])).decode("utf-8", "surrogateescape")
+        doc_id = _decode_id(self._files.read(info.path, int(info.id_offsets[d]), int(info.id_sizes[d])), info, d)
         if isinstance(sample, Sample):
             return {"input_ids": sample.input_ids, "targets": sample.labels, "id": f"{doc_id}[{start}:{start + length}]"}
         return {"input_ids": sample, "id": doc_id}
@@ -601,9 +683,13 @@ class ShardStream(IterableDataset):
         skip = self.position if self._resume is not None else 0
         self._resume, self.position = None, skip
         for path in self.share():
-            # The width (its length index's count) is read only to skip; a valid shard's scan has it.
-            if skip and skip >= self._count(path):  # taken before the saved state
-                skip -= self._count(path)
+            count = self._count(path)  # its checked length index's width, read only to skip
+            if skip and path in self._unreadable:
+                raise ValueError(f"cannot resume exactly: shard {path}'s length index fails its check "
+                                 f"({self._unreadable[path]}), so the positions before the saved one are unknown; "
+                                 "restore the shard, or start the epoch afresh")
+            if skip and skip >= count:  # taken before the saved state
+                skip -= count
                 continue
             infos, skipped = _scan_all([path], self.skip_corrupt)  # validated before its first document
             self.skipped += skipped

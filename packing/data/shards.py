@@ -52,17 +52,11 @@ from tqdm import tqdm
 
 from packing.cli import Parser
 from packing.validate import positive_int
+from packing.data.manifest import FORMAT, KINDS, file_sha256, seal, sidecar
 from packing.data.split import CLI_FIX, TOO_LONG, check_policy, plan_chunks
 from packing.data.tokenizer import ByteTokenizer, load_tokenizer
 
-FORMAT = "varlen-packing-shards/2"  # 2: a CRC-32 per document (1: none)
 TOKENS, DOC_ID = "tokens.npy", "id.txt"
-
-
-def sidecar(tar_path: str, kind: str) -> str:
-    """The file beside a shard: ``kind`` "lengths" or "crc32" (shard-000000.tar -> shard-000000.KIND.npy)."""
-    stem = tar_path[: -len(".tar")] if tar_path.endswith(".tar") else tar_path
-    return f"{stem}.{kind}.npy"
 
 
 BINARY_PROBE = 8192  # bytes read to tell text from binary: a NUL among them means binary, as git decides
@@ -194,6 +188,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._lengths: list[int] = []
         self._crcs: list[int] = []
+        self._id_crcs: list[int] = []
 
     def write(self, doc_id: str, tokens: np.ndarray) -> None:
         """Add one document; an empty one is skipped and counted in ``skipped_empty``."""
@@ -203,8 +198,8 @@ class ShardWriter:
         if self._tar is None:
             name = f"{self.prefix}-{len(self.summary['shards']):06d}"
             self._tar = tarfile.open(self.stage / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT)
-            self.summary["shards"].append({"tar": f"{name}.tar", "lengths": f"{name}.lengths.npy",
-                                           "crc32": f"{name}.crc32.npy", "docs": 0, "tokens": 0})
+            self.summary["shards"].append({"tar": f"{name}.tar", **{k: sidecar(f"{name}.tar", k) for k in KINDS[1:]},
+                                           "docs": 0, "tokens": 0})
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"document {doc_id!r} is {tokens.dtype} {tuple(tokens.shape)}; write 1-D integer token ids")
@@ -215,9 +210,11 @@ class ShardWriter:
         key = f"{self.summary['docs']:09d}"
         payload = _npy(tokens.astype(self.dtype))
         _add(self._tar, f"{key}.{TOKENS}", payload)
-        _add(self._tar, f"{key}.{DOC_ID}", doc_id.encode("utf-8", "surrogateescape"))
+        name = doc_id.encode("utf-8", "surrogateescape")
+        _add(self._tar, f"{key}.{DOC_ID}", name)
         self._lengths.append(len(tokens))
         self._crcs.append(zlib.crc32(payload))
+        self._id_crcs.append(zlib.crc32(name))
         self.summary["docs"] += 1
         self.summary["tokens"] += len(tokens)
         if len(self._lengths) == self.shard_size:
@@ -230,16 +227,21 @@ class ShardWriter:
         shard = self.summary["shards"][-1]
         np.save(self.stage / shard["lengths"], np.asarray(self._lengths, dtype=np.int64), allow_pickle=False)
         np.save(self.stage / shard["crc32"], np.asarray(self._crcs, dtype=np.uint32), allow_pickle=False)
+        np.save(self.stage / shard["idcrc32"], np.asarray(self._id_crcs, dtype=np.uint32), allow_pickle=False)
         shard["docs"], shard["tokens"] = len(self._lengths), int(sum(self._lengths))
-        self._tar, self._lengths, self._crcs = None, [], []
+        shard["bytes"] = (self.stage / shard["tar"]).stat().st_size
+        # Hashed from the staged files, so the manifest describes the bytes a reader will find.
+        shard["sha256"] = {kind: file_sha256(self.stage / shard[kind]) for kind in KINDS}
+        self._tar, self._lengths, self._crcs, self._id_crcs = None, [], [], []
 
     def close(self) -> None:
         """Commit the set: the staged shards move into the directory, then ``index.json`` is written
         (a temporary file, flushed to disk, renamed), last: until that rename no reader sees a set."""
         try:
             self._close_shard()
+            seal(self.summary)
             for shard in self.summary["shards"]:
-                for kind in ("tar", "lengths", "crc32"):
+                for kind in KINDS:
                     _fsync(self.stage / shard[kind])
                     os.replace(self.stage / shard[kind], self.out / shard[kind])
             _fsync_dir(self.out)
@@ -314,7 +316,7 @@ def _clean(out: Path, stage: Path, prefix: str) -> None:
     """Remove what a killed writer left in ``out`` (no index.json there): its staging folder, and
     shards of this writer's naming that a commit had begun to move in."""
     shutil.rmtree(stage, ignore_errors=True)
-    own = re.compile(rf"^{re.escape(prefix)}-\d{{6,}}\.(tar|lengths\.npy|crc32\.npy)$")
+    own = re.compile(rf"^{re.escape(prefix)}-\d{{6,}}\.(tar|lengths\.npy|crc32\.npy|idcrc32\.npy)$")
     for path in out.iterdir():
         if path.is_file() and own.match(path.name):
             path.unlink()

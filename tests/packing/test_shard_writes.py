@@ -25,8 +25,8 @@ def run(out, sig, point, docs=DOCS):
 
 
 # Before the first document, mid-shard, at a shard boundary, in the last shard; and during the
-# commit: the first shard moved, the last sidecar moved, index.json's rename (the 10th replace).
-POINTS = ["doc:0", "doc:2", "doc:4", "doc:9", "commit:1", "commit:9", "commit:10"]
+# commit: the first shard moved, the last sidecar moved, index.json's rename (the 13th replace: 3 shards of 4 files).
+POINTS = ["doc:0", "doc:2", "doc:4", "doc:9", "commit:1", "commit:12", "commit:13"]
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -45,7 +45,7 @@ def test_a_killed_writer_leaves_no_set_and_a_rerun_starts_clean(tmp_path, sig, p
     ds = ShardDataset(out)
     assert [ds.doc_id(i) for i in range(len(ds))] == [f"d{i}" for i in range(DOCS)]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".lock", "index.json"] + [f"shard-00000{k}.{ext}" for k in range(3) for ext in ("tar", "lengths.npy", "crc32.npy")])
+        [".lock", "index.json"] + [f"shard-00000{k}.{ext}" for k in range(3) for ext in ("tar", "lengths.npy", "crc32.npy", "idcrc32.npy")])
 
 
 def test_an_exception_in_the_block_leaves_no_set_and_says_so(tmp_path):

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 
 from packing import PackingSampler, StreamPacker, get_collator
 from packing.data.shard_reader import ShardDataset, ShardStream, expand_shards
+from packing.data.manifest import KINDS
 from packing.data.shards import ShardWriter, iter_documents, write_shards
+from shard_edit import downgrade, rehash, reseal
 
 TEXTS = {"a.txt": b"hello world", "b/c.txt": b"caf\xe9 \xff\xfe not utf-8", "d.txt": b"x" * 300, "e.txt": b"short"}
 
@@ -93,24 +95,36 @@ def _truncate(path, keep):
     path.write_bytes(data[:keep])
 
 
+CHANGED = r"its length index shard-000000.lengths.npy does not match .*index.json \(SHA-256 \w{12}, the index records \w{12}\)"
+
+
 @pytest.mark.parametrize(
-    "damage, match",
+    "damage, sealed, forged",
     [
-        (lambda p: _truncate(p, 1700), r"shard .*shard-000000.tar is (corrupt or )?truncated"),
-        (lambda p: p.write_bytes(b"\x01garbage" * 200), r"shard .*shard-000000.tar is corrupt or truncated"),
-        (lambda p: p.with_name("shard-000000.lengths.npy").unlink(), r"has no length index shard-000000.lengths.npy"),
-        (lambda p: np.save(p.with_name("shard-000000.lengths.npy"), np.array([11, 3, 4])),
-         r"2 token arrays and 2 ids for 3 documents"),
-        # Issue 22 item 6: the right count, one length wrong: caught at the scan, so skip_corrupt skips it.
+        (lambda p: _truncate(p, 1700), r"shard .*shard-000000.tar is truncated: its tar has 1,700 bytes, .*index.json "
+         r"records 10,240", r"shard .*shard-000000.tar is (corrupt or )?truncated"),
+        (lambda p: p.write_bytes(b"\x01garbage" * 200), r"shard .*shard-000000.tar is truncated: its tar has 1,600 bytes",
+         r"shard .*shard-000000.tar is corrupt or truncated"),
+        (lambda p: p.with_name("shard-000000.lengths.npy").unlink(), r"has no length index shard-000000.lengths.npy",
+         r"has no length index shard-000000.lengths.npy"),
+        (lambda p: np.save(p.with_name("shard-000000.lengths.npy"), np.array([11, 3, 4])), CHANGED,
+         r"its length index gives 3 docs, .*index.json records 2; the shard or the index changed"),
+        # The right count, one length wrong: caught at the scan, so skip_corrupt skips it.
         (lambda p: np.save(p.with_name("shard-000000.lengths.npy"), np.load(p.with_name("shard-000000.lengths.npy")) + [0, 1]),
-         r"its length index disagrees with its tar: document 000000001 is listed with \d+ tokens but its tokens.npy "
-         r"member has \d+ bytes"),
+         CHANGED, r"its length index disagrees with its tar: document 000000001 is listed with \d+ tokens but its "
+         r"tokens.npy member has \d+ bytes"),
     ],
     ids=["truncated", "garbage", "no-index", "index-mismatch", "index-disagrees"],
 )
-def test_corrupt_shard_is_named_or_skipped_and_reported(tmp_path, corpus, damage, match):
+@pytest.mark.parametrize("forge", [False, True], ids=["sealed", "forged"])
+def test_corrupt_shard_is_named_or_skipped_and_reported(tmp_path, corpus, damage, sealed, forged, forge):
+    """Sealed: the index's hashes and sizes catch the damage. Forged (the index rewritten to vouch for
+    the damaged files): the checks beneath them still do."""
     out, _ = written(tmp_path, corpus)
     damage(out / "shard-000000.tar")
+    if forge:
+        rehash(out)
+    match = forged if forge else sealed
     with pytest.raises(ValueError, match=match + r".*pass skip_corrupt=True"):
         ShardDataset(out)
     with pytest.raises(ValueError, match=match):
@@ -146,6 +160,7 @@ def test_pickled_npy_is_refused(tmp_path, corpus):
     np.save(evil, np.array([{"x": 1}] * 11, dtype=object), allow_pickle=True)
     # At another size than the index gives: refused when the shard is scanned.
     _rewrite(path, {**members, tokens_name: evil.getvalue()})
+    rehash(out)  # the index forged to vouch for the new tar: the checks beneath it catch it
     with pytest.raises(ValueError, match=r"its length index disagrees with its tar: document 000000000 is listed "
                                          r"with 11 tokens but its tokens.npy member has \d+ bytes"):
         ShardDataset(out)
@@ -157,6 +172,7 @@ def test_pickled_npy_is_refused(tmp_path, corpus):
     crc = np.load(out / "shard-000000.crc32.npy")
     crc[0] = zlib.crc32(payload)
     np.save(out / "shard-000000.crc32.npy", crc)
+    rehash(out)
     with pytest.raises(ValueError, match=r"document 000000000 \(position 0\) is not a readable .npy"):
         ShardDataset(out)[0]
 
@@ -227,9 +243,11 @@ def test_more_shard_errors(tmp_path, corpus):
     out, _ = written(tmp_path, corpus)
     sidecar = out / "shard-000000.lengths.npy"
     sidecar.write_bytes(b"not npy")
+    rehash(out)
     with pytest.raises(ValueError, match=r"its length index shard-000000.lengths.npy is unreadable"):
         ShardDataset(out)
     np.save(sidecar, np.ones((2, 2), dtype=np.int64))
+    rehash(out)
     with pytest.raises(ValueError, match=r"its length index is not a 1-D array of positive ints"):
         ShardDataset(out)
     (out / "shard-000001.tar").write_bytes(b"\x01junk" * 300)
@@ -280,13 +298,11 @@ def test_every_flipped_byte_is_caught_naming_shard_key_and_checksums(tmp_path, c
 
 def test_old_format_reads_unverified_with_one_warning_and_ids_are_checked_against_the_vocabulary(tmp_path, corpus):
     out, _ = written(tmp_path, corpus, shard_size=2)
-    index = json.loads((out / "index.json").read_text())
-    index["format"] = "varlen-packing-shards/1"
-    for shard in index["shards"]:
-        (out / shard.pop("crc32")).unlink()
-    (out / "index.json").write_text(json.dumps(index))
-    with pytest.warns(UserWarning, match=r"have no per-document checksums \(format varlen-packing-shards/1\); they are "
-                                         r"read unverified: rewrite them"):
+    downgrade(out, 1)
+    with pytest.warns(UserWarning, match=r"shard set .* is varlen-packing-shards/1: its index.json has no checksum and "
+                                         r"no hashes of its files, so a swapped, foreign or stale shard, or an edited "
+                                         r"length index, goes undetected. Its documents have no checksums either. "
+                                         r"Upgrade it in place with python -m packing.data.shards --upgrade "):
         ds = ShardDataset(out)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per directory, not per shard or per reader
@@ -299,9 +315,11 @@ def test_old_format_reads_unverified_with_one_warning_and_ids_are_checked_agains
         ds[0]
     # A format 2 set that lost a checksum file is refused, not read unverified.
     out2, _ = written(tmp_path / "v2", corpus, shard_size=2)
+    downgrade(out2, 2)
     (out2 / "shard-000001.crc32.npy").unlink()
-    with pytest.raises(ValueError, match=r"has no checksum file shard-000001.crc32.npy beside it, though its "
-                                         r"index.json says varlen-packing-shards/2"):
+    with pytest.warns(UserWarning, match=r"is varlen-packing-shards/2: its index.json has no checksum"), \
+            pytest.raises(ValueError, match=r"has no checksum file shard-000001.crc32.npy beside it, though its "
+                                            r"index.json says varlen-packing-shards/2"):
         ShardDataset(out2)
 
 
@@ -506,10 +524,9 @@ def _one_set(tmp_path, n=4, name="s"):
     ("shard-000000.tar", r"lists the shard 'shard-000000\.tar' more than once; the index is corrupt"),
 ], ids=["dotdot", "absolute", "twice"])
 def test_index_names_only_its_own_files_once(tmp_path, name, match):
+    """Even sealed again (a valid checksum over the edit), a hostile entry is refused by name."""
     out = _one_set(tmp_path)
-    index = json.loads((out / "index.json").read_text())
-    index["shards"][1]["tar"] = name
-    (out / "index.json").write_text(json.dumps(index))
+    reseal(out, lambda index: index["shards"][1].update(tar=name))
     with pytest.raises(ValueError, match=match):
         ShardDataset(out)
 
@@ -539,9 +556,7 @@ def test_a_fifo_a_symlink_out_and_a_missing_tar_are_named_and_skippable(tmp_path
 @pytest.mark.parametrize("vocab", [None, 10**12, "259", 0, True], ids=["null", "huge", "string", "zero", "bool"])
 def test_vocab_size_is_validated_at_open(tmp_path, vocab):
     out = _one_set(tmp_path)
-    index = json.loads((out / "index.json").read_text())
-    index["vocab_size"] = vocab
-    (out / "index.json").write_text(json.dumps(index))
+    reseal(out, lambda index: index.update(vocab_size=vocab))
     with pytest.raises(ValueError, match=rf"index.json has vocab_size {re.escape(repr(vocab))}; expected an int in "
                                          r"\[1, 65,536\] \(its dtype uint16\)"):
         ShardDataset(out)
@@ -559,5 +574,13 @@ def test_keys_past_a_billion_documents_read_in_order(tmp_path):
     for i in range(4):
         w.write(f"d{i}", np.arange(1, i + 2, dtype=np.uint16))
     w.close()
-    ds = ShardDataset(tmp_path / "o")
+
+    def before(index):  # the 999,999,998 documents before it, as an entry of the set (never read)
+        entry = {"tar": "earlier.tar", **{k: f"earlier.{k}.npy" for k in ("lengths", "crc32", "idcrc32")},
+                 "docs": 999_999_998, "tokens": 999_999_998, "bytes": 0, "sha256": dict.fromkeys(KINDS, "0" * 64)}
+        index["shards"].insert(0, entry)
+        index["tokens"] += entry["tokens"]
+
+    reseal(tmp_path / "o", before)
+    ds = ShardDataset(str(tmp_path / "o" / "shard-000000.tar"))
     assert [ds.doc_id(i) for i in range(4)] == ["d0", "d1", "d2", "d3"] and ds.lengths.tolist() == [1, 2, 3, 4]
