@@ -190,6 +190,18 @@ class StreamPacker(IterableDataset):
         start, end = state["buffer_start"], state["source"]["position"]
         bits = np.unpackbits(state["buffer"].numpy(), count=end - start).astype(bool)
         positions = (np.flatnonzero(bits) + start).tolist()
+        saved, epoch = state["source"].get("epoch"), getattr(self.source, "epoch", None)
+        if saved is not None and epoch is not None and epoch != saved:
+            # set_epoch moved the source on: a state whose buffer still held documents would pack
+            # them from the other epoch's order; a drained one is simply done.
+            if positions or state["pending"]:
+                raise ValueError(
+                    f"the StreamPacker state was saved in epoch {saved} with {len(positions) + len(state['pending']):,} "
+                    f"documents still waiting in its buffer, but its source is now at epoch {epoch}: the state "
+                    f"resumes epoch {saved}; call set_epoch({saved}) to finish it, or do not load the state to start "
+                    f"epoch {epoch} from its beginning"
+                )
+            return [], [], 0
         waiting = list(zip(positions, self.source.documents(positions)))
         pending = list(zip(state["pending"], self.source.documents(state["pending"])))
         return waiting, pending, state["taken"]
