@@ -245,11 +245,7 @@ class ShardWriter:
                     _fsync(self.stage / shard[kind])
                     os.replace(self.stage / shard[kind], self.out / shard[kind])
             _fsync_dir(self.out)
-            temporary = self.stage / "index.json"
-            temporary.write_text(json.dumps(self.summary, indent=2) + "\n")
-            _fsync(temporary)
-            os.replace(temporary, self.out / "index.json")
-            _fsync_dir(self.out)
+            write_index(self.out, self.summary, self.stage / "index.json")
             self.stage.rmdir()
         finally:
             self._unlock()
@@ -320,6 +316,15 @@ def _clean(out: Path, stage: Path, prefix: str) -> None:
     for path in out.iterdir():
         if path.is_file() and own.match(path.name):
             path.unlink()
+
+
+def write_index(out: Path, meta: dict[str, Any], temporary: Path) -> None:
+    """Replace ``out/index.json`` with ``meta`` at once: written to ``temporary`` (on the same file
+    system), flushed to disk, renamed over it. A reader sees the old index or the new, never a torn one."""
+    temporary.write_text(json.dumps(meta, indent=2) + "\n")
+    _fsync(temporary)
+    os.replace(temporary, out / "index.json")
+    _fsync_dir(out)
 
 
 def _fsync(path: Path) -> None:
@@ -420,10 +425,34 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _maintain(p: Parser, upgrade_dir: str | None, verify_dir: str | None) -> int:
+    """``--upgrade DIR`` or ``--verify DIR``: one line of result, or one line of error."""
+    from packing.data.upgrade import upgrade, verify
+
+    try:
+        if upgrade_dir:
+            done = upgrade(upgrade_dir)
+            how = ("every document matched its checksum" if done["checked"] else
+                   "format 1 had no checksums: they now record the bytes as they are")
+            print(f"upgraded {upgrade_dir} from {done['from']} to {FORMAT}: {done['shards']} shards, "
+                  f"{done['docs']:,} documents; {how}")
+        else:
+            done = verify(verify_dir)
+            print(f"verified {verify_dir}: {done['shards']} shards, {done['docs']:,} documents, {done['tokens']:,} "
+                  "tokens; every file matches its hash and every document its checksum")
+    except ValueError as e:
+        return p.fail(str(e))
+    except OSError as e:
+        return p.fail(f"{e.strerror or e}: {e.filename or upgrade_dir or verify_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m packing.data.shards", description="Tokenize text into webdataset shards with length indexes.")
-    p.add_argument("--input", required=True, help="a directory of text files, or a JSONL file with a 'text' field")
-    p.add_argument("--output", required=True, help="an empty or new directory for the shards")
+    p.add_argument("--input", help="a directory of text files, or a JSONL file with a 'text' field")
+    p.add_argument("--output", help="an empty or new directory for the shards")
+    p.add_argument("--upgrade", metavar="DIR", help="rewrite a set of format 1 or 2 in place as format 3 (sealed)")
+    p.add_argument("--verify", metavar="DIR", help="check a set whole: every file's hash, every document's checksum")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (one token per byte) or a tokenizer.json path")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="only files whose path under --input (or name) matches GLOB, e.g. '*.txt' (repeatable)")
@@ -435,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a document over --max-len: error (default), split into chunks, or truncate; needs --max-len")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
     args = p.parse_args(argv)
+    if args.upgrade or args.verify:
+        if args.upgrade and args.verify or args.input or args.output:
+            p.error("--upgrade DIR and --verify DIR each run alone, without --input/--output")
+        return _maintain(p, args.upgrade, args.verify)
+    if not args.input or not args.output:
+        p.error("--input and --output are required to write shards (or --upgrade DIR, --verify DIR)")
     if args.too_long is not None and args.max_len is None:
         p.error(f"--too-long {args.too_long} needs --max-len N, the longest document to write; without it no "
                 "document is too long")

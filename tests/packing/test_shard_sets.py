@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from packing import StreamPacker
 from packing.data.shard_reader import ShardDataset, ShardStream, expand_shards
 from packing.data.shards import ShardWriter
-from shard_edit import reseal
+from shard_edit import downgrade, reseal
 
 DOCS, SHARD_SIZE = 40, 5  # 8 shards
 
@@ -294,3 +294,68 @@ def test_persistent_workers_get_each_epochs_shuffle(tmp_path):
         assert [d["id"] for d in got] == [d["id"] for d in fresh[epoch]], epoch
         assert sorted(d["id"] for d in got) == sorted(f"doc{i}" for i in range(80))
     assert len({tuple(d["id"] for d in fresh[e]) for e in fresh}) == 3  # three orders, not one
+
+
+# -- older formats --------------------------------------------------------------------------------
+
+
+def cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "packing.data.shards", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_set_reads_with_one_warning_and_upgrades_in_place(tmp_path, version):
+    out = write(tmp_path / "s")
+    want = [ShardDataset(out)[i].tolist() for i in range(DOCS)]
+    downgrade(out, version)
+    with pytest.warns(UserWarning, match=rf"is varlen-packing-shards/{version}: its index.json has no checksum and no "
+                                         r"hashes of its files"):
+        old = ShardDataset(out)
+    assert [old[i].tolist() for i in range(DOCS)] == want
+    proc = cli("--upgrade", out)
+    how = "every document matched its checksum" if version == 2 else "format 1 had no checksums: they now record"
+    assert proc.returncode == 0 and proc.stdout.startswith(
+        f"upgraded {out} from varlen-packing-shards/{version} to varlen-packing-shards/3: 8 shards, 40 documents; {how}"), proc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # format 3: no warning
+        new = ShardDataset(out)
+        assert [new[i].tolist() for i in range(DOCS)] == want and new.doc_id(7) == "doc7"
+    assert json.loads((out / "index.json").read_text())["format"] == "varlen-packing-shards/3"
+    proc = cli("--verify", out)
+    assert proc.returncode == 0 and "verified" in proc.stdout and "40 documents" in proc.stdout, proc
+    again = cli("--upgrade", out)
+    assert again.returncode == 2 and "is already varlen-packing-shards/3; nothing to upgrade" in again.stderr
+
+
+def test_an_upgrade_stops_at_a_corrupt_document_and_keeps_the_old_index(tmp_path):
+    out = write(tmp_path / "s")
+    downgrade(out, 2)
+    import tarfile
+
+    path = out / "shard-000002.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmember("000000011.tokens.npy").offset_data
+    data = bytearray(path.read_bytes())
+    data[offset + 128] ^= 0x04
+    path.write_bytes(bytes(data))
+    proc = cli("--upgrade", out)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot upgrade" in proc.stderr and "document 000000011 (position 1) is corrupt" in proc.stderr
+    assert "the old index.json is kept: rewrite the set from its source" in proc.stderr
+    assert json.loads((out / "index.json").read_text())["format"] == "varlen-packing-shards/2"
+
+
+def test_verify_reads_every_byte(tmp_path):
+    out = write(tmp_path / "s")
+    path = out / "shard-000004.tar"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the tar's zero padding: no member covers it, so only the tar's hash does
+    path.write_bytes(bytes(data))
+    assert len(ShardDataset(out)) == DOCS  # readers check members, not padding
+    proc = cli("--verify", out)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "shard-000004.tar: shard-000004.tar has SHA-256" in proc.stderr and "restore it, or rewrite the set" in proc.stderr
