@@ -167,6 +167,10 @@ def _sidecar(path: str, kind: str, manifest: Manifest, entry: dict[str, Any]) ->
             raise ValueError(f"shard {path}: its {what} does not match {manifest.index} (SHA-256 {found[:12]}, the "
                              f"index records {recorded[:12]}): it was replaced or changed after the set was written "
                              "(a stale or foreign file); restore it, or rewrite the set")
+    for descr in ("<i8", "<u4"):  # the header np.save writes for a sidecar: skip np.load's header parse
+        count = (len(data) - NPY_HEADER) // np.dtype(descr).itemsize
+        if data[:NPY_HEADER] == _npy_header(descr, count) and len(data) == NPY_HEADER + count * np.dtype(descr).itemsize:
+            return np.frombuffer(data, dtype=descr, offset=NPY_HEADER)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -197,9 +201,10 @@ def _checksums(path: str, kind: str, manifest: Manifest, entry: dict[str, Any], 
     return crc
 
 
-def scan_shard(path: str) -> ShardInfo:
+def scan_shard(path: str, lengths: np.ndarray | None = None) -> ShardInfo:
     """Read a shard's tar headers and its sidecars, and check them against each other and against
-    the shard's entry in its set's index.json."""
+    the shard's entry in its set's index.json. ``lengths``: its length index as
+    :func:`read_lengths` returned it already (a stream has it from planning), not read again."""
     manifest = of_shard(path)
     entry = manifest.entry(path)
     size = _regular(path, "tar").st_size
@@ -207,7 +212,7 @@ def scan_shard(path: str) -> ShardInfo:
         change = "is truncated" if size < entry["bytes"] else "was replaced or changed after the set was written"
         raise ValueError(f"shard {path} {change}: its tar has {size:,} bytes, {manifest.index} records "
                          f"{entry['bytes']:,}; restore it, or rewrite the set")
-    lengths = read_lengths(path)
+    lengths = read_lengths(path) if lengths is None else lengths
     tokens, ids = {}, {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -246,11 +251,12 @@ def scan_shard(path: str) -> ShardInfo:
                      _checksums(path, "idcrc32", manifest, entry, len(keys)))
 
 
-def _scan_all(paths: list[str], skip_corrupt: bool) -> tuple[list[ShardInfo], list[tuple[str, str]]]:
+def _scan_all(paths: list[str], skip_corrupt: bool,
+              lengths: np.ndarray | None = None) -> tuple[list[ShardInfo], list[tuple[str, str]]]:
     infos, skipped = [], []
     for path in paths:
         try:
-            infos.append(scan_shard(path))
+            infos.append(scan_shard(path, lengths))
         except ValueError as e:
             if not skip_corrupt:
                 raise ValueError(f"{e}; pass skip_corrupt=True to skip such shards and report them") from None
@@ -465,6 +471,7 @@ class ShardStream(IterableDataset):
         self._placed: tuple[int, dict[str, int]] | None = None  # (pid, place), see place
         self._files = _ShardFiles()
         self._plans: dict[str, ChunkPlan] = {}
+        self._lengths: dict[str, np.ndarray] = {}  # shard -> its checked length index, as planned
         self._unreadable: dict[str, str] = {}  # shard -> why its length index could not be read
         self._last: tuple[str, int, Any] | None = None  # (shard, doc, tokens or the error): a split document is read once
         self.skipped: list[tuple[str, str]] = []  # (shard, why): shards skipped as corrupt, this process
@@ -623,7 +630,7 @@ class ShardStream(IterableDataset):
         index alone (none if it fails its check): positions count chunks, so a resume stays exact."""
         if path not in self._plans:
             try:
-                lengths = read_lengths(path)
+                lengths = self._lengths[path] = read_lengths(path)
             except ValueError as e:
                 self._unreadable[path] = str(e)  # share_lengths and a resume refuse it; a stream skips it as corrupt
                 lengths = np.zeros(0, dtype=np.int64)
@@ -691,7 +698,8 @@ class ShardStream(IterableDataset):
             if skip and skip >= count:  # taken before the saved state
                 skip -= count
                 continue
-            infos, skipped = _scan_all([path], self.skip_corrupt)  # validated before its first document
+            # Validated before its first document (its length index was checked when planned).
+            infos, skipped = _scan_all([path], self.skip_corrupt, self._lengths.get(path))
             self.skipped += skipped
             if not infos:  # skipped as corrupt: its positions pass without documents
                 self.position += self._count(path) - skip

@@ -359,3 +359,30 @@ def test_verify_reads_every_byte(tmp_path):
     proc = cli("--verify", out)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "shard-000004.tar: shard-000004.tar has SHA-256" in proc.stderr and "restore it, or rewrite the set" in proc.stderr
+
+
+def test_a_loader_state_meets_the_epoch_set_before_it(tmp_path):
+    """Through torchdata's StatefulDataLoader, the workers load their states after the main process
+    set the epoch: the state's epoch no longer wins silently."""
+    pytest.importorskip("torchdata", reason="the stream extra: pip install -e '.[stream]'")
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    out = write(tmp_path / "s", docs=80, shard_size=2)
+
+    def loader(epoch):
+        stream = ShardStream(out, seed=4, with_ids=True)
+        stream.set_epoch(epoch)
+        return StatefulDataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda d: d["id"])
+
+    first = loader(0)
+    it = iter(first)
+    taken = [next(it) for _ in range(9)]
+    state = first.state_dict()
+    rest = list(it)
+    same = loader(0)
+    same.load_state_dict(state)
+    assert taken + list(same) == taken + rest  # the same epoch resumes exactly
+    other = loader(1)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"set_epoch\(1\) with a ShardStream state saved mid-way through epoch 0"):
+        list(other)
