@@ -42,6 +42,7 @@ from typing import Any
 FORMAT = "varlen-packing-shards/3"  # 3: a sealed manifest (2: a CRC-32 per document; 1: none)
 FORMATS = {"varlen-packing-shards/1": 1, "varlen-packing-shards/2": 2, FORMAT: 3}
 KINDS = ("tar", "lengths", "crc32", "idcrc32")  # a shard's files, as its entry names them
+TOKENS, DOC_ID = "tokens.npy", "id.txt"  # a document's two members in its shard's tar
 SIDECARS = KINDS[1:]
 UPGRADE = "python -m packing.data.shards --upgrade"
 

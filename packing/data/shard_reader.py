@@ -8,14 +8,20 @@ shard; with ``skip_corrupt=True`` it is skipped instead, listed in ``skipped`` a
 (A plain ``webdataset.WebDataset`` reads a truncated tar up to the cut and stops without a word:
 checked with webdataset 1.0.2, a shard cut mid-archive yielded 1 of its 3 documents.)
 
+The set comes first: a shard is read only as one of the shards its directory's ``index.json``
+lists (:mod:`packing.data.manifest`), after its sidecars match their SHA-256s there, its tar its
+size, and its keys its place in the set. A glob or list naming a shard the index does not list, or
+shards of two sets, is refused.
+
 Each document is then checked as it is read: its bytes against the CRC-32 the writer recorded, its
-token count against the index, and its ids against ``vocab_size`` in ``index.json``. A flipped byte
-raises ``ValueError`` naming the shard, the document's key, and the expected and found values.
-``ShardStream(skip_corrupt=True)`` skips such a document instead and counts it in ``skipped_docs``;
-``ShardDataset`` always raises, since a sampler has already planned its batches around it. Shards
-of format 1 (written before checksums) still read, with one warning per directory that they are
-unverified. Only ``tokens.npy`` and ``id.txt`` members are decoded, with
-``np.load(..., allow_pickle=False)``; nothing is unpickled.
+token count against the index, its ids against ``vocab_size`` in ``index.json``, and its id against
+its own CRC-32. A flipped byte raises ``ValueError`` naming the shard, the document's key, and the
+expected and found values. ``ShardStream(skip_corrupt=True)`` skips such a document instead and
+counts it in ``skipped_docs``; ``ShardDataset`` always raises, since a sampler has already planned
+its batches around it. Sets of formats 1 and 2 still read, with one warning per directory naming
+what goes unchecked. Only ``tokens.npy`` and ``id.txt`` members are decoded, with
+``np.load(..., allow_pickle=False)`` or ``np.frombuffer`` after matching the exact header ``np.save``
+writes; nothing is unpickled.
 
 Example:
     >>> import tempfile, numpy as np
@@ -56,8 +62,7 @@ from torch.utils.data import IterableDataset
 from packing.data.indexed import LengthIndexed
 from packing.data.split import ChunkPlan, check_policy, chunk_sample, plan_chunks
 from packing.sample import Sample
-from packing.data.manifest import Manifest, load as load_manifest, of_shard, read_index, sidecar  # noqa: F401
-from packing.data.shards import DOC_ID, TOKENS
+from packing.data.manifest import DOC_ID, TOKENS, Manifest, load as load_manifest, of_shard, read_index, sidecar  # noqa: F401
 
 NPY_HEADER = 128  # bytes before the data in every tokens.npy np.save writes for a 1-D uint16/uint32 array
 
@@ -441,12 +446,20 @@ class ShardStream(IterableDataset):
     ``max_len <= M``.
 
     **Resume.** ``state_dict()`` is this process's (or worker's) place in its stream: the epoch, the
-    seed, a fingerprint of the shard set, the rank, world size, worker and worker count, and
-    ``position``, how many documents (chunks) of its share it has yielded. ``load_state_dict`` makes the next
-    iteration start there. torchdata's ``StatefulDataLoader`` saves and restores these per worker.
-    A state from another shard set, seed, ``max_len``/``too_long``, world size, rank, worker count or worker is refused with a
-    ``ValueError``; it is never silently restarted. Positions count the documents in each shard's
-    length index, so a shard or document skipped as corrupt still occupies its place.
+    seed, a fingerprint of the shard set (its sealed manifest's checksum and the shards read), the
+    rank, world size, worker and worker count, and ``position``, how many documents (chunks) of its
+    share it has yielded. ``load_state_dict`` makes the next iteration start there. torchdata's
+    ``StatefulDataLoader`` saves and restores these per worker. A state from another shard set,
+    seed, ``max_len``/``too_long``, world size, rank, worker count or worker is refused with a
+    ``ValueError``; it is never silently restarted. Its position must lie within its share, and the
+    documents before it are counted from length indexes checked against the manifest, so a shard
+    swapped or edited since the save is refused, not skipped over. Positions count the documents in
+    each shard's length index, so a shard or document skipped as corrupt still occupies its place.
+
+    **Epochs.** ``set_epoch`` reaches DataLoader workers, persistent ones too (the epoch lives in
+    shared memory). A loaded state resumes the epoch it was saved in: ``set_epoch`` of that epoch
+    keeps it; of another, a state saved at its epoch's end is done (the new epoch starts from its
+    beginning), and a state saved mid-epoch is refused, whichever of the two calls comes first.
 
     ``skipped`` and ``skipped_docs`` list what this process skipped with ``skip_corrupt=True``: each
     DataLoader worker keeps its own lists (and warns for each), so read them with ``num_workers=0``,

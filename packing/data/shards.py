@@ -2,6 +2,8 @@
 
     python -m packing.data.shards --input texts/ --output shards/ --tokenizer bytes
     python -m packing.data.shards --input data.jsonl --output shards/ --tokenizer tokenizer.json --shard-size 5000
+    python -m packing.data.shards --upgrade old_shards/      # a format 1 or 2 set, in place, to format 3
+    python -m packing.data.shards --verify shards/           # every file's hash, every document's checksum
 
 The set is committed at once: shards are staged in ``--output/.staging/`` and ``index.json`` is
 written last (temporary file, fsync, rename), only when the whole input was written; an error or a
@@ -9,18 +11,22 @@ signal leaves no index, and a re-run starts clean. One writer at a time holds ``
 
 Layout of ``--output``::
 
-    shard-000000.tar            webdataset tar: per document, KEY.tokens.npy and KEY.id.txt
-    shard-000000.lengths.npy    (docs_in_shard,) int64 token counts, in tar order
-    shard-000000.crc32.npy      (docs_in_shard,) uint32 CRC-32 of each KEY.tokens.npy member's bytes
+    shard-000000.tar             webdataset tar: per document, KEY.tokens.npy and KEY.id.txt
+    shard-000000.lengths.npy     (docs_in_shard,) int64 token counts, in tar order
+    shard-000000.crc32.npy       (docs_in_shard,) uint32 CRC-32 of each KEY.tokens.npy member's bytes
+    shard-000000.idcrc32.npy     (docs_in_shard,) uint32 CRC-32 of each KEY.id.txt member's bytes
     ...
-    index.json                  format, tokenizer, vocab size, and per shard: docs, tokens, files
+    index.json                   the sealed manifest (format 3, :mod:`packing.data.manifest`): the
+                                 tokenizer, vocab size, totals, and per shard its files' SHA-256s
 
 ``KEY`` is the document's 9-digit position in the whole set. ``tokens.npy`` is a 1-D uint16 (or
 uint32 for vocabularies over 65,536) array written with ``np.save(..., allow_pickle=False)``;
 ``id.txt`` is the source file's relative path, or the JSONL ``id`` field (else ``FILE:LINE``).
-Readers need nothing but numpy, tarfile and zlib, and never unpickle. They check each document's
-CRC-32 and that its ids are under ``vocab_size`` before handing it out (format 2; shards of format 1,
-written before checksums, still read, with a warning that they are unverified).
+Readers need nothing but numpy, tarfile, zlib and hashlib, and never unpickle. They check the set
+against its manifest, and each document and id against its CRC-32 and ids against ``vocab_size``,
+before handing it out. Sets of formats 1 and 2 still read, with a warning naming what goes
+unchecked; ``--upgrade DIR`` rewrites one in place as format 3, and ``--verify DIR`` checks a set
+whole.
 
 Inputs: a directory (every file under it, sorted, is one document, read as raw bytes), or a JSONL
 file whose lines are objects with a string ``text`` field. Hidden files and folders (``.git/``),
@@ -52,11 +58,10 @@ from tqdm import tqdm
 
 from packing.cli import Parser
 from packing.validate import positive_int
-from packing.data.manifest import FORMAT, KINDS, file_sha256, seal, sidecar
+from packing.data.commit import fsync, fsync_dir, lock, write_index
+from packing.data.manifest import DOC_ID, FORMAT, KINDS, TOKENS, file_sha256, seal, sidecar
 from packing.data.split import CLI_FIX, TOO_LONG, check_policy, plan_chunks
 from packing.data.tokenizer import ByteTokenizer, load_tokenizer
-
-TOKENS, DOC_ID = "tokens.npy", "id.txt"
 
 
 BINARY_PROBE = 8192  # bytes read to tell text from binary: a NUL among them means binary, as git decides
@@ -171,7 +176,7 @@ class ShardWriter:
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--output {str(self.out)!r} is a file; give a new or empty directory for the shards")
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.out)  # before anything is read or removed: one writer at a time
+        self._lock = lock(self.out)  # before anything is read or removed: one writer at a time
         try:
             if (self.out / "index.json").exists():
                 raise ValueError(f"--output {str(self.out)!r} already holds shards (index.json); choose an empty directory")
@@ -242,9 +247,9 @@ class ShardWriter:
             seal(self.summary)
             for shard in self.summary["shards"]:
                 for kind in KINDS:
-                    _fsync(self.stage / shard[kind])
+                    fsync(self.stage / shard[kind])
                     os.replace(self.stage / shard[kind], self.out / shard[kind])
-            _fsync_dir(self.out)
+            fsync_dir(self.out)
             write_index(self.out, self.summary, self.stage / "index.json")
             self.stage.rmdir()
         finally:
@@ -284,30 +289,6 @@ class ShardWriter:
 
 
 STAGING = ".staging"  # where shards are written before the commit; hidden, so no reader looks there
-LOCK = ".lock"  # held (flock) by the one writer of a directory; the kernel drops it if the writer dies
-
-
-def _lock(out: Path):
-    """An exclusive lock on ``out``, held open until the writer commits or fails; a second writer is
-    refused by name. SIGKILL releases it (the kernel closes the descriptor)."""
-    import fcntl
-
-    handle = open(out / LOCK, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ValueError(f"--output {str(out)!r} is being written by another writer ({holder}); wait for it to "
-                         "finish, or choose another directory") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
 def _clean(out: Path, stage: Path, prefix: str) -> None:
     """Remove what a killed writer left in ``out`` (no index.json there): its staging folder, and
     shards of this writer's naming that a commit had begun to move in."""
@@ -318,26 +299,6 @@ def _clean(out: Path, stage: Path, prefix: str) -> None:
             path.unlink()
 
 
-def write_index(out: Path, meta: dict[str, Any], temporary: Path) -> None:
-    """Replace ``out/index.json`` with ``meta`` at once: written to ``temporary`` (on the same file
-    system), flushed to disk, renamed over it. A reader sees the old index or the new, never a torn one."""
-    temporary.write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync(temporary)
-    os.replace(temporary, out / "index.json")
-    _fsync_dir(out)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Progress:

@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from packing.data.commit import lock, write_index
 from packing.data.manifest import FORMAT, KINDS, file_sha256, load, seal, sidecar
 from packing.data.shard_reader import CorruptDocument, _decode_id, _decode_tokens, _ShardFiles, scan_shard
-from packing.data.shards import _lock, write_index
 
 
 def _documents(path: str):
@@ -77,7 +77,7 @@ def upgrade(directory: str | Path) -> dict[str, Any]:
             (named; the old index still describes the set).
     """
     out = Path(directory)
-    lock = _lock(out)
+    held = lock(out, "--upgrade")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the old format's warning: upgrading is the answer to it
@@ -111,7 +111,7 @@ def upgrade(directory: str | Path) -> dict[str, Any]:
         return {"from": manifest.meta.get("format", "varlen-packing-shards/1"), "shards": len(entries),
                 "docs": meta["docs"], "checked": manifest.version >= 2}
     finally:
-        lock.close()
+        held.close()
 
 
 def verify(directory: str | Path) -> dict[str, int]:
