@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import Parser
+from benchmarks.harness import Parser, positive
 from benchmarks.shards import write_synthetic
 from packing.data.shards import ShardWriter
 
@@ -98,9 +98,9 @@ def one_doc_shards(out: Path, shards: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m benchmarks.shard_checks", description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default="4ab1ff0", help="the commit whose reader is the baseline (default 4ab1ff0)")
-    p.add_argument("--runs", type=int, default=5, help="alternating runs of each reader per row (default 5)")
-    p.add_argument("--docs", type=int, default=50_000, help="documents of the read workload (default 50,000)")
-    p.add_argument("--open-shards", type=int, default=100_000, help="shards of the set to open (default 100,000)")
+    p.add_argument("--runs", type=positive, default=5, help="alternating runs of each reader per row (default 5)")
+    p.add_argument("--docs", type=positive, default=50_000, help="documents of the read workload (default 50,000)")
+    p.add_argument("--open-shards", type=positive, default=100_000, help="shards of the set to open (default 100,000)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     rows = []

@@ -111,7 +111,8 @@ def _named(spec: str | Path | list[str]) -> list[str]:
 
 def _regular(path: str, what: str) -> os.stat_result:
     """``path``'s stat, refusing what is not a regular file inside its own directory: a FIFO or a
-    device (reading would hang or never end), a symlink out of the directory (another set's data),
+    device (reading would hang or never end), a symlink out of the directory (another set's data;
+    one to a file under the directory, at any depth, is followed),
     or a path the OS cannot open (gone, a loop): each a ValueError naming the shard."""
     try:
         st = os.stat(path)
@@ -122,7 +123,7 @@ def _regular(path: str, what: str) -> os.stat_result:
                          "shards are plain files")
     if os.path.islink(path):
         home = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-        if os.path.dirname(os.path.realpath(path)) != home:
+        if os.path.commonpath([os.path.realpath(path), home]) != home:  # under its directory, at any depth
             raise ValueError(f"shard {path}: its {what} is a symlink out of its directory, to "
                              f"{os.path.realpath(path)}; a set reads only its own files")
     return st

@@ -536,6 +536,7 @@ def test_a_fifo_a_symlink_out_and_a_missing_tar_are_named_and_skippable(tmp_path
 
     out = _one_set(tmp_path)
     foreign = _one_set(tmp_path, name="foreign")
+    (tmp_path / "copy").write_bytes((out / "shard-000001.tar").read_bytes())
     (out / "shard-000001.tar").unlink()
     os.mkfifo(out / "shard-000001.tar")  # reading it would block forever
     with pytest.raises(ValueError, match=r"shard .*shard-000001\.tar: its tar is not a regular file \(mode p"):
@@ -544,6 +545,15 @@ def test_a_fifo_a_symlink_out_and_a_missing_tar_are_named_and_skippable(tmp_path
     (out / "shard-000001.tar").symlink_to(foreign / "shard-000001.tar")
     with pytest.raises(ValueError, match=r"shard-000001\.tar: its tar is a symlink out of its directory, to "):
         ShardDataset(out)
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000001.tar").symlink_to(out / "shard-000001.tar")  # a loop
+    with pytest.raises(ValueError, match=r"shard-000001\.tar: its tar cannot be opened \(Too many levels of symbolic"):
+        ShardDataset(out)
+    (out / "shard-000001.tar").unlink()
+    (out / "kept").mkdir()  # a symlink inside the directory, to the set's own bytes, is followed
+    (out / "kept" / "one.tar").write_bytes((foreign.parent / "copy").read_bytes())
+    (out / "shard-000001.tar").symlink_to(out / "kept" / "one.tar")
+    assert len(ShardDataset(out)) == 4
     (out / "shard-000001.tar").unlink()  # deleted, its sidecars kept
     with pytest.raises(ValueError, match=r"shard-000001\.tar: its tar cannot be opened \(No such file"):
         ShardDataset(out)
