@@ -165,13 +165,19 @@ def _check(index: str, meta: dict[str, Any]) -> tuple[int, dict[str, dict[str, A
                      and all(entry.get(k) == sidecar(name, k) for k in SIDECARS)
                      and all(_int(entry.get(k)) for k in ("docs", "tokens", "bytes")))
             if not sound:
-                raise ValueError(f"{index}: the entry of shard {name!r} lacks its files' names, hashes, docs, tokens "
-                                 "or bytes; the index is corrupt")
+                raise ValueError(f"{index}: the entry of shard {name!r} lacks, or mis-states, its files' names, "
+                                 "hashes, docs, tokens or bytes; the index is corrupt")
         for key in ("docs", "tokens"):
             if key in entry and not _int(entry[key]):
                 raise ValueError(f"{index}: shard {name!r} has {key} {entry[key]!r}; the index is corrupt")
         entries[name] = {**entry, "first": first}
         first += entry.get("docs", 0) if _int(entry.get("docs", 0)) else 0
+    if version >= 3:
+        missing = [key for key in ("docs", "tokens") if not _int(meta.get(key))]
+        if missing or meta.get("set_id") != set_id(meta["shards"]):
+            what = f"its total {missing[0]} ({meta.get(missing[0])!r})" if missing else \
+                f"its set_id {meta.get('set_id')!r} (its shards' hashes give {set_id(meta['shards'])!r})"
+            raise ValueError(f"{index} mis-states {what}; the index is corrupt")
     for key in ("docs", "tokens"):
         if key in meta and all(key in e for e in meta["shards"]):
             total = sum(e[key] for e in meta["shards"])

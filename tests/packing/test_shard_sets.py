@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from packing import StreamPacker
+from packing.data.manifest import checksum
 from packing.data.shard_reader import ShardDataset, ShardStream, expand_shards
 from packing.data.shards import ShardWriter
 from shard_edit import downgrade, reseal
@@ -114,6 +115,30 @@ def test_a_dropped_entry_or_a_wrong_total_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"index.json records {DOCS} docs in all, but its shards' entries add up to "
                                          rf"{DOCS - SHARD_SIZE:,}; the index is corrupt"):
         ShardDataset(out)
+
+
+def _checksummed(out, edit):
+    """Apply ``edit`` and recompute only the index's checksum (the set id is left as edited)."""
+    meta = json.loads((out / "index.json").read_text())
+    edit(meta)
+    meta["checksum"] = checksum(meta)
+    (out / "index.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("set_id"), r"mis-states its set_id None \(its shards' hashes give '\w{32}'\)"),
+    (lambda m: m.update(set_id="0" * 32), r"mis-states its set_id '0{32}' \(its shards' hashes give '\w{32}'\)"),
+    (lambda m: m.pop("tokens"), r"mis-states its total tokens \(None\)"),
+    (lambda m: m.update(docs=-1), r"mis-states its total docs \(-1\)"),
+    (lambda m: m.update(shards={"a": 1}), r"index.json is not a shard index \(a JSON object\)"),
+    (lambda m: m["shards"][0].update(docs=True), r"the entry of shard 'shard-000000.tar' lacks, or mis-states, its "
+                                                 r"files' names, hashes, docs, tokens or bytes; the index is corrupt"),
+], ids=["no-set-id", "wrong-set-id", "no-total", "negative-total", "shards-not-a-list", "bool-docs"])
+def test_a_manifest_field_missing_or_mis_stated_is_refused(tmp_path, edit, match):
+    out = write(tmp_path / "s")
+    _checksummed(out, edit)
+    with pytest.raises(ValueError, match=match):
+        ShardStream(out)
 
 
 def test_a_glob_reads_only_the_sets_own_shards(tmp_path):
