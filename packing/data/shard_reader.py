@@ -389,7 +389,9 @@ class ShardDataset(LengthIndexed):
     def __init__(self, shards: str | Path | list[str], *, skip_corrupt: bool = False) -> None:
         self.infos, self.skipped = _scan_all(expand_shards(shards), skip_corrupt)
         if not self.infos:
-            raise ValueError(f"no readable shard in {shards!r}")
+            what = "every shard was skipped as corrupt" if self.skipped else "the set holds no documents"
+            spec = str(shards) if isinstance(shards, (str, Path)) else f"{len(shards)} shards named"
+            raise ValueError(f"no readable shard in {spec}: {what}")
         self._lengths = np.concatenate([i.lengths for i in self.infos])
         self._shard = np.repeat(np.arange(len(self.infos)), [len(i.lengths) for i in self.infos])
         self._first = np.cumsum([0] + [len(i.lengths) for i in self.infos])
@@ -609,6 +611,13 @@ class ShardStream(IterableDataset):
         unknown = set(state) - set(self.state_dict())
         if unknown:
             raise ValueError(f"ShardStream state has unknown keys {sorted(unknown)}; it is not a ShardStream state")
+        missing = {"epoch", "fingerprint", "position", "world_size", "rank", "num_workers", "worker"} - set(state)
+        if missing:
+            raise ValueError(f"ShardStream state lacks {sorted(missing)}; it is not a ShardStream state, or it is "
+                             "truncated: resume from a whole saved state")
+        epoch = state["epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"ShardStream state has epoch {epoch!r}; expected an int >= 0")
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"ShardStream state is from another shard set (fingerprint {state.get('fingerprint')!r}, these "

@@ -233,17 +233,26 @@ def test_a_length_changed_in_a_consumed_shard_is_refused(tmp_path):
         ShardStream(out, seed=1, with_ids=True).load_state_dict(state)
 
 
-@pytest.mark.parametrize("position, match", [
-    (-5, r"ShardStream state has position -5; expected an int >= 0 \(documents taken\)"),
-    (10**9, rf"ShardStream state has position 1,000,000,000, but this share of epoch 0 holds {DOCS} documents; the "
-            r"state is corrupt or from other data"),
-    (True, r"ShardStream state has position True; expected an int >= 0"),
-])
-def test_a_forged_position_is_refused(tmp_path, position, match):
+DROP = object()  # a key the forged state lacks
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"position": -5}, r"ShardStream state has position -5; expected an int >= 0 \(documents taken\)"),
+    ({"position": 10**9}, rf"ShardStream state has position 1,000,000,000, but this share of epoch 0 holds {DOCS} "
+                          r"documents; the state is corrupt or from other data"),
+    ({"position": True}, r"ShardStream state has position True; expected an int >= 0"),
+    ({"position": "5"}, r"ShardStream state has position '5'; expected an int >= 0"),
+    ({"epoch": 1.5}, r"ShardStream state has epoch 1.5; expected an int >= 0"),
+    ({"epoch": -1}, r"ShardStream state has epoch -1; expected an int >= 0"),
+    ({"position": DROP, "worker": DROP}, r"ShardStream state lacks \['position', 'worker'\]; it is not a ShardStream "
+                                          r"state, or it is truncated: resume from a whole saved state"),
+], ids=["negative", "past-the-end", "bool", "string", "float-epoch", "negative-epoch", "truncated"])
+def test_a_forged_position_is_refused(tmp_path, edit, match):
     out = write(tmp_path / "s")
-    state = ShardStream(out).state_dict()
+    state = {**ShardStream(out).state_dict(), **edit}
+    state = {k: v for k, v in state.items() if v is not DROP}
     with pytest.raises(ValueError, match=match):
-        ShardStream(out).load_state_dict({**state, "position": position})
+        ShardStream(out).load_state_dict(state)
 
 
 def test_set_epoch_across_a_saved_state(tmp_path):

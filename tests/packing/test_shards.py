@@ -253,8 +253,14 @@ def test_more_shard_errors(tmp_path, corpus):
     (out / "shard-000001.tar").write_bytes(b"\x01junk" * 300)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=r"no readable shard in"):
+        with pytest.raises(ValueError, match=rf"no readable shard in {re.escape(str(out))}: every shard was skipped as "
+                                             r"corrupt"):
             ShardDataset(out, skip_corrupt=True)
+    with ShardWriter(tmp_path / "empty", vocab_size=259, tokenizer="bytes"):
+        pass  # an empty input: a set of no documents
+    with pytest.raises(ValueError, match=r"no readable shard in .*empty: the set holds no documents"):
+        ShardDataset(tmp_path / "empty")
+    assert list(ShardStream(tmp_path / "empty")) == []  # a stream of it ends at once
     with pytest.raises(ValueError, match=r"already holds shards \(index.json\); choose an empty directory"):
         ShardWriter(out, vocab_size=259, tokenizer="bytes")
     bad_tok = tmp_path / "tok.json"
