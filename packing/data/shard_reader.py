@@ -287,6 +287,7 @@ class _ShardFiles:
     MAX_OPEN = 64
     _pid: int | None = None
     _fds: OrderedDict[str, int] = OrderedDict()  # the process's one table, shared by every reader
+    _vetted: set[str] = set()  # paths whose target _regular has checked (a reopen needs only fstat)
 
     @classmethod
     def _fd(cls, path: str) -> int:
@@ -299,16 +300,25 @@ class _ShardFiles:
             return fd
         if len(cls._fds) >= cls.MAX_OPEN:
             os.close(cls._fds.popitem(last=False)[1])
-        _regular(path, "tar")  # opened only as a regular file inside its directory (never a FIFO)
+        if path not in cls._vetted:  # where it leads, once: a symlink out of its directory is refused
+            _regular(path, "tar")
+            cls._vetted.add(path)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO put in the shard's place since it was vetted opens at once (instead
+            # of waiting for a writer forever), and its pread then fails (no seek on a pipe). No
+            # fstat here: a reopen costs what it did before the checks (one open, one pread).
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
-            raise ValueError(f"shard {path} cannot be opened ({e.strerror or e})") from None
+            raise ValueError(f"shard {path}: its tar cannot be opened ({e.strerror or e})") from None
         cls._fds[path] = fd
         return fd
 
     def read(self, path: str, offset: int, size: int) -> bytes:
-        data = os.pread(self._fd(path), size, offset)
+        try:
+            data = os.pread(self._fd(path), size, offset)
+        except OSError as e:  # not a regular file any more (a pipe cannot seek), or an I/O error
+            raise ValueError(f"shard {path} cannot be read at byte {offset:,} ({e.strerror or e}); check the "
+                             "file, or pass skip_corrupt=True (streaming) to skip such shards") from None
         if len(data) != size:
             raise ValueError(f"shard {path} is truncated: wanted {size} bytes at {offset}, got {len(data)}")
         return data

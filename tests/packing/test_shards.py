@@ -569,6 +569,22 @@ def test_a_fifo_a_symlink_out_and_a_missing_tar_are_named_and_skippable(tmp_path
     assert len(ds) == 2 and len(ds.skipped) == 1
 
 
+def test_a_fifo_swapped_in_after_the_open_is_named_not_waited_on(tmp_path):
+    import os
+
+    from packing.data.shard_reader import _ShardFiles
+
+    out = _one_set(tmp_path)
+    ds = ShardDataset(out)
+    first = ds[0]
+    (out / "shard-000000.tar").unlink()
+    os.mkfifo(out / "shard-000000.tar")  # no writer: a blocking open would wait forever
+    _ShardFiles.close()  # as if evicted from the descriptor table: the next read reopens the path
+    with pytest.raises(ValueError, match=r"shard .*shard-000000\.tar cannot be read at byte \d+ \(Illegal seek\)"):
+        ds[0]
+    assert first.tolist() == [1]
+
+
 @pytest.mark.parametrize("vocab", [None, 10**12, "259", 0, True], ids=["null", "huge", "string", "zero", "bool"])
 def test_vocab_size_is_validated_at_open(tmp_path, vocab):
     out = _one_set(tmp_path)
