@@ -1,16 +1,17 @@
 """The family matrix: every causal LM of the installed transformers, packed against each document alone.
 
 Every family transformers' auto classes know, each implementation packing accepts on a CPU, measured
-by :func:`packing.interop.hf_verify.verify` (a tiny random model, one packed row of three documents
-against each alone through ``eager``; ``exact`` within 1e-5 relative, or the reason it is refused).
+by :func:`packing.interop.hf_verify.verify` (a tiny config verified as check_model verifies a
+user's: one packed row of three documents against each alone through ``eager``; ``exact`` within
+1e-5 relative, or the reason it is refused).
 
-``packing/interop/hf_families.json`` holds the verdicts for the release it names;
-:func:`packing.interop.hf.check_model` refuses every family that is not ``exact`` there, and on any
-other release measures the family itself at first use, so no family runs packed silently wrong.
-The README's table comes from ``--markdown``.
+``packing/interop/hf_families.json`` holds the verdicts for the release it names: documentation of
+the families (check_model verifies each user's own config). ``--write --family F`` merges F's
+verdicts into it. The README's table comes from ``--markdown``.
 
 Usage:
     python -m benchmarks.hf_families --write             # re-run all, rewrite the committed table
+    python -m benchmarks.hf_families --write --family F  # re-run F, merged into the committed table
     python -m benchmarks.hf_families --family mistral    # one family, printed
     python -m benchmarks.hf_families --router-tail       # how a static padding tail moves MoE aux losses
 """
@@ -118,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from packing.interop.hf_families import TABLE
 
+        committed = json.loads(TABLE.read_text())
+        if args.family:  # some families: merged into the committed matrix, never cut down to them
+            if committed["transformers"] != transformers.__version__:
+                print(f"error: the committed matrix is of transformers {committed['transformers']}, this is "
+                      f"{transformers.__version__}; merging one release's verdicts into another's would mix them: "
+                      "run --write without --family", file=sys.stderr)
+                return 2
+            rows = dict(sorted({**committed["families"], **rows}.items()))
         TABLE.write_text(json.dumps({"transformers": transformers.__version__, "families": rows}, indent=1) + "\n")
-        print(f"wrote {TABLE}")
+        print(f"wrote {TABLE} ({len(rows)} families)")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(rows) + "\n")

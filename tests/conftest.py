@@ -11,6 +11,11 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     import os
+    import tempfile
+
+    # Verdicts of packing.interop.verify go to a fresh folder: each run measures, none reads a
+    # developer's cache, and nothing is left in ~/.cache.
+    os.environ.setdefault("PACKING_CACHE_DIR", tempfile.mkdtemp(prefix="packing-cache-"))
 
     names = config.getoption("--require-kernels")
     if names:

@@ -1,8 +1,17 @@
 """Packed batches for other libraries: ``hf`` turns a :class:`~packing.Batch` into keyword arguments
 for a Hugging Face transformers model (transformers itself is imported only by what needs it)."""
 
-from packing.interop import hf_families, hf_verify
+from packing.interop import hf_families
 
-# check_model measures a family on a transformers release other than the committed matrix's with
-# hf_verify, which itself runs check_model's callers: the package wires the two together.
-hf_families.set_measurer(hf_verify.measured)
+
+def _verify_config(config, implementation):
+    # Imported at the first check, not here: `python -m packing.interop.verify` must find the
+    # module unimported when it runs it.
+    from packing.interop.verify import verify_config
+
+    return verify_config(config, implementation)
+
+
+# check_model verifies the model's own config with verify, which itself runs check_model's callers
+# (hf_kwargs): the package wires the two together.
+hf_families.set_verifier(_verify_config)

@@ -34,8 +34,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,10 +215,18 @@ def varlen_attention(
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")
     layer = layer_options(module, query, attention_mask, dropout, scaling, is_causal, kwargs)
-    if not torch.compiler.is_compiling():
-        # The family check (packing.interop.hf.check_model) once per config, for a model whose
-        # kwargs came from a bare name; under torch.compile it ran when hf_kwargs saw the model.
+    if torch.compiler.is_compiling():
+        # The same check while dynamo traces, with the module as it is (nothing enters the graph):
+        # a compiled model given the bare name is checked as an eager one is.
+        from torch._dynamo.comptime import comptime
+
+        comptime(_check_traced)
+    else:
+        # The config check (packing.interop.hf.check_model) once per config, for a model whose
+        # kwargs came from a bare name (a no-op where hf_kwargs saw the model: checked there).
         _check_family(getattr(module, "config", None))
+    for counter in _counters:  # only while the verifier counts (its own eager run, even inside a trace)
+        counter.count += 1
     # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if not q.is_cuda:
@@ -225,8 +234,40 @@ def varlen_attention(
     return _on_cuda(q, k, v, cu, max_len, layer)[None], None
 
 
+class _Calls:
+    count = 0
+
+
+_counters: list[_Calls] = []
+
+
+@contextlib.contextmanager
+def counting_calls() -> Iterator[_Calls]:
+    """Count the layers that call :func:`varlen_attention` inside the block (eager only): how the
+    verifier finds a model that routes attention around transformers' attention interface."""
+    calls = _Calls()
+    _counters.append(calls)
+    try:
+        yield calls
+    finally:
+        _counters.remove(calls)
+
+
 # The configs checked, by id; each is kept, so no later config can reuse a checked one's id.
 _checked: dict[int, Any] = {}
+
+
+def _check_traced(ctx: Any) -> None:
+    # Called by dynamo at trace time with varlen_attention's frame: its ``module`` local, resolved
+    # to the module itself (a tracked attribute module by its key, an unspecialized one by value).
+    tracker = ctx.get_local("module")._i_will_not_complain_if_bc_breaks_VariableTracker()
+    module = getattr(tracker, "value", None)
+    if module is None and hasattr(tracker, "module_key"):
+        module = ctx._ComptimeContext__tx.output.get_submodule(tracker.module_key)
+    if module is None:
+        raise ValueError("'packing_varlen' under torch.compile could not see the calling module's config to check it; "
+                         "build the kwargs from the model (HFPackedCollator(model), hf_kwargs(batch, model))")
+    _check_family(getattr(module, "config", None))
 
 
 def _check_family(config: Any) -> None:

@@ -6,16 +6,17 @@ family may also carry state across tokens some other way (a Mamba or linear-atte
 convolution), take its positions from the row instead of ``position_ids``, or pass its attention
 an option the implementation does not compute. No config field says which, so the rule is:
 
-- **the family must be verified.** ``hf_families.json`` beside this file is the family matrix: for
-  every causal LM of the transformers release it names, a tiny random model (fp32, CPU) ran one
-  packed row of three documents with each implementation and was compared with each document alone
-  through ``eager``. A family is ``exact`` there (logits and loss within 1e-5 relative) or refused
-  with the reason the matrix found. ``python -m benchmarks.hf_families --write`` writes it; a test
-  re-runs it in CI. On any other transformers release the family is measured the same way at its
-  first use (:mod:`packing.interop.hf_verify`), once per process: a verdict is never carried over
-  from another release.
-- **the config must ask for nothing packing cannot reproduce** (:func:`check_config`): a rotary
-  scaling that depends on the row's length, a kind of attention layer with no packed mask.
+- **the config must ask for nothing packing cannot reproduce** (:func:`check_config`, by its fields
+  alone): a rotary scaling that depends on the row's length, a kind of attention layer with no
+  packed mask.
+- **the user's own config must be verified** (:func:`check_model`): a reduced copy of it, every
+  feature kept, runs one packed row against each document alone on the installed transformers
+  (:mod:`packing.interop.verify`; cached per transformers version, config and implementation). It
+  is exact, or refused with the measured error and, where found, the field that causes it.
+
+``hf_families.json`` beside this file is the family matrix: every causal LM's default config
+verified the same way on the transformers release it names (``python -m benchmarks.hf_families
+--write``). It documents the families; it decides nothing.
 
 Every refusal is a ValueError that names the family or field, its value and the nearest supported
 path, raised when the model is known (``HFPackedCollator(model)``, ``hf_kwargs(batch, model)``) or
@@ -26,7 +27,9 @@ Example:
     >>> config = transformers.MistralConfig(sliding_window=8, attn_implementation="sdpa")
     >>> layer_windows(config)
     {'sliding_attention': 8}
-    >>> check_config(config, "sdpa")  # verified exact: returns None
+    >>> check_config(config, "sdpa")  # nothing it cannot reproduce: returns None
+    >>> check_model(config)  # and a reduced copy of it is exact packed
+    'sdpa'
 """
 
 from __future__ import annotations
@@ -105,27 +108,13 @@ def has_state_layers(config: Any) -> bool:
     return any(kind not in ATTENTION_KINDS + ("attention",) for kind in kinds)
 
 
-def check_config(config: Any, implementation: str, *, family: str | None = None) -> None:
-    """Refuse a config whose packed rows would not equal its documents alone with ``implementation``;
-    ``family`` is the model's model_type where ``config`` is its text config (by default config's own).
+def check_config(config: Any, implementation: str) -> None:
+    """Refuse a text config that asks for something packing cannot reproduce, by its fields alone
+    (no model is run; :func:`check_model` then verifies the config live).
 
     Raises:
-        ValueError: the family is not verified exact for ``implementation`` (the matrix's reason),
-            or a config field asks for something packing cannot reproduce (the field and value).
+        ValueError: a config field asks for something packing cannot reproduce (the field and value).
     """
-    family = family or getattr(config, "model_type", None)
-    if not _unverified.get():
-        verdict, source = family_verdict(family, implementation)
-        if verdict is None:
-            raise ValueError(
-                f"model_type {family!r} is not in the family matrix ({source}), so it is unverified that its packed "
-                f"rows equal its documents alone with {implementation!r}; register its causal LM with transformers' "
-                "auto classes so it can be verified, or train it unpacked"
-            )
-        if verdict != "exact":
-            fix = _nearest_exact(family, implementation)
-            raise ValueError(f"model_type {family!r} is refused on packed rows with {implementation!r}: {verdict} "
-                             f"({source}); {fix}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_types = {p.get("rope_type", p.get("type")) for p in (rope.values() if _nested(rope) else [rope])}
     for rope_type in rope_types & set(LENGTH_DEPENDENT_ROPE):
@@ -153,29 +142,6 @@ def _nested(rope: dict) -> bool:
     return bool(rope) and all(isinstance(v, dict) for v in rope.values())
 
 
-def family_verdict(family: str | None, implementation: str) -> tuple[str | None, str]:
-    """(verdict, where it comes from) for ``family`` with ``implementation``: ``"exact"``, the reason
-    it is refused, or None for a family transformers cannot build.
-
-    The committed table is trusted only on the transformers release it was measured on. On any
-    other release (newer or older), or for a family the table lacks, the family is measured here,
-    once per process (:func:`packing.interop.hf_verify.measured`): a release can change how a family
-    computes attention, so no verdict is carried over from another.
-    """
-    import transformers
-
-    table = family_table()
-    key = VERDICT_OF.get(implementation, implementation)
-    if table["transformers"] == transformers.__version__:
-        verdict = table["families"].get(family, {}).get(key)
-        if verdict is not None:
-            return verdict, f"family matrix, transformers {table['transformers']}"
-    source = f"measured at first use on transformers {transformers.__version__}"
-    if family not in causal_lm_families():
-        return None, f"transformers {transformers.__version__} has no causal LM of that type"
-    return _measure(family, key), source
-
-
 def causal_lm_families() -> dict[str, str]:
     """{model_type: causal-LM class name} for every family transformers' auto classes know."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -183,28 +149,21 @@ def causal_lm_families() -> dict[str, str]:
     return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
 
 
-# How a family is measured on the installed transformers: packing.interop (its __init__) sets it to
-# hf_verify.measured. Measuring runs a model through hf_kwargs, which calls check_config again, so
-# this module receives the measurement instead of importing the module that makes it.
-_measurer: list = []
+# How a config is verified: packing.interop (its __init__) sets it to verify.verify_config.
+# Verifying runs a model through hf_kwargs, which calls check_model, so this module receives the
+# verifier instead of importing the module that makes it.
+_verifier: list = []
 
 
-def set_measurer(measure) -> None:
-    """Install ``measure(family, implementation) -> verdict`` (done once, by ``packing.interop``)."""
-    _measurer[:] = [measure]
+def set_verifier(verify) -> None:
+    """Install ``verify(config, implementation) -> Verdict`` (done once, by ``packing.interop``)."""
+    _verifier[:] = [verify]
 
 
-def _measure(family: str, implementation: str) -> str:
-    if not _measurer:
-        raise RuntimeError("no family measurer installed: import packing.interop (it installs hf_verify.measured)")
-    return _measurer[0](family, implementation)
-
-
-def _nearest_exact(family: str, implementation: str) -> str:
-    """The fix for a refused family: the implementations that are exact for it, or training unpacked."""
-    exact = [impl for impl in (VARLEN_IMPLEMENTATIONS[-1],) + MASK_IMPLEMENTATIONS
-             if impl != implementation and family_verdict(family, impl)[0] == "exact"]
-    return f"load it with attn_implementation in {exact}" if exact else "train it unpacked (pad_longest)"
+def _verify(config: Any, implementation: str):
+    if not _verifier:
+        raise RuntimeError("no config verifier installed: import packing.interop (it installs verify.verify_config)")
+    return _verifier[0](config, implementation)
 
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")
@@ -255,6 +214,25 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
     outer = getattr(model_or_config, "config", model_or_config)
     if isinstance(model_or_config, str) or not hasattr(outer, "model_type"):
         raise TypeError(f"check_model takes a transformers model or config, got {type(model_or_config).__name__}")
-    # The family is the model's (a multimodal wrapper is verified as a whole); the fields are its text model's.
-    check_config(_config_of(model_or_config), name, family=outer.model_type)
+    check_config(_config_of(model_or_config), name)  # the fields are its text model's
+    if not _unverified.get():
+        _check_verified(outer, name)  # the model as a whole: a multimodal wrapper's own causal LM
     return name
+
+
+def _check_verified(config: Any, implementation: str) -> None:
+    """Refuse ``config`` unless a reduced copy of it is exact packed with ``implementation``
+    (:func:`packing.interop.verify.verify_config`, cached)."""
+    import transformers
+
+    verdict = _verify(config, implementation)
+    if verdict.exact:
+        return
+    cause = f"; switching off its {verdict.cause} made the row exact" if verdict.cause else ""
+    others = [impl for impl in ("packing_varlen",) + MASK_IMPLEMENTATIONS
+              if impl != VERDICT_OF.get(implementation, implementation) and _verify(config, impl).exact]
+    fix = f"load it with attn_implementation in {others}" if others else "train it unpacked (pad_longest)"
+    raise ValueError(
+        f"model_type {config.model_type!r} is refused on packed rows with {implementation!r}: {verdict.status}{cause} "
+        f"(verified on a reduced copy of this config, transformers {transformers.__version__}); {fix}"
+    )

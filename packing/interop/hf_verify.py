@@ -10,11 +10,10 @@ sliding window of 8, so windows matter) and each document alone through ``eager`
 - ``refused: <message>``: a ValueError from packing names what it does not compute;
 - anything else, a mismatch or another error, is the reason the family is refused.
 
-:func:`packing.interop.hf_families.check_config` reads the committed verdicts
-(``hf_families.json``) when the installed transformers is the release they were measured on, and
-otherwise measures the family here, once per process, at its first use: a new transformers release
-can change how a family computes attention, so a verdict from another release is never trusted.
-``python -m benchmarks.hf_families --write`` measures every family and rewrites the committed table.
+Each verdict is :func:`packing.interop.verify.verify_config` on the family's tiny config: the same
+measurement check_model makes of a user's config. The verdicts form the family matrix
+(``hf_families.json``, ``python -m benchmarks.hf_families --write``), which documents the families;
+check_model verifies the user's own config and reads no verdict from it.
 
 Example:
     >>> [(v.implementation, v.status) for v in verify("llama", ("sdpa",))]
@@ -136,45 +135,19 @@ def build(family: str, **fields):
 
 
 def verify(family: str, implementations=IMPLEMENTATIONS) -> list[Verdict]:
-    """The family's verdict for each implementation, measured with the family table off (the
-    config check and every attention refusal stay on)."""
-    from packing import get_collator
-    import packing.interop.hf_attention as hf_attention
-    from packing.interop.hf import hf_kwargs
-    from packing.interop.hf_families import unverified
+    """The family's verdict for each implementation: its tiny config verified exactly as
+    check_model verifies a user's (:func:`packing.interop.verify.verify_config`, not cached)."""
+    from packing.interop.verify import verify_config
 
-    if hf_attention._kernels is None:  # register once; a user's register(kernels=...) stays in force
-        hf_attention.register()
     try:
-        model, docs = build(family)
-        with torch.no_grad():
-            alone = [model(input_ids=d[None], use_cache=False).logits[0] for d in docs]
-        ref = torch.cat(alone)
-        ref_loss = torch.nn.functional.cross_entropy(torch.cat([a[:-1] for a in alone]), torch.cat([d[1:] for d in docs]))
-    except Exception as e:  # noqa: BLE001 - any failure here means "no tiny model verified it"
-        reason = f"no tiny model of it ran alone with eager to verify it ({_first_line(e)})"
-        return [Verdict(family, impl, reason) for impl in implementations]
+        config = tiny_config(family)
+    except Exception as e:  # noqa: BLE001 - no config of the family can be made without arguments
+        return [Verdict(family, impl, f"no tiny config of it could be made ({_first_line(e)})") for impl in implementations]
     verdicts = []
-    batch = get_collator("concat")(docs)
     for impl in implementations:
-        try:
-            model.set_attn_implementation(impl)
-            with torch.no_grad(), unverified():
-                out = model(**hf_kwargs(batch, model))
-        except ValueError as e:
-            verdicts.append(Verdict(family, impl, f"refused: {_first_line(e)}"))
-            continue
-        except Exception as e:  # noqa: BLE001
-            verdicts.append(Verdict(family, impl, f"fails packed ({type(e).__name__}: {_first_line(e)})"))
-            continue
-        err = max(_rel(out.logits[0], ref), _rel(out.loss, ref_loss))
-        status = "exact" if err <= TOL else f"packed logits {err:.0%} off each document alone"
-        verdicts.append(Verdict(family, impl, status, err))
+        v = verify_config(config, impl, cache=False)
+        verdicts.append(Verdict(family, impl, v.status, v.error))
     return verdicts
-
-
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _first_line(e: BaseException) -> str:

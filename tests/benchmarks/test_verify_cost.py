@@ -1,0 +1,17 @@
+import json
+
+import pytest
+
+pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+
+from benchmarks.verify_cost import main  # noqa: E402
+
+
+def test_first_use_is_measured_and_the_second_is_read_from_the_cache(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["--config", "Qwen3-0.6B", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["status"] == "exact" and row["cached"] and row["cached_s"] < row["first_use_s"]
+    assert "Qwen3-0.6B" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--config", "no-such-config"])
