@@ -12,16 +12,17 @@ implementation, and one that would let documents attend to each other is refused
 ``config._attn_implementation``                  what carries the boundaries
 ===============================================  ==============================================
 ``flash_attention_2|3|4``, ``packing_varlen``    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (varlen kernels)
-``sdpa``                                         a 4-D bool block-causal ``attention_mask``, (1, 1, T, T)
-``eager``                                        a 4-D additive float mask, 0 or the dtype's minimum
+``sdpa``, ``eager``                              one 4-D additive ``attention_mask``, (1, 1, T, T): 0 where
+                                                 a query sees a key, the dtype's minimum elsewhere
 anything else (``flex_attention``, custom)       refused with a ValueError
 ===============================================  ==============================================
 
 Why not ``position_ids`` alone, as ``DataCollatorWithFlattening`` does for sdpa and eager: on tiny
 random Llama and GPT-2 models, one packed row of three documents then gave logits far off running
-each document alone, silently. A 4-D bool mask fixes sdpa but not eager (eager adds the mask, so
-True adds 1); eager needs the additive float mask (measured: benchmarks/results/README.md). The 4-D
-masks cost T x T memory (a quarter GiB of bools at T = 16,384): for long rows use a varlen
+each document alone, silently. Why one additive mask for both: sdpa reads a bool mask right, but
+eager adds whatever mask it gets to the scores (True adds 1), so kwargs built for an sdpa model and
+fed to an eager copy of it were 83% off, silently; the additive mask means the same to both. The
+4-D mask costs T x T memory (half a GiB in bf16 at T = 16,384): for long rows use a varlen
 implementation. ``packing_varlen`` is this project's (see :mod:`packing.interop.hf_attention`): the varlen
 kernels on CUDA without the flash-attn package.
 
@@ -98,8 +99,8 @@ def hf_kwargs(batch: Batch, model_or_name: Any, *, mask_dtype: torch.dtype | Non
         model_or_name: the transformers model (or its config), checked by :func:`check_model`; a
             bare ``attn_implementation`` name only for ``packing_varlen``, which checks the model
             at its first call (the masks of sdpa and eager depend on the config's windows).
-        mask_dtype: the additive mask's dtype for ``eager``; by default the model's dtype, or
-            float32 given a name.
+        mask_dtype: the additive mask's dtype (``sdpa``, ``eager``); by default the model's dtype,
+            or float32 given a config.
         vocab_size: ids at or above it are a ValueError (:func:`check_vocab`); by default the
             model's ``vocab_size``. Checked where the batch is on the CPU (no host sync on a GPU).
 
@@ -191,11 +192,9 @@ def document_index(batch: Batch) -> Tensor:
 
 
 def _mask(cu: Tensor, num_slots: int, window: int | None, name: str, dtype: torch.dtype) -> Tensor:
-    """(1, 1, T, T): sdpa's bool mask, or eager's additive one (0 where allowed, the dtype's minimum
-    elsewhere, since eager adds the mask to the scores)."""
+    """(1, 1, T, T) additive mask, 0 where allowed and the dtype's minimum elsewhere: eager adds it
+    to the scores and sdpa takes it as a float mask, so kwargs for one are right for the other."""
     allowed = block_causal_mask(cu, num_slots, window=window)  # (T, T)
-    if name == "sdpa":
-        return allowed[None, None]
     additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
@@ -233,7 +232,7 @@ class HFPackedCollator:
         model: the transformers model (or its config), checked here by :func:`check_model`, so a
             model that would mix documents fails at construction, not after a training run; or
             the bare name ``"packing_varlen"``, which checks the model at its first call.
-        dtype: the model's dtype, for the additive mask of the ``eager`` implementation (by
+        dtype: the model's dtype, for the additive mask of ``sdpa`` and ``eager`` (by
             default the model's).
         vocab_size: ids at or above it are refused by name (by default the model's ``vocab_size``;
             give it with the bare name ``"packing_varlen"``).

@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["LENS", "TOL", "VOCAB", "WINDOW", "Verdict", "cache_dir", "reduce_config", "verify_config"]
+__all__ = ["LENS", "TOL", "VOCAB", "WINDOW", "Verdict", "cache_dir", "reduce_config", "verify_config", "verify_loss"]
 
 LENS = (30, 17, 25)  # the documents' lengths: longer than WINDOW, unequal, none a power of two
 VOCAB = 256
@@ -254,6 +254,61 @@ def verify_config(config: Any, implementation: str, *, cache: bool = True) -> Ve
     if cache:
         _write(path, verdict)
     return verdict
+
+
+def verify_loss(config: Any, loss: Any, *, router: bool = False, cache: bool = True) -> Verdict:
+    """Whether ``loss(model, kwargs)`` (the chunked causal-LM loss) equals ``model(**kwargs).loss``
+    for ``config``: measured once on a reduced copy, packed through the config's implementation
+    (``flash_attention_*`` as ``packing_varlen``), with the router's load-balancing loss on where
+    ``router`` is, then cached as :func:`verify_config` does."""
+    from packing.interop.hf_families import VERDICT_OF
+
+    reduced = reduce_config(config)
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    implementation = VERDICT_OF.get(implementation, implementation)
+    what = f"causal_lm_loss{'+router' if router else ''}:{implementation}"
+    key = fingerprint(reduced, what)
+    if key in _memo:
+        return replace(_memo[key], seconds=0.0, cached=True)
+    path = cache_dir() / f"{key}.json"
+    verdict = _read(path, what) if cache else None
+    if verdict is None:
+        start = time.perf_counter()
+        with _quiet():
+            status, error = _run_loss(reduced, loss, router, implementation)
+        verdict = Verdict(what, status, error, None, time.perf_counter() - start)
+        if cache:
+            _write(path, verdict)
+    _memo[key] = verdict
+    return verdict
+
+
+def _run_loss(reduced: Any, loss: Any, router: bool, implementation: str) -> tuple[str, float | None]:
+    import packing.interop.hf_attention as hf_attention
+    from packing import get_collator
+    from packing.interop.hf import hf_kwargs
+    from packing.interop.hf_families import unverified
+
+    try:
+        cls = causal_lm_class(reduced)
+        torch.manual_seed(0)
+        model = cls._from_config(reduced, attn_implementation="eager").float().eval()
+        _set(_text_config(model.config), "output_router_logits", router)
+        _set(model.config, "output_router_logits", router)
+        if implementation == hf_attention.NAME and hf_attention._kernels is None:
+            hf_attention.register()
+        model.set_attn_implementation(implementation)
+        with unverified():
+            kwargs = hf_kwargs(get_collator("concat")(_documents()), model)
+        with torch.no_grad():
+            ref = model(**kwargs).loss
+            got = loss(model, kwargs, chunk=16)  # several chunks, as a long row has
+    except ValueError as e:
+        return f"refused: {_first_line(e)}", None
+    except Exception as e:  # noqa: BLE001
+        return f"not verifiable ({type(e).__name__}: {_first_line(e)})", None
+    err = _rel(got, ref)
+    return ("exact" if err <= TOL else f"it differs from the model's own loss by {err:.2%}"), err
 
 
 def _read(path: Path, implementation: str) -> Verdict | None:

@@ -1,7 +1,7 @@
 """Hugging Face interop: one packed row through a transformers model equals each document alone.
 
 Small randomly initialised Llama and GPT-2 models (no download), fp32 on CPU, for every attention
-implementation that packing.interop.hf accepts on a CPU: sdpa (4-D bool mask), eager (4-D additive mask) and
+implementation that packing.interop.hf accepts on a CPU: sdpa and eager (one 4-D additive mask) and
 packing_varlen (cu_seq_lens kwargs). flash_attention_2/3/4 take the same cu_seq_lens kwargs as
 packing_varlen but need the flash-attn package and a GPU.
 """
@@ -105,7 +105,10 @@ def test_masks_for_sdpa_and_eager():
     batch = get_collator("concat")([[1, 2], [3, 4, 5]])
     expected = block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)
     assert expected.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
-    assert torch.equal(hf_kwargs(batch, config("sdpa"))["attention_mask"], expected[None, None])
+    # One additive mask for both (0 where allowed): eager adds a bool mask to its scores, so kwargs
+    # for sdpa fed to an eager model would have been silently wrong.
+    assert torch.equal(hf_kwargs(batch, config("sdpa"))["attention_mask"], hf_kwargs(batch, config("eager"))["attention_mask"])
+    assert torch.equal(hf_kwargs(batch, config("sdpa"))["attention_mask"][0, 0] == 0, expected)
     additive = hf_kwargs(batch, config("eager"), mask_dtype=torch.bfloat16)["attention_mask"]
     assert additive.dtype == torch.bfloat16 and additive.shape == (1, 1, 5, 5)
     assert torch.equal(additive[0, 0] == 0, expected)
