@@ -206,18 +206,27 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
     """Refuse, before the first step, a model whose packed rows would not equal its documents run
     alone with ``implementation`` (by default the model's own); returns the implementation name.
 
-    See :mod:`packing.interop.hf_families`: the family must be verified exact for the
-    implementation, and its config must ask for nothing packing cannot reproduce. Raises a
-    ValueError naming the family or config field, its value and the nearest supported path.
+    See :mod:`packing.interop.hf_families`: the config must ask for nothing packing cannot
+    reproduce, and a reduced copy of it must be exact packed. Raises a ValueError naming the family
+    or config field, its value and the nearest supported path. A config object that passed is not
+    checked again (``hf_kwargs`` calls this for every batch): configure the model before its first
+    packed batch.
     """
     name = accepted_implementation(implementation or model_or_config)
     outer = getattr(model_or_config, "config", model_or_config)
     if isinstance(model_or_config, str) or not hasattr(outer, "model_type"):
         raise TypeError(f"check_model takes a transformers model or config, got {type(model_or_config).__name__}")
+    verified = not _unverified.get()
+    if _passed.get((id(outer), name, verified)) is outer:
+        return name
     check_config(_config_of(model_or_config), name)  # the fields are its text model's
-    if not _unverified.get():
+    if verified:
         _check_verified(outer, name)  # the model as a whole: a multimodal wrapper's own causal LM
+    _passed[(id(outer), name, verified)] = outer  # kept: no later config can take a passed one's id
     return name
+
+
+_passed: dict[tuple[int, str, bool], Any] = {}
 
 
 def _check_verified(config: Any, implementation: str) -> None:

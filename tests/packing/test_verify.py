@@ -258,3 +258,18 @@ def test_kwargs_built_for_one_implementation_are_exact_or_refused_on_another(bui
             assert "packing_varlen" in str(e), str(e)  # refused by name
             return
     assert rel(out, ref) <= 1e-5, (built_for, runs)
+
+
+def test_a_config_is_checked_once_not_at_every_batch(monkeypatch):
+    from packing.interop import hf_families
+
+    config = transformers.LlamaConfig(**SMALL, num_hidden_layers=2, attn_implementation="sdpa")
+    batch = get_collator("concat")([torch.arange(1, 9), torch.arange(1, 5)])
+    hf_kwargs(batch, config)
+    monkeypatch.setattr(hf_families, "check_config", lambda *a: pytest.fail("a passed config was checked again"))
+    monkeypatch.setattr(hf_families, "_check_verified", lambda *a: pytest.fail("a passed config was verified again"))
+    for _ in range(3):
+        hf_kwargs(batch, config)
+    other = transformers.LlamaConfig(**SMALL, num_hidden_layers=2, attn_implementation="sdpa")
+    with pytest.raises(pytest.fail.Exception, match="checked again"):
+        hf_kwargs(batch, other)  # another config object is checked
