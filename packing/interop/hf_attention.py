@@ -1,9 +1,10 @@
 """``packing_varlen``: an attention implementation for transformers models that reads the packed
 row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.interop.hf.hf_kwargs`) and runs this
 project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-3/4/2 when installed) on CUDA,
-exact per-document attention on a CPU (SDPA, or the written-out softmax for softcaps and sinks,
-with a (T, T) document mask: T² bools, so keep long rows on a GPU). It needs no flash-attn package
-and compiles to one graph with no host read.
+exact per-document attention on a CPU (SDPA, or the written-out softmax for softcaps and sinks;
+eager, the documents gathered into one block, memory linear in the row for bounded documents;
+compiled, a (T, T) document mask). It needs no flash-attn package and compiles to one graph with
+no host read.
 
 **The rule: every keyword is implemented or refused.** transformers' attention modules hand an
 attention function their options as keywords. Each one :func:`varlen_attention` receives is in
@@ -348,26 +349,77 @@ def _note_traced(ctx: Any) -> None:
 
 def _masked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerOptions) -> Tensor:
     """Exact attention within each block of ``cu_seqlens``, for the CPU: q (T, H, D), k (T, H_kv, D),
-    v (T, H_kv, D_v) -> (T, H, D_v). The (T, T) document mask (and window) is built on the device
-    from the boundaries, so it compiles without reading them on the host. SDPA where it computes
-    the layer; the softmax written out, as transformers' eager code does, for softcaps and sinks."""
+    v (T, H_kv, D_v) -> (T, H, D_v).
+
+    Eager, the documents are gathered into a (docs, H, longest, D) block and attended in one SDPA
+    call (:func:`_gathered`): memory grows with docs x longest², not T². Under ``torch.compile`` the
+    (T, T) document mask (and window) is built on the device from the boundaries instead, so the
+    graph reads nothing on the host: keep compiled CPU rows short. SDPA where it computes the layer;
+    the softmax written out, as transformers' eager code does, for softcaps and sinks."""
+    if not torch.compiler.is_compiling() and (layer.sinks is None or layer.sinks.dim() == 1):
+        return _gathered(q, k, v, cu_seqlens, layer)  # per-token sinks (1, H, T, 1) stay in row order
     allowed = block_causal_mask(cu_seqlens, q.shape[0], causal=layer.causal, window=layer.window)  # (T, T)
-    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, T, D)
+    return _attend(q, k, v, allowed, layer)
+
+
+def _gathered(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerOptions) -> Tensor:
+    """:func:`_masked` with the documents gathered: each document's tokens become one row of a
+    (docs, longest) block, attended with a (longest, longest) mask per document, and scattered back.
+    Reads the boundaries on the host (a CPU tensor: no device wait)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[-1] < q.shape[0]:  # slots past the last boundary: one block of their own (the tail rule)
+        bounds.append(q.shape[0])
+    spans = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+    starts = torch.tensor([a for a, _ in spans])
+    lengths = torch.tensor([n for _, n in spans])
+    docs, longest, T = len(spans), int(lengths.max()), q.shape[0]
+    # Token t of document d sits at row d * longest + (t - start[d]) of the flattened block.
+    row = torch.arange(T) + torch.repeat_interleave(torch.arange(docs) * longest - starts, lengths)
+    row = row.to(q.device)
+
+    def block(x: Tensor) -> Tensor:  # (T, H, D) -> (docs, H, longest, D), padding rows zero
+        out = x.new_zeros(docs * longest, *x.shape[1:])
+        out.index_copy_(0, row, x)
+        return out.view(docs, longest, *x.shape[1:]).transpose(1, 2)
+
+    index = torch.arange(longest, device=q.device)
+    distance = index[:, None] - index[None, :]  # (L, L): i - j, the same within a document as in the row
+    allowed = (index[None, None, :] < lengths.to(q.device)[:, None, None]).expand(docs, longest, longest).clone()
+    if layer.causal:
+        allowed &= distance >= 0
+    if layer.window is not None:
+        allowed &= distance.abs() < layer.window
+    # A block's padding rows (past their document) see key 0, so no softmax row is empty (a NaN
+    # there would reach the gradients); their outputs are never gathered back.
+    allowed |= (index[None, :, None] >= lengths.to(q.device)[:, None, None]) & (index == 0)
+    out = _attend(block(q), block(k), block(v), allowed[:, None], layer, batched=True)  # (docs, H, L, D_v)
+    return out.transpose(1, 2).reshape(docs * longest, *out.shape[1:2], out.shape[-1]).index_select(0, row)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, layer: LayerOptions, *, batched: bool = False) -> Tensor:
+    """Attention under a bool mask ``allowed``: (T, H, D) tensors and a (T, T) mask, or, ``batched``,
+    (docs, H, L, D) blocks and a (docs, 1, L, L) mask; returns (T, H, D_v) or (docs, H, L, D_v).
+    Every query row must allow a key."""
+    if not batched:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, T, D)
+    heads, kv_heads = q.shape[-3], k.shape[-3]
     if layer.softcap is None and layer.sinks is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=layer.scale,
-                                             enable_gqa=k.shape[0] != q.shape[0])
-        return out.transpose(0, 1)
-    groups = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    logits = (q @ k.transpose(1, 2)) * (q.shape[-1] ** -0.5 if layer.scale is None else layer.scale)  # (H, T, T)
+                                             enable_gqa=kv_heads != heads)
+        return out if batched else out.transpose(0, 1)
+    groups = heads // kv_heads
+    k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if layer.scale is None else layer.scale)  # (.., H, T, T)
     if layer.softcap is not None:
         logits = torch.tanh(logits / layer.softcap) * layer.softcap
     logits = logits.masked_fill(~allowed, float("-inf"))
     if layer.sinks is not None:
-        sinks = layer.sinks.reshape(q.shape[0], -1, 1).to(logits.dtype).expand(-1, q.shape[1], 1)  # (H, T, 1)
+        shape = (1,) * (logits.dim() - 3) + (heads, -1, 1)
+        sinks = layer.sinks.reshape(shape).to(logits.dtype).expand(*logits.shape[:-1], 1)  # (.., H, T, 1)
         logits = torch.cat([logits, sinks], dim=-1)
         logits = logits - logits.amax(dim=-1, keepdim=True)
         probs = logits.softmax(dim=-1)[..., :-1]  # the sink takes its share of the softmax, then leaves
     else:
         probs = logits.softmax(dim=-1)
-    return (probs.to(v.dtype) @ v).transpose(0, 1)
+    out = probs.to(v.dtype) @ v
+    return out if batched else out.transpose(0, 1)

@@ -15,3 +15,13 @@ def test_first_use_is_measured_and_the_second_is_read_from_the_cache(tmp_path, c
     assert "Qwen3-0.6B" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--config", "no-such-config"])
+
+
+def test_the_cpu_benchmark_runs_both_methods_on_the_same_documents(tmp_path, capsys):
+    from benchmarks.hf_cpu import main as cpu_main
+
+    out = tmp_path / "c.json"
+    assert cpu_main(["--tokens", "2048", "--layers", "1", "--dim", "64", "--steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["pad_max"]["tokens"] == rows["packed"]["tokens"] > 1500
+    assert rows["pad_max"]["time_ratio"] == 1.0 and rows["packed"]["peak_gib"] >= 0

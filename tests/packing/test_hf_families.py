@@ -521,3 +521,29 @@ def test_fa3_private_api_check_reads_through_a_custom_op(monkeypatch):
                                                   r"'dk', 'dv'\), not the parameters this wrapper passes by position"):
                 flash3._interface()
     flash3._interface.cache_clear()
+
+
+@pytest.mark.parametrize("layer", [
+    LayerOptions(causal=True),
+    LayerOptions(causal=False, window=3),
+    LayerOptions(causal=True, softcap=2.0, window=2),
+    LayerOptions(causal=True, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+], ids=["causal", "bidirectional-window", "softcap-window", "sinks"])
+@pytest.mark.parametrize("bounds", [[0, 5, 14, 16, 16, 16], [0, 5, 14, 16]], ids=["static-empty-blocks", "tail"])
+def test_cpu_gathered_documents_equal_the_row_mask_forward_and_backward(layer, bounds):
+    # The eager CPU path (documents gathered into one block) against the compiled one (the (T, T)
+    # mask), on static boundaries with empty blocks and on slots past the last boundary (a tail).
+    from packing.interop.hf_attention import _attend, _gathered
+
+    g = torch.Generator().manual_seed(0)
+    cu, T = torch.tensor(bounds, dtype=torch.int32), 18
+    q = torch.randn(T, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(T, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(T, 2, 8, generator=g, requires_grad=True)
+    got = _gathered(q, k, v, cu, layer)
+    ref = _attend(q, k, v, block_causal_mask(cu, T, causal=layer.causal, window=layer.window), layer)
+    assert rel(got, ref) <= TOL
+    w = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert all(rel(a, b) <= TOL for a, b in zip(grads, ref_grads))
