@@ -210,9 +210,20 @@ def varlen_attention(
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
         raise ValueError(
-            "attn_implementation 'packing_varlen' needs cu_seq_lens_q and max_length_q; call "
-            "model(**packing.interop.hf.hf_kwargs(batch, model)) with a packed batch"
+            f"attn_implementation 'packing_varlen' needs cu_seq_lens_q and max_length_q, and {type(module).__name__} "
+            "called it without them: either the model's kwargs did not come from packing.interop.hf.hf_kwargs "
+            "(or HFPackedCollator), or this model does not hand them down to its attention layers (then load it "
+            "with attn_implementation 'sdpa' or 'eager')"
         )
+    # The keys' boundaries must be the queries': a packed row attends each document to itself, so
+    # the kernel reads cu_seq_lens_q for both, and a different cu_seq_lens_k would be dropped.
+    cu_k, max_k = kwargs.get("cu_seq_lens_k", cu), kwargs.get("max_length_k", max_len)
+    if cu_k is not cu and (torch.compiler.is_compiling() or cu_k.shape != cu.shape or not torch.equal(cu_k, cu)):
+        raise ValueError("'packing_varlen' got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
+                         "document to itself: pass the same boundaries for both (hf_kwargs does)")
+    if max_k != max_len:
+        raise ValueError(f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; a packed row "
+                         "attends each document to itself: pass the same (hf_kwargs does)")
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")
     layer = layer_options(module, query, attention_mask, dropout, scaling, is_causal, kwargs)

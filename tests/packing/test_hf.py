@@ -151,9 +151,17 @@ def test_refusals_say_how_to_fix():
 def test_packing_varlen_refuses_what_it_cannot_compute():
     model = tiny("gpt2", register())
     batch = get_collator("concat")([[1, 2, 3], [4, 5]])
-    with pytest.raises(ValueError, match=r"'packing_varlen' needs cu_seq_lens_q and max_length_q; call "
-                                         r"model\(\*\*packing.interop.hf.hf_kwargs\(batch, model\)\)"):
+    with pytest.raises(ValueError, match=r"'packing_varlen' needs cu_seq_lens_q and max_length_q, and GPT2Attention "
+                                         r"called it without them: either the model's kwargs did not come from "
+                                         r"packing.interop.hf.hf_kwargs"):
         model(input_ids=batch.input_ids)
+    kwargs = hf_kwargs(batch, model)
+    with pytest.raises(ValueError, match=r"got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
+                                         r"document to itself"):
+        model(**{**kwargs, "cu_seq_lens_k": kwargs["cu_seq_lens_q"].flip(0)})
+    with pytest.raises(ValueError, match=r"got max_length_k=99 and max_length_q=3"):
+        model(**{**kwargs, "max_length_k": 99})
+    model(**{**kwargs, "cu_seq_lens_k": kwargs["cu_seq_lens_q"].clone()})  # equal boundaries, another tensor
     dropout = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=97, n_embd=32, n_layer=1, n_head=4, attn_pdrop=0.1, attn_implementation=register())).train()
     with pytest.raises(ValueError, match=r"'packing_varlen' has no attention dropout, got dropout=0.1; set the config's"):
