@@ -272,11 +272,19 @@ _checked: dict[int, Any] = {}
 def _check_traced(ctx: Any) -> None:
     # Called by dynamo at trace time with varlen_attention's frame: its ``module`` local, resolved
     # to the module itself (a tracked attribute module by its key, an unspecialized one by value).
-    tracker = ctx.get_local("module")._i_will_not_complain_if_bc_breaks_VariableTracker()
-    module = getattr(tracker, "value", None)
-    if module is None and hasattr(tracker, "module_key"):
-        module = ctx._ComptimeContext__tx.output.get_submodule(tracker.module_key)
+    module = None
+    try:  # dynamo's private trace-time view: resolved defensively, as its API moves between releases
+        tracker = ctx.get_local("module")._i_will_not_complain_if_bc_breaks_VariableTracker()
+        module = getattr(tracker, "value", None)
+        if module is None and hasattr(tracker, "module_key"):
+            module = ctx._ComptimeContext__tx.output.get_submodule(tracker.module_key)
+    except Exception:  # noqa: BLE001 - not resolvable on this torch: decided below
+        module = None
     if module is None:
+        from packing.interop.hf_families import checked_any
+
+        if checked_any(NAME):  # kwargs built from a model: hf_kwargs checked it
+            return
         raise ValueError("'packing_varlen' under torch.compile could not see the calling module's config to check it; "
                          "build the kwargs from the model (HFPackedCollator(model), hf_kwargs(batch, model))")
     _check_family(getattr(module, "config", None))

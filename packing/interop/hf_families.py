@@ -229,6 +229,11 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
 _passed: dict[tuple[int, str, bool], Any] = {}
 
 
+def checked_any(implementation: str) -> bool:
+    """Whether some config passed :func:`check_model` with ``implementation`` in this process."""
+    return any(name == implementation and verified for _, name, verified in _passed)
+
+
 def _check_verified(config: Any, implementation: str) -> None:
     """Refuse ``config`` unless a reduced copy of it is exact packed with ``implementation``
     (:func:`packing.interop.verify.verify_config`, cached)."""
