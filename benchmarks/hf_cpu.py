@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     base = rows["pad_max"]
     for method, row in rows.items():
-        row.update(time_ratio=row["seconds"] / base["seconds"], memory_ratio=row["peak_gib"] / base["peak_gib"])
+        # A run too small to grow the process past its peak before the steps has no memory ratio.
+        memory = row["peak_gib"] / base["peak_gib"] if base["peak_gib"] > 0 else None
+        row.update(time_ratio=row["seconds"] / base["seconds"], memory_ratio=memory)
         print(f"{method:8} {row['docs']} docs, {row['tokens']:,} tokens: step {row['seconds']:.3f} s "
-              f"({row['time_ratio']:.2f}x pad_max), peak {row['peak_gib']:.3f} GiB ({row['memory_ratio']:.2f}x)")
+              f"({row['time_ratio']:.2f}x pad_max), peak {row['peak_gib']:.3f} GiB "
+              f"({'-' if memory is None else f'{memory:.2f}x'})")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "command": p.command(argv)}, indent=2) + "\n")
     return 0
