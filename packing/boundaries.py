@@ -66,6 +66,24 @@ def packed_positions(seq_lens: Sequence[int]) -> Tensor:
     return torch.arange(sum(seq_lens)) - torch.repeat_interleave(starts, torch.tensor(seq_lens))
 
 
+def block_rows(lengths: Tensor, longest: int) -> Tensor:
+    """(sum(lengths),) int64: where each token of consecutive documents of ``lengths`` (a host int
+    tensor) sits in a (docs * longest) block, one document a row of ``longest`` slots: token t of
+    document d at d * longest + (t - start[d]). ``to_blocks`` gathers by it, ``index_select`` back.
+
+    Lengths 2, 3 with longest 3 give [0, 1, 3, 4, 5].
+    """
+    starts = lengths.cumsum(0) - lengths
+    return torch.arange(int(lengths.sum())) + torch.repeat_interleave(torch.arange(len(lengths)) * longest - starts, lengths)
+
+
+def to_blocks(x: Tensor, rows: Tensor, docs: int, longest: int) -> Tensor:
+    """(T, H, D) tokens of consecutive documents -> (docs, H, longest, D), each document a row,
+    padding slots zero; ``rows`` from :func:`block_rows` (on x's device), T its length."""
+    flat = x.new_zeros(docs * longest, *x.shape[1:]).index_copy(0, rows, x)
+    return flat.view(docs, longest, *x.shape[1:]).transpose(1, 2)
+
+
 def block_lengths(seq_lens: Sequence[int], num_slots: int) -> list[int]:
     """The attention blocks of a packed row, host ints: the sequences, then the padding tail
     ``num_slots - sum(seq_lens)`` as one block of its own if the row is padded.

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from models.attention.base import AttentionAdapter
 from packing.batch import Batch
+from packing.boundaries import block_rows, to_blocks
 
 
 class SdpaDocsAttention(AttentionAdapter):
@@ -50,16 +51,14 @@ class SdpaDocsAttention(AttentionAdapter):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         lens = batch.seq_lens  # host ints: the block's shape needs no device read
         docs, longest, real = len(lens), max(lens), sum(lens)
-        # Token t of document b sits at row b * longest + (t - starts[b]) of the flattened block. Made
-        # on the host with the lengths and sent in one copy: on CUDA the step then never waits.
+        # Each token's row of the block (block_rows), made on the host with the lengths and sent in
+        # one copy: on CUDA the step then never waits.
         lengths = torch.tensor(lens)
-        starts = lengths.cumsum(0) - lengths
-        slot = torch.arange(real) + torch.repeat_interleave(torch.arange(docs) * longest - starts, lengths)
+        slot = block_rows(lengths, longest)
         slot, lengths = torch.cat([slot, lengths]).to(q.device, non_blocking=True).split([real, docs])
 
         def block(x: Tensor) -> Tensor:  # (T, H, D) -> (docs, H, longest, D)
-            flat = x.new_zeros(docs * longest, *x.shape[1:]).index_copy(0, slot, x[:real])
-            return flat.view(docs, longest, *x.shape[1:]).transpose(1, 2)
+            return to_blocks(x[:real], slot, docs, longest)
 
         mask = None
         if not causal:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from packing.kernels import head_dim_check, varlen_kernels, varlen_options
-from packing.boundaries import block_causal_mask
+from packing.boundaries import block_causal_mask, block_rows, to_blocks
 
 NAME = "packing_varlen"
 
@@ -388,18 +388,12 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerO
     bounds = cu_seqlens.tolist()
     if bounds[-1] < q.shape[0]:  # slots past the last boundary: one block of their own (the tail rule)
         bounds.append(q.shape[0])
-    spans = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
-    starts = torch.tensor([a for a, _ in spans])
-    lengths = torch.tensor([n for _, n in spans])
-    docs, longest, T = len(spans), int(lengths.max()), q.shape[0]
-    # Token t of document d sits at row d * longest + (t - start[d]) of the flattened block.
-    row = torch.arange(T) + torch.repeat_interleave(torch.arange(docs) * longest - starts, lengths)
-    row = row.to(q.device)
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:]) if b > a])  # the blocks, empty ones dropped
+    docs, longest = len(lengths), int(lengths.max())
+    row = block_rows(lengths, longest).to(q.device)
 
     def block(x: Tensor) -> Tensor:  # (T, H, D) -> (docs, H, longest, D), padding rows zero
-        out = x.new_zeros(docs * longest, *x.shape[1:])
-        out.index_copy_(0, row, x)
-        return out.view(docs, longest, *x.shape[1:]).transpose(1, 2)
+        return to_blocks(x, row, docs, longest)
 
     index = torch.arange(longest, device=q.device)
     distance = index[:, None] - index[None, :]  # (L, L): i - j, the same within a document as in the row

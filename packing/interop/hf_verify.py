@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from packing.interop.hf_families import causal_lm_families as families
+from packing.interop.verify import _first_line, _get
 
 __all__ = ["IMPLEMENTATIONS", "Verdict", "build", "families", "measured", "tiny_config", "verify"]
 
@@ -96,15 +97,6 @@ def tiny_config(family: str):
     return config
 
 
-def _get(config, key: str):
-    """config.key, or None where the config has none or will not say (a per-layer field of a
-    heterogeneous config raises on the global read)."""
-    try:
-        return getattr(config, key, None)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 class _quietly:
     """Skip a field a config does not let us set (a read-only property)."""
 
@@ -148,11 +140,6 @@ def verify(family: str, implementations=IMPLEMENTATIONS) -> list[Verdict]:
         v = verify_config(config, impl, cache=False)
         verdicts.append(Verdict(family, impl, v.status, v.error))
     return verdicts
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 _measured: dict[str, dict[str, str]] = {}  # {family: {implementation: verdict}}, this process's

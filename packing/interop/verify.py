@@ -118,12 +118,18 @@ def _set(config: Any, key: str, value: Any) -> None:
         setattr(config, key, value)
 
 
+def _per_layer(text: Any, n: Any) -> dict[str, Any]:
+    """The config's fields that hold one entry per layer (``layer_types``, ``no_rope_layers``, ...)."""
+    return {k: v for k, v in vars(text).items()
+            if isinstance(v, (list, tuple)) and len(v) == n and k != "architectures"}
+
+
 def _kept_layers(text: Any) -> list[int]:
     """Indices of one layer per distinct kind: the per-layer lists' entries and dense or MoE MLP."""
     n = _get(text, "num_hidden_layers")
     if not isinstance(n, int) or n < 1:
         return []
-    lists = {k: v for k, v in vars(text).items() if isinstance(v, (list, tuple)) and len(v) == n and k != "architectures"}
+    lists = _per_layer(text, n)
     dense_first = _get(text, "first_k_dense_replace")
     mlp_only = set(_get(text, "mlp_only_layers") or ())
     step = _get(text, "decoder_sparse_step")
@@ -154,9 +160,8 @@ def reduce_config(config: Any) -> Any:
     n = _get(text, "num_hidden_layers")
     kept = _kept_layers(text)
     if kept:
-        for key, value in list(vars(text).items()):
-            if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
-                _set(text, key, type(value)(value[i] for i in kept))
+        for key, value in _per_layer(text, n).items():
+            _set(text, key, type(value)(value[i] for i in kept))
         if isinstance(_get(text, "first_k_dense_replace"), int):
             _set(text, "first_k_dense_replace", sum(i < text.first_k_dense_replace for i in kept))
         if _get(text, "mlp_only_layers"):
@@ -179,7 +184,7 @@ def reduce_config(config: Any) -> Any:
             if _get(text, "num_key_value_heads") is not None:
                 _set(text, "num_key_value_heads", new_kv)
     for key in MLP_FIELDS:
-        if isinstance(_get(text, key), int) and text.__dict__.get(key, _get(text, key)) > MLP:
+        if isinstance(_get(text, key), int) and _get(text, key) > MLP:
             _set(text, key, MLP)
     top_k = max([_get(text, k) for k in TOP_K_FIELDS if isinstance(_get(text, k), int)] or [1])
     groups, topk_groups = _get(text, "n_group"), _get(text, "topk_group")
@@ -238,22 +243,7 @@ def verify_config(config: Any, implementation: str, *, cache: bool = True) -> Ve
 
     measured_as = VERDICT_OF.get(implementation, implementation)
     reduced = reduce_config(config)
-    key = fingerprint(reduced, measured_as)
-    if key in _memo:
-        return replace(_memo[key], seconds=0.0, cached=True)
-    path = cache_dir() / f"{key}.json"
-    if cache:
-        verdict = _read(path, measured_as)
-        if verdict is not None:
-            _memo[key] = verdict
-            return verdict
-    start = time.perf_counter()
-    status, error, cause = _measure(reduced, measured_as)
-    verdict = Verdict(measured_as, status, error, cause, time.perf_counter() - start)
-    _memo[key] = verdict
-    if cache:
-        _write(path, verdict)
-    return verdict
+    return _cached(reduced, measured_as, lambda: _measure(reduced, measured_as), cache)
 
 
 def verify_loss(config: Any, loss: Any, *, router: bool = False, cache: bool = True) -> Verdict:
@@ -266,7 +256,17 @@ def verify_loss(config: Any, loss: Any, *, router: bool = False, cache: bool = T
     reduced = reduce_config(config)
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     implementation = VERDICT_OF.get(implementation, implementation)
-    what = f"causal_lm_loss{'+router' if router else ''}:{implementation}"
+
+    def measure() -> tuple[str, float | None, None]:
+        with _quiet():
+            return (*_run_loss(reduced, loss, router, implementation), None)
+
+    return _cached(reduced, f"causal_lm_loss{'+router' if router else ''}:{implementation}", measure, cache)
+
+
+def _cached(reduced: Any, what: str, measure: Any, cache: bool) -> Verdict:
+    """The verdict of ``what`` on ``reduced``: this process's, else the cache folder's (``cache``),
+    else ``measure()`` -> (status, error, cause), timed, remembered and written to the folder."""
     key = fingerprint(reduced, what)
     if key in _memo:
         return replace(_memo[key], seconds=0.0, cached=True)
@@ -274,9 +274,8 @@ def verify_loss(config: Any, loss: Any, *, router: bool = False, cache: bool = T
     verdict = _read(path, what) if cache else None
     if verdict is None:
         start = time.perf_counter()
-        with _quiet():
-            status, error = _run_loss(reduced, loss, router, implementation)
-        verdict = Verdict(what, status, error, None, time.perf_counter() - start)
+        status, error, cause = measure()
+        verdict = Verdict(what, status, error, cause, time.perf_counter() - start)
         if cache:
             _write(path, verdict)
     _memo[key] = verdict
@@ -284,20 +283,13 @@ def verify_loss(config: Any, loss: Any, *, router: bool = False, cache: bool = T
 
 
 def _run_loss(reduced: Any, loss: Any, router: bool, implementation: str) -> tuple[str, float | None]:
-    import packing.interop.hf_attention as hf_attention
     from packing import get_collator
     from packing.interop.hf import hf_kwargs
     from packing.interop.hf_families import unverified
 
     try:
-        cls = causal_lm_class(reduced)
-        torch.manual_seed(0)
-        model = cls._from_config(reduced, attn_implementation="eager").float().eval()
-        _set(_text_config(model.config), "output_router_logits", router)
-        _set(model.config, "output_router_logits", router)
-        if implementation == hf_attention.NAME and hf_attention._kernels is None:
-            hf_attention.register()
-        model.set_attn_implementation(implementation)
+        model = _model(causal_lm_class(reduced), reduced, router)
+        _use(model, implementation)
         with unverified():
             kwargs = hf_kwargs(get_collator("concat")(_documents()), model)
         with torch.no_grad():
@@ -377,6 +369,24 @@ def _measure(reduced: Any, implementation: str) -> tuple[str, float | None, str 
     return status, error, cause
 
 
+def _model(cls: Any, reduced: Any, router: bool) -> Any:
+    """The reduced config's causal LM: seeded, fp32, eval, eager, the router's loss on or off."""
+    torch.manual_seed(0)
+    model = cls._from_config(reduced, attn_implementation="eager").float().eval()
+    _set(_text_config(model.config), "output_router_logits", router)
+    _set(model.config, "output_router_logits", router)
+    return model
+
+
+def _use(model: Any, implementation: str) -> None:
+    """Switch ``model`` to ``implementation`` (registering packing_varlen on first use)."""
+    import packing.interop.hf_attention as hf_attention
+
+    if implementation == hf_attention.NAME and hf_attention._kernels is None:
+        hf_attention.register()
+    model.set_attn_implementation(implementation)
+
+
 def _run(reduced: Any, implementation: str) -> tuple[str, float | None]:
     from packing import get_collator
     import packing.interop.hf_attention as hf_attention
@@ -392,12 +402,9 @@ def _run(reduced: Any, implementation: str) -> tuple[str, float | None]:
             params = sum(p.numel() for p in cls._from_config(reduced, attn_implementation="eager").parameters())
         if params > MAX_PARAMS:
             return f"not verifiable: its reduced copy still has {params / 1e6:.0f}M parameters", None
-        torch.manual_seed(0)
-        model = cls._from_config(reduced, attn_implementation="eager").float().eval()
         # The router's load-balancing loss is the batch's by definition (over every token routed
         # together), never the documents' alone: the loss compared is the language model's.
-        _set(_text_config(model.config), "output_router_logits", False)
-        _set(model.config, "output_router_logits", False)
+        model = _model(cls, reduced, router=False)
         docs = _documents()
         with torch.no_grad():
             alone = [model(input_ids=d[None], use_cache=False).logits[0] for d in docs]
@@ -406,9 +413,7 @@ def _run(reduced: Any, implementation: str) -> tuple[str, float | None]:
     ref = torch.cat(alone)
     ref_loss = torch.nn.functional.cross_entropy(torch.cat([a[:-1] for a in alone]), torch.cat([d[1:] for d in docs]))
     try:
-        if implementation == hf_attention.NAME and hf_attention._kernels is None:
-            hf_attention.register()
-        model.set_attn_implementation(implementation)
+        _use(model, implementation)
         with torch.no_grad(), unverified(), hf_attention.counting_calls() as calls:
             out = model(**hf_kwargs(get_collator("concat")(docs), model))
     except Exception as e:  # noqa: BLE001
