@@ -15,6 +15,7 @@ def test_first_use_is_measured_and_the_second_is_read_from_the_cache(tmp_path, c
     assert "Qwen3-0.6B" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--config", "no-such-config"])
+    assert "argument --config: invalid choice: 'no-such-config'" in capsys.readouterr().err
 
 
 def test_the_cpu_benchmark_runs_both_methods_on_the_same_documents(tmp_path, capsys):
