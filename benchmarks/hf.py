@@ -71,7 +71,9 @@ from benchmarks.harness import (
     write_json,
 )
 from packing import Batch, PackingSampler, SyntheticDocs, get_collator
-from packing.interop.hf import hf_kwargs, shifted_labels
+from packing.interop.hf import checked_kwargs, pack, shifted_labels
+from packing.interop import hf_attention
+from packing.kernels.choice import KernelSet
 
 PEER_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_3", "flash_attention_2")
 METHODS = ("pad_max+sdpa", "pad_max+packing_varlen", "pad_longest+sdpa", "concat+packing_varlen", "concat+sdpa",
@@ -312,7 +314,7 @@ def plan(method: str, args: HFConfig, device: torch.device, docs: SyntheticDocs,
         batch = batch.to(device, non_blocking=True)
         if batch.layout == "padded":
             return padded_kwargs(batch)
-        kwargs = hf_kwargs(batch, target)
+        kwargs = checked_kwargs(batch, target)
         if layout == "dynamic":
             # A fixed bound, as the static rows have: the kernels take max_seqlen as a host int, and
             # each new longest document would be one more value for the compiled graph to guard on.
@@ -351,7 +353,7 @@ def padded_varlen_plan(args: HFConfig, device: torch.device, docs: SyntheticDocs
         batches = [b.pin_memory() for b in batches]
 
     def batch_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
-        return hf_kwargs(batch.to(device, non_blocking=True), "packing_varlen")
+        return checked_kwargs(batch.to(device, non_blocking=True), "packing_varlen")
 
     real = [int(sum(docs.lengths[i] for i in group)) for group in fixed]
     return Plan("packing_varlen", batches, batch_kwargs, real, [size] * len(fixed), [len(g) for g in fixed])
@@ -397,14 +399,17 @@ def liger_kernels(model: Any, arch: str) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device, p: Plan) -> HFRecord:
+def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device, p: Plan,
+               kernel: str | None = None) -> HFRecord:
+    """One row: ``method``'s model and steps, eager or ``compiled``; ``kernel`` names the one varlen
+    kernel a packing_varlen model runs (None: the first that computes each layer)."""
     import gc
 
     import transformers
 
-    from packing.interop import hf_attention
-
     model = build_model(args, p.impl).to(device)
+    if p.impl == "packing_varlen":
+        pack(model, kernels=None if kernel is None else [kernel])  # checked, and its kernels its own
     train = args.mode == "train"
     model.train(train)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -472,7 +477,6 @@ def run_method(method: str, compiled: bool, args: HFConfig, device: torch.device
 def run(args: HFConfig) -> list[HFRecord]:
     if importlib.util.find_spec("transformers") is None:
         raise ImportError("benchmarks.hf needs transformers: pip install -e '.[hf]'")
-    from packing.interop.hf_attention import register
 
     device = resolve_device(args.device)
     fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
@@ -514,8 +518,8 @@ def run(args: HFConfig) -> list[HFRecord]:
     if args.liger and importlib.util.find_spec("liger_kernel") is None:
         raise ImportError("--liger needs Liger Kernel: pip install liger-kernel")
     for kernel in args.kernels:
-        register([kernel])  # a ValueError naming what loads, before any row runs
-    register()
+        KernelSet.load([kernel])  # a ValueError naming what loads, before any row runs
+    hf_attention.implementation_for(None)  # packing_varlen's kernels, resolved before any compiled step
     register_repeat_kv()
     if args.memory_cap_gib is not None:
         if device.type != "cuda":
@@ -535,8 +539,6 @@ def run(args: HFConfig) -> list[HFRecord]:
 def run_arch(args: HFConfig, device: torch.device, methods: list[str]) -> list[HFRecord]:
     """Every method's rows for ``args.arch``, with their ratios against this arch's baseline and
     their roofline against the GEMM rate measured now at this model's shapes."""
-    from packing.interop.hf_attention import register
-
     n = (args.warmup + args.steps) * args.batch_size
     docs = SyntheticDocs(n, max_len=MAX_LEN, vocab_size=1024, seed=args.seed)
     fixed = [list(range(i, i + args.batch_size)) for i in range(0, n, args.batch_size)]
@@ -555,14 +557,12 @@ def run_arch(args: HFConfig, device: torch.device, methods: list[str]) -> list[H
     for method, p in plans.items():
         kernels = args.kernels if "packing_varlen" in p.impl and args.kernels else (None,)
         for kernel in kernels:
-            register(None if kernel is None else [kernel])
             for compiled in ((True,) if args.compiled_only else (False, True)) if args.compile else (False,):
-                records.append(run_method(method, compiled, args, device, p))
+                records.append(run_method(method, compiled, args, device, p, kernel))
                 r = records[-1]
                 print(f"done: {r.arch} {r.method} {'compiled' if compiled else 'eager'} {r.kernel or ''}: "
                       f"{r.tokens_per_s:,.0f} real tok/s, {r.ms_per_step:.1f} ms/step, peak {gib(r.peak_mem_bytes)}, "
                       f"first step {r.first_step_s:.1f} s, recompiles {r.recompiles}", file=sys.stderr, flush=True)
-    register()
     base = {r.compiled: r for r in records if r.method == BASELINE}
     for r in records:
         r.speedup_vs_baseline = r.tokens_per_s / base[False].tokens_per_s if False in base else None

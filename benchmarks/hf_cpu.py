@@ -25,10 +25,8 @@ warnings.simplefilter("ignore")
 import torch, transformers
 transformers.logging.set_verbosity_error()
 import packing.interop
-from packing import get_collator
 from packing.data.synthetic import SyntheticDocs
-from packing.interop.hf import hf_kwargs
-from packing.interop.hf_attention import register
+from packing.interop.hf import pack
 method, tokens, layers, dim, steps = sys.argv[1], *map(int, sys.argv[2:6])
 torch.manual_seed(0)
 docs, total = [], 0
@@ -43,8 +41,8 @@ config = transformers.LlamaConfig(vocab_size=1000, hidden_size=dim, intermediate
                                   max_position_embeddings=1024)
 model = transformers.LlamaForCausalLM(config)
 if method == "packed":
-    model.set_attn_implementation(register())
-    kwargs = hf_kwargs(get_collator("concat")(docs), model)
+    model.set_attn_implementation("packing_varlen")
+    kwargs = pack(model)(docs)
 else:
     model.set_attn_implementation("sdpa")
     ids = torch.zeros(len(docs), 1024, dtype=torch.long)

@@ -44,19 +44,17 @@ def router_tail(family: str) -> list[dict[str, float]]:
     with the tail, without it, and the language-model loss with and without (which the tail, having
     no targets, must not move).
     """
-    from packing.interop.hf_attention import register
-    from packing.interop.hf import HFPackedCollator
+    from packing.interop.hf import pack
 
-    register()
     model, docs = build(family)
     model.config.output_router_logits = True
     model.set_attn_implementation("packing_varlen")
     coef = model.config.router_aux_loss_coef
     rows = []
     with torch.no_grad():
-        exact = model(**HFPackedCollator(model)(docs))
+        exact = model(**pack(model)(docs))
         for slots in TAILS:
-            tail = model(**HFPackedCollator(model, total_tokens=slots)(docs))
+            tail = model(**pack(model, pad_to_multiple_of=slots)(docs))
             rows.append({"slots": slots, "tokens": sum(LENS), "aux": tail.aux_loss.item(), "aux_no_tail": exact.aux_loss.item(),
                          "lm": tail.loss.item() - coef * tail.aux_loss.item(),
                          "lm_no_tail": exact.loss.item() - coef * exact.aux_loss.item(), "coef": coef})

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention.base import AttentionAdapter
-from packing.kernels import flash_backend, head_dim_check, packed_kernel, varlen_kernels
+from packing.kernels import flash_backend, packed_kernel, varlen_kernels
+from packing.kernels.choice import Kernel, KernelSet
 from packing.batch import Batch
 
 
@@ -78,14 +79,16 @@ class FlashVarlenAttention(AttentionAdapter):
         check this adapter's own logic on a CPU."""
         super().__init__(device)
         # Resolved once: a cached lookup called inside every layer breaks torch.compile's graph.
-        # Each entry: (name, fn, packed fn or None, whether it computes a head dimension).
+        # The kernel a head dimension runs is chosen as transformers' packing_varlen chooses it
+        # (packing.kernels.choice); each kernel's packed form, if any, rides beside it.
         if kernel is not None:
-            self._kernels = [(kernel[0], kernel[1], packed, lambda head_dim: True)]
+            self._kernels = KernelSet([Kernel(kernel[0], kernel[1], frozenset(), lambda head_dim: True)])
+            self._packed = {kernel[0]: packed}
         else:
-            self._kernels = [(name, fn, packed_kernel(name), head_dim_check(name))
-                             for name, fn in varlen_kernels().items()]
-            if not self._kernels:
+            self._kernels = KernelSet.of(varlen_kernels())
+            if not self._kernels.kernels:
                 raise ValueError(f"attention adapter 'flash' needs {self.needs}; none loads here")
+            self._packed = {name: packed_kernel(name) for name in self._kernels.names}
         self._head_dim: int | None = None
         if kernel_dtypes is not None:
             self.kernel_dtypes = kernel_dtypes
@@ -93,7 +96,7 @@ class FlashVarlenAttention(AttentionAdapter):
     @property
     def backend(self) -> str:
         """The kernel the bound head dimension runs (:meth:`bind_head_dim`), else the first that loads."""
-        return self._kernels[0][0] if self._head_dim is None else self._kernel_for(self._head_dim)[0]
+        return self._kernels.names[0] if self._head_dim is None else self._kernel_for(self._head_dim).name
 
     def bind_head_dim(self, head_dim: int) -> None:
         """Check now, outside any compiled step, that a kernel here computes ``head_dim``, and name
@@ -101,17 +104,11 @@ class FlashVarlenAttention(AttentionAdapter):
         self._kernel_for(head_dim)
         self._head_dim = head_dim
 
-    def _kernel_for(self, head_dim: int) -> tuple[str, Callable[..., Tensor], Callable[..., Tensor] | None,
-                                                  Callable[[int], bool]]:
+    def _kernel_for(self, head_dim: int) -> Kernel:
         # A pure lookup over plain tuples: safe while torch.compile traces a layer.
-        for entry in self._kernels:
-            if entry[3](head_dim):
-                return entry
-        raise ValueError(
-            f"attention adapter 'flash': no varlen kernel here computes head dimension {head_dim} (loaded: "
-            f"{', '.join(name for name, *_ in self._kernels)}); torch's kernel takes multiples of 8 up to 256, "
-            "an FA3 build only the head dimensions it was built with: change n_heads or dim, or use attn='sdpa'"
-        )
+        return self._kernels.require({}, head_dim, who="attention adapter 'flash'",
+                                     fix="torch's kernel takes multiples of 8 up to 256, an FA3 build only the head "
+                                         "dimensions it was built with: change n_heads or dim, or use attn='sdpa'")
 
     def _check_dtype(self, q: Tensor) -> None:
         if q.dtype not in self.kernel_dtypes:
@@ -121,7 +118,7 @@ class FlashVarlenAttention(AttentionAdapter):
             )
 
     def attend_packed(self, qkv: Tensor, batch: Batch, *, causal: bool) -> Tensor:
-        packed = self._kernel_for(qkv.shape[-1])[2]
+        packed = self._packed[self._kernel_for(qkv.shape[-1]).name]
         if packed is None:
             return super().attend_packed(qkv, batch, causal=causal)
         self._check_dtype(qkv)
@@ -130,7 +127,7 @@ class FlashVarlenAttention(AttentionAdapter):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         self._check_dtype(q)
-        run = self._kernel_for(q.shape[-1])[1]
+        run = self._kernel_for(q.shape[-1]).run
         cu_seqlens, max_seqlen, n = _boundaries(batch, q.shape[0])
         out = run(_first_rows(q, n), _first_rows(k, n), _first_rows(v, n), cu_seqlens, max_seqlen, causal)
         return _pad_rows(out, q.shape[0])

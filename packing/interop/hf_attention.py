@@ -1,5 +1,5 @@
 """``packing_varlen``: an attention implementation for transformers models that reads the packed
-row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.interop.hf.hf_kwargs`) and runs this
+row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.interop.hf.pack`) and runs this
 project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-3/4/2 when installed) on CUDA,
 exact per-document attention on a CPU (SDPA, or the written-out softmax for softcaps and sinks;
 eager, the documents gathered into one block, memory linear in the row for bounded documents;
@@ -26,11 +26,15 @@ sinks (``s_aux``)      exact   no         FA4 only                        refuse
 v head dim != q's      exact   no         no                              refused on CUDA
 =====================  ======  =========  ==============================  ====================
 
+Each model keeps its own kernels: ``packing.interop.hf.pack(model, kernels=[...])`` registers an
+implementation of its own for that list (``packing_varlen_fa3_torch`` runs FA3, then torch's kernel)
+and switches the model to it, so two models in one process run different kernels; the plain
+``packing_varlen`` runs every kernel that loads, best first.
+
 Example:
-    >>> from packing.interop.hf_attention import register
-    >>> name = register()  # once per process
-    >>> # model = AutoModelForCausalLM.from_config(config, attn_implementation=name)
-    >>> # loss = model(**packing.interop.hf.hf_kwargs(batch, model)).loss
+    >>> import packing.interop.hf  # registers "packing_varlen" with transformers
+    >>> # model = AutoModelForCausalLM.from_config(config, attn_implementation="packing_varlen")
+    >>> # packed = packing.interop.hf.pack(model); loss = model(**packed(samples)).loss
 """
 
 from __future__ import annotations
@@ -43,15 +47,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from packing.kernels import head_dim_check, varlen_kernels, varlen_options
 from packing.boundaries import block_causal_mask, block_rows, to_blocks
+from packing.kernels.choice import KernelSet
 
 NAME = "packing_varlen"
 
-# The CUDA kernels, best first with the options each computes, resolved once by register(): the
-# cached lookup that every layer's call made broke the torch.compile graph (issue 13, H200: with it
-# and the cache on, a compiled Llama ran as 22 graphs).
-_kernels: list[tuple[str, Callable[..., Tensor], frozenset[str], Callable[[int], bool]]] | None = None
+# Each registered implementation's CUDA kernels, resolved once, outside any compiled step (a lookup
+# that resolved them inside every layer's call broke the torch.compile graph: a compiled Llama ran
+# as 22 graphs). The plain NAME's set is resolved at its first use (None until then).
+_kernel_sets: dict[str, KernelSet | None] = {NAME: None}
+# Short names for the implementation names of kernel lists: no "flash" in them, which transformers
+# would take for its own flash-attention implementations.
+_SHORT = {"flash-attn-3": "fa3", "flash-attn-4": "fa4", "flash-attn-2": "fa2", "torch.varlen_attn": "torch"}
 last_kernel: str | None = None  # the kernel the last CUDA layer ran (traced once under torch.compile): for records
 
 # Keywords computed exactly (read by layer_options), besides the signature's dropout, scaling and
@@ -61,7 +68,7 @@ COMPUTED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "s
 # Keywords that change nothing computed here, with why. Any value is accepted.
 INERT = {
     "position_ids": "the rotary embedding already applied the positions to q and k",
-    "cache_position": "a packed row has no cache; hf_kwargs sets use_cache=False",
+    "cache_position": "a packed row has no cache; its kwargs set use_cache=False",
     "use_cache": "a packed row has no cache",
     "past_key_values": "a packed row has no cache",
     "layer_idx": "names the layer only",
@@ -69,12 +76,12 @@ INERT = {
     "return_dict": "the attention output only",
     "target_dtype": "the kernel runs in v's dtype",
     # The model's own keywords, which transformers hands every layer down to attention unread:
-    "shift_labels": "the loss's, from hf_kwargs",
+    "shift_labels": "the loss's, from the packed kwargs",
     "labels": "the loss's",
     "num_items_in_batch": "the loss's",
     "output_router_logits": "the mixture-of-experts router's",
     "output_hidden_states": "the model's outputs",
-    "seq_idx": "the Mamba / linear-attention layers' document index (hf_kwargs); attention reads cu_seq_lens_q",
+    "seq_idx": "the Mamba / linear-attention layers' document index (packed kwargs); attention reads cu_seq_lens_q",
 }
 # Keywords inert only while they are None (a value would change the result).
 INERT_WHEN_NONE = ("head_mask",)
@@ -103,49 +110,78 @@ class LayerOptions:
 
 
 def register(kernels: Sequence[str] | None = None) -> str:
-    """Register ``packing_varlen`` with transformers' ``AttentionInterface``; returns the name.
+    """Deprecated: ``packing.interop.hf.pack(model, kernels=...)`` gives each model its own kernels,
+    and importing :mod:`packing.interop.hf` registers ``packing_varlen``. Removed in the next release.
 
-    It resolves the CUDA kernels here, once (:func:`kernel_name` says which comes first). ``kernels``
-    names the varlen kernels to use, best first (``"flash-attn-3"``, ``"flash-attn-4"``,
-    ``"flash-attn-2"``, ``"torch.varlen_attn"``); by default every one that loads, in
-    :func:`packing.kernels.varlen_kernels`' order. A named kernel that does not load here is a
-    ValueError naming those that do. It registers no mask function on purpose: for an
-    implementation without one, transformers builds no attention mask, and the boundaries come only
-    from ``cu_seq_lens_q``.
+    Sets the kernels of the plain ``packing_varlen`` for the whole process (``kernels`` as in
+    :meth:`~packing.kernels.choice.KernelSet.load`) and returns ``"packing_varlen"``.
     """
-    from transformers import AttentionInterface
+    import warnings
 
-    global _kernels
-    found = varlen_kernels() if torch.cuda.is_available() else {}
-    if kernels is not None:
-        if isinstance(kernels, str):
-            raise TypeError(f"kernels takes a sequence of names, got the string {kernels!r}; write [{kernels!r}]")
-        missing = [k for k in kernels if k not in found]
-        if missing or not kernels:
-            raise ValueError(
-                f"packing_varlen kernels={list(kernels)}: "
-                + (f"{missing} {'does' if len(missing) == 1 else 'do'} not load here" if missing else "names no kernel")
-                + f"; the varlen kernels that load here are {list(found) or 'none (no CUDA)'}: name some of those, "
-                "or leave kernels=None"
-            )
-        found = {k: found[k] for k in kernels}
-    _kernels = [(name, run, varlen_options(name), head_dim_check(name)) for name, run in found.items()]
-    AttentionInterface.register(NAME, varlen_attention)
+    warnings.warn("packing.interop.hf_attention.register() is deprecated and will be removed in the next release: "
+                  "import packing.interop.hf (it registers 'packing_varlen') and use packing.interop.hf.pack(model, "
+                  "kernels=...), which keeps each model's kernels its own", FutureWarning, stacklevel=2)
+    _kernel_sets[NAME] = KernelSet.load(kernels)
+    install()
     return NAME
 
 
-def kernel_name(options: dict[str, Any] | None = None, head_dim: int = 64) -> str | None:
-    """The kernel ``packing_varlen`` runs on CUDA for a layer asking ``options`` (``scale``,
+def install() -> None:
+    """Register the plain ``packing_varlen`` with transformers' ``AttentionInterface`` (done when
+    :mod:`packing.interop.hf` is imported). It registers no mask function on purpose: for an
+    implementation without one, transformers builds no attention mask, and the boundaries come only
+    from ``cu_seq_lens_q``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_attention)
+
+
+def implementation_for(kernels: Sequence[str] | None) -> str:
+    """The attention implementation name that runs ``kernels`` (best first; None: every kernel that
+    loads, as the plain ``packing_varlen``), registered with transformers on first use; the kernels
+    are resolved now, and a name that does not load is a ValueError naming those that do."""
+    if kernels is None:
+        install()
+        if _kernel_sets[NAME] is None:
+            _kernel_sets[NAME] = KernelSet.load()
+        return NAME
+    resolved = KernelSet.load(kernels)
+    import re
+
+    name = "_".join([NAME, *(_SHORT.get(k) or re.sub(r"\W", "_", k) for k in resolved.names)])
+    if name not in _kernel_sets:
+        from transformers import AttentionInterface
+
+        from packing.interop.hf_families import VERDICT_OF
+
+        _kernel_sets[name] = resolved
+        VERDICT_OF[name] = NAME  # the same computation as packing_varlen: its verdict
+        AttentionInterface.register(name, _bound(name))
+    return name
+
+
+def kernels_of(implementation: str) -> KernelSet | None:
+    """The kernels an implementation registered here runs on CUDA (None: not resolved yet)."""
+    return _kernel_sets.get(implementation)
+
+
+def _bound(name: str) -> Callable[..., tuple[Tensor, None]]:
+    def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                  **kwargs: Any) -> tuple[Tensor, None]:
+        return _attention(name, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"varlen_attention[{name}]"
+    return attention
+
+
+def kernel_name(options: dict[str, Any] | None = None, head_dim: int = 64, implementation: str = NAME) -> str | None:
+    """The kernel ``implementation`` runs on CUDA for a layer asking ``options`` (``scale``,
     ``window``, ``softcap``, ``sinks``; none by default) at ``head_dim``, or None where there is none
-    (a CPU machine, no kernel with those options, or before :func:`register`)."""
-    chosen = _kernel_for(options or {}, head_dim)
-    return None if chosen is None else chosen[0]
-
-
-def _kernel_for(options: dict[str, Any], head_dim: int) -> tuple[str, Callable[..., Tensor], frozenset[str],
-                                                                   Callable[[int], bool]] | None:
-    # (name, fn, options, takes_head_dim), each resolved by register(): nothing here imports or caches
-    return next((k for k in _kernels or () if set(options) <= k[2] and k[3](head_dim)), None)
+    (a CPU machine, no kernel with those options, or kernels not resolved yet)."""
+    kernels = _kernel_sets.get(implementation)
+    chosen = None if kernels is None else kernels.choose(options or {}, head_dim)
+    return None if chosen is None else chosen.name
 
 
 def layer_options(module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None, dropout: float,
@@ -158,7 +194,7 @@ def layer_options(module: torch.nn.Module, query: Tensor, attention_mask: Tensor
         raise ValueError(
             f"'packing_varlen' does not implement the attention keyword {key}={_show(value_)} that "
             f"{type(module).__name__} passes, and will not drop it; load the model with attn_implementation='eager' "
-            "(packed rows through packing.interop.hf.hf_kwargs) or train without packing"
+            "(packed rows through packing.interop.hf.pack(model)) or train without packing"
         )
     if attention_mask is not None:
         raise ValueError("'packing_varlen' takes no attention_mask: the boundaries come from cu_seq_lens_q")
@@ -204,15 +240,21 @@ def varlen_attention(
     ``kwargs["cu_seq_lens_q"]`` (num_docs + 1,); the layer's options are :func:`layer_options`.
 
     Nothing here reads a tensor's values on the host, so under ``torch.compile`` the call is part of
-    the graph, and with static kwargs (``HFPackedCollator(..., total_tokens=, max_seqs=,
-    max_seqlen=)``) every batch has the same shapes and constants: one compilation.
+    the graph, and with static kwargs (``pack(model, static=...)``) every batch has the same shapes
+    and constants: one compilation.
     """
+    return _attention(NAME, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+               attention_mask: Tensor | None, dropout: float, scaling: float | None, is_causal: bool | None,
+               kwargs: dict[str, Any]) -> tuple[Tensor, None]:
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
         raise ValueError(
             f"attn_implementation 'packing_varlen' needs cu_seq_lens_q and max_length_q, and {type(module).__name__} "
-            "called it without them: either the model's kwargs did not come from packing.interop.hf.hf_kwargs "
-            "(or HFPackedCollator), or this model does not hand them down to its attention layers (then load it "
+            "called it without them: either the model's kwargs did not come from packing.interop.hf.pack(model), "
+            "or this model does not hand them down to its attention layers (then load it "
             "with attn_implementation 'sdpa' or 'eager')"
         )
     # The keys' boundaries must be the queries': a packed row attends each document to itself, so
@@ -220,10 +262,10 @@ def varlen_attention(
     cu_k, max_k = kwargs.get("cu_seq_lens_k", cu), kwargs.get("max_length_k", max_len)
     if cu_k is not cu and (torch.compiler.is_compiling() or cu_k.shape != cu.shape or not torch.equal(cu_k, cu)):
         raise ValueError("'packing_varlen' got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
-                         "document to itself: pass the same boundaries for both (hf_kwargs does)")
+                         "document to itself: pass the same boundaries for both (pack(model)'s kwargs do)")
     if max_k != max_len:
         raise ValueError(f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; a packed row "
-                         "attends each document to itself: pass the same (hf_kwargs does)")
+                         "attends each document to itself: pass the same (pack(model)'s kwargs do)")
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")
     layer = layer_options(module, query, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -235,19 +277,45 @@ def varlen_attention(
         comptime(_check_traced)
     else:
         # The config check (packing.interop.hf.check_model) once per config, for a model whose
-        # kwargs came from a bare name (a no-op where hf_kwargs saw the model: checked there).
-        _check_family(getattr(module, "config", None))
-    for counter in _counters:  # only while the verifier counts (its own eager run, even inside a trace)
-        counter.count += 1
+        # kwargs came from a bare name (a no-op where pack(model) saw the model: checked there).
+        _check_family(getattr(module, "config", None), name)
     # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if not q.is_cuda:
-        return _masked(q, k, v, cu, layer)[None], None
-    return _on_cuda(q, k, v, cu, max_len, layer)[None], None
+        out, kernel = _masked(q, k, v, cu, layer), _cpu_kernel(layer)
+    else:
+        out, kernel = _on_cuda(q, k, v, cu, max_len, layer, _resolved(name))
+    for counter in _counters:  # only while the verifier or layer_kernels counts (eager runs)
+        counter.count += 1
+        counter.kernels[module] = kernel
+    return out[None], None
+
+
+def _resolved(name: str) -> KernelSet:
+    kernels = _kernel_sets.get(name)
+    if kernels is None:
+        if torch.compiler.is_compiling():
+            raise ValueError(f"{name!r} on CUDA resolves its kernels outside a compiled step: call "
+                             "packing.interop.hf.pack(model) before compiling the model")
+        kernels = _kernel_sets[name] = KernelSet.load()
+    return kernels
+
+
+def _cpu_kernel(layer: LayerOptions) -> str:
+    """What :func:`_masked` runs for a layer on a CPU, as :meth:`HFPacking.layer_kernels` names it."""
+    how = "sdpa" if layer.softcap is None and layer.sinks is None else "softmax written out"
+    per = "document mask" if torch.compiler.is_compiling() or (layer.sinks is not None and layer.sinks.dim() != 1) \
+        else "documents gathered"
+    return f"cpu: {how}, {per}"
 
 
 class _Calls:
-    count = 0
+    """What the layers inside :func:`counting_calls` did: how many calls, and the kernel each
+    attention module ran (by module)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.kernels: dict[torch.nn.Module, str] = {}
 
 
 _counters: list[_Calls] = []
@@ -266,7 +334,7 @@ def counting_calls() -> Iterator[_Calls]:
 
 
 # The configs checked, by id; each is kept, so no later config can reuse a checked one's id.
-_checked: dict[int, Any] = {}
+_checked: dict[tuple[int, str], Any] = {}
 
 
 def _check_traced(ctx: Any) -> None:
@@ -280,31 +348,35 @@ def _check_traced(ctx: Any) -> None:
             module = ctx._ComptimeContext__tx.output.get_submodule(tracker.module_key)
     except Exception:  # noqa: BLE001 - not resolvable on this torch: decided below
         module = None
+    try:
+        name = ctx.get_local("name").as_python_constant()
+    except Exception:  # noqa: BLE001 - as above
+        name = NAME
     if module is None:
         from packing.interop.hf_families import checked_any
 
-        if checked_any(NAME):  # kwargs built from a model: hf_kwargs checked it
+        if checked_any(name):  # kwargs built from a model: checked there
             return
         raise ValueError("'packing_varlen' under torch.compile could not see the calling module's config to check it; "
-                         "build the kwargs from the model (HFPackedCollator(model), hf_kwargs(batch, model))")
-    _check_family(getattr(module, "config", None))
+                         "build the kwargs from the model: packing.interop.hf.pack(model)")
+    _check_family(getattr(module, "config", None), name)
 
 
-def _check_family(config: Any) -> None:
-    if config is None or id(config) in _checked:
+def _check_family(config: Any, name: str) -> None:
+    if config is None or (id(config), name) in _checked:
         return
     from packing.interop.hf_families import check_model
 
-    check_model(config, NAME)
-    _checked[id(config)] = config
+    check_model(config, name)
+    _checked[(id(config), name)] = config
 
 
-def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: LayerOptions) -> Tensor:
-    if _kernels is None:
-        raise ValueError(
-            "'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-3/4 or flash-attn 2), "
-            "resolved by packing.interop.hf_attention.register(): call it after CUDA is available"
-        )
+def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: LayerOptions,
+             kernels: KernelSet) -> tuple[Tensor, str]:
+    """The layer on the first of ``kernels`` that computes it; (out (T, H, D_v), the kernel's name)."""
+    if not kernels.kernels:
+        raise ValueError("'packing_varlen' on CUDA needs a varlen kernel (torch >= 2.10, flash-attn-3/4 or "
+                         "flash-attn 2), and none loads here")
     if layer.sinks is not None and layer.sinks.dim() != 1:
         raise ValueError(
             f"'packing_varlen' on CUDA takes attention sinks per head, (H,), got per-token sinks of shape "
@@ -316,24 +388,18 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
             f"{q.shape[-1]} (multi-head latent attention); use attn_implementation='eager' on packed rows"
         )
     options = layer.cuda_options()
-    chosen = _kernel_for(options, q.shape[-1])
-    if chosen is None:
-        have = ", ".join(f"{name}: {sorted(opts)}" + ("" if takes(q.shape[-1]) else
-                                                      f" (not at head dimension {q.shape[-1]})")
-                         for name, _, opts, takes in _kernels) or "none"
-        raise ValueError(
-            f"'packing_varlen' on CUDA: no varlen kernel here computes {sorted(options)} (this layer asks "
-            f"{', '.join(f'{k}={_show(v)}' for k, v in options.items())}); "
-            f"kernels here and their options: {have}; install flash-attn (FA2, FA3 or FA4) for softcap, FA4 for sinks, "
-            "torch >= 2.11 for scale and sliding_window"
-        )
+    chosen = kernels.require(
+        options, q.shape[-1], who="'packing_varlen' on CUDA",
+        asks=f"this layer asks {', '.join(f'{k}={_show(v)}' for k, v in options.items()) or 'no option'}",
+        fix="install flash-attn (FA2, FA3 or FA4) for softcap, FA4 for sinks, torch >= 2.11 for scale and "
+            "sliding_window, or name other kernels in pack(model, kernels=...)")
     if v.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {v.dtype}; run under torch.autocast")
     # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 under autocast
     # while v comes from a bf16 projection (seen on an H200); the kernel takes v's dtype.
     q, k = q.to(v.dtype), k.to(v.dtype)
-    note_kernel(chosen[0])
-    return chosen[1](q, k, v, cu, max_len, layer.causal, **options)
+    note_kernel(chosen.name)
+    return chosen.run(q, k, v, cu, max_len, layer.causal, **options), chosen.name
 
 
 def note_kernel(name: str) -> None:

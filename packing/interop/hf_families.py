@@ -1,7 +1,7 @@
 """Which transformers model families train exactly on packed rows, and the config check that refuses the rest.
 
 A packed row equals each document run alone only if every layer of the model keeps the documents
-apart. Attention does, through the boundaries :func:`packing.interop.hf.hf_kwargs` hands it; but a
+apart. Attention does, through the boundaries :func:`packing.interop.hf.pack` hands it; but a
 family may also carry state across tokens some other way (a Mamba or linear-attention layer, a
 convolution), take its positions from the row instead of ``position_ids``, or pass its attention
 an option the implementation does not compute. No config field says which, so the rule is:
@@ -19,7 +19,7 @@ verified the same way on the transformers release it names (``python -m benchmar
 --write``). It documents the families; it decides nothing.
 
 Every refusal is a ValueError that names the family or field, its value and the nearest supported
-path, raised when the model is known (``HFPackedCollator(model)``, ``hf_kwargs(batch, model)``) or
+path, raised when the model is known (``pack(model)``) or
 else at ``packing_varlen``'s first call.
 
 Example:
@@ -55,7 +55,8 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 # transformers' own flash implementations take the same cu_seq_lens kwargs and the same per-layer
 # options as packing_varlen (and raise where their kernel lacks one), but need a GPU the CPU matrix
-# has not: they take packing_varlen's verdict, checked on a GPU by tests/packing/test_hf.py.
+# has not: they take packing_varlen's verdict, checked on a GPU by tests/packing/test_hf.py. The
+# packing_varlen of a model's own kernel list (pack(model, kernels=...)) joins here when registered.
 VERDICT_OF = {"flash_attention_2": "packing_varlen", "flash_attention_3": "packing_varlen",
               "flash_attention_4": "packing_varlen"}
 
@@ -150,7 +151,7 @@ def causal_lm_families() -> dict[str, str]:
 
 
 # How a config is verified: packing.interop (its __init__) sets it to verify.verify_config.
-# Verifying runs a model through hf_kwargs, which calls check_model, so this module receives the
+# Verifying runs a model through the packed kwargs, which call check_model, so this module receives the
 # verifier instead of importing the module that makes it.
 _verifier: list = []
 
@@ -170,6 +171,11 @@ VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_atten
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
+def is_varlen(implementation: str) -> bool:
+    """Whether ``implementation`` reads the boundaries as ``cu_seq_lens_q/k`` (a varlen kernel)."""
+    return VERDICT_OF.get(implementation, implementation) in VARLEN_IMPLEMENTATIONS
+
+
 def accepted_implementation(model_or_name: Any) -> str:
     """The attention implementation of a transformers model or config (``_attn_implementation``),
     or the name itself; a ValueError if it is one that would attend across documents."""
@@ -182,7 +188,7 @@ def accepted_implementation(model_or_name: Any) -> str:
                 f"expected a transformers model or config (with _attn_implementation) or an implementation name, "
                 f"got {type(model_or_name).__name__}"
             )
-    if name not in VARLEN_IMPLEMENTATIONS + MASK_IMPLEMENTATIONS:
+    if not is_varlen(name) and name not in MASK_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation {name!r} is refused: packing.interop.hf cannot keep its documents apart, and "
             f"it would attend across them silently; load the model with one of "
@@ -209,7 +215,7 @@ def check_model(model_or_config: Any, implementation: str | None = None) -> str:
     See :mod:`packing.interop.hf_families`: the config must ask for nothing packing cannot
     reproduce, and a reduced copy of it must be exact packed. Raises a ValueError naming the family
     or config field, its value and the nearest supported path. A config object that passed is not
-    checked again (``hf_kwargs`` calls this for every batch): configure the model before its first
+    checked again (the deprecated ``hf_kwargs`` calls this for every batch): configure the model before its first
     packed batch.
     """
     name = accepted_implementation(implementation or model_or_config)

@@ -10,7 +10,7 @@ a time. It is a ``torch.autograd.Function`` of plain torch ops with a fixed numb
 shape, so ``torch.compile`` traces it into the model's graph.
 
 Targets are ``shift_labels`` (the next token at each position, -100 where there is none), the
-convention of :func:`packing.interop.hf.hf_kwargs`; the loss is their sum over real targets divided
+convention of the kwargs of :func:`packing.interop.hf.pack`; the loss is their sum over real targets divided
 by ``normalizer`` (default: their count), as transformers' loss with ``num_items_in_batch``.
 
 Example:
@@ -117,11 +117,19 @@ _LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_softcapping": None, "lo
 
 
 def causal_lm_loss(model, kwargs: dict, *, chunk: int = 4096, normalizer: int | Tensor | None = None) -> Tensor:
-    """The loss of a transformers causal LM on :func:`~packing.interop.hf.hf_kwargs` (or
-    ``HFPackedCollator``) kwargs, through :func:`chunked_lm_loss`: the base model's last hidden
-    state, then the LM head (its weight and bias) and cross-entropy a chunk at a time, plus the
-    router's load-balancing loss where the model adds it (``output_router_logits``). Equal to
-    ``model(**kwargs).loss`` without the (T, V) logits.
+    """Deprecated: ``packing.interop.hf.pack(model).loss(kwargs)``. Removed in the next release."""
+    import warnings
+
+    warnings.warn("packing.interop.hf_loss.causal_lm_loss is deprecated and will be removed in the next release: "
+                  "use packing.interop.hf.pack(model).loss(kwargs)", FutureWarning, stacklevel=2)
+    return checked_loss(model, kwargs, chunk=chunk, normalizer=normalizer)
+
+
+def checked_loss(model, kwargs: dict, *, chunk: int = 4096, normalizer: int | Tensor | None = None) -> Tensor:
+    """The loss of a transformers causal LM on packed kwargs (``pack(model)``'s), through
+    :func:`chunked_lm_loss`: the base model's last hidden state, then the LM head (its weight and
+    bias) and cross-entropy a chunk at a time, plus the router's load-balancing loss where the model
+    adds it (``output_router_logits``). Equal to ``model(**kwargs).loss`` without the (T, V) logits.
 
     What it computes is checked, not assumed: at the first call for a config, a reduced copy of it
     (:func:`packing.interop.verify.verify_loss`) must give ``model(**kwargs).loss`` within 1e-5 in
@@ -151,7 +159,7 @@ def _router(model, kwargs: dict) -> bool:
 def _loss(model, kwargs: dict, *, chunk: int = 4096, normalizer: int | Tensor | None = None) -> Tensor:
     """The loss itself (module docstring of :func:`causal_lm_loss`), unchecked."""
     if "shift_labels" not in kwargs:
-        raise ValueError("causal_lm_loss needs kwargs with shift_labels (hf_kwargs and HFPackedCollator make them)")
+        raise ValueError("the chunked loss needs kwargs with shift_labels (pack(model) makes them)")
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         raise ValueError(f"{type(model).__name__}'s LM head is a {type(head).__name__}, not a torch.nn.Linear; the chunked "

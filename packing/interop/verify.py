@@ -284,14 +284,14 @@ def _cached(reduced: Any, what: str, measure: Any, cache: bool) -> Verdict:
 
 def _run_loss(reduced: Any, loss: Any, router: bool, implementation: str) -> tuple[str, float | None]:
     from packing import get_collator
-    from packing.interop.hf import hf_kwargs
+    from packing.interop.hf import checked_kwargs
     from packing.interop.hf_families import unverified
 
     try:
         model = _model(causal_lm_class(reduced), reduced, router)
         _use(model, implementation)
         with unverified():
-            kwargs = hf_kwargs(get_collator("concat")(_documents()), model)
+            kwargs = checked_kwargs(get_collator("concat")(_documents()), model)
         with torch.no_grad():
             ref = model(**kwargs).loss
             got = loss(model, kwargs, chunk=16)  # several chunks, as a long row has
@@ -382,15 +382,15 @@ def _use(model: Any, implementation: str) -> None:
     """Switch ``model`` to ``implementation`` (registering packing_varlen on first use)."""
     import packing.interop.hf_attention as hf_attention
 
-    if implementation == hf_attention.NAME and hf_attention._kernels is None:
-        hf_attention.register()
+    if implementation == hf_attention.NAME:
+        hf_attention.install()
     model.set_attn_implementation(implementation)
 
 
 def _run(reduced: Any, implementation: str) -> tuple[str, float | None]:
     from packing import get_collator
     import packing.interop.hf_attention as hf_attention
-    from packing.interop.hf import hf_kwargs
+    from packing.interop.hf import checked_kwargs
     from packing.interop.hf_families import unverified
 
     try:
@@ -415,7 +415,7 @@ def _run(reduced: Any, implementation: str) -> tuple[str, float | None]:
     try:
         _use(model, implementation)
         with torch.no_grad(), unverified(), hf_attention.counting_calls() as calls:
-            out = model(**hf_kwargs(get_collator("concat")(docs), model))
+            out = model(**checked_kwargs(get_collator("concat")(docs), model))
     except Exception as e:  # noqa: BLE001
         if isinstance(e, ValueError) and _raised_by_packing(e):
             return f"refused: {_first_line(e)}", None

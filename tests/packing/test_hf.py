@@ -133,7 +133,7 @@ def test_matches_data_collator_with_flattening():
 
 def test_refusals_say_how_to_fix():
     packed = get_collator("concat")([[1, 2, 3]])
-    with pytest.raises(ValueError, match=r"hf_kwargs needs a packed batch, got layout 'padded'; collate with "
+    with pytest.raises(ValueError, match=r"the packed kwargs need a packed batch, got layout 'padded'; collate with "
                                          r"get_collator\('concat'\)"):
         hf_kwargs(get_collator("pad_longest")([[1, 2, 3]]), config("sdpa"))
     with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention' is refused: .* it would attend across "
@@ -144,7 +144,7 @@ def test_refusals_say_how_to_fix():
     with pytest.raises(TypeError, match=r"expected a transformers model or config \(with _attn_implementation\) or an "
                                         r"implementation name, got int"):
         hf_kwargs(packed, 3)
-    with pytest.raises(TypeError, match=r"hf_kwargs takes a packing.Batch, got dict"):
+    with pytest.raises(TypeError, match=r"the packed kwargs take a packing.Batch, got dict"):
         hf_kwargs({"input_ids": None}, config("sdpa"))
 
 
@@ -153,7 +153,7 @@ def test_packing_varlen_refuses_what_it_cannot_compute():
     batch = get_collator("concat")([[1, 2, 3], [4, 5]])
     with pytest.raises(ValueError, match=r"'packing_varlen' needs cu_seq_lens_q and max_length_q, and GPT2Attention "
                                          r"called it without them: either the model's kwargs did not come from "
-                                         r"packing.interop.hf.hf_kwargs"):
+                                         r"packing.interop.hf.pack\(model\)"):
         model(input_ids=batch.input_ids)
     kwargs = hf_kwargs(batch, model)
     with pytest.raises(ValueError, match=r"got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "

@@ -20,6 +20,7 @@ from benchmarks import hf_families  # noqa: E402
 from equivalence import hf_each_alone, rel  # noqa: E402
 from packing.interop import hf_attention  # noqa: E402
 from packing.interop.hf_attention import LayerOptions, register  # noqa: E402
+from packing.kernels.choice import Kernel, KernelSet  # noqa: E402
 from packing import get_collator  # noqa: E402
 from packing.boundaries import block_causal_mask, cumulative_lengths  # noqa: E402
 from packing.interop.hf import HFPackedCollator, check_model, hf_kwargs  # noqa: E402
@@ -211,37 +212,37 @@ def test_cuda_kernel_choice_follows_the_options(monkeypatch):
             return q
         return run
 
-    fa3_head_dims = [lambda d: True]  # each kernel's head-dimension check, as register() resolves it
-    monkeypatch.setattr(hf_attention, "_kernels", [
-        ("fa3", kernel("fa3"), frozenset({"scale", "window", "softcap"}), lambda d: fa3_head_dims[0](d)),
-        ("torch", kernel("torch"), frozenset({"scale", "window"}), lambda d: True)])
+    fa3_head_dims = [lambda d: True]  # each kernel's head-dimension check, as KernelSet.load resolves it
+    both = KernelSet([Kernel("fa3", kernel("fa3"), frozenset({"scale", "window", "softcap"}), lambda d: fa3_head_dims[0](d)),
+                      Kernel("torch", kernel("torch"), frozenset({"scale", "window"}), lambda d: True)])
     q = torch.randn(6, 4, 8, dtype=torch.bfloat16)
     cu = cumulative_lengths([6])
-    hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0, window=2))
+    assert hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0, window=2),
+                                 both)[1] == "fa3"
     assert ran == [("fa3", {"window": 2, "softcap": 3.0})]
-    assert hf_attention.kernel_name({"scale": 0.1}) == "fa3"
+    assert both.choose({"scale": 0.1}, 64).name == "fa3"
     # A kernel wrong at a head dimension, or a build without it, is passed over there (FA4's
     # gradients at 16: kernels.py; an FA3 built for head dimension 128 only).
     fa3_head_dims[0] = lambda d: d >= 32
-    assert hf_attention.kernel_name({"scale": 0.1}, head_dim=16) == "torch"
-    hf_attention._on_cuda(q[..., :4], q[:, :2, :4], q[:, :2, :4], cu, 6, LayerOptions(causal=True, window=2))
+    assert both.choose({"scale": 0.1}, 16).name == "torch"
+    hf_attention._on_cuda(q[..., :4], q[:, :2, :4], q[:, :2, :4], cu, 6, LayerOptions(causal=True, window=2), both)
     assert ran[-1] == ("torch", {"window": 2})
     fa3_head_dims[0] = lambda d: True
-    monkeypatch.setattr(hf_attention, "_kernels", hf_attention._kernels[1:])
-    hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, window=2, scale=0.1))
+    torch_only = KernelSet(both.kernels[1:])
+    hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, window=2, scale=0.1), torch_only)
     assert ran[-1] == ("torch", {"scale": 0.1, "window": 2})
     with pytest.raises(ValueError, match=r"'packing_varlen' on CUDA: no varlen kernel here computes \['softcap'\] \(this "
                                          r"layer asks softcap=3.0\); kernels here and their options: torch: "
                                          r"\['scale', 'window'\]; install flash-attn"):
-        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0))
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, softcap=3.0), torch_only)
     with pytest.raises(ValueError, match=r"no varlen kernel here computes \['sinks'\] \(this layer asks "
                                          r"sinks=Tensor\(4,\)\).*FA4 for sinks"):
-        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(4)))
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(4)), torch_only)
     with pytest.raises(ValueError, match=r"takes attention sinks per head, \(H,\), got per-token sinks of shape "
                                          r"\(1, 4, 6, 1\)"):
-        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(1, 4, 6, 1)))
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2], cu, 6, LayerOptions(causal=True, sinks=torch.zeros(1, 4, 6, 1)), torch_only)
     with pytest.raises(ValueError, match=r"needs the value head dimension equal to the query's, got 4 and 8"):
-        hf_attention._on_cuda(q, q[:, :2], q[:, :2, :4], cu, 6, LayerOptions(causal=True))
+        hf_attention._on_cuda(q, q[:, :2], q[:, :2, :4], cu, 6, LayerOptions(causal=True), torch_only)
 
 
 def test_config_refusals_name_the_field_and_the_fix():
