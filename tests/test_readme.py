@@ -106,4 +106,4 @@ def test_readme_trl_example_trains_on_packed_rows(tmp_path, monkeypatch, capsys)
     m = re.search(r"\n3 steps on packed rows; loss (\d+\.\d+)\n$", out)
     assert m and abs(float(m[1]) - 5.95) < 0.5, out
     assert "3 steps on packed rows; loss 6.0" in README.read_text()
-    assert type(namespace["trainer"].data_collator).__name__ == "HFPackedCollator"
+    assert type(namespace["trainer"].data_collator).__name__ == "HFPacking"

@@ -12,6 +12,12 @@ def _verify_config(config, implementation):
     return verify_config(config, implementation)
 
 
-# check_model verifies the model's own config with verify, which itself runs check_model's callers
-# (hf_kwargs): the package wires the two together.
-hf_families.set_verifier(_verify_config)
+def _verify_loss(config, loss, *, router):
+    from packing.interop.verify import verify_loss
+
+    return verify_loss(config, loss, router=router)
+
+
+# check_model (and the chunked loss) verify the model's own config with verify, which itself runs
+# their callers (the packed kwargs): the package wires them together.
+hf_families.set_verifier(_verify_config, _verify_loss)

@@ -64,7 +64,7 @@ from torch import Tensor
 from packing.batch import Batch
 from packing.boundaries import block_causal_mask, with_tail
 from packing.collate import ConcatCuSeqlens
-from packing.interop import hf_attention
+import packing.interop.hf_attention as hf_attention
 from packing.interop.hf_families import (  # noqa: F401  (check_model and accepted_implementation are API here too)
     MASK_IMPLEMENTATIONS,
     VARLEN_IMPLEMENTATIONS,

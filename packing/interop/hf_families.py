@@ -150,21 +150,29 @@ def causal_lm_families() -> dict[str, str]:
     return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
 
 
-# How a config is verified: packing.interop (its __init__) sets it to verify.verify_config.
-# Verifying runs a model through the packed kwargs, which call check_model, so this module receives the
-# verifier instead of importing the module that makes it.
+# How a config is verified: packing.interop (its __init__) sets these to verify.verify_config and
+# verify.verify_loss. Verifying runs a model through the packed kwargs, which call check_model (and
+# the loss), so this module receives the verifiers instead of importing the module that makes them.
 _verifier: list = []
 
 
-def set_verifier(verify) -> None:
-    """Install ``verify(config, implementation) -> Verdict`` (done once, by ``packing.interop``)."""
-    _verifier[:] = [verify]
+def set_verifier(verify, verify_loss=None) -> None:
+    """Install ``verify(config, implementation) -> Verdict`` and ``verify_loss(config, loss, router=)
+    -> Verdict`` (done once, by ``packing.interop``)."""
+    _verifier[:] = [verify, verify_loss]
 
 
 def _verify(config: Any, implementation: str):
     if not _verifier:
         raise RuntimeError("no config verifier installed: import packing.interop (it installs verify.verify_config)")
     return _verifier[0](config, implementation)
+
+
+def verify_loss(config: Any, loss: Any, *, router: bool):
+    """The installed loss verifier's verdict (:func:`packing.interop.verify.verify_loss`)."""
+    if not _verifier or _verifier[1] is None:
+        raise RuntimeError("no loss verifier installed: import packing.interop (it installs verify.verify_loss)")
+    return _verifier[1](config, loss, router=router)
 
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "packing_varlen")

@@ -191,7 +191,7 @@ def _check_loss(model, kwargs: dict) -> None:
     key = (id(model.config), _router(model, kwargs))
     if key in _loss_checked:
         return
-    from packing.interop.verify import verify_loss
+    from packing.interop.hf_families import verify_loss
 
     verdict = verify_loss(model.config, _loss, router=key[1])
     if not verdict.exact:

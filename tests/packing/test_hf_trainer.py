@@ -16,11 +16,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the dev extra has it)")
 
 from equivalence import rel  # noqa: E402
-from packing.interop.hf_attention import register  # noqa: E402
-from packing.interop.hf import HFPackedCollator  # noqa: E402
+from packing.interop.hf import pack  # noqa: E402
 from trainer_worker import by_hand, padded, tiny, trained  # noqa: E402
 
 TOL = 1e-5
@@ -31,8 +31,8 @@ WORKER = Path(__file__).with_name("trainer_worker.py")
 def test_accumulated_packed_steps_equal_the_padded_update(tmp_path, impl):
     lr = 1.0
     expected = by_hand(lr)
-    model = tiny(register() if impl == "packing_varlen" else impl)
-    packed = trained(tmp_path / "packed", model, HFPackedCollator(model), lr)
+    model = tiny("packing_varlen" if impl == "packing_varlen" else impl)
+    packed = trained(tmp_path / "packed", model, pack(model), lr)
     padded_ = trained(tmp_path / "padded", tiny("sdpa"), padded, lr)
     # A mean of per-micro-batch means (micro-batches of two documents) is a different update: the
     # comparison can tell them apart.

@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer with HFPackedCollator as its data_collator, on a prompt-completion dataset.
+"""TRL's SFTTrainer with pack(model) as its data_collator, on a prompt-completion dataset.
 
 TRL tokenizes each prompt and completion, builds transformers' unshifted ``labels`` with the prompt
 masked (completion-only loss), and hands the rows to the collator. Packed, the loss must be the mean
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+
 trl = pytest.importorskip("trl", reason="the dev extra: pip install -e '.[dev]'")
 datasets = pytest.importorskip("datasets", reason="the dev extra: pip install -e '.[dev]'")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the dev extra has it)")
 
 from equivalence import rel  # noqa: E402
-from packing.interop.hf import HFPackedCollator, register  # noqa: E402
+from packing.interop.hf import pack  # noqa: E402
 
 TOL = 1e-5
 WORDS = [f"w{i}" for i in range(60)]
@@ -83,8 +84,8 @@ def completion_mean_alone(rows):
 
 
 def test_sft_trainer_with_the_packed_collator_equals_trls_padded_run(tmp_path):
-    model = tiny(register())
-    packed, trainer = sft(tmp_path / "packed", model, HFPackedCollator(model))
+    model = tiny("packing_varlen")
+    packed, trainer = sft(tmp_path / "packed", model, pack(model))
     rows = list(trainer.train_dataset)
     # TRL wrote transformers' convention: unshifted labels, the prompt masked with -100.
     assert all(r["labels"][0] == -100 and r["labels"][-1] == r["input_ids"][-1] for r in rows)
@@ -92,8 +93,8 @@ def test_sft_trainer_with_the_packed_collator_equals_trls_padded_run(tmp_path):
     assert completion_tokens == sum(c for _, c in PAIRS) + len(PAIRS)  # each completion and its <eos>
     padded, padded_trainer = sft(tmp_path / "padded", tiny("sdpa"))
     assert type(padded_trainer.data_collator).__name__ == "DataCollatorForLanguageModeling"
-    fresh = tiny(register())  # the loss of the packed rows the trainer saw, before its step
-    assert abs(fresh(**HFPackedCollator(fresh)(rows)).loss.item() - loss) <= TOL * loss
+    fresh = tiny("packing_varlen")  # the loss of the packed rows the trainer saw, before its step
+    assert abs(fresh(**pack(fresh)(rows)).loss.item() - loss) <= TOL * loss
     assert rel(packed, by_hand) <= TOL
     assert rel(packed, padded) <= TOL
     # The test can tell a wrong reading apart: learning the prompt too is another update.
@@ -106,9 +107,9 @@ def test_sft_trainer_compiled_with_static_packs_is_one_graph(tmp_path):
     # (a shape known only at run time) and multiplies into an out= tensor: that part breaks any graph,
     # whatever the collator. So the backbone is compiled, not the whole model: one graph over steps
     # of 2, 2 and 2 documents, never recompiled, and the head runs eagerly after it.
-    model = tiny(register())
+    model = tiny("packing_varlen")
     model.model.compile(backend="aot_eager")
-    collator = HFPackedCollator(model, total_tokens=128, max_seqs=8, max_seqlen=32)
+    collator = pack(model, static={"total_tokens": 128, "max_seqs": 8, "max_seqlen": 32})
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):

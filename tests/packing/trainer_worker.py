@@ -7,8 +7,7 @@ import sys
 import torch
 import transformers
 
-from packing.interop.hf_attention import register
-from packing.interop.hf import HFPackedCollator
+from packing.interop.hf import pack
 
 LENS = [5, 31, 2, 12, 9, 1, 17, 4]  # very unequal micro-batches: a per-micro-batch mean would show
 VOCAB = 97
@@ -71,8 +70,8 @@ def main(out: str, kind: str) -> None:
 
     import torch.distributed as dist
 
-    model = tiny(register() if kind == "packed" else "sdpa")
-    collate = HFPackedCollator(model) if kind == "packed" else padded
+    model = tiny("packing_varlen" if kind == "packed" else "sdpa")
+    collate = pack(model) if kind == "packed" else padded
     with tempfile.TemporaryDirectory() as tmp:
         # 2 ranks x 1 document x 4 accumulated micro-batches: the same 8 documents in one step.
         update = trained(tmp, model, collate, 1.0, per_device_train_batch_size=1, ddp_backend="gloo")
