@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Parser, environment, format_table, non_negative, positive, resolve_device, time_steps, write_json
-from packing.kernels import fmha_backend, varlen_kernels
+from models.kernels import fmha_backend
+from packing.kernels import varlen_kernels
 from packing import SyntheticDocs
 from packing.boundaries import cumulative_lengths
 

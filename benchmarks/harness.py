@@ -330,7 +330,7 @@ def gemm_tflops(device: torch.device, shapes: Sequence[tuple[int, int, int]], *,
 def environment(device: torch.device) -> dict[str, Any]:
     """The record fields that say where a row ran: device type, GPU name, torch version, and the
     optional kernels that loaded (each row's ``backend`` says which one it ran)."""
-    from packing.kernels import loaded
+    from models.kernels import loaded
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return dict(device=device.type, gpu=gpu, torch=torch.__version__, kernels=loaded() if device.type == "cuda" else {})

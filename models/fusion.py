@@ -34,19 +34,23 @@ from torch import Tensor
 FUSIONS = ("mlp", "norm", "qkv")
 QUACK_FUSIONS = frozenset({"mlp", "norm"})
 INSTALL = "pip install -e \".[hopper]\" (quack-kernels, a Hopper or newer GPU)"
+# The quack-kernels versions whose private API models.norm and models.mlp were written against and
+# ran with (quack.rmsnorm._rmsnorm_fwd/_bwd, quack.gemm_interface; ran 0.6.5); pyproject's hopper
+# extra pins the same range.
+QUACK_VERIFIED = ("0.6.5", "0.6.6")
 
 
 @functools.cache
 def quack_available() -> bool:
     """Whether quack-kernels imports, is a version whose private API models.norm and models.mlp were
-    written against (``packing.kernels.common.VERIFIED``; each private function is called in one
-    place), and the GPU is Hopper (sm90) or newer."""
+    written against (:data:`QUACK_VERIFIED`; each private function is called in one place), and the
+    GPU is Hopper (sm90) or newer."""
     from packing.kernels.common import check_version, gpu_loads
 
     if not (gpu_loads("quack.linear") and gpu_loads("quack.rmsnorm")):
         return False
     try:
-        check_version("quack-kernels")
+        check_version("quack-kernels", QUACK_VERIFIED)
     except ImportError:
         return False
     return True

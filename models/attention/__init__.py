@@ -46,7 +46,7 @@ import torch
 from models.attention.base import AttentionAdapter
 from models.attention.flash import FlashVarlenAttention
 from models.attention.flex import FlexDocumentAttention
-from packing.kernels import flash_backend, fmha_backend
+from models.kernels import flash_backend, fmha_backend
 from models.attention.naive import NaiveAttention
 from models.attention.sdpa import SdpaAttention
 from models.attention.sdpa_docs import SdpaDocsAttention

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention.base import AttentionAdapter
-from packing.kernels import flash_backend, packed_kernel, varlen_kernels
+from models.kernels import flash_backend, packed_kernel
+from packing.kernels import varlen_kernels
 from packing.kernels.choice import Kernel, KernelSet
 from packing.batch import Batch
 

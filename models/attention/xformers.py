@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from models.attention.base import AttentionAdapter
-from packing.kernels import fmha_backend
+from models.kernels import fmha_backend
 from packing.batch import Batch
 from packing.boundaries import block_lengths
 

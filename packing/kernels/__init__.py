@@ -1,12 +1,12 @@
-"""The one place that decides which optional kernels load: the varlen kernels (FlashAttention-3,
-FlashAttention-4 custom ops, flash-attn 2, torch's ``varlen_attn``), their packed-qkv forms, and
-xFormers' (or mslk's) memory-efficient attention. Resolved once per process.
+"""The one place that decides which varlen attention kernels load (FlashAttention-3,
+FlashAttention-4 custom ops, flash-attn 2, torch's ``varlen_attn``), and what each computes.
+Resolved once per process; :mod:`packing.kernels.choice` chooses among them per layer.
 
-Everything that runs a kernel asks here: ``packing.interop.hf_attention`` (transformers'
-``packing_varlen``) and the toy GPT's adapters (``models.attention``). The kernel modules beside
-this one (``flash3``, ``flash4``, ``packed_qkv``) each wrap their package's private API in one
-function and check its version at load (:mod:`packing.kernels.common`). Nothing here imports
-``models`` or ``benchmarks``.
+Everything that runs a varlen kernel asks here: ``packing.interop.hf_attention`` (transformers'
+``packing_varlen``) and the toy GPT's ``flash`` adapter. The kernel modules beside this one
+(``flash3``, ``flash4``) each wrap their package's private API in one function and check its
+version at load (:mod:`packing.kernels.common`). Nothing here imports ``models`` or ``benchmarks``;
+what only the toy GPT uses (packed-qkv ops, xFormers, quack) lives in ``models``.
 
 Adapters resolve their kernel at construction, never per layer: a cached lookup called inside every
 layer breaks the ``torch.compile`` graph.
@@ -20,10 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import importlib
 import inspect
-from types import ModuleType
 from typing import Callable
 
 import torch
@@ -32,8 +29,8 @@ from torch import Tensor
 from packing.kernels.common import (VARLEN_HEAD_DIM_MULTIPLE, VARLEN_MAX_HEAD_DIM, VARLEN_MIN_HEAD_DIM,
                                     check_version, flash_window, gpu_loads)
 
-__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_backend", "flash_window", "fmha_backend", "gpu_loads",
-           "head_dim_check", "loaded", "packed_kernel", "takes_head_dim", "varlen_kernels", "varlen_options"]
+__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_window", "gpu_loads", "head_dim_check", "takes_head_dim",
+           "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
 
@@ -53,9 +50,6 @@ VARLEN_OPTIONS = {
     "flash-attn-2": frozenset({"scale", "window", "softcap"}),
     "torch.varlen_attn": frozenset({"scale", "window"}),  # torch >= 2.11; 2.10's has neither
 }
-
-PackedVarlen = Callable[..., Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
-
 
 def varlen_kernels() -> dict[str, Varlen]:
     """Every varlen kernel that loads here, best first: ``flash-attn-3`` (Hopper only),
@@ -107,26 +101,6 @@ def head_dim_check(name: str) -> Callable[[int], bool]:
         flags = build_flags()
         return lambda head_dim: computes(head_dim) and built_head_dim(head_dim, flags)
     return computes
-
-
-@functools.cache
-def flash_backend() -> tuple[str, Varlen] | None:
-    """(name, fn) for the best varlen kernel (the first of :func:`varlen_kernels`), or None."""
-    return next(iter(varlen_kernels().items()), None)
-
-
-def packed_kernel(name: str) -> PackedVarlen | None:
-    """The packed form of varlen kernel ``name``: fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal)
-    -> out (T, H, D), whose backward writes one (T, 3, H, D) gradient; None where it has none."""
-    if name == "flash-attn-4":
-        from packing.kernels.flash4 import fa4_varlen_qkvpacked
-
-        return fa4_varlen_qkvpacked
-    if name == "flash-attn-3":
-        from packing.kernels.flash3 import fa3_varlen_qkvpacked
-
-        return fa3_varlen_qkvpacked
-    return None
 
 
 def _fa3() -> Varlen | None:
@@ -193,46 +167,3 @@ def _refuse_options(kernel: str, **options) -> None:
     asked = {k: v for k, v in options.items() if v is not None}
     if asked:
         raise ValueError(f"the varlen kernel {kernel!r} does not compute {asked}; it takes {sorted(varlen_options(kernel))}")
-
-
-@functools.cache
-def fmha_backend() -> tuple[str, ModuleType] | None:
-    """("xformers" or "mslk", its fmha module) for the first whose CUDA kernels run, or None."""
-    if not torch.cuda.is_available():
-        return None
-    for name, module in (("xformers", "xformers.ops.fmha"), ("mslk", "mslk.attention.fmha")):
-        try:
-            fmha = importlib.import_module(module)
-            x = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-            fmha.memory_efficient_attention(x, x, x)  # xFormers imports fine but fails here on torch 2.11
-        except Exception:  # noqa: BLE001 - any failure means "this package's kernels do not run here"
-            continue
-        return name, fmha
-    return None
-
-
-def loaded() -> dict[str, str]:
-    """Each optional kernel package that loads and runs here, with its version where it has one:
-    what a benchmark record says ran beside each row's ``backend``. Keys among ``flash-attn-3``,
-    ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn``, ``xformers``, ``mslk``, ``quack``."""
-    from importlib import metadata
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "source build"
-
-    dists = {"flash-attn-4": "flash-attn-4", "flash-attn-2": "flash-attn", "flash-attn-3": "flash-attn-3",
-             "xformers": "xformers", "mslk": "mslk-cuda"}
-    found = {name: (torch.__version__ if name == "torch.varlen_attn" else version(dists[name]))
-             for name in varlen_kernels()}
-    fmha = fmha_backend()
-    if fmha is not None:
-        found[fmha[0]] = version(dists[fmha[0]])
-    if gpu_loads("quack.rmsnorm"):
-        try:
-            found["quack"] = check_version("quack-kernels")
-        except ImportError as e:
-            found["quack"] = f"not used: {e}"
-    return found

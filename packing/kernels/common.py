@@ -35,7 +35,6 @@ VARLEN_MAX_HEAD_DIM = {"torch.varlen_attn": 256}
 # can read from a source build, so it is checked by the signature of the function we call instead.
 VERIFIED = {
     "flash-attn-4": ("4.0.0b30", "4.1"),  # flash_attn.cute.interface._flash_attn_fwd/_bwd (ran 4.0.0b36)
-    "quack-kernels": ("0.6.5", "0.6.6"),  # quack.rmsnorm._rmsnorm_fwd/_bwd, quack.gemm_interface (ran 0.6.5)
 }
 
 
@@ -56,9 +55,10 @@ def version_key(version: str) -> tuple:
 
 
 @functools.cache
-def check_version(distribution: str) -> str:
-    """The installed version of ``distribution``, or ImportError when it is outside :data:`VERIFIED`."""
-    low, below = VERIFIED[distribution]
+def check_version(distribution: str, verified: tuple[str, str] | None = None) -> str:
+    """The installed version of ``distribution``, or ImportError when it is outside ``verified``
+    (lowest, below), by default its range in :data:`VERIFIED`."""
+    low, below = verified or VERIFIED[distribution]
     try:
         version = metadata.version(distribution)
     except metadata.PackageNotFoundError:

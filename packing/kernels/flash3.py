@@ -30,7 +30,6 @@ import inspect
 from torch import Tensor
 
 from packing.kernels.common import flash_window, gpu_loads
-from packing.kernels.packed_qkv import packed_qkv_op
 
 
 # The parameters of FA3's private functions, in the order the calls below pass them positionally.
@@ -131,21 +130,3 @@ def bound_varlen():
                                                 window_size=flash_window(window, causal), softcap=softcap or 0.0)
 
     return run
-
-
-def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
-    out, lse, *_ = _interface()._flash_attn_forward(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                       max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
-                                       softmax_scale=q.shape[-1] ** -0.5, causal=causal)
-    return out, lse
-
-
-def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
-    # FA3's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
-    _interface()._flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, None, None, max_seqlen, max_seqlen,
-                         dq, dk, dv, q.shape[-1] ** -0.5, causal)
-
-
-# fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D), whose backward writes one
-# (T, 3, H, D) gradient (packing.kernels.packed_qkv).
-fa3_varlen_qkvpacked = packed_qkv_op("fa3_varlen", _forward, _backward)

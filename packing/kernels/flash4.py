@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from packing.kernels.common import VARLEN_MIN_HEAD_DIM, check_version, gpu_loads
-from packing.kernels.packed_qkv import packed_qkv_op
 
 
 def fa4_available() -> bool:
@@ -138,14 +137,3 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
         )
     window_left = -1 if window is None else window - 1
     return _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale or 0.0, window_left, softcap or 0.0, sinks)[0]
-
-
-def _packed_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
-    # FA4's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
-    _flash_bwd(q, k, v, out, dout, lse, None, causal, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-               max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
-
-
-# The packed form (fusion "qkv"): fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal) -> out (T, H, D),
-# whose backward writes one (T, 3, H, D) gradient (packing.kernels.packed_qkv).
-fa4_varlen_qkvpacked = packed_qkv_op("fa4_varlen", _fwd, _packed_bwd)

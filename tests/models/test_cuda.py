@@ -236,12 +236,14 @@ def test_packed_qkv_custom_op_registrations(name):
     # The packed forms' schemas, fakes and autograd, checked by torch, with an empty sequence.
     from packing.kernels import flash3, flash4
 
-    module, available = (flash4, flash4.fa4_available) if name == "flash-attn-4" else (flash3, flash3.fa3_available)
+    available = flash4.fa4_available if name == "flash-attn-4" else flash3.fa3_available
     skip_unless("fa4" if name == "flash-attn-4" else "fa3", available(), f"{name} is not installed here, or the GPU does not take it")
     g = torch.Generator("cuda").manual_seed(0)
     qkv = torch.randn(40, 3, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
     cu = torch.tensor([0, 10, 30, 40, 40], dtype=torch.int32, device="cuda")
-    packed = module.fa4_varlen_qkvpacked if name == "flash-attn-4" else module.fa3_varlen_qkvpacked
+    from models.packed_qkv import packed_kernel
+
+    packed = packed_kernel(name)
     torch.library.opcheck(packed.op, (qkv, cu, 20, True))
     # And the same gradient as the three-tensor op.
     out = packed(qkv, cu, 20, True)
@@ -257,7 +259,8 @@ def test_every_required_kernel_loads():
     """REQUIRE_KERNELS names kernels a device run must have; a test that does not see its kernel
     (an adapter absent from PAIRS, a skipped fusion) would otherwise pass without running it."""
     from models.fusion import quack_available
-    from packing.kernels import fmha_backend, varlen_kernels
+    from models.kernels import fmha_backend
+    from packing.kernels import varlen_kernels
 
     varlen = varlen_kernels()
     fmha = (fmha_backend() or ("none",))[0]

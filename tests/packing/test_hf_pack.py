@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from kernels_required import skip_unless
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
@@ -19,12 +20,12 @@ LENS = [5, 1, 9, 4]
 STATIC = {"total_tokens": 48, "max_seqs": 6, "max_seqlen": 16}
 
 
-def tiny(arch="llama", impl="packing_varlen", **extra):
+def tiny(arch="llama", impl="packing_varlen", dim=32, **extra):
     torch.manual_seed(0)
     if arch == "gemma2":  # the attention softcap stays; the final one is the loss refusal's (tested below)
         extra = {"final_logit_softcapping": None, **extra}
     if arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = transformers.LlamaConfig(vocab_size=97, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           attn_implementation=impl, **extra)
         return transformers.LlamaForCausalLM(config)
@@ -226,3 +227,30 @@ def test_the_object_checks_once_not_per_batch(monkeypatch):
         packed(docs())
     assert calls == []
     assert isinstance(packed, HFPacking)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_models_on_cuda_each_run_their_own_kernels():
+    # Two models in one process, FA4 for one and torch's kernel for the other: each layer runs its
+    # model's kernel (eager and compiled), and each is within bf16's error of its documents alone.
+    from equivalence import assert_within, errors_against
+    from packing.kernels import varlen_kernels
+
+    skip_unless("fa4", "flash-attn-4" in varlen_kernels(), "flash-attn-4 does not load here")
+    samples = [s.cuda() for s in docs()]
+    ref_logits, ref_loss, ref_grads = hf_each_alone(tiny(impl="eager", dim=256).cuda(), samples)  # head dim 64
+    for kernel in ("flash-attn-4", "torch.varlen_attn"):
+        model = tiny(dim=256).cuda()
+        packed = pack(model, kernels=[kernel])
+        assert set(packed.layer_kernels().values()) == {kernel}
+        for compiled in (False, True):
+            step = torch.compile(model) if compiled else model
+            batch = get_collator("concat", pad_to_multiple_of=32)([s.cpu() for s in samples]).to("cuda")
+            hf_attention.last_kernel = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = step(**packed.kwargs(batch))
+            out.loss.backward()
+            assert hf_attention.last_kernel == kernel, (kernel, compiled)
+            assert_within(errors_against(batch, out.logits, out.loss, model, ref_logits, ref_loss, ref_grads), 2e-2)
+            model.zero_grad()

@@ -1,15 +1,17 @@
-"""The packed-qkv form of a varlen flash kernel as torch custom ops (the model's ``qkv`` fusion).
+"""The packed-qkv form of a varlen flash kernel as torch custom ops (the toy GPT's ``qkv`` fusion):
+FA3's and FA4's, through the private-API wrappers of :mod:`packing.kernels.flash3` and ``flash4``.
 
 q, k and v are the three slices of one (T, 3, H, D) projection. The backward op allocates one
 (T, 3, H, D) gradient and has the kernel write dq, dk and dv into its slices, so the backward of
 ``qkv.unbind`` does not copy three gradients into one (1.6 ms of a 81 ms training step on an H100:
-benchmarks/results/2026-11-24-h100-speed2). Both ops are functional from the outside (the backward
+measured on an H100). Both ops are functional from the outside (the backward
 returns the gradient it allocated), with fakes and an autograd registration, so ``torch.compile``
 keeps them in one graph.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -64,3 +66,46 @@ def packed_qkv_op(name: str, forward: Forward, backward: Backward) -> Callable[[
 
     run.op = fwd  # for torch.library.opcheck
     return run
+
+
+PackedVarlen = Callable[[Tensor, Tensor, int, bool], Tensor]  # fn(qkv, cu_seqlens, max_seqlen, causal) -> out
+
+
+def packed_kernel(name: str) -> PackedVarlen | None:
+    """The packed form of varlen kernel ``name``: fn(qkv (T, 3, H, D), cu_seqlens, max_seqlen, causal)
+    -> out (T, H, D), whose backward writes one (T, 3, H, D) gradient; None where it has none."""
+    if name == "flash-attn-4":
+        return _fa4_packed()
+    if name == "flash-attn-3":
+        return _fa3_packed()
+    return None
+
+
+@functools.cache  # each custom op is registered once
+def _fa4_packed() -> PackedVarlen:
+    from packing.kernels.flash4 import _flash_bwd, _fwd
+
+    def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
+        # FA4's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
+        _flash_bwd(q, k, v, out, dout, lse, None, causal, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                   max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
+
+    return packed_qkv_op("fa4_varlen", _fwd, backward)
+
+
+@functools.cache
+def _fa3_packed() -> PackedVarlen:
+    from packing.kernels.flash3 import _interface
+
+    def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
+        out, lse, *_ = _interface()._flash_attn_forward(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                                          max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                                                          softmax_scale=q.shape[-1] ** -0.5, causal=causal)
+        return out, lse
+
+    def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
+        # FA3's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
+        _interface()._flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, None, None, max_seqlen,
+                                          max_seqlen, dq, dk, dv, q.shape[-1] ** -0.5, causal)
+
+    return packed_qkv_op("fa3_varlen", forward, backward)
