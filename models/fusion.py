@@ -38,22 +38,42 @@ INSTALL = "pip install -e \".[hopper]\" (quack-kernels, a Hopper or newer GPU)"
 # ran with (quack.rmsnorm._rmsnorm_fwd/_bwd, quack.gemm_interface; ran 0.6.5); pyproject's hopper
 # extra pins the same range.
 QUACK_VERIFIED = ("0.6.5", "0.6.6")
+# nvidia-cutlass-dsl releases quack's GEMM epilogue does not compile with: from 4.8 the DSL refuses
+# an epilogue that reads a context variable ("epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'
+# ...> which has no fail-closed semantic key", quack 0.6.5 with 4.8.1 on an H200). Refused here by
+# name, not inside the first fused step.
+QUACK_BAD_CUTLASS = "4.8"
+
+
+def quack_available() -> bool:
+    """Whether quack-kernels imports, is a version whose private API models.norm and models.mlp were
+    written against (:data:`QUACK_VERIFIED`; each private function is called in one place), runs
+    with the installed nvidia-cutlass-dsl, and the GPU is Hopper (sm90) or newer."""
+    return quack_problem() is None
 
 
 @functools.cache
-def quack_available() -> bool:
-    """Whether quack-kernels imports, is a version whose private API models.norm and models.mlp were
-    written against (:data:`QUACK_VERIFIED`; each private function is called in one place), and the
-    GPU is Hopper (sm90) or newer."""
-    from packing.kernels.common import check_version, gpu_loads
+def quack_problem() -> str | None:
+    """Why quack's fused kernels do not run here (the version, the GPU, the DSL), or None."""
+    from importlib import metadata
+
+    from packing.kernels.common import check_version, gpu_loads, version_key
 
     if not (gpu_loads("quack.linear") and gpu_loads("quack.rmsnorm")):
-        return False
+        return "quack-kernels does not import here, or there is no Hopper (sm90) or newer GPU"
     try:
-        check_version("quack-kernels", QUACK_VERIFIED)
-    except ImportError:
-        return False
-    return True
+        quack = check_version("quack-kernels", QUACK_VERIFIED)
+    except ImportError as e:
+        return str(e)
+    try:
+        cutlass = metadata.version("nvidia-cutlass-dsl")
+    except metadata.PackageNotFoundError:
+        return None  # a source build of the DSL: nothing known against it
+    if version_key(cutlass) >= version_key(QUACK_BAD_CUTLASS):
+        return (f"quack-kernels {quack} does not compile its GEMM epilogues with nvidia-cutlass-dsl {cutlass} "
+                f"(>= {QUACK_BAD_CUTLASS}: 'epilogue fn depends on <ContextVar ...> which has no fail-closed semantic "
+                f"key'); pip install 'nvidia-cutlass-dsl>=4.7,<{QUACK_BAD_CUTLASS}'")
+    return None
 
 
 def available_fusions() -> frozenset[str]:
@@ -79,7 +99,7 @@ def resolve_fuse(fuse: str | frozenset[str] | set[str] | tuple[str, ...]) -> fro
     if names & QUACK_FUSIONS and not quack_available():
         raise ValueError(
             f"fuse={','.join(sorted(names))} needs quack-kernels on a Hopper (sm90) or newer GPU, "
-            f"which do not load here; {INSTALL}, or use fuse='none'"
+            f"which do not run here ({quack_problem()}); {INSTALL}, or use fuse='none'"
         )
     return names
 

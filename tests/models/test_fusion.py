@@ -164,3 +164,30 @@ def test_bf16_weights_train_exactly_like_autocast_with_fp32_updates(optimizer):
     masters = iter(bf16.masters)
     for (name, p), (_, s) in zip(plain.named_parameters(), shadowed.named_parameters()):
         assert torch.equal(p, next(masters) if s.dtype == torch.bfloat16 else s), name
+
+
+@pytest.mark.parametrize("cutlass, refused", [("4.8.1", True), ("4.8.0", True), ("4.7.1", False)])
+def test_quack_with_a_dsl_it_does_not_compile_on_is_refused_by_name(monkeypatch, cutlass, refused):
+    # quack 0.6.5's GEMM epilogue does not compile with nvidia-cutlass-dsl 4.8 (an H200 run): the
+    # fused model says so and how to fix it, instead of failing inside its first step.
+    from importlib import metadata
+
+    import models.fusion as fusion
+    import packing.kernels.common as common
+
+    real = metadata.version
+    monkeypatch.setattr(common, "gpu_loads", lambda module, **kw: True)
+    monkeypatch.setattr(common, "check_version", lambda dist, verified=None: "0.6.5")
+    monkeypatch.setattr(metadata, "version", lambda dist: cutlass if dist == "nvidia-cutlass-dsl" else real(dist))
+    fusion.quack_problem.cache_clear()
+    try:
+        assert fusion.quack_available() is not refused
+        if refused:
+            with pytest.raises(ValueError, match=rf"fuse=mlp needs quack-kernels .*quack-kernels 0.6.5 does not compile "
+                                                 rf"its GEMM epilogues with nvidia-cutlass-dsl {cutlass} .*pip install "
+                                                 r"'nvidia-cutlass-dsl>=4.7,<4.8'"):
+                resolve_fuse("mlp")
+        else:
+            assert resolve_fuse("mlp") == {"mlp"}
+    finally:
+        fusion.quack_problem.cache_clear()
