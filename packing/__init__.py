@@ -9,8 +9,8 @@ The tree names the concepts:
   ``packing.report``: the padding report before a training run;
 - ``packing.sampling``: which documents share a batch (bin packing, samplers, streaming packer);
 - ``packing.data``: where documents come from (shards, tokenizers, synthetic data, splitting);
-- ``packing.interop``: handing batches to other libraries (transformers: ``register``, ``HFPackedCollator``);
-- ``packing.kernels``: the one door to optional GPU kernels (what loads is decided there).
+- ``packing.interop``: handing batches to other libraries (transformers: ``packing.interop.hf.pack(model)``);
+- ``packing.kernels``: the one door to the varlen GPU kernels (what loads, and which a layer runs).
 
 ``import packing`` imports nothing from ``models`` (the toy GPT) or ``benchmarks`` (the harness).
 """

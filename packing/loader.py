@@ -16,7 +16,7 @@ sampler                    collator                                must hold
 ``PackingSampler``         ``pad_longest``, ``pad_max``            refused: packs are budgeted in real
                                                                    tokens, padded rows in count x longest
 either                     ``concat``/``xformers`` (or             ``max_tokens <= total_tokens``; at most
-                           ``HFPackedCollator``), static           ``max_seqs`` documents per batch, none
+                           ``pack(model)``), static                ``max_seqs`` documents per batch, none
                                                                    longer than ``max_seqlen``
 =========================  ======================================  =====================================
 
@@ -58,7 +58,7 @@ def make_loader(dataset: Any, sampler: Any, collator: Any, **options: Any) -> Da
 def check_budget(sampler: Any, collator: Any) -> None:
     """A ValueError when a batch ``sampler`` plans could take more slots (or more documents) in
     ``collator``'s layout than the sampler budgeted; samplers and collators of other kinds pass."""
-    inner = getattr(collator, "collator", collator)  # HFPackedCollator lays out with a ConcatCuSeqlens
+    inner = getattr(collator, "collator", collator)  # pack(model) lays out with a ConcatCuSeqlens
     kind = type(sampler).__name__
     if isinstance(sampler, LengthBucketSampler):
         rounding = sampler.pad_to_multiple_of
