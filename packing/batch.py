@@ -275,7 +275,7 @@ class Batch:
         in sequence order: the packed row's first ``num_tokens``, the padded rows' masked positions,
         or the nested values as they are.
 
-        Example:
+        Examples:
             >>> from packing import get_collator
             >>> b = get_collator("pad_longest", pad_to_multiple_of=4)([[5, 6, 7], [8]])
             >>> b.real(b.unwrap(b.input_ids)).tolist()

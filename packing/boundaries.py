@@ -20,7 +20,7 @@ Worked example, documents of lengths 2, 3, 2 in a row of 9 slots::
     block_lengths([2, 3, 2], 9)                -> [2, 3, 2, 2]           the tail is a block
     static_boundaries([2, 3, 2], 9, 8, 3)      -> [0, 2, 5, 7, 9, 9, 9, 9]   tail, then empty
 
-Example:
+Examples:
     >>> with_tail(cumulative_lengths([2, 3]), num_tokens=5, num_slots=8).tolist()
     [0, 2, 5, 8]
     >>> static_boundaries([2, 3], num_slots=8, length=6, max_seqlen=2).tolist()
@@ -137,7 +137,7 @@ def block_causal_mask(cu_seqlens: Tensor, num_slots: int, *, causal: bool = True
     Boundaries [0, 2, 5] give rows [T F F F F], [T T F F F], [F F T F F], [F F T T F], [F F T T T].
     Built from the boundaries on the device, with no host read, so it also runs inside torch.compile.
 
-    Example:
+    Examples:
         >>> block_causal_mask(torch.tensor([0, 1, 3], dtype=torch.int32), 4).int().tolist()
         [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]]
         >>> block_causal_mask(torch.tensor([0, 4], dtype=torch.int32), 4, window=2).int().tolist()

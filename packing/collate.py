@@ -14,7 +14,7 @@ Every collator accepts the sample forms documented in :mod:`packing.sample`, is 
 object (DataLoader workers copy it), and does all its work on the host, so the batch carries host
 ints (``seq_lens``, ``max_seqlen``, ``num_targets``) that the model reads without a device sync.
 
-Example:
+Examples:
     >>> from torch.utils.data import DataLoader
     >>> from packing import get_collator
     >>> loader = DataLoader([[5, 6, 7], [8, 9]], batch_size=2, collate_fn=get_collator("concat"))
@@ -198,7 +198,7 @@ class ConcatCuSeqlens(Collator):
     and the constant ``static_max_seqlen = max_seqlen``; the ``flash`` adapter hands those to the
     kernel instead of the per-batch ones, over the whole padded row.
 
-    Example:
+    Examples:
         >>> c = ConcatCuSeqlens(total_tokens=8, max_seqs=4, max_seqlen=3)
         >>> c([[5, 6], [7, 8, 9], [1, 2]]).static_cu_seqlens.tolist()
         [0, 2, 5, 7, 8, 8, 8, 8]
@@ -341,7 +341,7 @@ COLLATORS: dict[str, type[Collator]] = {
 def get_collator(name: str, **options: Any) -> Collator:
     """Build a collator by name: ``pad_max``, ``pad_longest``, ``nested``, ``concat`` or ``xformers``.
 
-    Example:
+    Examples:
         >>> get_collator("pad_longest", pad_to_multiple_of=8)
         PadToLongest(pad_id=0, ignore_index=-100, ignore_keys=(), pad_to_multiple_of=8)
     """

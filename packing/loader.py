@@ -20,7 +20,7 @@ either                     ``concat``/``xformers`` (or             ``max_tokens 
                                                                    longer than ``max_seqlen``
 =========================  ======================================  =====================================
 
-Example:
+Examples:
     >>> from packing import LengthBucketSampler, PadToLongest
     >>> lengths = [1] * 128
     >>> make_loader(lengths, LengthBucketSampler(lengths, max_tokens=128), PadToLongest(64))

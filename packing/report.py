@@ -27,7 +27,7 @@ read), or ``--synthetic N`` (the seed article's lengths, uniform in [1, max_len 
 longer than ``--max-len`` are split by default (``--too-long split|truncate|error``, the policy of
 ``packing.data.split`` that training uses), and the report counts them.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> r = padding_report(np.array([3, 1, 4, 1, 5]), max_len=8, batch_size=2, token_budget=8, pad_to_multiple_of=1)
     >>> r.strategy("pad_max").efficiency == 14 / (3 * 2 * 8)

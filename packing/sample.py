@@ -135,7 +135,7 @@ def as_samples(obj: Any, index: int = 0, *, ignore_index: int = IGNORE_INDEX,
     ``index`` is the item's position in the batch, used in errors; ``ignore_keys`` names dict keys
     to pass unread (see the module docstring).
 
-    Example:
+    Examples:
         >>> [s.input_ids.tolist() for s in as_samples({"input_ids": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]})]
         [[5, 6], [7, 8]]
         >>> as_samples({"input_ids": [10, 11, 12, 13], "labels": [-100, -100, 12, 13]})[0].labels.tolist()
@@ -152,7 +152,7 @@ def as_sample(obj: Any, index: int = 0, *, ignore_index: int = IGNORE_INDEX,
               ignore_keys: Iterable[str] = ()) -> Sample:
     """Parse and validate one sample that holds one document; ``index`` is its position in the batch.
 
-    Example:
+    Examples:
         >>> as_sample([5, 6, 7])
         Sample(input_ids=tensor([5, 6, 7]), labels=tensor([   6,    7, -100]))
     """

@@ -1,6 +1,6 @@
 """Small shared checks for user-given settings, so every message reads the same way.
 
-Example:
+Examples:
     >>> positive_int("max_tokens", 0)
     Traceback (most recent call last):
     ...

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch._dynamo
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
 def run_block(block: str, capsys) -> tuple[dict, str]:
@@ -17,8 +19,7 @@ def run_block(block: str, capsys) -> tuple[dict, str]:
 
 def test_readme_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    blocks = [b for b in blocks if "ByT5Tokenizer" not in b]  # the data and TRL examples have their own tests
-    assert len(blocks) >= 4, "README lost its python examples"
+    assert len(blocks) == 4, "README's quickstarts: the DataLoader, the sampler, transformers compiled, streaming"
     first, out = run_block(blocks[0], capsys)  # the DataLoader example
     assert first["batch"].layout == "packed"
     assert any(p.grad is not None for p in first["model"].parameters())
@@ -73,8 +74,7 @@ def test_readme_commands_are_the_ci_commands():
 def test_readme_layout_names_every_module():
     # The layout section is how a newcomer finds a concept: every library module is in it, and
     # nothing it names is missing from the tree.
-    text = README.read_text()
-    layout = text[text.index("## Repository layout"):]
+    layout = (DOCS / "layout.md").read_text()
     named = set(re.findall(r"([A-Za-z_0-9]+\.py)", layout))
     root = README.parent
     files = {p.name for d in ("packing", "models", "benchmarks") for p in (root / d).rglob("*.py")}
@@ -88,7 +88,7 @@ def test_readme_data_example_prints_what_it_says(capsys):
     # the printed output is the README's, line for line.
     pytest.importorskip("datasets", reason="the dev extra: pip install -e '.[dev]'")
     pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
-    text = README.read_text()
+    text = (DOCS / "guides" / "data.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "ByT5Tokenizer" in b)
     namespace, out = run_block(block, capsys)
     shown = text[text.index(block):]
@@ -100,10 +100,53 @@ def test_readme_data_example_prints_what_it_says(capsys):
 def test_readme_trl_example_trains_on_packed_rows(tmp_path, monkeypatch, capsys):
     pytest.importorskip("trl", reason="the dev extra: pip install -e '.[dev]'")
     pytest.importorskip("datasets", reason="the dev extra: pip install -e '.[dev]'")
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "SFTTrainer" in b)
+    guide = (DOCS / "guides" / "transformers.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if "SFTTrainer" in b)
     monkeypatch.chdir(tmp_path)  # its output_dir
     namespace, out = run_block(block, capsys)
     m = re.search(r"\n3 steps on packed rows; loss (\d+\.\d+)\n$", out)
     assert m and abs(float(m[1]) - 5.95) < 0.5, out
-    assert "3 steps on packed rows; loss 6.0" in README.read_text()
+    assert "3 steps on packed rows; loss 6.0" in guide
     assert type(namespace["trainer"].data_collator).__name__ == "HFPacking"
+
+
+# Every python block of the README and the guides, by a line it alone holds, and the test that runs it.
+TESTED_BY = {
+    "loader = DataLoader(SyntheticDocs(256": "test_readme_examples_run",
+    "sampler = PackingSampler(docs.lengths, max_tokens=16384, seed=0)": "test_readme_examples_run",
+    'packed = pack(model, static={"total_tokens": 2048': "test_readme_examples_run",
+    "resumed = restore_loader(loader, \"loader.pt\")": "test_readme_streaming_recipe_runs_as_written_on_a_first_run_and_resumes",
+    "tok = transformers.ByT5Tokenizer()  # one token per byte": "test_readme_data_example_prints_what_it_says",
+    "trainer = trl.SFTTrainer(": "test_readme_trl_example_trains_on_packed_rows",
+}
+
+
+def test_every_python_block_in_the_readme_and_the_guides_is_run_by_a_test():
+    pages = [README, *sorted(DOCS.rglob("*.md"))]
+    blocks = [(page.name, b) for page in pages for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+    assert len(blocks) >= len(TESTED_BY)
+    for name, block in blocks:
+        runs = [test for marker, test in TESTED_BY.items() if marker in block]
+        assert len(runs) == 1, f"a python block in {name} is run by no test (or by several): {block[:120]!r}"
+        assert runs[0] in globals(), runs[0]
+    assert {test for _, b in blocks for m, test in TESTED_BY.items() if m in b} == set(TESTED_BY.values())
+
+
+def test_the_docs_site_builds_strict(tmp_path):
+    """``mkdocs build --strict``: a broken link, a missing page or a docstring the API reference
+    cannot render fails here (and so in CI)."""
+    pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
+    pytest.importorskip("mkdocstrings", reason="the docs extra: pip install -e '.[docs]'")
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                         cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "site" / "assets" / "padding_report.png").is_file()
+    api = (tmp_path / "site" / "reference" / "transformers" / "index.html").read_text()
+    assert "packing.interop.hf.pack" in api
+
+
+def test_readme_is_a_landing_page():
+    assert len(README.read_text().splitlines()) <= 250

@@ -15,7 +15,7 @@ A row's length is its token count as the collator will see it:
 ``select``, ``shuffle`` and ``filter`` views are followed through their indices mapping. How fast
 it is on ten million rows: ``python -m benchmarks.hf_lengths`` (the README quotes its record).
 
-Example:
+Examples:
     >>> import datasets
     >>> ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 0], [8, 9, 0, 0]],
     ...                                  "attention_mask": [[1, 1, 1, 0], [1, 1, 0, 0]]})

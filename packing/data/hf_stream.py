@@ -19,7 +19,7 @@ Refused by name rather than resumed wrong:
 - a state from another dataset (its ``n_shards`` and first rows' fingerprint), epoch, or
   ``snapshot_every``.
 
-Example:
+Examples:
     >>> import datasets
     >>> from packing import StreamPacker
     >>> rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]})

@@ -11,7 +11,7 @@ class LengthIndexed(Dataset):
     document, which is what ``PackingSampler`` and ``LengthBucketSampler`` plan from. Subclasses set
     ``_lengths`` and implement ``__getitem__``, normalising the index with :meth:`_index`.
 
-    Example:
+    Examples:
         >>> from packing import SyntheticDocs
         >>> docs = SyntheticDocs(3, max_len=8, seed=0)
         >>> len(docs) == len(docs.lengths), docs._index(-1)

@@ -23,7 +23,7 @@ covered piece by piece already.
 Formats 1 and 2 still read. One warning per directory names what goes unchecked, and
 ``python -m packing.data.shards --upgrade DIR`` rewrites such a set's index in place as format 3.
 
-Example:
+Examples:
     >>> meta = seal({"format": FORMAT, "vocab_size": 259, "dtype": "uint16", "docs": 0, "tokens": 0, "shards": []})
     >>> meta["checksum"] == checksum(meta), len(meta["set_id"])
     (True, 32)

@@ -12,7 +12,7 @@ Each item is the row's dict cut to one document: every per-token key (``input_id
 For a ``datasets.Dataset`` the boundaries are read from its Arrow columns without decoding a row;
 any other map-style dataset is read once, row by row, at construction.
 
-Example:
+Examples:
     >>> rows = [{"input_ids": [1, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]},
     ...         {"input_ids": [6, 7, 8], "seq_lengths": [1, 2]}]
     >>> docs = PackedRows(rows)

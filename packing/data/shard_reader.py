@@ -23,7 +23,7 @@ what goes unchecked. Only ``tokens.npy`` and ``id.txt`` members are decoded, wit
 ``np.load(..., allow_pickle=False)`` or ``np.frombuffer`` after matching the exact header ``np.save``
 writes; nothing is unpickled.
 
-Example:
+Examples:
     >>> import tempfile, numpy as np
     >>> from packing.data.shards import ShardWriter
     >>> out = tempfile.mkdtemp()

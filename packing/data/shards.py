@@ -156,7 +156,7 @@ def _npy(array: np.ndarray) -> bytes:
 class ShardWriter:
     """Writes (doc_id, tokens) pairs into shards of ``shard_size`` documents, then ``index.json``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> out = tempfile.mkdtemp()
         >>> with ShardWriter(out, vocab_size=259, tokenizer="bytes", shard_size=2) as w:

@@ -43,7 +43,7 @@ class ChunkPlan:
     doc, start, length: (num_chunks,) int64: the document each chunk comes from, its first token in
     that document, and its token count. Chunks are in document order.
 
-    Example:
+    Examples:
         >>> plan = plan_chunks([5, 2], max_len=2, too_long="split")
         >>> plan.doc.tolist(), plan.start.tolist(), plan.length.tolist(), plan.split, plan.dropped_tokens
         ([0, 0, 0, 1], [0, 2, 4, 0], [2, 2, 1, 2], 1, 0)
@@ -136,7 +136,7 @@ class SplitDocuments(LengthIndexed):
 
     ``lengths`` gives the chunk lengths without loading any sample, for the samplers.
 
-    Example:
+    Examples:
         >>> view = SplitDocuments([[1, 2, 3, 4, 5], [6, 7]], [5, 2], max_len=2)
         >>> view.lengths.tolist(), [view[i].input_ids.tolist() for i in range(len(view))]
         ([2, 2, 1, 2], [[1, 2], [3, 4], [5], [6, 7]])

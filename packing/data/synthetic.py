@@ -24,7 +24,7 @@ class SyntheticDocs(LengthIndexed):
         vocab_size: ids are uniform in [1, vocab_size - 1].
         seed: the seed for lengths and tokens.
 
-    Example:
+    Examples:
         >>> docs = SyntheticDocs(100, max_len=1024, seed=0)
         >>> inputs, targets = docs[3]
         >>> len(inputs) == docs.lengths[3] and bool((inputs[1:] == targets[:-1]).all())

@@ -13,7 +13,7 @@ class ByteTokenizer:
 
     Text is never decoded, so bytes that are not valid UTF-8 are kept as they are.
 
-    Example:
+    Examples:
         >>> ByteTokenizer().encode("hé").tolist()
         [104, 195, 169]
     """

@@ -10,7 +10,7 @@ summary says so. Each shard then gains a ``.idcrc32.npy`` (and, from format 1, a
 The old index knows neither file, so a kill before the end leaves the old set readable. Last,
 ``index.json`` is replaced by a sealed format 3 manifest (a temporary file, fsync, rename).
 
-Example:
+Examples:
     >>> import json, tempfile, warnings
     >>> from pathlib import Path
     >>> from packing.data.shards import ShardWriter

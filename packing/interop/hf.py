@@ -435,7 +435,7 @@ def pack(model: Any, *, kernels: Sequence[str] | None = None, static: Mapping[st
         **collate: :class:`~packing.collate.ConcatCuSeqlens` options (``pad_to_multiple_of``,
             ``pad_id``, ``ignore_index``, ``ignore_keys``).
 
-    Example:
+    Examples:
         >>> import torch, transformers
         >>> from packing.interop.hf import pack
         >>> config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

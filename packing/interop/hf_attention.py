@@ -31,7 +31,7 @@ implementation of its own for that list (``packing_varlen_fa3_torch`` runs FA3, 
 and switches the model to it, so two models in one process run different kernels; the plain
 ``packing_varlen`` runs every kernel that loads, best first.
 
-Example:
+Examples:
     >>> import packing.interop.hf  # registers "packing_varlen" with transformers
     >>> # model = AutoModelForCausalLM.from_config(config, attn_implementation="packing_varlen")
     >>> # packed = packing.interop.hf.pack(model); loss = model(**packed(samples)).loss

@@ -22,7 +22,7 @@ Every refusal is a ValueError that names the family or field, its value and the 
 path, raised when the model is known (``pack(model)``) or
 else at ``packing_varlen``'s first call.
 
-Example:
+Examples:
     >>> import transformers
     >>> config = transformers.MistralConfig(sliding_window=8, attn_implementation="sdpa")
     >>> layer_windows(config)

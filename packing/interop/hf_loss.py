@@ -13,7 +13,7 @@ Targets are ``shift_labels`` (the next token at each position, -100 where there 
 convention of the kwargs of :func:`packing.interop.hf.pack`; the loss is their sum over real targets divided
 by ``normalizer`` (default: their count), as transformers' loss with ``num_items_in_batch``.
 
-Example:
+Examples:
     >>> import torch
     >>> _ = torch.manual_seed(0)
     >>> hidden, weight = torch.randn(7, 8), torch.randn(50, 8)

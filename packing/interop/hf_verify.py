@@ -15,7 +15,7 @@ measurement check_model makes of a user's config. The verdicts form the family m
 (``hf_families.json``, ``python -m benchmarks.hf_families --write``), which documents the families;
 check_model verifies the user's own config and reads no verdict from it.
 
-Example:
+Examples:
     >>> [(v.implementation, v.status) for v in verify("llama", ("sdpa",))]
     [('sdpa', 'exact')]
 """

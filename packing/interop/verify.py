@@ -27,7 +27,7 @@ From the command line (a user error prints one line and exits 2)::
     python -m packing.interop.verify --config path/to/config.json --implementation packing_varlen
     python -m packing.interop.verify --family llama
 
-Example:
+Examples:
     >>> import transformers
     >>> config = transformers.MistralConfig(num_hidden_layers=32, sliding_window=4096)
     >>> small = reduce_config(config)

@@ -11,7 +11,7 @@ what only the toy GPT uses (packed-qkv ops, xFormers, quack) lives in ``models``
 Adapters resolve their kernel at construction, never per layer: a cached lookup called inside every
 layer breaks the ``torch.compile`` graph.
 
-Example:
+Examples:
     >>> sorted(VARLEN_OPTIONS["flash-attn-4"])
     ['scale', 'sinks', 'softcap', 'window']
     >>> takes_head_dim("flash-attn-4", 16), takes_head_dim("torch.varlen_attn", 16)

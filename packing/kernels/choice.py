@@ -6,7 +6,7 @@ Both transformers' ``packing_varlen`` (:mod:`packing.interop.hf_attention`) and 
 door it came in by. A set is resolved once (:meth:`KernelSet.load`), outside any compiled step, and
 choosing is a pure loop over plain tuples: safe while ``torch.compile`` traces a layer.
 
-Example:
+Examples:
     >>> ref = lambda q, k, v, cu, max_len, causal, **options: v
     >>> kernels = KernelSet([Kernel("windowed", ref, frozenset({"window"}), lambda d: d % 8 == 0),
     ...                      Kernel("plain", ref, frozenset(), lambda d: True)])

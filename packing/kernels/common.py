@@ -6,7 +6,7 @@ verified with (:data:`VERIFIED`). :func:`check_version` runs once when a kernel 
 range it raises an ``ImportError`` naming the package, its version, the range and the pin, and the
 kernel is reported as not loading (never run against an API it was not written for).
 
-Example:
+Examples:
     >>> flash_window(4096, causal=True), flash_window(None, causal=True)
     ((4095, 0), (-1, 0))
 """
@@ -41,7 +41,7 @@ VERIFIED = {
 def version_key(version: str) -> tuple:
     """A sortable key for versions like 4.0.0b36, 0.6.5 or 4.1 (a pre-release before its release).
 
-    Example:
+    Examples:
         >>> version_key("4.0.0b36") < version_key("4.0.0") < version_key("4.1")
         True
     """

@@ -73,7 +73,7 @@ def build_flags() -> dict[str, bool]:
 def built_head_dim(head_dim: int, flags: dict[str, bool] | None = None) -> bool:
     """Whether this FA3 build has kernels for ``head_dim`` (the bucket it rounds up to is not switched off).
 
-    Example:
+    Examples:
         >>> built_head_dim(128, {"DISABLE_HDIM64": True}), built_head_dim(64, {"DISABLE_HDIM64": True})
         (True, False)
         >>> built_head_dim(80, {"DISABLE_HDIM96": True}), built_head_dim(300, {})
@@ -88,7 +88,7 @@ def built_options(flags: dict[str, bool] | None = None) -> frozenset[str]:
     """The keyword options of :data:`packing.kernels.VARLEN_OPTIONS` this FA3 build computes: a build
     with ``DISABLE_LOCAL`` has no sliding window, one with ``DISABLE_SOFTCAP`` no softcap.
 
-    Example:
+    Examples:
         >>> sorted(built_options({"DISABLE_LOCAL": True}))
         ['scale', 'softcap']
     """

@@ -7,7 +7,7 @@ moves whole groups of bins between "remaining room" classes, never one document 
 are then matched to the planned slots with numpy. Ties between documents of equal length are broken
 by ``rng``, so each epoch packs different documents together.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> bins = best_fit_decreasing(np.array([9, 4, 6, 3, 1, 5]), capacity=10)
     >>> [sorted(np.array([9, 4, 6, 3, 1, 5])[b].tolist()) for b in bins]

@@ -6,7 +6,7 @@ shards. torchdata itself, given a state saved with another worker count, fails w
 or ``'_snapshot'`` (the other way), or with a worker's error deep in a traceback (2 workers into 1).
 :func:`restore_loader` checks the count first and names both.
 
-Example:
+Examples:
     >>> from torch.utils.data import DataLoader
     >>> restore_loader(DataLoader([1, 2]), "no-such-checkpoint.pt")  # a first run: nothing to restore
     False

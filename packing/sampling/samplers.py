@@ -5,7 +5,7 @@ Both are ``batch_sampler``\\ s: they yield lists of dataset indices, one list pe
 of (lengths, settings, seed, epoch, num_replicas), so every rank computes the same plan and takes its
 own share without communicating.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> sampler = PackingSampler(np.array([700, 300, 900, 100, 40]), max_tokens=1000, seed=0)
     >>> sorted(sorted(b) for b in sampler)
@@ -272,7 +272,8 @@ class PackingSampler(_PlannedBatchSampler):
             (:mod:`packing.data.hf_datasets`).
         max_tokens: the token budget of one pack.
         max_seqs: at most this many documents per pack (None: no limit).
-        shuffle, seed, drop_last, num_replicas, rank, balance: see the module docstring.
+        **options: ``shuffle``, ``seed``, ``drop_last``, ``num_replicas``, ``rank`` and ``balance``, as
+            the module docstring says.
     """
 
     def __init__(self, lengths: Any, *, max_tokens: int, max_seqs: int | None = None, **options: Any) -> None:
@@ -314,7 +315,8 @@ class LengthBucketSampler(_PlannedBatchSampler):
         num_buckets: how many quantile buckets to derive when ``boundaries`` is None.
         pad_to_multiple_of: the collator's rounding of the longest length, so the budget holds after
             it (``PadToLongest`` rounds to 64 by default: pass 64 with it).
-        shuffle, seed, drop_last, num_replicas, rank, balance: see the module docstring.
+        **options: ``shuffle``, ``seed``, ``drop_last``, ``num_replicas``, ``rank`` and ``balance``, as
+            the module docstring says.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 out ranks: the :class:`ResumableSource` protocol. ``packing.ShardStream`` implements it; any
 iterable of samples can be packed, but only a ``ResumableSource`` can be resumed.
 
-Example:
+Examples:
     >>> import tempfile, numpy as np
     >>> from packing import ShardStream
     >>> from packing.data.shards import ShardWriter
