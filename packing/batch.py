@@ -202,8 +202,7 @@ class Batch:
     def _check_values(self) -> None:
         """Check tensor contents (CPU only) and fill in num_targets and max_token_id.
 
-        Cheap enough to run on every batch (a fraction of the collation's own time; measured in
-        benchmarks/results/README.md).
+        Cheap enough to run on every batch: a fraction of the collation's own time.
         """
         expected_cu = cumulative_lengths(self.seq_lens)
         if not torch.equal(self.cu_seqlens, expected_cu):

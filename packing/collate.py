@@ -128,7 +128,7 @@ class PadToLongest(_Padded):
 
     The default of 64 bounds the number of distinct widths to max_len / 64: the first step at a new
     width is slow (kernel selection, allocator growth), and exact widths were slower even once each
-    had been seen (measured: benchmarks/results/README.md). ``pad_to_multiple_of=None`` pads to the
+    had been seen (``python -m benchmarks.varlen --pad-to-multiple-of 1`` measures it). ``pad_to_multiple_of=None`` pads to the
     exact longest.
     """
 
@@ -329,7 +329,7 @@ class XformersBlockDiagonal(ConcatCuSeqlens):
     def _bias(self, lens: list[int], num_slots: int) -> Any:
         # device="cpu" explicitly: xFormers (and mslk) default to CUDA whenever it is available and
         # pin memory on the way, which breaks the host-side contract and crashes in a forked
-        # DataLoader worker ("Cannot re-initialize CUDA in forked subprocess"; seen on an H100).
+        # DataLoader worker ("Cannot re-initialize CUDA in forked subprocess").
         return block_diagonal_mask_class().from_seqlens(block_lengths(lens, num_slots), device=torch.device("cpu"))
 
 

@@ -175,7 +175,7 @@ def _kwargs(batch: Batch, name: str, config: Any, dtype: torch.dtype, vocab_size
         "shift_labels": batch.labels,
         "position_ids": batch.position_ids,
         # A packed row is for a loss, never for generation. With the cache on, transformers builds
-        # a DynamicCache whose guards recompiled a compiled Llama once per layer (issue 13, H200).
+        # a DynamicCache whose guards recompile a compiled model once per layer.
         "use_cache": False,
     }
     T = batch.num_slots

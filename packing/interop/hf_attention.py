@@ -396,7 +396,7 @@ def _on_cuda(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, layer: L
     if v.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"'packing_varlen' on CUDA needs bf16 or fp16, got {v.dtype}; run under torch.autocast")
     # Rotary embeddings multiply by fp32 cos/sin, so Llama's q and k arrive in fp32 under autocast
-    # while v comes from a bf16 projection (seen on an H200); the kernel takes v's dtype.
+    # while v comes from a bf16 projection; the kernel takes v's dtype.
     q, k = q.to(v.dtype), k.to(v.dtype)
     note_kernel(chosen.name)
     return chosen.run(q, k, v, cu, max_len, layer.causal, **options), chosen.name
@@ -408,8 +408,7 @@ def note_kernel(name: str) -> None:
     Under ``torch.compile`` the assignment runs while dynamo traces (``comptime``), not in the
     graph. Assigned in traced code, the module global was a side effect, and inside activation
     checkpointing's higher-order op dynamo refuses those: each checkpointed layer broke out of the
-    graph and recomputed eagerly (H200, Qwen3-0.6B shape with ``gradient_checkpointing``: 3 graphs
-    and 440.6 ms a step against 158.7 ms without checkpointing).
+    graph and recomputed eagerly, at several times the step's cost.
 
     >>> from packing.interop import hf_attention
     >>> hf_attention.note_kernel("flash-attn-3")

@@ -106,9 +106,8 @@ def head_dim_check(name: str) -> Callable[[int], bool]:
 def _fa3() -> Varlen | None:
     from packing.kernels.flash3 import bound_varlen, fa3_available
 
-    # FA3 is Hopper's production kernel; on sm90 it comes first (a build of it ran in
-    # benchmarks/results/2026-11-24-h100-speed2: faster than FA4 and FA2 in the compiled seed step;
-    # at head dimension 128, 2026-12-01-h200-qwen3-levers: faster than torch's kernel in Qwen3's step).
+    # FA3 is Hopper's production kernel; on sm90 it comes first: it measured faster than FA4, FA2
+    # and torch's kernel in the compiled training steps of the benchmarks (head dimensions 64 and 128).
     return bound_varlen() if fa3_available() else None
 
 
@@ -117,7 +116,7 @@ def _fa4() -> Varlen | None:
 
     # A custom op (packing.kernels.flash4): traced as Python, FA4's launcher broke the graph and
     # recompiled on every layer, and behind torch.compiler.disable it still broke the graph in
-    # every layer (H200; counts in benchmarks/results/README.md).
+    # every layer.
     return fa4_varlen if fa4_available() else None
 
 

@@ -20,13 +20,12 @@ from importlib import metadata
 
 import torch
 
-# The smallest head dimension whose gradients a kernel computes right. FA4 4.0.0b36 on an H200 gave
-# the right forward at head dimension 16 but dq, dk and dv 83-94% off fp32 (32, 64 and 128 within
-# 0.5%): benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt (python -m
-# benchmarks.kernel_head_dims). torch's kernel was right at 16.
+# The smallest head dimension whose gradients a kernel computes right. FA4 4.0.0b36 gives the right
+# forward at head dimension 16 but dq, dk and dv far off fp32 (32, 64 and 128 within 0.5%; python -m
+# benchmarks.kernel_head_dims measures it). torch's kernel is right at 16.
 VARLEN_MIN_HEAD_DIM = {"flash-attn-4": 32}
 # Head dimensions torch's kernel (FA2 through aten._flash_attention_forward) refuses at run time,
-# from inside the kernel: "head_size must be a multiple of 8" (H200, head dimension 4), and at most 256.
+# from inside the kernel: "head_size must be a multiple of 8", and at most 256.
 VARLEN_HEAD_DIM_MULTIPLE = {"torch.varlen_attn": 8}
 VARLEN_MAX_HEAD_DIM = {"torch.varlen_attn": 256}
 

@@ -120,7 +120,7 @@ def fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
 def bound_varlen():
     """:func:`fa3_varlen` with FA3's checked interface looked up now, once: what the kernel door hands
     out. Called inside every layer, the cached lookup made dynamo trace ``_interface`` per layer
-    (its warning about an lru_cache-wrapped function, seen on an H200)."""
+    (dynamo warns about tracing an lru_cache-wrapped function)."""
     interface = _interface()
 
     def run(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, *,

@@ -4,7 +4,7 @@ Traced as plain Python, FA4's CuTe-DSL launcher breaks the graph and recompiles 
 Called through ``torch.compiler.disable`` it still breaks the graph in every layer, and dynamo
 recompiles. As a custom op with a fake (shape-only) implementation and an autograd registration,
 dynamo and AOTAutograd see one opaque node for the forward and one for the backward, and the
-compiled step is one graph (counts: benchmarks/results/README.md).
+compiled step is one graph.
 
 Shapes, for T packed tokens, H query heads, H_kv key/value heads (H a multiple of H_kv: grouped-query
 attention runs in the kernel, no repeat) and head dimension D:
@@ -131,8 +131,8 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: 
     ``window``, ``softcap`` and ``sinks`` (H,) as in :data:`packing.kernels.VARLEN_OPTIONS`."""
     if q.shape[-1] < VARLEN_MIN_HEAD_DIM["flash-attn-4"]:
         raise ValueError(
-            f"FlashAttention-4's backward is wrong at head dimension {q.shape[-1]} (measured: dq, dk, dv 83-94% off fp32 "
-            f"at 16 on an H200); it needs >= {VARLEN_MIN_HEAD_DIM['flash-attn-4']}: use torch's varlen_attn "
+            f"FlashAttention-4's backward is wrong at head dimension {q.shape[-1]} (dq, dk and dv measured far off "
+            f"fp32 at 16); it needs >= {VARLEN_MIN_HEAD_DIM['flash-attn-4']}: use torch's varlen_attn "
             "(attn='flash' picks it where FA4 is not installed) or a larger head dimension"
         )
     window_left = -1 if window is None else window - 1

@@ -263,7 +263,7 @@ class PackingSampler(_PlannedBatchSampler):
     (``concat``, ``xformers``, ``flex``).
 
     Packs are planned with best-fit decreasing (:mod:`packing.sampling.binpack`), which fills the budget
-    nearly to the bin lower bound on the seed distribution (benchmarks/results/samplers.txt), then shuffled: batches come
+    nearly to the bin lower bound on the seed distribution, then shuffled: batches come
     in random order, and ties between equal lengths are broken at random, so packs differ per epoch.
 
     Args:

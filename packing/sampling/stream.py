@@ -83,7 +83,7 @@ class StreamPacker(IterableDataset):
     waiting document, then repeatedly the longest one that still fits the room left (best fit for a
     single bin). The stream's end flushes the buffer the same way. A 4096-document buffer fills the
     budget almost as well as planning the whole epoch (``python -m benchmarks.samplers`` measures
-    both; recorded in benchmarks/results/samplers.txt). Nothing is dropped or truncated: a document
+    both). Nothing is dropped or truncated: a document
     longer than ``max_tokens`` raises ``ValueError``; split it where it enters, with
     ``ShardStream(..., max_len=max_tokens, too_long="split")``.
 
