@@ -1,0 +1,159 @@
+"""The docs' tables of measured numbers, generated from the JSON records in ``benchmarks/results/``.
+
+    python -m benchmarks.tables            # rewrite every generated table in README.md and docs/
+    python -m benchmarks.tables --check    # exit 1 naming each table that differs from its records
+
+A generated table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in a Markdown
+file. Its first line names where its numbers come from (the GPU or machine, the torch version and
+the command), read from the records themselves, so no number is typed by hand and each lives in one
+record. ``tests/benchmarks/test_tables.py`` fails when a committed table is not what this makes.
+
+Example:
+    >>> print(splice("a\\n<!-- table:x -->\\nold\\n<!-- /table:x -->\\nb", "x", "new"))
+    a
+    <!-- table:x -->
+    new
+    <!-- /table:x -->
+    b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _records(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else data.get("records", [data])
+
+
+def _pick(records: list[dict], **match) -> dict:
+    found = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} records match {match}; expected one")
+    return found[0]
+
+
+def headline() -> str:
+    """The seed workload on one H100: padded eager against packed, compiled, fused, CUDA graphs."""
+    folder = RESULTS / "2026-11-24-h100-speed2"
+    lines = []
+    rows = []
+    for mode, name in (("train", "r_all_bw.json"), ("eval", "e_r_all.json")):
+        records = _records(folder / name)
+        base, packed = _pick(records, collate="pad_max"), _pick(records, collate="concat")
+        rows.append((mode, base, packed))
+    first = rows[0][2]
+    lines.append(f"{first['gpu']}, torch {first['torch']}, `{_short(first['command'])}` "
+                 f"(`--mode eval` without `--bf16-weights` for eval); records in `{folder.relative_to(ROOT)}/`:")
+    lines.append("")
+    lines.append("| seed workload, 16,384-token packs | pad_max + sdpa eager | concat + flash "
+                 f"({first['backend']}), fused, CUDA graphs | matmul roofline |")
+    lines.append("|---|---|---|---|")
+    for mode, base, packed in rows:
+        lines.append(f"| {mode} | {base['ms_per_step']:.1f} ms | {packed['ms_per_step']:.1f} ms, "
+                     f"{packed['speedup_vs_baseline']:.2f}x | {packed['roofline_fraction']:.0%} |")
+    return "\n".join(lines)
+
+
+def samplers() -> str:
+    """Each sampling strategy's token efficiency on the seed distribution."""
+    path = RESULTS / "samplers.json"
+    record = json.loads(path.read_text())
+    machine = record["machine"]
+    names = {"random batches of 32 padded to max_len": f"random batches of 32 padded to {record['max_len']}",
+             "random batches of 32 padded to the longest": "random batches of 32 padded to the longest",
+             "random batches of 32 padded to the longest, x64": "random batches of 32 padded to the longest, rounded to 64",
+             "LengthBucketSampler": "`LengthBucketSampler`", "PackingSampler": "`PackingSampler`",
+             "StreamPacker, buffer 4096": "`StreamPacker`, 4096-document buffer"}
+    lines = [f"{record['docs']:,} seed lengths, budget {record['max_tokens']:,} tokens; {machine['cpu']}, "
+             f"{machine['cores_visible']} core, Python {machine['python']}, numpy {machine['numpy']}; "
+             f"`{_short(record['command'])}`:", "",
+             "| strategy | real tokens / computed positions |", "|---|---|"]
+    for row in record["efficiency"]:
+        lines.append(f"| {names[row['strategy']]} | {row['efficiency']:.2%} |")
+    plans = ", ".join(f"{p['seconds']:.2f} s (`{p['sampler']}`)" for p in record["plan_seconds"])
+    lines += ["", f"Planning one epoch of {record['plan_seconds'][0]['docs']:,} lengths takes {plans}."]
+    return "\n".join(lines)
+
+
+def families() -> str:
+    """The committed family matrix: every causal LM of one transformers release, per implementation."""
+    from benchmarks.hf_families import IMPLEMENTATIONS
+
+    table = json.loads((ROOT / "packing" / "interop" / "hf_families.json").read_text())
+    lines = [f"transformers {table['transformers']}, CPU, fp32; `python -m benchmarks.hf_families --write`; "
+             "record `packing/interop/hf_families.json`:", "",
+             "| family | " + " | ".join(f"`{i}`" for i in IMPLEMENTATIONS) + " |",
+             "|---|" + "---|" * len(IMPLEMENTATIONS)]
+    for family, verdicts in sorted(table["families"].items()):
+        cells = [_verdict(verdicts.get(i, "-")) for i in IMPLEMENTATIONS]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    exact = {i: sum(v.get(i) == "exact" for v in table["families"].values()) for i in IMPLEMENTATIONS}
+    lines += ["", "Exact: " + ", ".join(f"{n} families with `{i}`" for i, n in exact.items()) + "."]
+    return "\n".join(lines)
+
+
+def _verdict(status: str) -> str:
+    return "exact" if status == "exact" else "refused: " + status.removeprefix("refused: ").replace("|", "/")[:160]
+
+
+def _short(command: str) -> str:
+    """A recorded command without its output paths (they name the machine the run wrote to)."""
+    return re.sub(r" --(json|profile) \S+", "", command)
+
+
+TABLES: dict[str, Callable[[], str]] = {"headline": headline, "samplers": samplers, "families": families}
+PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
+
+
+def splice(text: str, name: str, table: str) -> str:
+    """``text`` with the block between table ``name``'s markers replaced by ``table``."""
+    pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers")
+    return pattern.sub(lambda m: m[1] + table + "\n" + m[2], text)
+
+
+def regenerate(check: bool) -> list[str]:
+    """Rewrite (or, ``check``, compare) every generated table; returns 'page: table' for each that differs."""
+    stale = []
+    for page in PAGES:
+        text = page.read_text()
+        names = re.findall(r"<!-- table:([a-z_]+) -->", text)
+        new = text
+        for name in names:
+            if name not in TABLES:
+                raise ValueError(f"{_name(page)}: unknown table {name!r}; known: {', '.join(TABLES)}")
+            new = splice(new, name, TABLES[name]())
+        if new != text:
+            stale += [f"{_name(page)}: {n}" for n in names if splice(text, n, TABLES[n]()) != text]
+            if not check:
+                page.write_text(new)
+    return stale
+
+
+def _name(page: Path) -> str:
+    return str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else str(page)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its records")
+    args = p.parse_args(argv)
+    stale = regenerate(args.check)
+    for line in stale:
+        print(f"{'stale' if args.check else 'rewrote'}: {line}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
