@@ -368,7 +368,7 @@ def loss_function(model: Any, loss: str) -> Callable[..., torch.Tensor]:
     """kwargs -> the step's loss: the model's own (``full``), or ``packing.interop.hf_loss``'s chunked
     head and cross-entropy (``chunked``). Liger Kernel's fused linear cross-entropy was tried here
     and removed: compiled on static packs it gave another loss than the model's own on the same
-    pack (issue 24's record, benchmarks/results/2026-12-01-h200-qwen3-levers)."""
+    pack (issue 24's record, benchmarks/results/transformers/2026-12-01-h200-qwen3-levers)."""
     if loss == "chunked":
         from packing.interop.hf_loss import causal_lm_loss
 

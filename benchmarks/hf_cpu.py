@@ -1,6 +1,6 @@
 """A transformers model's packed row on a CPU against the same documents padded: time and memory.
 
-    python -m benchmarks.hf_cpu --json benchmarks/results/hf_cpu.json
+    python -m benchmarks.hf_cpu --json benchmarks/results/transformers/hf_cpu.json
 
 One train step (forward and backward, fp32) of a small Llama (``--layers``, ``--dim``) on the seed
 distribution's documents (lengths U[1, 1023]) filling ``--tokens`` real tokens: packed in one row

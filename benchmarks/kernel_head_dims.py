@@ -1,7 +1,7 @@
 """Each varlen kernel at small head dimensions, forward and backward, against the fp32 CPU path.
 
 Why it exists: FlashAttention-4 4.0.0b36 gave the right forward at head dimension 16 on an H200 but
-dq, dk and dv 83-94% off fp32 (benchmarks/results/2026-12-01-h200-families/probe_head_dim.txt), so
+dq, dk and dv 83-94% off fp32 (benchmarks/results/families/2026-12-01-h200-families/probe_head_dim.txt), so
 ``packing.kernels.VARLEN_MIN_HEAD_DIM`` keeps it above 16. Re-run it on a new GPU or kernel
 version before lowering that floor.
 

@@ -7,7 +7,7 @@ Both readers read the same shards, written once by this tree's writer (format 3;
 reader ignores what it does not know). Each run is a fresh process on one core (``taskset -c 0``
 where it exists), and the runs alternate old, new, old, new, so drift in the machine hits both.
 
-- **Read:** ``benchmarks/results/shards.txt``'s workload, 50,000 seed documents (lengths
+- **Read:** ``benchmarks/results/data/shards.txt``'s workload, 50,000 seed documents (lengths
   U[1, 1023]), read by the map-style path (``ShardDataset`` + ``PackingSampler`` + concat) and the
   streaming path (``ShardStream`` + ``StreamPacker`` + concat). It is read at 10,000 documents a shard
   and at 50 (1,000 shards, where the per-shard checks weigh most). Reports real tokens per second.

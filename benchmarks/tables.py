@@ -44,7 +44,7 @@ def _pick(records: list[dict], **match) -> dict:
 
 def headline() -> str:
     """The seed workload on one H100: padded eager against packed, compiled, fused, CUDA graphs."""
-    folder = RESULTS / "2026-11-24-h100-speed2"
+    folder = RESULTS / "seed-workload" / "2026-11-24-h100-speed2"
     lines = []
     rows = []
     for mode, name in (("train", "r_all_bw.json"), ("eval", "e_r_all.json")):
@@ -66,7 +66,7 @@ def headline() -> str:
 
 def samplers() -> str:
     """Each sampling strategy's token efficiency on the seed distribution."""
-    path = RESULTS / "samplers.json"
+    path = RESULTS / "samplers" / "samplers.json"
     record = json.loads(path.read_text())
     machine = record["machine"]
     names = {"random batches of 32 padded to max_len": f"random batches of 32 padded to {record['max_len']}",

@@ -1,6 +1,6 @@
 """What verifying a user's config costs at its first use, and once cached.
 
-    python -m benchmarks.verify_cost --json benchmarks/results/verify_cost.json
+    python -m benchmarks.verify_cost --json benchmarks/results/families/verify_cost.json
 
 For each config (1B-class shapes as their model cards give them), in a fresh process with
 transformers imported (as it is once a user has built their model) and an empty cache folder:

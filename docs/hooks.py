@@ -6,7 +6,7 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = {"assets/padding_report.png": ROOT / "benchmarks" / "results" / "padding_report.png"}
+FIGURES = {"assets/padding_report.png": ROOT / "benchmarks" / "results" / "padding-report" / "padding_report.png"}
 
 
 def on_files(files, config):

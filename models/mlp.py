@@ -58,7 +58,7 @@ class _GeluMLP(torch.autograd.Function):
     epilogue, pre-activation stored for the backward) and ``gemm_dact`` (dout W2 times GELU'(preact)
     in the epilogue, which also re-makes postact for W2's gradient). The other four GEMMs stay in
     cuBLAS: each quack launch costs about 0.2 ms of host time (H100 profile,
-    benchmarks/results/2026-11-24-h100-speed2), and quack's own MLP, six quack GEMMs a layer, left
+    benchmarks/results/seed-workload/2026-11-24-h100-speed2), and quack's own MLP, six quack GEMMs a layer, left
     the compiled step host-bound.
     """
 

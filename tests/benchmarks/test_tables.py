@@ -20,11 +20,12 @@ def test_a_table_edited_by_hand_or_a_changed_record_is_caught(tmp_path, monkeypa
     assert tables.regenerate(check=True) == [f"{page}: samplers"]
     tables.regenerate(check=False)
     assert "99.98%" in page.read_text() and "99.99%" not in page.read_text()
-    record = json.loads((tables.RESULTS / "samplers.json").read_text())
+    record = json.loads((tables.RESULTS / "samplers" / "samplers.json").read_text())
     record["efficiency"][4]["efficiency"] = 0.5  # a re-measured record
     moved = tmp_path / "results"
     moved.mkdir()
-    (moved / "samplers.json").write_text(json.dumps(record))
+    (moved / "samplers").mkdir()
+    (moved / "samplers" / "samplers.json").write_text(json.dumps(record))
     monkeypatch.setattr(tables, "RESULTS", moved)
     assert tables.regenerate(check=True) == [f"{page}: samplers"]
 

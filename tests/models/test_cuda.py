@@ -157,7 +157,7 @@ def test_static_shapes_compile_once(setup):
     # dynamic=False with static packs: batches with different document counts and longest documents
     # reuse the first compilation (a recompile raises here).
     # With FlashAttention-4 this runs its custom op (packing.kernels.flash4): as Python, its launcher broke
-    # the graph and recompiled per document count (benchmarks/results/2026-11-22-h200-static).
+    # the graph and recompiled per document count (benchmarks/results/seed-workload/2026-11-22-h200-static).
     weights, samples, _ = setup
     model = torch.compile(model_with("flash", weights), dynamic=False)
     collate = static_collator(samples, 0)

@@ -397,7 +397,7 @@ def test_cuda_families_match_the_fp32_reference(family):
     print(f"{family}: rel err logits {errs[0]:.2e}, loss {errs[1]:.2e}, grads {errs[2]:.2e} "
           f"(kernel {hf_attention.last_kernel}); bf16 unpacked eager: {own[0]:.2e}, {own[1]:.2e}, {own[2]:.2e}")
     # 2e-2, or bf16's own error where that is larger: tiny Gemma 3's gradients are 2.7e-2 off fp32
-    # unpacked too (H200, benchmarks/results/2026-12-01-h200-families), so packing adds no error there.
+    # unpacked too (H200, benchmarks/results/families/2026-12-01-h200-families), so packing adds no error there.
     assert max(errs) <= max(2e-2, 1.1 * max(own))
 
 

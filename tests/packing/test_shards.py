@@ -358,7 +358,7 @@ print(len(ds), total, streamed)
 def test_more_shards_than_the_open_file_limit_read_with_bounded_handles(tmp_path):
     """Issue 22: 1,100 shards failed with 'Too many open files' under ulimit 1024. Here 1,000 shards
     of 2 documents read under ulimit -n 256, in sampler order and streamed, with no unclosed-file
-    warning. (100,000 shards under 256: measured once, benchmarks/results/shards_checksums.txt.)"""
+    warning. (100,000 shards under 256: measured once, benchmarks/results/data/shards_checksums.txt.)"""
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 1024, rng.integers(1, 9)).astype(np.uint16) for _ in range(2000)]
     total = sum(int(d.sum()) for d in docs)
