@@ -7,7 +7,7 @@ user's: one packed row of three documents against each alone through ``eager``; 
 
 ``packing/interop/hf_families.json`` holds the verdicts for the release it names: documentation of
 the families (check_model verifies each user's own config). ``--write --family F`` merges F's
-verdicts into it. The README's table comes from ``--markdown``.
+verdicts into it. The docs' family table is generated from it by ``python -m benchmarks.tables``.
 
 Usage:
     python -m benchmarks.hf_families --write             # re-run all, rewrite the committed table
@@ -69,7 +69,7 @@ def table(verdicts: list[Verdict]) -> dict[str, dict[str, str]]:
 
 
 def markdown(rows: dict[str, dict[str, str]]) -> str:
-    """The README's table: one line a family, the verdict per implementation."""
+    """A Markdown table: one line a family, the verdict per implementation."""
     lines = ["| family | " + " | ".join(f"`{i}`" for i in IMPLEMENTATIONS) + " |",
              "|---|" + "---|" * len(IMPLEMENTATIONS)]
     for family, verdicts in rows.items():
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", action="append", help="only these model_types (repeatable)")
     parser.add_argument("--write", action="store_true", help="rewrite packing/interop/hf_families.json")
-    parser.add_argument("--markdown", help="write the README table to this file")
+    parser.add_argument("--markdown", help="write the measured verdicts as a Markdown table to this file")
     parser.add_argument("--router-tail", action="store_true",
                         help=f"measure how a static padding tail moves the router aux loss of {', '.join(ROUTER_FAMILIES)}")
     args = parser.parse_args(argv)
