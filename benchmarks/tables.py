@@ -64,6 +64,84 @@ def headline() -> str:
     return "\n".join(lines)
 
 
+def seed_h100() -> str:
+    """Every collate and adapter on the seed workload, eager, train and eval, each against pad_max."""
+    folder = RESULTS / "seed-workload" / "2026-11-22-h100-kernels"
+    runs = [("train.json", "eval.json", ""), ("flex_train.json", "flex_eval.json", ", separate run"),
+            ("fa4_train.json", "fa4_eval.json", ", separate run")]
+    first = _records(folder / "train.json")[0]
+    lines = [f"{first['gpu']}, torch {first['torch']}, `{_short(first['command'])}` and `--mode eval` (the flex and "
+             f"flash-attn-4 rows: `--collate concat`, `--attn flex`, in separate runs); records in "
+             f"`{folder.relative_to(ROOT)}/`:", "",
+             "| collate + adapter (backend) | padding | train ms/step | train real tok/s | x pad_max | eval ms/step "
+             "| eval real tok/s | x pad_max |", "|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for train_file, eval_file, note in runs:
+        train, evals = _records(folder / train_file), _records(folder / eval_file)
+        for t in train:
+            key = (t["collate"], t["attn"], t["backend"])
+            if key in seen:
+                continue  # a separate run's own pad_max baseline: its ratio is in the row
+            seen.add(key)
+            e = _pick(evals, collate=t["collate"], attn=t["attn"], backend=t["backend"])
+            name = f"{t['collate']}{' x64' if t['collate'] == 'pad_longest' else ''} + {t['attn']}"
+            if t["collate"] in ("concat", "xformers"):
+                name += f" ({t['backend']}{note})"
+            lines.append(f"| {name} | {t['padding_fraction']:.1%} | {t['ms_per_step']:.1f} | {_k(t['tokens_per_s'])} | "
+                         f"{t['speedup_vs_baseline']:.2f} | {e['ms_per_step']:.1f} | {_k(e['tokens_per_s'])} | "
+                         f"{e['speedup_vs_baseline']:.2f} |")
+    return "\n".join(lines)
+
+
+def seed_h200() -> str:
+    """The seed and long-context workloads on an H200: eager padding against packed, eager and compiled."""
+    folder = RESULTS / "seed-workload" / "2026-11-22-h200-seed"
+    rows = [("seed, train", "seed_train", "seed_compiled_train"), ("seed, eval", "seed_eval", "seed_compiled_eval"),
+            ("long, train", "long_train", "long_compiled_train"), ("long, eval", "long_eval", None),
+            ("long, train, FlashAttention-4", "long_fa4_train", "long_fa4_compiled_train"),
+            ("long, eval, FlashAttention-4", "long_fa4_eval", None)]
+    first = _records(folder / "seed_train.json")[0]
+    lines = [f"{first['gpu']}, torch {first['torch']}; each file's command is in its records, in "
+             f"`{folder.relative_to(ROOT)}/`:", "",
+             "| workload | pad_max + sdpa eager, ms/step | concat + flash eager | concat + flash compiled |",
+             "|---|---|---|---|"]
+    for label, eager_name, compiled_name in rows:
+        eager = _records(folder / f"{eager_name}.json")
+        base, packed = _pick(eager, collate="pad_max"), _pick(eager, collate="concat")
+        cells = [f"{base['ms_per_step']:.1f} ({_k(base['tokens_per_s'])} tok/s)",
+                 f"{packed['ms_per_step']:.1f} ms, {packed['speedup_vs_baseline']:.2f}x"]
+        if compiled_name is None:
+            cells.append("not run")
+        else:
+            compiled = _pick(_records(folder / f"{compiled_name}.json"), collate="concat")
+            cells.append(f"{compiled['ms_per_step']:.1f} ms, {compiled['speedup_vs_baseline']:.2f}x")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def static_h200() -> str:
+    """Static 16,384-token packs, compiled once, against the same packs padded, on an H200."""
+    folder = RESULTS / "seed-workload" / "2026-11-22-h200-static"
+    first = _records(folder / "static_compiled_train.json")[1]
+    lines = [f"{first['gpu']}, torch {first['torch']}, `{_short(first['command'])}` and `--mode eval`; records in "
+             f"`{folder.relative_to(ROOT)}/`:", "",
+             "| seed workload, 16,384-token packs | pad_max + sdpa eager (same packs) | concat + flash, compiled, static |",
+             "|---|---|---|"]
+    for mode in ("train", "eval"):
+        records = _records(folder / f"static_compiled_{mode}.json")
+        base, packed = _pick(records, collate="pad_max"), _pick(records, collate="concat")
+        lines.append(f"| {mode} | {base['ms_per_step']:.1f} ms ({_k(base['tokens_per_s'])} tok/s) | "
+                     f"{packed['ms_per_step']:.1f} ms, {_k(packed['tokens_per_s'])} tok/s, "
+                     f"{packed['speedup_vs_baseline']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _k(tokens_per_s: float) -> str:
+    """98,364 -> 98.4k; 271,034 -> 271k (three significant figures)."""
+    k = tokens_per_s / 1000
+    return f"{k:.1f}k" if k < 100 else f"{k:.0f}k"
+
+
 def samplers() -> str:
     """Each sampling strategy's token efficiency on the seed distribution."""
     path = RESULTS / "samplers" / "samplers.json"
@@ -111,7 +189,9 @@ def _short(command: str) -> str:
     return re.sub(r" --(json|profile) \S+", "", command)
 
 
-TABLES: dict[str, Callable[[], str]] = {"headline": headline, "samplers": samplers, "families": families}
+TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200,
+                                         "samplers": samplers,
+                                         "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
 
 
@@ -128,7 +208,7 @@ def regenerate(check: bool) -> list[str]:
     stale = []
     for page in PAGES:
         text = page.read_text()
-        names = re.findall(r"<!-- table:([a-z_]+) -->", text)
+        names = re.findall(r"<!-- table:([a-z0-9_]+) -->", text)
         new = text
         for name in names:
             if name not in TABLES:
