@@ -136,6 +136,33 @@ def static_h200() -> str:
     return "\n".join(lines)
 
 
+def hf_h100() -> str:
+    """Seed-size transformers models compiled on an H100: padded, packed static, and the peer collator."""
+    folder = RESULTS / "transformers" / "2026-11-24-h100-hf-compiled"
+    first = _records(folder / "llama_train.json")[0]
+    lines = [f"{first['gpu']}, torch {first['torch']}, transformers {first['transformers']}, "
+             f"`python -m benchmarks.hf --compile --arch llama|gpt2 --steps 40`; records in `{folder.relative_to(ROOT)}/`:",
+             "", "| real tok/s | padded + sdpa, eager | padded + sdpa, compiled | **packed static, compiled** | "
+             "x compiled padded | x eager padded | peer, compiled |", "|---|---|---|---|---|---|---|"]
+    eager_packed = []
+    for arch, name in (("llama", "Llama"), ("gpt2", "GPT-2")):
+        records = _records(folder / f"{arch}_train.json")
+        pad = _pick(records, method="pad_max+sdpa", compiled=False)
+        pad_c = _pick(records, method="pad_max+sdpa", compiled=True)
+        packed = _pick(records, method="static+packing_varlen", compiled=True)
+        peer = _pick(records, method="flatten+flash_attention_4", compiled=True)
+        eager_packed.append((name, _pick(records, method="static+packing_varlen", compiled=False)))
+        lines.append(f"| {name} | {_k(pad['tokens_per_s'])} | {_k(pad_c['tokens_per_s'])} | "
+                     f"**{_k(packed['tokens_per_s'])}** ({packed['graphs']} graph, {packed['recompiles']} recompiles) | "
+                     f"{packed['speedup_vs_compiled_baseline']:.2f} | {packed['speedup_vs_baseline']:.2f} | "
+                     f"{_k(peer['tokens_per_s'])} ({peer['recompiles']} recompiles; median step "
+                     f"{_k(peer['median_tokens_per_s'])}) |")
+    lines += ["", "Uncompiled, the same static packs run at " + " and ".join(
+        f"{_k(r['tokens_per_s'])} ({name})" for name, r in eager_packed) + ", "
+        + " and ".join(f"{r['speedup_vs_baseline']:.2f}x" for _, r in eager_packed) + " eager padding."]
+    return "\n".join(lines)
+
+
 def _k(tokens_per_s: float) -> str:
     """98,364 -> 98.4k; 271,034 -> 271k (three significant figures)."""
     k = tokens_per_s / 1000
@@ -189,7 +216,7 @@ def _short(command: str) -> str:
     return re.sub(r" --(json|profile) \S+", "", command)
 
 
-TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200,
+TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200, "hf_h100": hf_h100,
                                          "samplers": samplers,
                                          "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
