@@ -163,6 +163,49 @@ def hf_h100() -> str:
     return "\n".join(lines)
 
 
+def nested_h100() -> str:
+    """Compiled NestedTensors in eval against eager padding, on the current code (H100)."""
+    folder = RESULTS / "seed-workload" / "2026-12-05-h100-nested-compiled-eval"
+    records = _records(folder / "nested_eval.json")
+    base, nested = _pick(records, collate="pad_max"), _pick(records, collate="nested")
+    return "\n".join([
+        f"{nested['gpu']}, torch {nested['torch']}, `{_short(nested['command'])}`; record in `{folder.relative_to(ROOT)}/`:",
+        "", "| seed workload, eval | ms/step | real tok/s | recompiles | x pad_max |", "|---|---|---|---|---|",
+        f"| pad_max + sdpa, eager | {base['ms_per_step']:.1f} | {_k(base['tokens_per_s'])} | - | 1.00 |",
+        f"| nested + sdpa_nested, compiled | {nested['ms_per_step']:.1f} | {_k(nested['tokens_per_s'])} | "
+        f"{nested['recompiles']} | {nested['speedup_vs_baseline']:.2f} |"])
+
+
+def gpt2_eager_h100() -> str:
+    """A transformers GPT-2 at the seed size, eager: each batch layout against padding (H100)."""
+    folder = RESULTS / "transformers" / "2026-12-05-h100-gpt2-eager"
+    train, evals = _records(folder / "hf_train.json"), _records(folder / "hf_eval.json")
+    lines = [f"{train[0]['gpu']}, torch {train[0]['torch']}, transformers {train[0]['transformers']}, "
+             f"`{_short(train[0]['command'])}` and `--mode eval`; records in `{folder.relative_to(ROOT)}/`:", "",
+             "| method | train ms/step | train real tok/s | x pad_max | eval ms/step | eval real tok/s | x pad_max |",
+             "|---|---|---|---|---|---|---|"]
+    for row in train:
+        other = _pick(evals, method=row["method"])
+        lines.append(f"| {row['method']} | {row['ms_per_step']:.1f} | {_k(row['tokens_per_s'])} | "
+                     f"{row['speedup_vs_baseline']:.2f} | {other['ms_per_step']:.1f} | {_k(other['tokens_per_s'])} | "
+                     f"{other['speedup_vs_baseline']:.2f} |")
+    return "\n".join(lines)
+
+
+def qwen3_same_run() -> str:
+    """The compiled Qwen3-0.6B-shape step of pack(model) against the tree before it, one device call."""
+    folder = RESULTS / "transformers" / "2026-12-05-h100-pack-same-run"
+    base, new = _records(folder / "base_1.json")[0], _records(folder / "new_1.json")[0]
+    lines = [f"{new['gpu']}, torch {new['torch']}, transformers {new['transformers']}, `{_short(new['command'])}`, "
+             f"the baseline tree first, in the same device call; records in `{folder.relative_to(ROOT)}/`:", "",
+             "| tree | ms/step | real tok/s | peak memory | graphs | recompiles |", "|---|---|---|---|---|---|"]
+    for name, r in (("before `pack(model)` (6837b42)", base), ("`pack(model)`", new)):
+        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {_k(r['tokens_per_s'])} | "
+                     f"{r['peak_mem_bytes'] / 2**30:.2f} GiB | {r['graphs']} | {r['recompiles']} |")
+    lines += ["", f"`pack(model)`'s step is {new['ms_per_step'] / base['ms_per_step']:.3f}x the baseline's."]
+    return "\n".join(lines)
+
+
 def _k(tokens_per_s: float) -> str:
     """98,364 -> 98.4k; 271,034 -> 271k (three significant figures)."""
     k = tokens_per_s / 1000
@@ -217,6 +260,8 @@ def _short(command: str) -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200, "hf_h100": hf_h100,
+                                         "nested_h100": nested_h100, "gpt2_eager_h100": gpt2_eager_h100,
+                                         "qwen3_same_run": qwen3_same_run,
                                          "samplers": samplers,
                                          "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))

@@ -38,53 +38,59 @@ INSTALL = "pip install -e \".[hopper]\" (quack-kernels, a Hopper or newer GPU)"
 # ran with (quack.rmsnorm._rmsnorm_fwd/_bwd, quack.gemm_interface; ran 0.6.5); pyproject's hopper
 # extra pins the same range.
 QUACK_VERIFIED = ("0.6.5", "0.6.6")
-# nvidia-cutlass-dsl releases quack's GEMM epilogue does not compile with: from 4.8 the DSL refuses
-# an epilogue that reads a context variable ("epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'
-# ...> which has no fail-closed semantic key", quack 0.6.5 with 4.8.1 on an H200). Refused here by
-# name, not inside the first fused step.
-QUACK_BAD_CUTLASS = "4.8"
+# The nvidia-cutlass-dsl releases from which quack's GEMM epilogues (the ``mlp`` fusion) were seen
+# not to build: quack 0.6.5 checks what each epilogue function depends on, and finds DSL state it
+# cannot key (on an H100: "epilogue fn depends on <Logger CUTE_DSL ...>" with 4.7.1, "<ContextVar
+# name='_LOC_TRANSFORMS' ...>" with 4.8.1). quack 0.6.5 needs the DSL >= 4.7; 4.7.0 was not tried.
+# Its LayerNorm (the ``norm`` fusion) ran with 4.7.1.
+QUACK_GEMM_BAD_CUTLASS = "4.7.1"
 
 
-def quack_available() -> bool:
-    """Whether quack-kernels imports, is a version whose private API models.norm and models.mlp were
-    written against (:data:`QUACK_VERIFIED`; each private function is called in one place), runs
-    with the installed nvidia-cutlass-dsl, and the GPU is Hopper (sm90) or newer."""
-    return quack_problem() is None
+def quack_available(fusion: str = "norm") -> bool:
+    """Whether quack's kernels for ``fusion`` (``"mlp"`` or ``"norm"``) run here: quack-kernels
+    imports, is a version whose private API models.norm and models.mlp were written against
+    (:data:`QUACK_VERIFIED`; each private function is called in one place), the GPU is Hopper (sm90)
+    or newer, and, for ``mlp``, its GEMM epilogues build with the installed nvidia-cutlass-dsl."""
+    return quack_problem(fusion) is None
 
 
 @functools.cache
-def quack_problem() -> str | None:
-    """Why quack's fused kernels do not run here (the version, the GPU, the DSL), or None."""
+def quack_problem(fusion: str = "norm") -> str | None:
+    """Why quack's kernels for ``fusion`` do not run here (the version, the GPU, the DSL), or None."""
     from importlib import metadata
 
     from packing.kernels.common import check_version, gpu_loads, version_key
 
+    if fusion not in QUACK_FUSIONS:
+        raise ValueError(f"quack runs the fusions {sorted(QUACK_FUSIONS)}, not {fusion!r}")
     if not (gpu_loads("quack.linear") and gpu_loads("quack.rmsnorm")):
         return "quack-kernels does not import here, or there is no Hopper (sm90) or newer GPU"
     try:
         quack = check_version("quack-kernels", QUACK_VERIFIED)
     except ImportError as e:
         return str(e)
+    if fusion == "norm":
+        return None
     try:
         cutlass = metadata.version("nvidia-cutlass-dsl")
     except metadata.PackageNotFoundError:
         return None  # a source build of the DSL: nothing known against it
-    if version_key(cutlass) >= version_key(QUACK_BAD_CUTLASS):
-        return (f"quack-kernels {quack} does not compile its GEMM epilogues with nvidia-cutlass-dsl {cutlass} "
-                f"(>= {QUACK_BAD_CUTLASS}: 'epilogue fn depends on <ContextVar ...> which has no fail-closed semantic "
-                f"key'); pip install 'nvidia-cutlass-dsl>=4.7,<{QUACK_BAD_CUTLASS}'")
+    if version_key(cutlass) >= version_key(QUACK_GEMM_BAD_CUTLASS):
+        return (f"quack-kernels {quack} does not build its GEMM epilogues with nvidia-cutlass-dsl {cutlass} "
+                f"('epilogue fn depends on ... which has no fail-closed semantic key'; seen with 4.7.1 and 4.8.1, "
+                f"4.7.0 not tried)")
     return None
 
 
 def available_fusions() -> frozenset[str]:
     """The fusions whose kernels load here (``qkv`` only matters to an adapter that takes it)."""
-    return (QUACK_FUSIONS if quack_available() else frozenset()) | {"qkv"}
+    return frozenset(name for name in QUACK_FUSIONS if quack_available(name)) | {"qkv"}
 
 
 def resolve_fuse(fuse: str | frozenset[str] | set[str] | tuple[str, ...]) -> frozenset[str]:
     """``"auto"`` (every fusion whose kernels load here), ``"none"``, or names from :data:`FUSIONS`
     (a comma-separated string or a collection). A named fusion whose kernels do not load raises a
-    ``ValueError`` with the install line."""
+    ``ValueError`` with the reason and the fix."""
     if isinstance(fuse, str):
         if fuse == "auto":
             return available_fusions()
@@ -96,11 +102,11 @@ def resolve_fuse(fuse: str | frozenset[str] | set[str] | tuple[str, ...]) -> fro
     unknown = sorted(n for n in names if n not in FUSIONS)
     if unknown:
         raise ValueError(f"unknown fusion {unknown[0]!r}; choose from {', '.join(FUSIONS)}, 'auto' or 'none'")
-    if names & QUACK_FUSIONS and not quack_available():
-        raise ValueError(
-            f"fuse={','.join(sorted(names))} needs quack-kernels on a Hopper (sm90) or newer GPU, "
-            f"which do not run here ({quack_problem()}); {INSTALL}, or use fuse='none'"
-        )
+    for name in sorted(names & QUACK_FUSIONS):
+        if not quack_available(name):
+            fix = f"leave {name} out of fuse" if quack_available() else f"{INSTALL}, or leave {name} out of fuse"
+            raise ValueError(f"fuse={','.join(sorted(names))}: the {name} fusion does not run here: "
+                             f"{quack_problem(name)}; {fix}")
     return names
 
 

@@ -259,13 +259,7 @@ def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, v
         )
     # The keys' boundaries must be the queries': a packed row attends each document to itself, so
     # the kernel reads cu_seq_lens_q for both, and a different cu_seq_lens_k would be dropped.
-    cu_k, max_k = kwargs.get("cu_seq_lens_k", cu), kwargs.get("max_length_k", max_len)
-    if cu_k is not cu and (torch.compiler.is_compiling() or cu_k.shape != cu.shape or not torch.equal(cu_k, cu)):
-        raise ValueError("'packing_varlen' got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
-                         "document to itself: pass the same boundaries for both (pack(model)'s kwargs do)")
-    if max_k != max_len:
-        raise ValueError(f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; a packed row "
-                         "attends each document to itself: pass the same (pack(model)'s kwargs do)")
+    same_keys(cu, max_len, kwargs.get("cu_seq_lens_k", cu), kwargs.get("max_length_k", max_len))
     if query.shape[0] != 1:
         raise ValueError(f"'packing_varlen' takes one packed row, got batch size {query.shape[0]}")
     layer = layer_options(module, query, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -289,6 +283,34 @@ def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, v
         counter.count += 1
         counter.kernels[module] = kernel
     return out[None], None
+
+
+def same_keys(cu: Tensor, max_len: int, cu_k: Tensor, max_k: int) -> None:
+    """Refuse keys' boundaries other than the queries': a packed row attends each document to
+    itself, so the kernel reads ``cu_seq_lens_q`` and ``max_length_q`` for both, and a different
+    ``cu_seq_lens_k`` or ``max_length_k`` would be dropped.
+
+    Examples:
+        >>> cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+        >>> same_keys(cu, 3, cu, 3)
+        >>> same_keys(cu, 3, cu, 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: 'packing_varlen' got max_length_k=4 and max_length_q=3; a packed row attends each document to itself: pass the same (pack(model)'s kwargs do)
+    """
+    if cu_k is not cu and (torch.compiler.is_compiling() or cu_k.shape != cu.shape or not torch.equal(cu_k, cu)):
+        raise ValueError("'packing_varlen' got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
+                         "document to itself: pass the same boundaries for both (pack(model)'s kwargs do)")
+    message = (f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; a packed row attends "
+               "each document to itself: pass the same (pack(model)'s kwargs do)")
+    if isinstance(max_k, torch.SymInt) or isinstance(max_len, torch.SymInt):
+        # Compiled with the lengths dynamic. `max_k != max_len` would guard on the two symbols and
+        # replace one with the other, and Inductor then hands the replaced, unbound symbol to the
+        # kernel's custom op (NameError inside the compiled step, torch 2.11 to 2.13). torch._check
+        # keeps the same condition, and raises this message when it fails.
+        torch._check(max_k == max_len, lambda: message)
+    elif max_k != max_len:
+        raise ValueError(message)
 
 
 def _resolved(name: str) -> KernelSet:

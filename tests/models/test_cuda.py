@@ -184,10 +184,23 @@ def test_fa4_custom_op_registrations():
     torch.library.opcheck(_fwd, (q, k, v, cu, 20, True))
 
 
-def _quack_loads() -> bool:
+def _quack_loads(fusion: str = "norm") -> bool:
     from models.fusion import quack_available
 
-    return quack_available()
+    return quack_available(fusion)
+
+
+def _refused_here(fuse: str) -> bool:
+    """Where quack loads but its kernels for one of ``fuse`` are refused on this stack (mlp: quack
+    0.6.5's GEMM epilogues with nvidia-cutlass-dsl 4.7.1 and 4.8.1), check the refusal: the model
+    says so by name, not inside its first step."""
+    from models.fusion import QUACK_FUSIONS, resolve_fuse
+
+    refused = [name for name in fuse.split(",") if name in QUACK_FUSIONS and not _quack_loads(name)]
+    if refused:
+        with pytest.raises(ValueError, match=rf"the {refused[0]} fusion does not run here: .*leave {refused[0]} out of fuse"):
+            resolve_fuse(fuse)
+    return bool(refused)
 
 
 # Each fusion alone and all together, on a padded and a packed layout (qkv: the flash adapter only).
@@ -201,13 +214,17 @@ def test_fused_kernels_match_fp32_reference(collate, attn, fuse, causal, setup):
     if fuse != "qkv":
         skip_unless("quack", _quack_loads(), "quack-kernels is not installed here (pip install -e '.[hopper]'), "
                                              "or the GPU is older than Hopper")
+        if _refused_here(fuse):
+            return
     weights, samples, refs = setup
     assert_bf16_matches(shared_model_with(attn, weights, CONFIG, "cuda", fuse=fuse), collate, samples, causal, refs[causal])
 
 
 def test_fused_kernels_compile_once(setup):
     # The quack GEMMs and norm and the packed attention op are custom ops: one graph, no recompiles.
-    fuse = "mlp,norm,qkv" if _quack_loads() else "qkv"
+    from models.fusion import available_fusions
+
+    fuse = ",".join(sorted(available_fusions()))
     weights, samples, _ = setup
     model = torch.compile(shared_model_with("flash", weights, CONFIG, "cuda", fuse=fuse), dynamic=False)
     collate = static_collator(samples, 0)
@@ -223,6 +240,8 @@ def test_fused_kernels_compile_once(setup):
 def test_fused_eval_without_grad_matches_the_torch_path(setup):
     # Without autograd the fused MLP stores no pre-activation: a different code path in quack.
     skip_unless("quack", _quack_loads(), "quack-kernels is not installed here, or the GPU is older than Hopper")
+    if _refused_here("mlp"):
+        return
     weights, samples, _ = setup
     batch = collator("concat")(samples).to("cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -35,7 +35,10 @@ def test_resolve_fuse_names():
 @needs_no_quack
 @pytest.mark.parametrize("fuse", ["mlp", "norm", "mlp,qkv"])
 def test_a_fusion_whose_kernels_do_not_load_says_how_to_get_them(fuse):
-    with pytest.raises(ValueError, match=r"needs quack-kernels on a Hopper \(sm90\) or newer GPU.*pip install -e \"\.\[hopper\]\".*fuse='none'"):
+    name = "mlp" if "mlp" in fuse else "norm"
+    with pytest.raises(ValueError, match=rf"fuse={fuse}: the {name} fusion does not run here: quack-kernels does not "
+                                         r"import here.*; pip install -e \"\.\[hopper\]\" \(quack-kernels, a Hopper or "
+                                         rf"newer GPU\), or leave {name} out of fuse$"):
         GPT(CPU_CONFIG, fuse=fuse)
     assert "mlp" not in resolve_fuse("auto")  # auto takes only what loads
 
@@ -166,10 +169,11 @@ def test_bf16_weights_train_exactly_like_autocast_with_fp32_updates(optimizer):
         assert torch.equal(p, next(masters) if s.dtype == torch.bfloat16 else s), name
 
 
-@pytest.mark.parametrize("cutlass, refused", [("4.8.1", True), ("4.8.0", True), ("4.7.1", False)])
-def test_quack_with_a_dsl_it_does_not_compile_on_is_refused_by_name(monkeypatch, cutlass, refused):
-    # quack 0.6.5's GEMM epilogue does not compile with nvidia-cutlass-dsl 4.8 (an H200 run): the
-    # fused model says so and how to fix it, instead of failing inside its first step.
+@pytest.mark.parametrize("cutlass, refused", [("4.8.1", True), ("4.7.1", True), ("4.7.0", False)])
+def test_quack_mlp_with_a_dsl_it_does_not_build_on_is_refused_by_name(monkeypatch, cutlass, refused):
+    # quack 0.6.5's GEMM epilogues do not build with nvidia-cutlass-dsl 4.7.1 or 4.8.1 (H100 runs);
+    # its LayerNorm runs with 4.7.1. The fused model refuses mlp by name, instead of failing inside
+    # its first step, and keeps norm.
     from importlib import metadata
 
     import models.fusion as fusion
@@ -181,13 +185,22 @@ def test_quack_with_a_dsl_it_does_not_compile_on_is_refused_by_name(monkeypatch,
     monkeypatch.setattr(metadata, "version", lambda dist: cutlass if dist == "nvidia-cutlass-dsl" else real(dist))
     fusion.quack_problem.cache_clear()
     try:
-        assert fusion.quack_available() is not refused
+        assert fusion.quack_available("mlp") is not refused
+        assert fusion.quack_available("norm") and resolve_fuse("norm") == {"norm"}
         if refused:
-            with pytest.raises(ValueError, match=rf"fuse=mlp needs quack-kernels .*quack-kernels 0.6.5 does not compile "
-                                                 rf"its GEMM epilogues with nvidia-cutlass-dsl {cutlass} .*pip install "
-                                                 r"'nvidia-cutlass-dsl>=4.7,<4.8'"):
-                resolve_fuse("mlp")
+            with pytest.raises(ValueError, match=rf"fuse=mlp,norm: the mlp fusion does not run here: quack-kernels 0.6.5 "
+                                                 rf"does not build its GEMM epilogues with nvidia-cutlass-dsl {cutlass} "
+                                                 r".*seen with 4.7.1 and 4.8.1, 4.7.0 not tried\); leave mlp out of fuse$"):
+                resolve_fuse("mlp,norm")
+            assert resolve_fuse("auto") == {"norm", "qkv"}
         else:
             assert resolve_fuse("mlp") == {"mlp"}
     finally:
         fusion.quack_problem.cache_clear()
+
+
+def test_quack_problem_names_only_its_fusions():
+    from models.fusion import quack_problem
+
+    with pytest.raises(ValueError, match=r"quack runs the fusions \['mlp', 'norm'\], not 'qkv'"):
+        quack_problem("qkv")

@@ -229,6 +229,34 @@ def test_the_object_checks_once_not_per_batch(monkeypatch):
     assert isinstance(packed, HFPacking)
 
 
+@torch.library.custom_op("varlen_packing_test::times_max_len", mutates_args=(), device_types="cpu")
+def _times_max_len(x: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    return x * max_len
+
+
+@_times_max_len.register_fake
+def _(x, cu, max_len):
+    return torch.empty_like(x)
+
+
+def test_the_keys_check_keeps_dynamic_lengths_usable_by_a_compiled_kernel():
+    # Compiled with dynamic lengths (they change between batches), the check that max_length_k is
+    # max_length_q must not leave the kernel's custom op an unbound symbol: a plain `!=` on the two
+    # dynamic ints did (NameError inside the compiled step, where FlashAttention-4's op takes it).
+    # A mismatch is still refused under compile.
+    def step(x, w, cu, max_q, max_k):
+        hf_attention.same_keys(cu, max_q, cu, max_k)
+        return _times_max_len(x @ w, cu, max_q).sum()
+
+    compiled, w = torch.compile(step), torch.randn(4, 4)
+    for n in (5, 7, 9):
+        x, cu = torch.randn(n, 4), torch.tensor([0, 2, n], dtype=torch.int32)
+        torch.testing.assert_close(compiled(x, w, cu, n, n), step(x, w, cu, n, n))
+    with pytest.raises(ValueError, match="got max_length_k=10 and max_length_q=9; a packed row attends each"):
+        compiled(x, w, cu, 9, 10)
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_models_on_cuda_each_run_their_own_kernels():
