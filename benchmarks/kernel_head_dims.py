@@ -29,7 +29,7 @@ def probe(head_dims=(16, 32, 64)) -> list[str]:
     for dim in head_dims:
         q, k, v = (torch.randn(128, h, dim, generator=g).requires_grad_() for h in (4, 2, 2))
         weight = torch.randn(128, 4, dim, generator=g)
-        ref = hf_attention._masked(q, k, v, cu, LayerOptions(causal=True))
+        ref = hf_attention._masked(q, k, v, cu, 77, LayerOptions(causal=True))
         ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
         for name, run in varlen_kernels().items():
             try:

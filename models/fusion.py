@@ -41,7 +41,8 @@ QUACK_VERIFIED = ("0.6.5", "0.6.6")
 # The nvidia-cutlass-dsl releases from which quack's GEMM epilogues (the ``mlp`` fusion) were seen
 # not to build: quack 0.6.5 checks what each epilogue function depends on, and finds DSL state it
 # cannot key (on an H100: "epilogue fn depends on <Logger CUTE_DSL ...>" with 4.7.1, "<ContextVar
-# name='_LOC_TRANSFORMS' ...>" with 4.8.1). quack 0.6.5 needs the DSL >= 4.7; 4.7.0 was not tried.
+# name='_LOC_TRANSFORMS' ...>" with 4.8.1). quack 0.6.5 needs the DSL >= 4.7; 4.7.0 was not tried (the
+# fused runs that worked did not record their DSL release).
 # Its LayerNorm (the ``norm`` fusion) ran with 4.7.1.
 QUACK_GEMM_BAD_CUTLASS = "4.7.1"
 

@@ -2,9 +2,8 @@
 row's ``cu_seq_lens_q`` and ``max_length_q`` (from :func:`packing.interop.hf.pack`) and runs this
 project's varlen kernel: torch's ``varlen_attn`` (or FlashAttention-3/4/2 when installed) on CUDA,
 exact per-document attention on a CPU (SDPA, or the written-out softmax for softcaps and sinks;
-eager, the documents gathered into one block, memory linear in the row for bounded documents;
-compiled, a (T, T) document mask). It needs no flash-attn package and compiles to one graph with
-no host read.
+the documents gathered into one block, eager and compiled, so memory grows with the documents, not
+with T²). It needs no flash-attn package and compiles to one graph with no host read.
 
 **The rule: every keyword is implemented or refused.** transformers' attention modules hand an
 attention function their options as keywords. Each one :func:`varlen_attention` receives is in
@@ -276,7 +275,7 @@ def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, v
     # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if not q.is_cuda:
-        out, kernel = _masked(q, k, v, cu, layer), _cpu_kernel(layer)
+        out, kernel = _masked(q, k, v, cu, max_len, layer), _cpu_kernel(layer)
     else:
         out, kernel = _on_cuda(q, k, v, cu, max_len, layer, _resolved(name))
     for counter in _counters:  # only while the verifier or layer_kernels counts (eager runs)
@@ -301,16 +300,18 @@ def same_keys(cu: Tensor, max_len: int, cu_k: Tensor, max_k: int) -> None:
     if cu_k is not cu and (torch.compiler.is_compiling() or cu_k.shape != cu.shape or not torch.equal(cu_k, cu)):
         raise ValueError("'packing_varlen' got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
                          "document to itself: pass the same boundaries for both (pack(model)'s kwargs do)")
-    message = (f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; a packed row attends "
-               "each document to itself: pass the same (pack(model)'s kwargs do)")
-    if isinstance(max_k, torch.SymInt) or isinstance(max_len, torch.SymInt):
-        # Compiled with the lengths dynamic. `max_k != max_len` would guard on the two symbols and
+    if torch.compiler.is_compiling():
+        # Compiled, the lengths may be dynamic. `max_k != max_len` would guard on the two symbols and
         # replace one with the other, and Inductor then hands the replaced, unbound symbol to the
         # kernel's custom op (NameError inside the compiled step, torch 2.11 to 2.13). torch._check
-        # keeps the same condition, and raises this message when it fails.
-        torch._check(max_k == max_len, lambda: message)
+        # keeps the same condition; its message may not read the (symbolic) values.
+        torch._check(max_k == max_len, lambda: "'packing_varlen' got max_length_k other than max_length_q; a packed "
+                     "row attends each document to itself: pass the same (pack(model)'s kwargs do)")
     elif max_k != max_len:
-        raise ValueError(message)
+        raise ValueError(f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; {_SAME_LENGTHS}")
+
+
+_SAME_LENGTHS = "a packed row attends each document to itself: pass the same (pack(model)'s kwargs do)"
 
 
 def _resolved(name: str) -> KernelSet:
@@ -326,8 +327,7 @@ def _resolved(name: str) -> KernelSet:
 def _cpu_kernel(layer: LayerOptions) -> str:
     """What :func:`_masked` runs for a layer on a CPU, as :meth:`HFPacking.layer_kernels` names it."""
     how = "sdpa" if layer.softcap is None and layer.sinks is None else "softmax written out"
-    per = "document mask" if torch.compiler.is_compiling() or (layer.sinks is not None and layer.sinks.dim() != 1) \
-        else "documents gathered"
+    per = "document mask" if layer.sinks is not None and layer.sinks.dim() != 1 else "documents gathered"
     return f"cpu: {how}, {per}"
 
 
@@ -453,19 +453,25 @@ def _note_traced(ctx: Any) -> None:
     last_kernel = ctx.get_local("name").as_python_constant()
 
 
-def _masked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerOptions) -> Tensor:
+def _masked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int, layer: LayerOptions) -> Tensor:
     """Exact attention within each block of ``cu_seqlens``, for the CPU: q (T, H, D), k (T, H_kv, D),
-    v (T, H_kv, D_v) -> (T, H, D_v).
+    v (T, H_kv, D_v) -> (T, H, D_v); ``max_len`` bounds every block's length, as for a varlen kernel.
 
-    Eager, the documents are gathered into a (docs, H, longest, D) block and attended in one SDPA
-    call (:func:`_gathered`): memory grows with docs x longest², not T². Under ``torch.compile`` the
-    (T, T) document mask (and window) is built on the device from the boundaries instead, so the
-    graph reads nothing on the host: keep compiled CPU rows short. SDPA where it computes the layer;
-    the softmax written out, as transformers' eager code does, for softcaps and sinks."""
-    if not torch.compiler.is_compiling() and (layer.sinks is None or layer.sinks.dim() == 1):
-        return _gathered(q, k, v, cu_seqlens, layer)  # per-token sinks (1, H, T, 1) stay in row order
-    allowed = block_causal_mask(cu_seqlens, q.shape[0], causal=layer.causal, window=layer.window)  # (T, T)
-    return _attend(q, k, v, allowed, layer)
+    The documents are gathered into a (blocks, H, longest, D) block and attended in one SDPA call
+    (:func:`_gathered`), so memory grows with blocks x longest², not T². Eager, the boundaries are
+    read on the host and longest is the longest block; under ``torch.compile`` nothing is read on the
+    host: the slots are placed on the device and longest is ``max_len`` (static boundaries whose
+    blocks x max_len² would exceed T², or per-token sinks, take the (T, T) mask instead). SDPA where
+    it computes the layer; the softmax written out, as transformers' eager code does, for softcaps
+    and sinks."""
+    if layer.sinks is not None and layer.sinks.dim() != 1:  # per-token sinks (1, H, T, 1) stay in row order
+        return _attend(q, k, v, block_causal_mask(cu_seqlens, q.shape[0], causal=layer.causal, window=layer.window), layer)
+    if not torch.compiler.is_compiling():
+        return _gathered(q, k, v, cu_seqlens, layer)
+    num_slots, blocks = q.shape[0], cu_seqlens.shape[0]  # blocks: those of cu_seqlens and the tail
+    if all(isinstance(n, int) for n in (num_slots, blocks, max_len)) and blocks * max_len ** 2 > num_slots ** 2:
+        return _attend(q, k, v, block_causal_mask(cu_seqlens, num_slots, causal=layer.causal, window=layer.window), layer)
+    return _gathered_on_device(q, k, v, cu_seqlens, max_len, layer)
 
 
 def _gathered(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerOptions) -> Tensor:
@@ -478,22 +484,47 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, layer: LayerO
     lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:]) if b > a])  # the blocks, empty ones dropped
     docs, longest = len(lengths), int(lengths.max())
     row = block_rows(lengths, longest).to(q.device)
+    return _attend_blocks(q, k, v, row, docs, longest, lengths.to(q.device), layer)
 
+
+def _gathered_on_device(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
+                        layer: LayerOptions) -> Tensor:
+    """:func:`_gathered` without a host read, for a compiled step: every block of ``cu_seqlens``
+    (empty ones included) and the tail past its last boundary gets a row of ``max_len`` slots. A slot
+    past ``max_len`` in its block (a tail longer than ``max_len``: padding, never a document under
+    the kernels' contract) is left out and its output is zero."""
+    num_slots = q.shape[0]
+    bounds = F.pad(cu_seqlens.long(), (0, 1), value=num_slots)  # (blocks + 1,): the tail rule's last block
+    blocks = bounds.shape[0] - 1
+    index = torch.arange(num_slots, device=q.device)
+    block = torch.searchsorted(bounds, index, right=True) - 1  # (T,): of equal boundaries, the last (non-empty)
+    offset = index - bounds[block]
+    row = torch.where(offset < max_len, block * max_len + offset, blocks * max_len)  # past max_len: a spare row
+    return _attend_blocks(q, k, v, row, blocks, max_len, bounds[1:] - bounds[:-1], layer)
+
+
+def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, row: Tensor, docs: int, longest: int, lengths: Tensor,
+                   layer: LayerOptions) -> Tensor:
+    """Attention of (T, H, D) tokens gathered into ``docs`` rows of ``longest`` slots: token t goes to
+    slot ``row[t]`` of the flat (docs * longest) block (``row[t] == docs * longest``: a spare slot, left
+    out, output zero); ``lengths`` (docs,) on the device, a block's length (clamped to ``longest``)."""
     def block(x: Tensor) -> Tensor:  # (T, H, D) -> (docs, H, longest, D), padding rows zero
-        return to_blocks(x, row, docs, longest)
+        return to_blocks(x, row, docs + 1, longest)[:docs]
 
     index = torch.arange(longest, device=q.device)
+    lengths = lengths.clamp(max=longest)
     distance = index[:, None] - index[None, :]  # (L, L): i - j, the same within a document as in the row
-    allowed = (index[None, None, :] < lengths.to(q.device)[:, None, None]).expand(docs, longest, longest).clone()
+    allowed = (index[None, None, :] < lengths[:, None, None]).expand(docs, longest, longest).clone()
     if layer.causal:
         allowed &= distance >= 0
     if layer.window is not None:
         allowed &= distance.abs() < layer.window
     # A block's padding rows (past their document) see key 0, so no softmax row is empty (a NaN
     # there would reach the gradients); their outputs are never gathered back.
-    allowed |= (index[None, :, None] >= lengths.to(q.device)[:, None, None]) & (index == 0)
+    allowed |= (index[None, :, None] >= lengths[:, None, None]) & (index == 0)
     out = _attend(block(q), block(k), block(v), allowed[:, None], layer, batched=True)  # (docs, H, L, D_v)
-    return out.transpose(1, 2).reshape(docs * longest, *out.shape[1:2], out.shape[-1]).index_select(0, row)
+    flat = out.transpose(1, 2).reshape(docs * longest, *out.shape[1:2], out.shape[-1])
+    return F.pad(flat, (0, 0, 0, 0, 0, longest)).index_select(0, row)  # the spare row reads zeros
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, layer: LayerOptions, *, batched: bool = False) -> Tensor:

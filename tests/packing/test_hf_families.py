@@ -173,7 +173,7 @@ def test_cpu_path_computes_each_option_exactly(layer, v_dim):
     q = torch.randn(16, 4, 8, generator=g)
     k = torch.randn(16, 2, 8, generator=g)
     v = torch.randn(16, 2, v_dim, generator=g)
-    got = hf_attention._masked(q, k, v, cu, layer)
+    got = hf_attention._masked(q, k, v, cu, 9, layer)
     assert got.shape == (16, 4, v_dim)
     assert rel(got, _eager_reference(q, k, v, cu, layer)) <= TOL
 
@@ -338,7 +338,7 @@ def test_cuda_kernels_compute_each_option(layer, head_dim):
     weight = torch.randn(128, 8, head_dim, generator=g)  # a loss that weighs every output differently
     sinks = None if layer.sinks is None else layer.sinks.clone().requires_grad_()  # its gradient is checked too
     layer = LayerOptions(layer.causal, layer.scale, layer.window, layer.softcap, sinks)
-    ref = hf_attention._masked(q, k, v, cu, layer)
+    ref = hf_attention._masked(q, k, v, cu, 77, layer)
     leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
     ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
     asked = layer.cuda_options()
@@ -550,6 +550,37 @@ def test_cpu_gathered_documents_equal_the_row_mask_forward_and_backward(layer, b
     ref = _attend(q, k, v, block_causal_mask(cu, T, causal=layer.causal, window=layer.window), layer)
     assert rel(got, ref) <= TOL
     w = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert all(rel(a, b) <= TOL for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("layer", [LayerOptions(causal=True), LayerOptions(causal=False, window=3),
+                                   LayerOptions(causal=True, softcap=2.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))],
+                         ids=["causal", "bidirectional-window", "softcap-sinks"])
+@pytest.mark.parametrize("bounds, max_len", [([0, 5, 14, 16, 16, 16], 9), ([0, 5, 14, 16], 9), ([0, 3, 5], 4)],
+                         ids=["static-empty-blocks", "tail", "tail-past-max-len"])
+def test_cpu_documents_gathered_on_the_device_equal_the_row_mask(layer, bounds, max_len):
+    # The compiled CPU path places each slot on the device (no host read) in rows of max_len slots:
+    # the same outputs and gradients as the (T, T) mask on every slot of a block within max_len;
+    # a tail longer than max_len (padding, never a document) gets zeros, and no gradient.
+    from packing.interop.hf_attention import _attend, _gathered_on_device
+
+    g = torch.Generator().manual_seed(0)
+    cu, T = torch.tensor(bounds, dtype=torch.int32), 18
+    q = torch.randn(T, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(T, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(T, 2, 8, generator=g, requires_grad=True)
+    got = _gathered_on_device(q, k, v, cu, max_len, layer)
+    ref = _attend(q, k, v, block_causal_mask(cu, T, causal=layer.causal, window=layer.window), layer)
+    edges = [*bounds, T]
+    block_len = {i: b - a for a, b in zip(edges, edges[1:]) for i in range(a, b)}
+    start = {i: a for a, b in zip(edges, edges[1:]) for i in range(a, b)}
+    whole = torch.tensor([block_len[i] <= max_len for i in range(T)])  # slots of blocks within max_len
+    past = torch.tensor([i - start[i] >= max_len for i in range(T)])  # slots past max_len in their block
+    assert rel(got[whole], ref[whole]) <= TOL and not got[past].any()
+    # Blocks are independent: weighting only the whole blocks, every gradient equals the mask's.
+    w = torch.randn(got.shape, generator=g) * whole[:, None, None]
     grads = torch.autograd.grad((got * w).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
     assert all(rel(a, b) <= TOL for a, b in zip(grads, ref_grads))

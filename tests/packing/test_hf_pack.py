@@ -77,6 +77,31 @@ def test_pack_is_each_document_alone_loss_and_gradients(arch, impl, static):
     assert max(rel(p.grad, ref_grads[name]) for name, p in model.named_parameters() if p.grad is not None) <= TOL
 
 
+@pytest.mark.parametrize("static", [None, {"total_tokens": 64, "max_seqs": 8, "max_seqlen": 10}], ids=["dynamic", "static"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_compiled_on_a_cpu_gathers_the_documents_without_a_row_mask(arch, static, monkeypatch):
+    # Compiled on a CPU, the documents are gathered on the device into rows of max_length_q slots
+    # (where blocks x max_length_q² is under T², as here): no (T, T) mask (its builder raises
+    # here), and each document as if alone, loss and gradients.
+    def no_row_mask(*args, **kwargs):
+        raise AssertionError("the compiled CPU path built a (T, T) mask")
+
+    monkeypatch.setattr(hf_attention, "block_causal_mask", no_row_mask)
+    torch._dynamo.reset()
+    model = tiny(arch)
+    packed, step = pack(model, static=static), torch.compile(model, fullgraph=True)
+    for seed, lens in enumerate(([9, 8, 9, 7, 8, 9, 6], [7, 10, 9, 8, 9], [6, 9, 8, 10, 7, 9, 5])):
+        samples = docs(lens, seed)
+        out = step(**packed(samples))
+        out.loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        ref_logits, ref_loss, ref_grads = hf_each_alone(tiny(arch, "eager"), samples)
+        assert rel(out.logits[0, :sum(lens)], torch.cat(ref_logits)) <= TOL and rel(out.loss, ref_loss) <= TOL
+        assert max(rel(got[name], ref) for name, ref in ref_grads.items()) <= TOL
+    torch._dynamo.reset()
+
+
 def test_kwargs_of_a_batch_equal_the_collated_ones_and_the_checked_path():
     model = tiny()
     packed = pack(model)
@@ -248,11 +273,11 @@ def test_the_keys_check_keeps_dynamic_lengths_usable_by_a_compiled_kernel():
         hf_attention.same_keys(cu, max_q, cu, max_k)
         return _times_max_len(x @ w, cu, max_q).sum()
 
-    compiled, w = torch.compile(step), torch.randn(4, 4)
+    compiled, w = torch.compile(step, fullgraph=True), torch.randn(4, 4)  # a graph break would hide it
     for n in (5, 7, 9):
         x, cu = torch.randn(n, 4), torch.tensor([0, 2, n], dtype=torch.int32)
         torch.testing.assert_close(compiled(x, w, cu, n, n), step(x, w, cu, n, n))
-    with pytest.raises(ValueError, match="got max_length_k=10 and max_length_q=9; a packed row attends each"):
+    with pytest.raises(RuntimeError, match="got max_length_k other than max_length_q; a packed row attends each"):
         compiled(x, w, cu, 9, 10)
     torch._dynamo.reset()
 
