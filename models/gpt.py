@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention import AttentionAdapter, get_adapter
+from models.attention.context import ContextAttention
 from models.fusion import resolve_fuse
 from models.block import Block, Blocks
 from models.fused import fuse as apply_fuse
@@ -81,16 +82,23 @@ class GPT(nn.Module):
             apply_fuse(self, fuse)
 
     @torch.compiler.disable
-    def adapter(self, layout: str, device: torch.device | str, attn_bias: bool = False) -> AttentionAdapter:
+    def adapter(self, layout: str, device: torch.device | str, attn_bias: bool = False,
+                context: bool = False) -> AttentionAdapter:
         """The attention adapter used for ``layout`` on ``device`` (``attn_bias``: whether the
-        batches carry an xFormers mask, which ``"auto"`` hands to the adapter that consumes it).
+        batches carry an xFormers mask, which ``"auto"`` hands to the adapter that consumes it;
+        ``context``: whether they are context-parallel shards, which ``"auto"`` attends with
+        :class:`~models.attention.context.ContextAttention`).
 
         Outside ``torch.compile`` (a graph break at the start of ``forward``): traced, the first
         call's cache insert would be a guard, and the second step would recompile the model.
         """
-        key = (layout, torch.device(device).type, attn_bias)
+        key = (layout, torch.device(device).type, attn_bias, context)
         if key not in self._adapters:
-            adapter = get_adapter(self.attn, layout, device, attn_bias=attn_bias)
+            if context and self.attn != "auto":
+                raise ValueError(f"attn={self.attn!r} cannot attend a context-parallel shard (its chunks are parts of "
+                                 "documents whose keys sit on other ranks); build the model with attn='auto', which "
+                                 "runs the context-parallel attention for shards")
+            adapter = ContextAttention(device) if context else get_adapter(self.attn, layout, device, attn_bias=attn_bias)
             adapter.bind_head_dim(self.config.dim // self.config.n_heads)
             self._adapters[key] = adapter
         return self._adapters[key]
@@ -98,7 +106,7 @@ class GPT(nn.Module):
     def adapter_for(self, batch: Batch, device: torch.device | str | None = None) -> AttentionAdapter:
         """The adapter this model uses for ``batch`` on ``device`` (default: the batch's device)."""
         device = batch.input_ids.device if device is None else device
-        return self.adapter(batch.layout, device, batch.attn_bias is not None)
+        return self.adapter(batch.layout, device, batch.attn_bias is not None, batch.context is not None)
 
     def check(self, batch: Batch) -> None:
         """Raise if the batch does not fit the model: token ids below ``vocab_size``, sequences no
@@ -118,9 +126,11 @@ class GPT(nn.Module):
                 f"batch holds token id {batch.max_token_id} >= vocab_size {self.config.vocab_size}; "
                 "use a tokenizer that fits the model or raise vocab_size"
             )
-        if batch.max_seqlen > self.config.max_len:
+        # A context-parallel shard's sequences are chunks: its positions run as far as the row's documents.
+        longest = batch.max_seqlen if batch.context is None else max(batch.context.layout.block_lens)
+        if longest > self.config.max_len:
             raise ValueError(
-                f"batch holds a sequence of length {batch.max_seqlen} > max_len {self.config.max_len}; "
+                f"batch holds a sequence of length {longest} > max_len {self.config.max_len}; "
                 "split long documents or raise max_len"
             )
 
@@ -129,7 +139,7 @@ class GPT(nn.Module):
             self.check(batch)
         # The adapter's arguments, read here: traced through adapter_for(batch), dynamo guarded on
         # len(batch.seq_lens) and recompiled for every document count (torch 2.11, H100).
-        attn = self.adapter(batch.layout, batch.input_ids.device, batch.attn_bias is not None)
+        attn = self.adapter(batch.layout, batch.input_ids.device, batch.attn_bias is not None, batch.context is not None)
         ids, pos = batch.unwrap(batch.input_ids), batch.unwrap(batch.position_ids)
         x = self.tok_emb(ids) + self.pos_emb(pos)  # (B, L, dim) or (T, dim)
         x = self.blocks(x, attn, batch, causal)

@@ -77,6 +77,10 @@ class Batch:
         num_targets: host int, labels that are not ``ignore_index``: the loss denominator.
         max_token_id: host int, the largest id in ``input_ids`` and ``labels``, so a model can check
             its vocabulary without a device sync.
+        context: packed layout only, optional: a :class:`packing.context.shard.ContextShard` when
+            this batch is one context-parallel rank's part of a row (:func:`packing.context.shard`).
+            Its sequences are then the rank's chunks, its positions the whole row's, and only an
+            attention that reads ``context`` may run it; the loss divides by ``context.num_targets``.
 
     Derived at construction: ``num_tokens`` (real tokens), ``num_slots`` (positions the model
     computes, padding included) and ``max_seqlen`` (a host int, never ``.item()`` on a device).
@@ -99,6 +103,7 @@ class Batch:
     ignore_index: int = IGNORE_INDEX
     num_targets: int | None = None
     max_token_id: int | None = None
+    context: Any = None
     num_tokens: int = field(init=False)
     num_slots: int = field(init=False)
     max_seqlen: int = field(init=False)
@@ -146,6 +151,8 @@ class Batch:
                 )
         if self.attention_mask is not None and self.layout != "padded":
             raise ValueError(f"Batch.attention_mask is set for layout {self.layout!r}; only 'padded' has one")
+        if self.context is not None and self.layout != "packed":
+            raise ValueError(f"Batch.context is set for layout {self.layout!r}; only 'packed' has one")
         if self.attn_bias is not None and self.layout != "packed":
             raise ValueError(f"Batch.attn_bias is set for layout {self.layout!r}; only 'packed' has one")
 
@@ -227,8 +234,10 @@ class Batch:
                 )
 
         ids, labels, positions = (self.real(self.unwrap(t)) for t in (self.input_ids, self.labels, self.position_ids))
-        if not torch.equal(positions, packed_positions(self.seq_lens)):
-            raise ValueError("Batch.position_ids must restart at 0 for each sequence and count up by 1")
+        expected = packed_positions(self.seq_lens) if self.context is None else self.context.positions()
+        if not torch.equal(positions, expected):
+            raise ValueError("Batch.position_ids must restart at 0 for each sequence and count up by 1"
+                             + ("" if self.context is None else ", as in the whole row (a context-parallel shard)"))
         if ids.numel() and int(self._all(self.input_ids).min()) < 0:
             raise ValueError(f"Batch.input_ids has min {int(self._all(self.input_ids).min())}; ids must be >= 0")
         bad = (labels < 0) & (labels != self.ignore_index)
@@ -358,6 +367,8 @@ class Batch:
             changes["attention_mask"] = fn(self.attention_mask)
         if self.attn_bias is not None and bias_fn is not None:
             changes["attn_bias"] = bias_fn(self.attn_bias)
+        if self.context is not None:
+            changes["context"] = self.context.map(fn)
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:

@@ -29,6 +29,9 @@ class AttentionAdapter:
     # True for an adapter built to consume the batch's ``attn_bias`` (the xformers collator's mask);
     # "auto" prefers it for such batches (models.attention.auto_adapter).
     consumes_attn_bias: ClassVar[bool] = False
+    # True for the one adapter that reads a context-parallel shard (``batch.context``): the others
+    # would take its chunks for documents, so they refuse it.
+    reads_context: ClassVar[bool] = False
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -57,6 +60,10 @@ class AttentionAdapter:
         whose kernel depends on it checks and picks here. The others take every head dimension."""
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
+        if batch.context is not None and not self.reads_context:
+            raise ValueError(f"attention adapter {self.name!r} cannot attend a context-parallel shard: its chunks are "
+                             "parts of documents whose keys sit on other ranks; use attn='auto', which runs the "
+                             "context-parallel attention for shards")
         reason = self.unsupported(causal=causal, grad=torch.is_grad_enabled() and q.requires_grad)
         if reason is not None:
             raise ValueError(f"attention adapter {self.name!r} on {q.device.type}: {reason}")

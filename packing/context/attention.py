@@ -1,0 +1,96 @@
+"""Exact attention for a context-parallel shard: each local chunk attends to its whole document
+prefix, with the keys and values of cut documents all-gathered across the group.
+
+Queries stay on their rank. The keys and values of the cut blocks (the first
+``layout.split_len(rank)`` tokens of every rank) are all-gathered once per call, and each chunk's
+keys are picked from ``[gathered, local]`` by the shard's host-made index: causal, its block from
+the start to the chunk's end, bottom-right aligned (query i of a chunk of Lq sees keys j <=
+i + Lk - Lq); bidirectional, the whole block. Nothing is merged across ranks, so there is no
+partial softmax to combine and the result is the one the whole row gives. The backward of the
+all-gather sums each rank's key and value gradients back to their owner (a reduce-scatter on NCCL;
+on gloo, which has none, an all-reduce and a slice).
+
+This path attends the chunks gathered into a (chunks, H, longest, D) block with a mask, on any
+device: exact, with memory chunks x longest query x longest key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from packing.batch import Batch
+from packing.boundaries import block_rows, to_blocks
+
+
+class _AllGather(torch.autograd.Function):
+    """(P, ...) on each rank -> (world x P, ...) in rank order; backward sums the gradients of each
+    rank's slice onto that rank."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(grad.shape[0] // world, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total.chunk(world)[rank].clone(), None
+
+
+def context_attention(q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool, group=None,
+                      scale: float | None = None) -> Tensor:
+    """Attention of a shard's tokens: q (T_local, H, D), k and v (T_local, H_kv, D) with H a multiple
+    of H_kv -> (T_local, H, D), the rows of the whole row's per-document attention at this rank's
+    tokens. ``batch`` is the shard (``batch.context`` set); ``group`` the context-parallel process
+    group (the default group when None), whose size and rank must be the layout's."""
+    shard = batch.context
+    if shard is None:
+        raise ValueError("context_attention needs a context-parallel shard (batch.context); this batch is a whole row")
+    layout = shard.layout
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    if (world, rank) != (layout.world_size, shard.rank):
+        raise ValueError(f"the shard is rank {shard.rank} of {layout.world_size}, and this process is rank {rank} of a "
+                         f"context-parallel group of {world}: shard for this group")
+    local = torch.cat([k, v], dim=-1)  # one collective for both: (T_local, H_kv, 2D)
+    if world > 1 and shard.gather_len:
+        own = layout.split_len(rank)
+        mine = F.pad(local[:own], (0, 0, 0, 0, 0, shard.gather_len - own))
+        source = torch.cat([_AllGather.apply(mine, group), local])
+    else:
+        source = local
+    keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, 2D): each chunk's keys in order
+    k_row, v_row = keys.split([k.shape[-1], v.shape[-1]], dim=-1)
+
+    chunks = layout.chunks[rank]
+    q_lens = [c.length for c in chunks]
+    k_lens = [(c.end if causal else c.block_end) - c.block_start for c in chunks]
+    n, lq, lk = len(chunks), max(q_lens), max(k_lens)
+    q_slot = block_rows(torch.tensor(q_lens), lq).to(q.device)
+    k_slot = block_rows(torch.tensor(k_lens), lk).to(q.device)
+    qb = to_blocks(q, q_slot, n, lq)  # (C, H, Lq, D)
+    kb, vb = to_blocks(k_row, k_slot, n, lk), to_blocks(v_row, k_slot, n, lk)  # (C, H_kv, Lk, D)
+
+    i = torch.arange(lq, device=q.device)[None, :, None]  # query slot
+    j = torch.arange(lk, device=q.device)[None, None, :]  # key slot
+    qn = torch.tensor(q_lens, device=q.device)[:, None, None]
+    kn = torch.tensor(k_lens, device=q.device)[:, None, None]
+    allowed = j < kn
+    if causal:
+        allowed = allowed & (j <= i + (kn - qn))  # bottom-right: a chunk's last query sees its last key
+    allowed = allowed | ((i >= qn) & (j == 0))  # a padding query row sees key 0: no empty softmax row
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None], scale=scale,
+                                         enable_gqa=kb.shape[1] != qb.shape[1])  # (C, H, Lq, D)
+    return out.transpose(1, 2).reshape(n * lq, *out.shape[1:2], out.shape[-1]).index_select(0, q_slot)

@@ -1,0 +1,146 @@
+"""Which tokens of one packed row each context-parallel rank holds: a pure function of the row's
+blocks and the number of ranks.
+
+A causal document's attention work grows with the square of its length, so cutting a row into N
+contiguous pieces leaves the last rank the most work (max/mean 1.5, 1.75 and 1.875 for one document
+on N = 2, 4 and 8). Here:
+
+- a **long** block (a document, or the padding tail) is cut into 2N chunks of near-equal length,
+  and rank r takes chunks r and 2N-1-r (head and tail), which equalises their causal area;
+- a **short** block stays whole on one rank, so it needs neither cutting nor its keys gathered;
+  short blocks go, longest first, to the rank with the least work so far.
+
+Work is counted as ``a * tokens + b * causal_area`` (:data:`TOKEN_COST`, :data:`AREA_COST`: the
+per-token layers against attention). A block is long when its work is more than
+``split_fraction`` of one rank's share, or when it has at least ``split_tokens`` tokens.
+
+Examples:
+    One 16-token document on 2 ranks: chunks of 4 tokens, rank 0 the first and the last.
+
+    >>> layout = plan_layout([16], world_size=2)
+    >>> [[(c.start, c.end) for c in rank] for rank in layout.chunks]
+    [[(0, 4), (12, 16)], [(4, 8), (8, 12)]]
+    >>> [sum(c.area() for c in rank) for rank in layout.chunks]  # (query, key) pairs each
+    [68, 68]
+
+    Short documents stay whole, and the row's tokens are each held once:
+
+    >>> layout = plan_layout([3, 9, 2, 2], world_size=2, split_tokens=8)
+    >>> [[(c.block, c.start, c.end) for c in rank] for rank in layout.chunks]
+    [[(1, 3, 5), (1, 9, 12), (2, 12, 14)], [(1, 5, 7), (1, 7, 9), (0, 0, 3), (3, 14, 16)]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+# Relative work of a token in the per-token layers and of one (query, key) pair in attention, for
+# the balance only; what matters is their ratio. A transformer layer of width d does about 12·d²
+# multiply-adds a token in its linear layers and 2·d a visible (query, key) pair in attention:
+# at d = 1024 a pair costs 1/6144 of a token (here per head dimension folded into that ratio).
+TOKEN_COST = 1.0
+AREA_COST = 1.0 / 6144
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens ``[start, end)`` of the row, inside block ``block``, which spans ``[block_start,
+    block_end)``. ``split`` says whether the block is cut across ranks (its keys are gathered)."""
+
+    block: int
+    start: int
+    end: int
+    block_start: int
+    block_end: int
+    split: bool
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def area(self, causal: bool = True) -> int:
+        """(query, key) pairs this chunk's queries see: causal, each query its block's prefix up to
+        itself; bidirectional, the whole block."""
+        if not causal:
+            return self.length * (self.block_end - self.block_start)
+        first, last = self.start - self.block_start + 1, self.end - self.block_start
+        return (first + last) * self.length // 2
+
+
+@dataclass(frozen=True)
+class ContextLayout:
+    """The ranks' chunks of one row: ``chunks[r]`` in the order rank r holds them (cut blocks' chunks
+    first, then whole blocks). ``block_lens`` are the row's blocks (the documents, then the padding
+    tail, if any), so ``sum(block_lens)`` is the row's length."""
+
+    world_size: int
+    block_lens: tuple[int, ...]
+    chunks: tuple[tuple[Chunk, ...], ...]
+    version: int = VERSION
+
+    @property
+    def num_slots(self) -> int:
+        return sum(self.block_lens)
+
+    def local_len(self, rank: int) -> int:
+        return sum(c.length for c in self.chunks[rank])
+
+    def split_len(self, rank: int) -> int:
+        """Tokens of rank ``rank`` in cut blocks: the prefix of its local row that it all-gathers."""
+        return sum(c.length for c in self.chunks[rank] if c.split)
+
+    def work(self, causal: bool = True) -> list[float]:
+        """Each rank's work, ``TOKEN_COST * tokens + AREA_COST * area``."""
+        return [sum(_work(c.length, c.area(causal)) for c in rank) for rank in self.chunks]
+
+
+def _work(tokens: int, area: int) -> float:
+    return TOKEN_COST * tokens + AREA_COST * area
+
+
+def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: float = 0.5,
+                split_tokens: int | None = None) -> ContextLayout:
+    """The layout of a row of blocks ``block_lens`` (each >= 1 token) over ``world_size`` ranks.
+
+    A block is cut in ``2 * world_size`` chunks when it has at least ``2 * world_size`` tokens and
+    either its causal work exceeds ``split_fraction`` of one rank's share of the row's, or it has at
+    least ``split_tokens`` tokens. The result depends on nothing but the arguments.
+    """
+    lens = tuple(int(n) for n in block_lens)
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size is {world_size!r}; expected an int >= 1 (the context-parallel ranks)")
+    if not lens or min(lens) < 1:
+        raise ValueError(f"block_lens is {list(lens)}; expected one or more blocks of >= 1 token")
+    if not 0 < split_fraction:
+        raise ValueError(f"split_fraction is {split_fraction!r}; expected > 0 (of one rank's share of the work)")
+    if split_tokens is not None and split_tokens < 1:
+        raise ValueError(f"split_tokens is {split_tokens!r}; expected None or an int >= 1")
+    parts = 2 * world_size
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    whole_work = [_work(n, n * (n + 1) // 2) for n in lens]
+    share = sum(whole_work) / world_size
+    cut = [world_size > 1 and n >= parts and (w > split_fraction * share or (split_tokens is not None and n >= split_tokens))
+           for n, w in zip(lens, whole_work)]
+
+    ranks: list[list[Chunk]] = [[] for _ in range(world_size)]
+    for b, (n, start) in enumerate(zip(lens, starts)):
+        if not cut[b]:
+            continue
+        edges = [start + i * n // parts for i in range(parts + 1)]
+        for r in range(world_size):
+            for i in (r, parts - 1 - r):
+                ranks[r].append(Chunk(b, edges[i], edges[i + 1], start, start + n, True))
+    load = [sum(_work(c.length, c.area()) for c in rank) for rank in ranks]
+    # Whole blocks, the most work first, each to the rank with the least so far (the lowest rank on
+    # a tie): deterministic, and within 1 block's work of the best balance.
+    for b in sorted((b for b in range(len(lens)) if not cut[b]), key=lambda b: (-whole_work[b], b)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        ranks[r].append(Chunk(b, starts[b], starts[b] + lens[b], starts[b], starts[b] + lens[b], False))
+        load[r] += whole_work[b]
+    for r in range(world_size):  # whole blocks in row order after the cut ones, for a readable row
+        whole = sorted((c for c in ranks[r] if not c.split), key=lambda c: c.start)
+        ranks[r] = [c for c in ranks[r] if c.split] + whole
+    return ContextLayout(world_size, lens, tuple(tuple(rank) for rank in ranks))

@@ -1,0 +1,172 @@
+"""One context-parallel rank's part of a packed row, as a :class:`~packing.batch.Batch`, and back.
+
+:func:`shard` cuts a packed batch (one row) by a :class:`~packing.context.layout.ContextLayout`:
+the rank's chunks become its row, each chunk one sequence of the shard's ``cu_seqlens``. Everything
+that must not change with the cut is taken from the whole row first:
+
+- ``position_ids``: a chunk that starts inside a document keeps the document's positions;
+- ``labels``: next-token targets were set on the whole row, so a chunk's last token keeps the
+  target that lies on another rank, and no target crosses a document;
+- the loss denominator: ``batch.context.num_targets`` counts the whole row's targets, so each
+  rank's loss is its sum of cross-entropy over that count, and the ranks' gradients add up to the
+  row's.
+
+:class:`ContextShard` (``batch.context``) carries what the attention needs, computed on the host:
+for each local chunk, the keys it attends to (its block's prefix up to the chunk's end; the whole
+block when bidirectional) as indices into ``[all-gathered cut-block tokens, local tokens]``, with
+their ``cu_seqlens`` and longest length.
+
+Examples:
+    >>> from packing import get_collator
+    >>> from packing.context.layout import plan_layout
+    >>> batch = get_collator("concat")([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]])
+    >>> layout = plan_layout(batch_blocks(batch), world_size=2, split_tokens=8)
+    >>> shards = [shard(batch, layout, r) for r in range(2)]
+    >>> [s.input_ids.tolist() for s in shards]
+    [[[1, 2, 7, 8, 9, 10]], [[3, 4, 5, 6]]]
+    >>> [s.position_ids.tolist() for s in shards]
+    [[[0, 1, 6, 7, 0, 1]], [[2, 3, 4, 5]]]
+    >>> [s.labels.tolist() for s in shards]
+    [[[2, 3, 8, -100, 10, -100]], [[4, 5, 6, 7]]]
+    >>> torch.equal(unshard([s.input_ids for s in shards], layout), batch.input_ids)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from packing.batch import Batch
+from packing.boundaries import block_lengths, cumulative_lengths, packed_positions
+from packing.context.layout import ContextLayout
+
+
+@dataclass(frozen=True, eq=False)
+class ContextShard:
+    """What rank ``rank`` needs beyond its tokens to attend exactly (``Batch.context``).
+
+    Fields (C local chunks; K the keys of all of them together; G = world_size x gather_len):
+        layout: the row's :class:`ContextLayout` (world size, blocks, every rank's chunks, version).
+        rank: this shard's rank.
+        num_tokens: the whole row's real tokens (its documents; the rest is the padding tail).
+        num_targets: the whole row's targets: the loss denominator every rank uses.
+        gather_len: tokens each rank contributes to the all-gather (the largest rank's cut-block
+            tokens; a rank with fewer pads). The first ``layout.split_len(rank)`` local tokens are
+            this rank's contribution.
+        key_index: per causality, (K,) int64 indices into the (G + local tokens) key source, each
+            chunk's keys in order: causal, its block from the start to the chunk's end;
+            bidirectional, its whole block.
+        cu_seqlens_k: per causality, (C + 1,) int32 cumulative key lengths of the chunks.
+        max_seqlen_k: per causality, the longest chunk's keys (host int).
+    """
+
+    layout: ContextLayout
+    rank: int
+    num_tokens: int
+    num_targets: int
+    gather_len: int
+    key_index: dict[bool, Tensor]
+    cu_seqlens_k: dict[bool, Tensor]
+    max_seqlen_k: dict[bool, int]
+
+    def map(self, fn) -> ContextShard:
+        """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
+        return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets, self.gather_len,
+                            {c: fn(t) for c, t in self.key_index.items()},
+                            {c: fn(t) for c, t in self.cu_seqlens_k.items()}, dict(self.max_seqlen_k))
+
+    def positions(self) -> Tensor:
+        """(local tokens,) int64: the whole row's positions at this rank's tokens."""
+        whole = torch.zeros(self.layout.num_slots, dtype=torch.int64)
+        lens = self.layout.block_lens
+        docs = lens if sum(lens) == self.num_tokens else lens[:-1]  # the last block is the padding tail
+        whole[: self.num_tokens] = packed_positions(docs)
+        return whole[local_index(self.layout, self.rank)]
+
+
+def batch_blocks(batch: Batch) -> list[int]:
+    """The blocks of a packed batch's row: its sequences, then the padding tail if any."""
+    return block_lengths(batch.seq_lens, batch.num_slots)
+
+
+def local_index(layout: ContextLayout, rank: int) -> Tensor:
+    """(local tokens,) int64: the row positions rank ``rank`` holds, in its order."""
+    chunks = layout.chunks[rank]
+    return torch.cat([torch.arange(c.start, c.end) for c in chunks]) if chunks else torch.zeros(0, dtype=torch.int64)
+
+
+def shard(batch: Batch, layout: ContextLayout, rank: int) -> Batch:
+    """Rank ``rank``'s part of the packed ``batch`` (one row), by ``layout`` (from
+    :func:`~packing.context.layout.plan_layout` on :func:`batch_blocks` of the same batch)."""
+    if batch.layout != "packed":
+        raise ValueError(f"context parallelism cuts one packed row; got a {batch.layout!r} batch: use a packed collator "
+                         "(concat) before the context-parallel step")
+    for name in ("static_cu_seqlens", "attn_bias"):
+        if getattr(batch, name) is not None:
+            raise ValueError(f"context parallelism does not carry Batch.{name} to the shards yet; collate without it "
+                             "(static shapes: pad the row to a fixed length instead)")
+    if batch.context is not None:
+        raise ValueError("the batch is already a context-parallel shard; shard the whole row once")
+    if batch.input_ids.device.type != "cpu":
+        raise ValueError(f"shard on the host (the layout and indices are host work), got a batch on "
+                         f"{batch.input_ids.device}; shard first, then .to(device)")
+    blocks = batch_blocks(batch)
+    if tuple(blocks) != layout.block_lens:
+        raise ValueError(f"the layout is for blocks {list(layout.block_lens)}, the batch has {blocks}; plan the layout "
+                         "from this batch (plan_layout(batch_blocks(batch), world_size))")
+    if not 0 <= rank < layout.world_size:
+        raise ValueError(f"rank is {rank!r}; the layout has ranks 0 to {layout.world_size - 1}")
+    index = local_index(layout, rank)
+    chunks = layout.chunks[rank]
+    if not chunks:
+        raise ValueError(f"rank {rank} holds no tokens of this row ({layout.num_slots} tokens over "
+                         f"{layout.world_size} ranks); use fewer context-parallel ranks for rows this short")
+    gather_len = max(layout.split_len(r) for r in range(layout.world_size))
+    context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, gather_len,
+                           *_keys(layout, rank, gather_len))
+    take = lambda t: t[:, index]  # noqa: E731  (1, T) -> (1, local)
+    return Batch(layout="packed", input_ids=take(batch.input_ids), labels=take(batch.labels),
+                 position_ids=take(batch.position_ids), seq_lens=tuple(c.length for c in chunks),
+                 cu_seqlens=cumulative_lengths([c.length for c in chunks]), ignore_index=batch.ignore_index,
+                 context=context)
+
+
+def _keys(layout: ContextLayout, rank: int, gather_len: int):
+    """(key_index, cu_seqlens_k, max_seqlen_k), each by causality, for rank ``rank``'s chunks."""
+    world = layout.world_size
+    source = torch.full((layout.num_slots,), -1, dtype=torch.int64)  # row position -> key source index
+    for r in range(world):  # cut blocks: where rank r's all-gathered tokens land
+        offset = r * gather_len
+        for c in layout.chunks[r]:
+            if c.split:
+                source[c.start:c.end] = torch.arange(offset, offset + c.length)
+                offset += c.length
+    local = world * gather_len
+    for c in layout.chunks[rank]:  # whole blocks: this rank's own tokens, after the gathered ones
+        if not c.split:
+            source[c.start:c.end] = torch.arange(local, local + c.length)
+        local += c.length
+    index, cu, longest = {}, {}, {}
+    for causal in (True, False):
+        spans = [(c.block_start, c.end if causal else c.block_end) for c in layout.chunks[rank]]
+        index[causal] = torch.cat([source[a:b] for a, b in spans])
+        lengths = [b - a for a, b in spans]
+        cu[causal], longest[causal] = cumulative_lengths(lengths), max(lengths)
+    return index, cu, longest
+
+
+def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:
+    """The whole row's tensor from each rank's part, in rank order: (1, local_r, ...) each ->
+    (1, T, ...), bitwise the row the parts were cut from."""
+    if len(parts) != layout.world_size:
+        raise ValueError(f"unshard got {len(parts)} parts; the layout has {layout.world_size} ranks")
+    for r, part in enumerate(parts):
+        if part.dim() < 2 or part.shape[0] != 1 or part.shape[1] != layout.local_len(r):
+            raise ValueError(f"part {r} has shape {tuple(part.shape)}; rank {r} holds (1, {layout.local_len(r)}, ...)")
+    flat = torch.cat([p[0] for p in parts])
+    out = flat.new_empty(flat.shape)
+    out[torch.cat([local_index(layout, r) for r in range(layout.world_size)])] = flat
+    return out[None]

@@ -1,0 +1,157 @@
+"""Context parallelism: the layout, the shards, and training across gloo ranks against one process."""
+
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import GPT, GPTConfig, lm_loss
+from models.attention.naive import NaiveAttention
+from packing import get_collator
+from packing.context import ContextShard, batch_blocks, context_attention, plan_layout, shard, unshard
+from packing.context.layout import AREA_COST, TOKEN_COST
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 240  # seconds: a hung collective fails the test instead of stalling CI
+TOL = 1e-5
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def work(tokens, first, last):  # a contiguous piece of a causal document, positions first..last (1-based)
+    return TOKEN_COST * tokens + AREA_COST * (first + last) * tokens / 2
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_one_long_document_is_balanced_where_a_contiguous_split_is_not(world):
+    n = 131_072
+    layout = plan_layout([n], world)
+    balance = max(layout.work()) / statistics.mean(layout.work())
+    step = n // world
+    contiguous = [work(step, r * step + 1, (r + 1) * step) for r in range(world)]
+    assert balance <= 1.001
+    assert max(contiguous) / statistics.mean(contiguous) > 1.4  # 1.5 / 1.75 / 1.875 in attention alone
+    assert all(len(rank) == 2 and all(c.split for c in rank) for rank in layout.chunks)  # head and tail
+
+
+def test_a_long_tailed_mix_keeps_short_documents_whole_and_balanced():
+    g = torch.Generator().manual_seed(0)
+    lens = []
+    while sum(lens) < 131_072:
+        lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, 131_072 - sum(lens)))
+    for world in (2, 4, 8):
+        layout = plan_layout(lens, world)
+        assert max(layout.work()) / statistics.mean(layout.work()) <= 1.05, world
+        cut = {c.block for rank in layout.chunks for c in rank if c.split}
+        assert len(cut) < len(lens) / 4  # most documents stay whole: no padding to 2N, no gathered keys
+        held = sorted((c.start, c.end) for rank in layout.chunks for c in rank)
+        assert [a for a, _ in held] == [0, *[b for _, b in held[:-1]]] and held[-1][1] == sum(lens)  # each token once
+
+
+def test_the_layout_is_a_pure_function_of_the_row_and_the_ranks():
+    lens = [300, 5, 77, 1, 40, 2000, 9]
+    assert plan_layout(lens, 4) == plan_layout(list(lens), 4)
+    assert plan_layout(lens, 4) != plan_layout(lens, 3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_unshard_of_shard_is_the_row_bitwise(world):
+    g = torch.Generator().manual_seed(world)
+    docs = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (41, 3, 17, 1, 29)]
+    batch = get_collator("concat", pad_to_multiple_of=16)(docs)
+    layout = plan_layout(batch_blocks(batch), world, split_tokens=10)
+    parts = [shard(batch, layout, r) for r in range(world)]
+    for name in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(unshard([getattr(p, name) for p in parts], layout), getattr(batch, name)), name
+    assert all(p.context.num_targets == batch.num_targets for p in parts)
+    assert sum(p.num_targets for p in parts) == batch.num_targets  # targets set on the whole row, none lost
+    assert all(p.to("cpu").context.key_index[True].dtype == torch.int64 for p in parts)
+
+
+def test_one_rank_attends_as_the_whole_row():
+    # world size 1, no process group: the context attention is the row's per-document attention.
+    g = torch.Generator().manual_seed(0)
+    batch = get_collator("concat")([torch.randint(0, 50, (n,), generator=g).tolist() for n in (9, 4, 13)])
+    part = shard(batch, plan_layout(batch_blocks(batch), 1), 0)
+    q = torch.randn(batch.num_slots, 4, 8, generator=g)
+    k, v = (torch.randn(batch.num_slots, 2, 8, generator=g) for _ in "kv")
+    for causal in (True, False):
+        ref = NaiveAttention("cpu")(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), batch, causal=causal)
+        assert rel(context_attention(q, k, v, part, causal=causal), ref) <= TOL
+
+
+def test_bad_inputs_are_refused_by_name():
+    batch = get_collator("concat")([[1, 2, 3], [4, 5]])
+    layout = plan_layout(batch_blocks(batch), 2)
+    with pytest.raises(ValueError, match=r"world_size is 0; expected an int >= 1"):
+        plan_layout([3], 0)
+    with pytest.raises(ValueError, match=r"block_lens is \[3, 0\]; expected one or more blocks of >= 1 token"):
+        plan_layout([3, 0], 2)
+    with pytest.raises(ValueError, match=r"context parallelism cuts one packed row; got a 'padded' batch"):
+        shard(get_collator("pad_max", max_len=8)([[1, 2, 3]]), layout, 0)
+    static = get_collator("concat", total_tokens=8, max_seqs=4, max_seqlen=4)([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match=r"does not carry Batch.static_cu_seqlens to the shards yet"):
+        shard(static, plan_layout(batch_blocks(static), 2), 0)
+    with pytest.raises(ValueError, match=r"the layout is for blocks \[3, 2\], the batch has \[4, 1\]"):
+        shard(get_collator("concat")([[1, 2, 3, 4], [5]]), layout, 0)
+    with pytest.raises(ValueError, match=r"rank is 2; the layout has ranks 0 to 1"):
+        shard(batch, layout, 2)
+    with pytest.raises(ValueError, match=r"rank 1 holds no tokens of this row \(1 tokens over 2 ranks\)"):
+        one = get_collator("concat")([[1]])
+        shard(one, plan_layout(batch_blocks(one), 2), 1)
+    part = shard(batch, layout, 0)
+    with pytest.raises(ValueError, match=r"already a context-parallel shard"):
+        shard(part, layout, 0)
+    with pytest.raises(ValueError, match=r"the shard is rank 0 of 2, and this process is rank 0 of a context-parallel "
+                                         r"group of 1"):
+        context_attention(torch.zeros(part.num_slots, 1, 4), torch.zeros(part.num_slots, 1, 4),
+                          torch.zeros(part.num_slots, 1, 4), part, causal=True)
+    with pytest.raises(ValueError, match=r"attention adapter 'naive' cannot attend a context-parallel shard"):
+        NaiveAttention("cpu")(*(torch.zeros(part.num_slots, 1, 4) for _ in "qkv"), part, causal=True)
+    with pytest.raises(ValueError, match=r"attn='sdpa_docs' cannot attend a context-parallel shard .*attn='auto'"):
+        GPT(GPTConfig(vocab_size=8, max_len=8, n_layers=1, dim=8, n_heads=2), attn="sdpa_docs")(part)
+    assert isinstance(part.context, ContextShard)
+
+
+def torchrun(*args, nproc):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("world, causal", [(2, True), (3, True), (2, False)], ids=["2-causal", "3-causal", "2-bidirectional"])
+def test_ranks_train_as_one_process(tmp_path, world, causal):
+    # Each row cut across the ranks (a long document head-and-tail, short ones whole, a padding
+    # tail), two rows accumulated under one global count: the summed gradients, the loss and the
+    # unsharded logits equal one process running each row whole, with exact per-document attention.
+    sys.path.insert(0, str(Path(__file__).parent))
+    import cp_worker
+
+    out = tmp_path / "cp.pt"
+    proc = torchrun(str(Path(__file__).parent / "cp_worker.py"), str(out), "1" if causal else "0", nproc=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    assert any(got["cut"])  # a document was cut across the ranks
+
+    torch.manual_seed(0)
+    model = GPT(cp_worker.CONFIG, attn="naive")
+    batches = cp_worker.rows()
+    total = sum(b.num_targets for b in batches)
+    loss = torch.zeros(())
+    for batch, logits in zip(batches, got["logits"]):
+        out_logits = model(batch, causal=causal)
+        step = lm_loss(out_logits, batch, normalizer=total)
+        step.backward()
+        loss += step.detach()
+        n = batch.num_tokens  # the padding tail's logits are not compared: nothing reads them
+        assert rel(logits[0, :n], out_logits[0, :n].detach()) <= TOL
+    assert rel(got["loss"], loss) <= TOL
+    for name, p in model.named_parameters():
+        assert rel(got["grads"][name], p.grad) <= TOL, name
