@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,9 @@ class GPT(nn.Module):
         fuse: sugar for :func:`models.fuse` after construction: ``"none"`` (default), ``"auto"``
             (every fusion whose kernels load here), or names from ``mlp``, ``norm``, ``qkv``. Each
             is the same math as the plain model, with the same parameters.
+        context_group: the process group of the context-parallel ranks, for batches that are
+            shards of a row (:mod:`packing.context`; ``"auto"`` attends them); None: the default
+            group.
 
     ``forward(batch, causal=True)`` returns logits in the batch's layout: (B, L, vocab) padded,
     (1, T, vocab) packed, or a jagged (B, j, vocab) NestedTensor. Positions come from
@@ -67,10 +71,12 @@ class GPT(nn.Module):
         torch.Size([1, 5, 1024])
     """
 
-    def __init__(self, config: GPTConfig, *, attn: str = "auto", fuse: str | frozenset[str] = "none") -> None:
+    def __init__(self, config: GPTConfig, *, attn: str = "auto", fuse: str | frozenset[str] = "none",
+                 context_group: Any = None) -> None:
         super().__init__()
         self.config = config
         self.attn = attn
+        self.context_group = context_group  # the context-parallel ranks of a shard (None: the default group)
         self.fuse: frozenset[str] = frozenset()  # what models.fuse has applied
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.max_len, config.dim)
@@ -98,7 +104,7 @@ class GPT(nn.Module):
                 raise ValueError(f"attn={self.attn!r} cannot attend a context-parallel shard (its chunks are parts of "
                                  "documents whose keys sit on other ranks); build the model with attn='auto', which "
                                  "runs the context-parallel attention for shards")
-            adapter = ContextAttention(device) if context else get_adapter(self.attn, layout, device, attn_bias=attn_bias)
+            adapter = ContextAttention(device, self.context_group) if context else get_adapter(self.attn, layout, device, attn_bias=attn_bias)
             adapter.bind_head_dim(self.config.dim // self.config.n_heads)
             self._adapters[key] = adapter
         return self._adapters[key]

@@ -18,11 +18,10 @@ from packing.context.attention import context_attention
 
 
 class ContextAttention(AttentionAdapter):
-    """Each local chunk attends to its whole document prefix, keys and values all-gathered from the
-    default process group (the context-parallel ranks).
+    """Each local chunk attends to its whole document prefix, keys and values all-gathered across
+    ``group``, the context-parallel ranks (the default process group when None).
 
     Example:
-        >>> import torch
         >>> from models.attention.sdpa_docs import SdpaDocsAttention
         >>> from packing import get_collator
         >>> from packing.context import batch_blocks, plan_layout, shard
@@ -38,5 +37,9 @@ class ContextAttention(AttentionAdapter):
     layouts = frozenset({"packed"})
     reads_context: ClassVar[bool] = True
 
+    def __init__(self, device: torch.device | str, group: Any = None) -> None:
+        super().__init__(device)
+        self.group = group  # the context-parallel process group; None: the default group
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
-        return context_attention(q, k, v, batch, causal=causal)
+        return context_attention(q, k, v, batch, causal=causal, group=self.group)

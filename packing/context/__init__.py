@@ -8,8 +8,9 @@ all-gathered across the context-parallel group.
 """
 
 from packing.context.attention import context_attention
+from packing.context.collate import ContextCollator
 from packing.context.layout import Chunk, ContextLayout, plan_layout
 from packing.context.shard import ContextShard, batch_blocks, shard, unshard
 
-__all__ = ["Chunk", "ContextLayout", "ContextShard", "batch_blocks", "context_attention", "plan_layout", "shard",
+__all__ = ["Chunk", "ContextCollator", "ContextLayout", "ContextShard", "batch_blocks", "context_attention", "plan_layout", "shard",
            "unshard"]
