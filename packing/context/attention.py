@@ -23,6 +23,7 @@ from torch import Tensor
 
 from packing.batch import Batch
 from packing.boundaries import block_rows, to_blocks
+from packing.context.shard import ContextShard
 
 
 class _AllGather(torch.autograd.Function):
@@ -49,15 +50,17 @@ class _AllGather(torch.autograd.Function):
         return total.chunk(world)[rank].clone(), None
 
 
-def context_attention(q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool, group=None,
+def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Batch, *, causal: bool, group=None,
                       scale: float | None = None) -> Tensor:
     """Attention of a shard's tokens: q (T_local, H, D), k and v (T_local, H_kv, D) with H a multiple
     of H_kv -> (T_local, H, D), the rows of the whole row's per-document attention at this rank's
-    tokens. ``batch`` is the shard (``batch.context`` set); ``group`` the context-parallel process
-    group (the default group when None), whose size and rank must be the layout's."""
-    shard = batch.context
-    if shard is None:
-        raise ValueError("context_attention needs a context-parallel shard (batch.context); this batch is a whole row")
+    tokens. ``shard`` is the shard's ``batch.context`` (or the shard itself); ``group`` the
+    context-parallel process group (the default group when None), whose size and rank must be the
+    layout's; ``scale`` the softmax scale (None: 1/sqrt(D))."""
+    if isinstance(shard, Batch):
+        if shard.context is None:
+            raise ValueError("context_attention needs a context-parallel shard (batch.context); this batch is a whole row")
+        shard = shard.context
     layout = shard.layout
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0

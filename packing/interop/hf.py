@@ -151,8 +151,11 @@ def _check_batch(batch: Any) -> None:
         )
 
 
-def _kwargs(batch: Batch, name: str, config: Any, dtype: torch.dtype, vocab_size: int | None) -> dict[str, Any]:
+def _kwargs(batch: Batch, name: str, config: Any, dtype: torch.dtype, vocab_size: int | None,
+            context_group: Any = None) -> dict[str, Any]:
     """The kwargs of a checked model's implementation ``name`` (module docstring)."""
+    if batch.context is not None:
+        return _context_kwargs(batch, name, config, vocab_size, context_group)
     if batch.num_targets == 0:
         # Not an error here: under gradient accumulation transformers divides by the step's count
         # (num_items_in_batch), and this row adds nothing. Alone, its loss would be 0.0.
@@ -202,6 +205,35 @@ def _kwargs(batch: Batch, name: str, config: Any, dtype: torch.dtype, vocab_size
     masks = {kind: _mask(cu, T, window, name, dtype) for kind, window in layer_windows(config).items()}
     kwargs["attention_mask"] = next(iter(masks.values())) if len(masks) == 1 else masks
     return kwargs
+
+
+def _context_kwargs(batch: Batch, name: str, config: Any, vocab_size: int | None, group: Any) -> dict[str, Any]:
+    """The kwargs of one context-parallel shard (:meth:`HFPacking.kwargs`)."""
+    if not is_varlen(name):
+        raise ValueError(f"a context-parallel shard needs attn_implementation 'packing_varlen' (its attention gathers "
+                         f"the other ranks' keys), and the model runs {name!r}")
+    if config is not None and has_state_layers(config):
+        raise ValueError(f"{getattr(config, 'model_type', type(config).__name__)} has state-carrying (recurrent) layers, "
+                         "which context parallelism does not carry across ranks; train it without context parallelism")
+    if config is not None and getattr(config, "output_router_logits", False):
+        raise ValueError("output_router_logits=True: the router's load-balancing loss is not a sum over tokens, so the "
+                         "ranks' shares would not add up to the row's; set output_router_logits=False under context "
+                         "parallelism")
+    vocab_size = vocab_size or getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int) and batch.input_ids.device.type == "cpu":
+        check_vocab(batch, vocab_size)
+    # Each chunk a sequence: the shifted form of its targets leaves out the one that belongs to the
+    # next chunk, so the loss reads shift_labels (the targets as set on the whole row), and
+    # num_items_in_batch makes each rank's loss its share of the row's.
+    labels = torch.nn.functional.pad(batch.labels[:, :-1], (1, 0), value=batch.ignore_index)
+    starts = batch.cu_seqlens[:-1].long()
+    labels[0, starts] = batch.ignore_index
+    return {"input_ids": batch.input_ids, "labels": labels, "shift_labels": batch.labels,
+            "position_ids": batch.position_ids, "use_cache": False,
+            "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
+            "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen,
+            "num_items_in_batch": batch.context.num_targets,
+            "packing_context": batch.context, "packing_context_group": group}
 
 
 def _model_dtype(model_or_config: Any) -> torch.dtype:
@@ -348,17 +380,23 @@ class HFPacking:
         """``model(**kwargs)``'s kwargs for ``samples`` collated into one packed row."""
         return self.kwargs(self.collator(samples))
 
-    def kwargs(self, batch: Batch) -> dict[str, Any]:
+    def kwargs(self, batch: Batch, *, context_group: Any = None) -> dict[str, Any]:
         """``model(**kwargs)``'s kwargs for a packed :class:`~packing.batch.Batch` (the module
         docstring says what they hold). The model was checked when this object was built; a model
-        switched to another implementation since is checked again here."""
+        switched to another implementation since is checked again here.
+
+        A context-parallel shard (:class:`packing.context.ContextCollator` on ``self.collator``)
+        gives kwargs for ``packing_varlen`` that attend each local chunk to its whole document,
+        keys and values all-gathered across ``context_group`` (None: the default process group),
+        and whose loss is the rank's share: its cross-entropy over the whole row's target count
+        (``num_items_in_batch``), so the ranks' gradients add up to the row's."""
         _check_batch(batch)
         outer = self.model.config if self.model is not None else None
         if outer is not None and outer._attn_implementation != self.implementation:
             self.implementation = check_model(self.model)
         if self.model is not None:
             self._dtype = _model_dtype(self.model)
-        return _kwargs(batch, self.implementation, self.config, self._dtype, self.vocab_size)
+        return _kwargs(batch, self.implementation, self.config, self._dtype, self.vocab_size, context_group)
 
     def loss(self, kwargs: dict[str, Any], *, chunk: int = 4096, normalizer: int | Tensor | None = None) -> Tensor:
         """``model(**kwargs).loss`` without the (T, V) logits: the LM head and cross-entropy

@@ -63,7 +63,7 @@ last_kernel: str | None = None  # the kernel the last CUDA layer ran (traced onc
 # Keywords computed exactly (read by layer_options), besides the signature's dropout, scaling and
 # is_causal: the boundaries, and the per-layer options.
 COMPUTED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "sliding_window", "softcap", "s_aux",
-            "sinks")
+            "sinks", "packing_context", "packing_context_group")
 # Keywords that change nothing computed here, with why. Any value is accepted.
 INERT = {
     "position_ids": "the rotary embedding already applied the positions to q and k",
@@ -274,7 +274,9 @@ def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, v
         _check_family(getattr(module, "config", None), name)
     # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    if not q.is_cuda:
+    if kwargs.get("packing_context") is not None:
+        out, kernel = _context(q, k, v, kwargs["packing_context"], kwargs.get("packing_context_group"), layer)
+    elif not q.is_cuda:
         out, kernel = _masked(q, k, v, cu, max_len, layer), _cpu_kernel(layer)
     else:
         out, kernel = _on_cuda(q, k, v, cu, max_len, layer, _resolved(name))
@@ -322,6 +324,22 @@ def _resolved(name: str) -> KernelSet:
                              "packing.interop.hf.pack(model) before compiling the model")
         kernels = _kernel_sets[name] = KernelSet.load()
     return kernels
+
+
+def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: LayerOptions) -> tuple[Tensor, str]:
+    """A context-parallel shard's layer (:func:`packing.context.context_attention`): each local
+    chunk against its document's prefix, keys and values all-gathered across ``group``."""
+    from packing.context.attention import context_attention
+
+    asked = {"sliding_window": layer.window, "softcap": layer.softcap, "sinks": layer.sinks}
+    refused = [name for name, value in asked.items() if value is not None]
+    if refused:
+        raise ValueError(f"'packing_varlen' under context parallelism does not compute {refused[0]} yet, and this layer "
+                         "asks for it; train this model without context parallelism (one rank per row)")
+    if v.dtype != q.dtype:  # rotary embeddings leave q and k in fp32 under autocast while v is half
+        q, k = q.to(v.dtype), k.to(v.dtype)
+    return context_attention(q, k, v, shard, causal=layer.causal, group=group, scale=layer.scale), \
+        "context parallel: keys all-gathered, sdpa per chunk"
 
 
 def _cpu_kernel(layer: LayerOptions) -> str:

@@ -169,6 +169,8 @@ def _loss(model, kwargs: dict, *, chunk: int = 4096, normalizer: int | Tensor | 
     if router:
         inputs["output_router_logits"] = True
     out = model.base_model(**inputs)
+    if normalizer is None:  # the step's count where the kwargs carry one (a context-parallel shard's: the row's)
+        normalizer = kwargs.get("num_items_in_batch")
     loss = chunked_lm_loss(out.last_hidden_state, head.weight, kwargs["shift_labels"], bias=head.bias, chunk=chunk,
                            normalizer=normalizer)
     if router:

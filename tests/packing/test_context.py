@@ -159,3 +159,69 @@ def test_ranks_train_as_one_process(tmp_path, world, causal, data):
     assert rel(got["loss"], loss) <= TOL
     for name, p in model.named_parameters():
         assert rel(got["grads"][name], p.grad) <= TOL, name
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_transformers_model_trains_context_parallel_unchanged(tmp_path, world):
+    # pack(model).kwargs of each rank's shard into the model's own forward: the model's loss and the
+    # chunked loss, summed over the ranks, and their gradients equal one process on the whole rows.
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_cp_worker
+
+    out = tmp_path / "hf_cp.pt"
+    proc = torchrun(str(Path(__file__).parent / "hf_cp_worker.py"), str(out), nproc=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+
+    from packing.interop.hf import pack
+
+    lm = hf_cp_worker.model()
+    packed = pack(lm)
+    kwargs = [packed(samples) for samples in hf_cp_worker.rows()]
+    total = sum(int((kw["shift_labels"] != -100).sum()) for kw in kwargs)
+    loss = torch.zeros(())
+    for kw in kwargs:
+        step = packed.loss(kw, normalizer=total)
+        step.backward()
+        loss += step.detach()
+    assert rel(got["loss"], loss) <= TOL and rel(got["chunked"], loss) <= TOL
+    for name, p in lm.named_parameters():
+        assert rel(got["grads"][name], p.grad) <= TOL, name
+        assert rel(got["chunked_grads"][name], p.grad) <= TOL, name
+
+
+def test_a_transformers_shard_refuses_what_context_parallelism_does_not_compute():
+    import transformers
+
+    from packing.context import ContextCollator
+    from packing.interop.hf import pack
+
+    def tiny(arch, **extra):
+        torch.manual_seed(0)
+        if arch == "gemma2":
+            config = transformers.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                               final_logit_softcapping=None, attn_logit_softcapping=None,
+                                               attn_implementation="packing_varlen", **extra)
+            return transformers.Gemma2ForCausalLM(config)
+        config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, **extra)
+        return transformers.LlamaForCausalLM(config)
+
+    samples = [torch.arange(1, 12), torch.arange(3, 9)]
+    gemma = tiny("gemma2")
+    packed = pack(gemma)
+    kwargs = packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples))
+    with pytest.raises(ValueError, match=r"'packing_varlen' under context parallelism does not compute sliding_window "
+                                         r"yet, and this layer asks for it"):
+        gemma(**kwargs)
+    sdpa = tiny("llama", attn_implementation="sdpa")
+    packed = pack(sdpa)
+    with pytest.raises(ValueError, match=r"a context-parallel shard needs attn_implementation 'packing_varlen' .*runs 'sdpa'"):
+        packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples))
+    # One rank: the shard's kwargs are the row's, through the context-parallel attention.
+    llama = tiny("llama", attn_implementation="packing_varlen")
+    packed = pack(llama)
+    whole = llama(**packed(samples)).loss
+    part = llama(**packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples))).loss
+    assert rel(part, whole) <= TOL
