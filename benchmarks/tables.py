@@ -206,6 +206,22 @@ def qwen3_same_run() -> str:
     return "\n".join(lines)
 
 
+def context_balance() -> str:
+    """The context-parallel layout's balance by its cost model, against a contiguous split."""
+    folder = RESULTS / "distributed" / "2026-12-05-cpu-context-balance"
+    records = _records(folder / "dim1024.json")
+    lines = [f"`{_short(records[0]['command'])}` (the cost model, d = {records[0]['dim']}: no GPU); record in "
+             f"`{folder.relative_to(ROOT)}/`:", "",
+             "| row of 131,072 tokens | N | contiguous: attention max/mean | contiguous: work max/mean | layout: attention "
+             "max/mean | layout: work max/mean | documents cut | tokens all-gathered |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['row']} ({r['docs']} documents, longest {r['longest']:,}) | {r['world_size']} | "
+                     f"{r['contiguous_attention_max_over_mean']:.3f} | {r['contiguous_work_max_over_mean']:.3f} | "
+                     f"{r['layout_attention_max_over_mean']:.3f} | {r['layout_work_max_over_mean']:.3f} | "
+                     f"{r['cut_documents']} | {r['gathered_tokens']:,} |")
+    return "\n".join(lines)
+
+
 def _k(tokens_per_s: float) -> str:
     """98,364 -> 98.4k; 271,034 -> 271k (three significant figures)."""
     k = tokens_per_s / 1000
@@ -261,7 +277,7 @@ def _short(command: str) -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200, "hf_h100": hf_h100,
                                          "nested_h100": nested_h100, "gpt2_eager_h100": gpt2_eager_h100,
-                                         "qwen3_same_run": qwen3_same_run,
+                                         "qwen3_same_run": qwen3_same_run, "context_balance": context_balance,
                                          "samplers": samplers,
                                          "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))

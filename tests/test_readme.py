@@ -118,7 +118,33 @@ TESTED_BY = {
     "resumed = restore_loader(loader, \"loader.pt\")": "test_readme_streaming_recipe_runs_as_written_on_a_first_run_and_resumes",
     "tok = transformers.ByT5Tokenizer()  # one token per byte": "test_readme_data_example_prints_what_it_says",
     "trainer = trl.SFTTrainer(": "test_readme_trl_example_trains_on_packed_rows",
+    "collate = ContextCollator(packed.collator, world_size=cp_size, rank=cp_rank)":
+        "test_context_parallel_example_runs_under_torchrun_as_one_process",
 }
+
+
+def test_context_parallel_example_runs_under_torchrun_as_one_process(tmp_path):
+    # The distributed guide's context-parallel block, run as written on 2 gloo ranks: the loss it
+    # prints is the model's loss on the whole row in one process.
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+    text = (DOCS / "guides" / "distributed.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "ContextCollator(packed.collator" in b)
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = block.split("packed = pack(model)")[0].replace('dist.init_process_group("gloo")', "").replace(
+        "cp_group, cp_size, cp_rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()", "")
+    namespace: dict = {}
+    exec(compile(one + "from packing.interop.hf import pack\nloss = model(**pack(model)(samples)).loss\n", "one", "exec"),
+         namespace)
+    assert proc.stdout.strip().splitlines()[-1] == f"loss {namespace['loss'].item():.4f}"
 
 
 def test_every_python_block_in_the_readme_and_the_guides_is_run_by_a_test():

@@ -22,6 +22,7 @@ class ContextAttention(AttentionAdapter):
     ``group``, the context-parallel ranks (the default process group when None).
 
     Example:
+        >>> import torch
         >>> from models.attention.sdpa_docs import SdpaDocsAttention
         >>> from packing import get_collator
         >>> from packing.context import batch_blocks, plan_layout, shard

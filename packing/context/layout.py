@@ -10,9 +10,9 @@ on N = 2, 4 and 8). Here:
 - a **short** block stays whole on one rank, so it needs neither cutting nor its keys gathered;
   short blocks go, longest first, to the rank with the least work so far.
 
-Work is counted as ``a * tokens + b * causal_area`` (:data:`TOKEN_COST`, :data:`AREA_COST`: the
-per-token layers against attention). A block is long when its work is more than
-``split_fraction`` of one rank's share, or when it has at least ``split_tokens`` tokens.
+Work is counted as ``tokens + area_cost * causal_area``: the per-token layers against attention
+(:data:`AREA_COST`, a width-1024 model's ratio, by default). A block is long when its work is more
+than ``split_fraction`` of one rank's share, or when it has at least ``split_tokens`` tokens.
 
 Examples:
     One 16-token document on 2 ranks: chunks of 4 tokens, rank 0 the first and the last.
@@ -33,12 +33,14 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
+
 from typing import Sequence
 
 # Relative work of a token in the per-token layers and of one (query, key) pair in attention, for
 # the balance only; what matters is their ratio. A transformer layer of width d does about 12·d²
-# multiply-adds a token in its linear layers and 2·d a visible (query, key) pair in attention:
-# at d = 1024 a pair costs 1/6144 of a token (here per head dimension folded into that ratio).
+# multiply-adds a token in its linear layers and 2·d a visible (query, key) pair in attention, so
+# a pair costs 1/(6·d) of a token: 1/6144 at d = 1024. Pass area_cost=1 / (6 * d) for another width.
 TOKEN_COST = 1.0
 AREA_COST = 1.0 / 6144
 
@@ -79,6 +81,7 @@ class ContextLayout:
     world_size: int
     block_lens: tuple[int, ...]
     chunks: tuple[tuple[Chunk, ...], ...]
+    area_cost: float = AREA_COST
     version: int = VERSION
 
     @property
@@ -93,21 +96,22 @@ class ContextLayout:
         return sum(c.length for c in self.chunks[rank] if c.split)
 
     def work(self, causal: bool = True) -> list[float]:
-        """Each rank's work, ``TOKEN_COST * tokens + AREA_COST * area``."""
-        return [sum(_work(c.length, c.area(causal)) for c in rank) for rank in self.chunks]
+        """Each rank's work, ``tokens + area_cost * area``."""
+        return [sum(_work(c.length, c.area(causal), self.area_cost) for c in rank) for rank in self.chunks]
 
 
-def _work(tokens: int, area: int) -> float:
-    return TOKEN_COST * tokens + AREA_COST * area
+def _work(tokens: int, area: int, area_cost: float) -> float:
+    return TOKEN_COST * tokens + area_cost * area
 
 
 def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: float = 0.5,
-                split_tokens: int | None = None) -> ContextLayout:
+                split_tokens: int | None = None, area_cost: float = AREA_COST) -> ContextLayout:
     """The layout of a row of blocks ``block_lens`` (each >= 1 token) over ``world_size`` ranks.
 
     A block is cut in ``2 * world_size`` chunks when it has at least ``2 * world_size`` tokens and
     either its causal work exceeds ``split_fraction`` of one rank's share of the row's, or it has at
-    least ``split_tokens`` tokens. The result depends on nothing but the arguments.
+    least ``split_tokens`` tokens. ``area_cost``: a (query, key) pair's work relative to a token's
+    (about 1/(6·d) for a model of width d). The result depends on nothing but the arguments.
     """
     lens = tuple(int(n) for n in block_lens)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
@@ -116,11 +120,13 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         raise ValueError(f"block_lens is {list(lens)}; expected one or more blocks of >= 1 token")
     if not 0 < split_fraction:
         raise ValueError(f"split_fraction is {split_fraction!r}; expected > 0 (of one rank's share of the work)")
+    if isinstance(area_cost, bool) or not isinstance(area_cost, (int, float)) or not 0 <= area_cost < math.inf:
+        raise ValueError(f"area_cost is {area_cost!r}; expected a finite number >= 0 (a (query, key) pair's work relative to a token's, about 1/(6·d) for a model of width d)")
     if split_tokens is not None and split_tokens < 1:
         raise ValueError(f"split_tokens is {split_tokens!r}; expected None or an int >= 1")
     parts = 2 * world_size
     starts = [sum(lens[:i]) for i in range(len(lens))]
-    whole_work = [_work(n, n * (n + 1) // 2) for n in lens]
+    whole_work = [_work(n, n * (n + 1) // 2, area_cost) for n in lens]
     share = sum(whole_work) / world_size
     cut = [world_size > 1 and n >= parts and (w > split_fraction * share or (split_tokens is not None and n >= split_tokens))
            for n, w in zip(lens, whole_work)]
@@ -133,7 +139,7 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         for r in range(world_size):
             for i in (r, parts - 1 - r):
                 ranks[r].append(Chunk(b, edges[i], edges[i + 1], start, start + n, True))
-    load = [sum(_work(c.length, c.area()) for c in rank) for rank in ranks]
+    load = [sum(_work(c.length, c.area(), area_cost) for c in rank) for rank in ranks]
     # Whole blocks, the most work first, each to the rank with the least so far (the lowest rank on
     # a tie): deterministic, and within 1 block's work of the best balance.
     for b in sorted((b for b in range(len(lens)) if not cut[b]), key=lambda b: (-whole_work[b], b)):
@@ -143,4 +149,4 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
     for r in range(world_size):  # whole blocks in row order after the cut ones, for a readable row
         whole = sorted((c for c in ranks[r] if not c.split), key=lambda c: c.start)
         ranks[r] = [c for c in ranks[r] if c.split] + whole
-    return ContextLayout(world_size, lens, tuple(tuple(rank) for rank in ranks))
+    return ContextLayout(world_size, lens, tuple(tuple(rank) for rank in ranks), area_cost)

@@ -35,7 +35,7 @@ def reference_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
 def flash_on_cpu(weights):
     model = model_with("naive", weights)
     adapter = FlashVarlenAttention("cpu", kernel=("reference", reference_varlen), kernel_dtypes=(torch.float32,))
-    model._adapters[("packed", "cpu", False)] = adapter  # what model.adapter() resolves for concat batches
+    model._adapters[("packed", "cpu", False, False)] = adapter  # what model.adapter() resolves for concat batches
     return model
 
 

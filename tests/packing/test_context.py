@@ -54,6 +54,21 @@ def test_a_long_tailed_mix_keeps_short_documents_whole_and_balanced():
         assert [a for a, _ in held] == [0, *[b for _, b in held[:-1]]] and held[-1][1] == sum(lens)  # each token once
 
 
+@pytest.mark.parametrize("dim", [128, 1024, 4096])
+def test_the_layout_balances_by_the_cost_of_the_models_width(dim):
+    # A narrow model's attention weighs more against its per-token layers: area_cost = 1/(6·dim).
+    g = torch.Generator().manual_seed(0)
+    lens = []
+    while sum(lens) < 131_072:
+        lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, 131_072 - sum(lens)))
+    for world in (2, 4, 8):
+        layout = plan_layout(lens, world, area_cost=1 / (6 * dim))
+        by_hand = [sum(TOKEN_COST * c.length + c.area() / (6 * dim) for c in rank) for rank in layout.chunks]
+        assert layout.work() == pytest.approx(by_hand, rel=1e-12)
+        assert max(by_hand) / statistics.mean(by_hand) <= 1.05, (dim, world)
+    assert plan_layout(lens, 8, area_cost=1 / 768) != plan_layout(lens, 8)  # the width changes the plan
+
+
 def test_the_layout_is_a_pure_function_of_the_row_and_the_ranks():
     lens = [300, 5, 77, 1, 40, 2000, 9]
     assert plan_layout(lens, 4) == plan_layout(list(lens), 4)
@@ -91,6 +106,9 @@ def test_bad_inputs_are_refused_by_name():
     layout = plan_layout(batch_blocks(batch), 2)
     with pytest.raises(ValueError, match=r"world_size is 0; expected an int >= 1"):
         plan_layout([3], 0)
+    for bad in (-1.0, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match=rf"area_cost is {bad!r}; expected a finite number >= 0 .*1/\(6·d\)"):
+            plan_layout([3], 2, area_cost=bad)
     with pytest.raises(ValueError, match=r"block_lens is \[3, 0\]; expected one or more blocks of >= 1 token"):
         plan_layout([3, 0], 2)
     with pytest.raises(ValueError, match=r"context parallelism cuts one packed row; got a 'padded' batch"):

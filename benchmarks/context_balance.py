@@ -1,0 +1,93 @@
+"""How evenly a context-parallel layout spreads one packed row's work, by the layout's cost model.
+
+    python -m benchmarks.context_balance                  # the two rows below, N = 2, 4, 8
+    python -m benchmarks.context_balance --json out.json
+
+Two rows of 131,072 tokens: one document, and documents with log-normal lengths (mu 7.5, sigma
+1.4, seed 0) filling the row. For each N it prints each rank's work (a token 1, a visible (query,
+key) pair 1/(6·d) for ``--dim`` d; :mod:`packing.context.layout`) as max/mean, for a
+contiguous split of the row into N equal pieces and for :func:`~packing.context.plan_layout`, with
+how many documents the layout cut and the tokens whose keys it all-gathers. The same max/mean over
+attention alone (the causal area) shows the cost a contiguous split puts on the last rank. These are
+the cost model's numbers, not kernel times: the GPU's per-rank kernel times are the measurement
+that counts (a multi-GPU run).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import torch
+
+from benchmarks.harness import Parser
+from packing.context.layout import TOKEN_COST, plan_layout
+
+ROW = 131_072
+
+
+def lognormal_row(seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lens: list[int] = []
+    while sum(lens) < ROW:
+        lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, ROW - sum(lens)))
+    return lens
+
+
+def contiguous(lens: list[int], world: int, area_only: bool, area_cost: float) -> list[float]:
+    """Each rank's work when the row is cut into ``world`` equal contiguous pieces."""
+    edges = [r * sum(lens) // world for r in range(world + 1)]
+    work = [0.0] * world
+    start = 0
+    for n in lens:
+        for r in range(world):
+            a, b = max(start, edges[r]), min(start + n, edges[r + 1])
+            if a < b:
+                first, last = a - start + 1, b - start
+                area = (first + last) * (b - a) / 2
+                work[r] += area if area_only else TOKEN_COST * (b - a) + area_cost * area
+        start += n
+    return work
+
+
+def ratio(work: list[float]) -> float:
+    return max(work) / statistics.mean(work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m benchmarks.context_balance", description=__doc__.split("\n")[0])
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--dim", type=int, default=1024, help="model width d: a (query, key) pair costs 1/(6 d) of a token "
+                                                         "(default 1024)")
+    args = p.parse_args(argv)
+    if args.dim < 1:
+        p.error(f"--dim is {args.dim}; expected a model width >= 1")
+    area_cost = 1 / (6 * args.dim)
+    rows = {"one 131,072-token document": [ROW], "log-normal mix (mu 7.5, sigma 1.4)": lognormal_row()}
+    records = []
+    print(f"{'row':<36} {'N':>2} {'contiguous attn':>16} {'contiguous work':>16} {'layout attn':>12} "
+          f"{'layout work':>12} {'cut docs':>9} {'gathered tokens':>16}")
+    for name, lens in rows.items():
+        for world in (2, 4, 8):
+            layout = plan_layout(lens, world, area_cost=area_cost)
+            area = [sum(c.area() for c in rank) for rank in layout.chunks]
+            cut = {c.block for rank in layout.chunks for c in rank if c.split}
+            record = {"row": name, "docs": len(lens), "longest": max(lens), "world_size": world,
+                      "contiguous_attention_max_over_mean": ratio(contiguous(lens, world, True, area_cost)),
+                      "contiguous_work_max_over_mean": ratio(contiguous(lens, world, False, area_cost)),
+                      "layout_attention_max_over_mean": ratio(area), "layout_work_max_over_mean": ratio(layout.work()),
+                      "cut_documents": len(cut), "gathered_tokens": sum(layout.split_len(r) for r in range(world)),
+                      "dim": args.dim, "command": " ".join(["python -m benchmarks.context_balance", *(argv if argv is not None else sys.argv[1:])])}
+            records.append(record)
+            print(f"{name:<36} {world:>2} {record['contiguous_attention_max_over_mean']:>16.3f} "
+                  f"{record['contiguous_work_max_over_mean']:>16.3f} {record['layout_attention_max_over_mean']:>12.3f} "
+                  f"{record['layout_work_max_over_mean']:>12.3f} {len(cut):>9} {record['gathered_tokens']:>16,}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
