@@ -23,7 +23,7 @@ from torch import Tensor
 
 from packing.batch import Batch
 from packing.boundaries import block_rows, to_blocks
-from packing.context.shard import ContextShard
+from packing.context.shard import ContextShard, local_index
 
 
 class _AllGather(torch.autograd.Function):
@@ -50,34 +50,71 @@ class _AllGather(torch.autograd.Function):
         return total.chunk(world)[rank].clone(), None
 
 
+def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor:
+    """The key source of a shard: k (T_local, H_kv, Dk) and v (T_local, H_kv, Dv) -> (G + T_local,
+    H_kv, Dk + Dv), every rank's cut-block tokens all-gathered (G = world_size x gather_len, each
+    rank's part padded to gather_len), then this rank's own tokens. ``shard.key_index`` indexes it."""
+    local = torch.cat([k, v], dim=-1)  # one collective for both
+    world = shard.layout.world_size
+    if world > 1 and shard.gather_len:
+        own = shard.layout.split_len(shard.rank)
+        mine = F.pad(local[:own], (0, 0, 0, 0, 0, shard.gather_len - own))
+        return torch.cat([_AllGather.apply(mine, group), local])
+    return local
+
+
+def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor:
+    """What :func:`gather_keys` gives rank ``shard.rank``, made in one process from the whole row's
+    k (T, H_kv, Dk) and v (T, H_kv, Dv): for running every rank's attention on one device, one after
+    another (``python -m benchmarks.cp --simulate``), and for tests without a process group."""
+    layout, row = shard.layout, torch.cat([k_row, v_row], dim=-1)
+    if layout.world_size == 1 or not shard.gather_len:
+        return row.index_select(0, local_index(layout, shard.rank).to(row.device))
+    parts = []
+    for r in range(layout.world_size):
+        mine = row.index_select(0, local_index(layout, r)[: layout.split_len(r)].to(row.device))
+        parts.append(F.pad(mine, (0, 0, 0, 0, 0, shard.gather_len - mine.shape[0])))
+    parts.append(row.index_select(0, local_index(layout, shard.rank).to(row.device)))
+    return torch.cat(parts)
+
+
 def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Batch, *, causal: bool, group=None,
-                      scale: float | None = None) -> Tensor:
+                      scale: float | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of a shard's tokens: q (T_local, H, D), k and v (T_local, H_kv, D) with H a multiple
     of H_kv -> (T_local, H, D), the rows of the whole row's per-document attention at this rank's
     tokens. ``shard`` is the shard's ``batch.context`` (or the shard itself); ``group`` the
     context-parallel process group (the default group when None), whose size and rank must be the
-    layout's; ``scale`` the softmax scale (None: 1/sqrt(D))."""
-    if isinstance(shard, Batch):
-        if shard.context is None:
-            raise ValueError("context_attention needs a context-parallel shard (batch.context); this batch is a whole row")
-        shard = shard.context
+    layout's; ``scale`` the softmax scale (None: 1/sqrt(D)). ``return_lse``: also return each
+    query's log-sum-exp of its scaled logits, (T_local, H) float (computed explicitly: for checks)."""
+    shard = _context_of(shard)
     layout = shard.layout
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     if (world, rank) != (layout.world_size, shard.rank):
         raise ValueError(f"the shard is rank {shard.rank} of {layout.world_size}, and this process is rank {rank} of a "
                          f"context-parallel group of {world}: shard for this group")
-    local = torch.cat([k, v], dim=-1)  # one collective for both: (T_local, H_kv, 2D)
-    if world > 1 and shard.gather_len:
-        own = layout.split_len(rank)
-        mine = F.pad(local[:own], (0, 0, 0, 0, 0, shard.gather_len - own))
-        source = torch.cat([_AllGather.apply(mine, group), local])
-    else:
-        source = local
-    keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, 2D): each chunk's keys in order
-    k_row, v_row = keys.split([k.shape[-1], v.shape[-1]], dim=-1)
+    return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
+                         return_lse=return_lse)
 
-    chunks = layout.chunks[rank]
+
+def _context_of(shard: ContextShard | Batch) -> ContextShard:
+    if isinstance(shard, Batch):
+        if shard.context is None:
+            raise ValueError("context_attention needs a context-parallel shard (batch.context); this batch is a whole row")
+        return shard.context
+    return shard
+
+
+def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, causal: bool, key_dim: int,
+                  scale: float | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The local part of :func:`context_attention`: q (T_local, H, D) against ``source``, the key
+    source of :func:`gather_keys` or :func:`simulated_keys` (keys in its first ``key_dim`` features,
+    values in the rest). Each chunk's keys are picked by the shard's host-made index, and its queries
+    attend them bottom-right causal (or all of them)."""
+    shard = _context_of(shard)
+    keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
+    k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
+    chunks = shard.layout.chunks[shard.rank]
     q_lens = [c.length for c in chunks]
     k_lens = [(c.end if causal else c.block_end) - c.block_start for c in chunks]
     n, lq, lk = len(chunks), max(q_lens), max(k_lens)
@@ -94,6 +131,19 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
     if causal:
         allowed = allowed & (j <= i + (kn - qn))  # bottom-right: a chunk's last query sees its last key
     allowed = allowed | ((i >= qn) & (j == 0))  # a padding query row sees key 0: no empty softmax row
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None], scale=scale,
-                                         enable_gqa=kb.shape[1] != qb.shape[1])  # (C, H, Lq, D)
-    return out.transpose(1, 2).reshape(n * lq, *out.shape[1:2], out.shape[-1]).index_select(0, q_slot)
+    heads = q.shape[1]
+
+    def tokens(x: Tensor) -> Tensor:  # (C, H, Lq, X) -> (T_local, H, X)
+        return x.transpose(1, 2).reshape(n * lq, heads, x.shape[-1]).index_select(0, q_slot)
+
+    if not return_lse:
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None], scale=scale,
+                                             enable_gqa=kb.shape[1] != heads)  # (C, H, Lq, Dv)
+        return tokens(out)
+    group_size = heads // kb.shape[1]
+    kb, vb = kb.repeat_interleave(group_size, 1), vb.repeat_interleave(group_size, 1)
+    logits = (qb @ kb.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (C, H, Lq, Lk)
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, H, Lq, 1)
+    out = (logits - lse).exp() @ vb
+    return tokens(out), tokens(lse)[..., 0]

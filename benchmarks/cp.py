@@ -1,0 +1,325 @@
+"""Context parallelism, checked across ranks and simulated on one GPU.
+
+    torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check [--lengths FILE]
+    python -m benchmarks.cp --simulate N --device cuda [--lengths FILE] [--json PATH]
+
+``--check`` (under torchrun, gloo on a CPU, fp64): the context-parallel attention of N ranks against
+one process on the same row (outputs, log-sum-exp, dQ/dK/dV, causal and bidirectional), then a tiny
+toy GPT trained ``--steps`` steps at CP=N and, on every rank, at CP=1 on the same packs (the loss
+and every parameter's gradient at each step, the same SGD update on both). Its last line is::
+
+    cp=N exact: loss rel X, grads rel Y; balance max/mean Z; padding P%
+
+X and Y are the largest relative errors over the steps (gradients as one vector), Z the worst
+row's max/mean work per rank by the layout's cost model, and P the all-gather's padding (ranks whose
+cut-document tokens fall short of the largest pad to it) over the rows' tokens. It exits 1 when the
+attention is off by more than 1e-12 or the model by more than 1e-10.
+
+``--simulate N`` (one process): each rank's local attention, forward and backward, one rank after
+another on one device, from its shard of one row (its queries, and the keys and values the
+all-gather would give it); then the same row unsharded, by the same code (one rank). It prints each
+rank's time, max/mean, and the slowest rank's time x N over the unsharded row's (1.00 is perfect
+scaling of attention). No collective runs: the all-gather's time is the multi-GPU run's to measure.
+
+The rows: ``--lengths FILE`` holds document lengths, whitespace-separated positive ints. ``--check``
+packs them in order into rows of ``--tokens``; ``--simulate`` takes them all as one row. Without a
+file, ``--check`` uses one document spanning a row and a row of 1-token documents, documents shorter
+than 2N and lengths that divide nothing; ``--simulate`` a 131,072-token row of log-normal lengths
+(mu 7.5, sigma 1.4, seed 0).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.harness import Parser, environment, exit_after_distributed
+from packing import get_collator
+from packing.context import batch_blocks, plan_layout, shard, unshard
+from packing.context.attention import attend_chunks, context_attention, simulated_keys
+from packing.context.shard import local_index
+
+# One document spanning a row, then a row of 1-token documents, documents shorter than 2N and
+# lengths that divide nothing (256 tokens each).
+CHECK_LENGTHS = [256, 1, 3, 97, 1, 5, 61, 2, 7, 1, 13, 41, 11, 1, 12]
+ATTENTION_TOL, MODEL_TOL = 1e-12, 1e-10
+
+
+def read_lengths(path: str) -> list[int]:
+    """Document lengths from a text file: whitespace-separated positive ints, nothing else."""
+    try:
+        words = Path(path).read_text().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--lengths {path}: cannot read it as text ({e})") from None
+    lengths = []
+    for i, word in enumerate(words):
+        if not word.isdigit() or int(word) < 1:
+            raise ValueError(f"--lengths {path}: entry {i + 1} is {word[:20]!r}; expected document lengths as "
+                             "whitespace-separated positive ints")
+        lengths.append(int(word))
+    if not lengths:
+        raise ValueError(f"--lengths {path}: no lengths; expected document lengths as whitespace-separated positive ints")
+    return lengths
+
+
+def pack_rows(lengths: list[int], tokens: int) -> list[list[int]]:
+    """The lengths in order, a row closed when the next document does not fit in ``tokens``."""
+    rows: list[list[int]] = [[]]
+    for n in lengths:
+        if n > tokens:
+            raise ValueError(f"a document of {n} tokens is longer than a row (--tokens {tokens}); raise --tokens")
+        if sum(rows[-1]) + n > tokens:
+            rows.append([])
+        rows[-1].append(n)
+    return rows
+
+
+def document_attention(q, k, v, seq_lens, *, causal: bool, scale: float | None = None):
+    """The reference: each document's attention alone, softmax written out. q (T, H, D), k and v
+    (T, H_kv, D) -> out (T, H, D) and log-sum-exp (T, H)."""
+    group = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses, start = [], [], 0
+    for n in seq_lens:
+        qd, kd, vd = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
+        logits = qd @ kd.transpose(-1, -2) * scale
+        if causal:
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        lse = logits.logsumexp(-1, keepdim=True)
+        outs.append(((logits - lse).exp() @ vd).transpose(0, 1))
+        lses.append(lse[..., 0].transpose(0, 1))
+        start += n
+    return torch.cat(outs), torch.cat(lses)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
+
+
+def layout_stats(rows, world: int) -> tuple[float, float]:
+    """(worst max/mean work, all-gather padding over the rows' tokens) of the rows' layouts."""
+    balance, pad, tokens = 0.0, 0, 0
+    for lens in rows:
+        layout = plan_layout(lens, world)
+        work = layout.work()
+        balance = max(balance, max(work) / statistics.mean(work))
+        gather = max(layout.split_len(r) for r in range(world))
+        pad += sum(gather - layout.split_len(r) for r in range(world))
+        tokens += sum(lens)
+    return balance, 100 * pad / tokens
+
+
+def check_attention(batch, world: int, rank: int, causal: bool) -> dict[str, float]:
+    """The N ranks' attention of one row against :func:`document_attention`, fp64: each rank
+    computes its part and the gradients of a fixed cotangent, and the parts are unsharded."""
+    g = torch.Generator().manual_seed(1)
+    T, heads, kv_heads, dim = batch.num_slots, 4, 2, 8
+    q_row, k_row, v_row = (torch.randn(T, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    d_out, d_lse = torch.randn(T, heads, dim, generator=g, dtype=torch.float64), torch.randn(T, heads, generator=g, dtype=torch.float64)
+    layout = plan_layout(batch_blocks(batch), world)
+    part = shard(batch, layout, rank)
+    idx = local_index(layout, rank)
+    q, k, v = (t[idx].clone().requires_grad_() for t in (q_row, k_row, v_row))
+    out, lse = context_attention(q, k, v, part, causal=causal, return_lse=True)
+    ((out * d_out[idx]).sum() + (lse * d_lse[idx]).sum()).backward()
+    mine = [t.detach()[None] for t in (out, lse, q.grad, k.grad, v.grad)]
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    got = [unshard([p[i] for p in parts], layout)[0] for i in range(5)]
+
+    q_row, k_row, v_row = (t.clone().requires_grad_() for t in (q_row, k_row, v_row))
+    ref_out, ref_lse = document_attention(q_row, k_row, v_row, batch.seq_lens, causal=causal)
+    ((ref_out * d_out).sum() + (ref_lse * d_lse).sum()).backward()
+    ref = [ref_out.detach(), ref_lse.detach(), q_row.grad, k_row.grad, v_row.grad]
+    return {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+
+
+def check(args, parser: Parser) -> int:
+    from models import GPT, GPTConfig, lm_loss
+
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    lengths = read_lengths(args.lengths) if args.lengths else CHECK_LENGTHS
+    rows = pack_rows(lengths, args.tokens)
+    if any(sum(r) < world for r in rows):
+        raise ValueError(f"a row of {min(sum(r) for r in rows)} tokens cannot give each of {world} ranks a token; "
+                         "use longer rows or fewer ranks")
+    g = torch.Generator().manual_seed(0)
+    collate = get_collator("concat")
+    batches = [collate([torch.randint(0, 97, (n,), generator=g).tolist() for n in lens]) for lens in rows]
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{len(rows)} rows of up to {args.tokens} tokens, {len(lengths)} documents; N={world}, fp64 on cpu")
+
+    worst_attention = 0.0
+    for i, batch in enumerate(batches):
+        for causal in (True, False):
+            errors = check_attention(batch, world, rank, causal)
+            worst_attention = max(worst_attention, *errors.values())
+            say(f"attention ({'causal' if causal else 'bidirectional'}), row {i}: "
+                + ", ".join(f"{name} rel {e:.1e}" for name, e in errors.items()))
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, max_len=args.tokens, n_layers=2, dim=32, n_heads=4)
+    model = GPT(config, attn="auto", context_group=dist.group.WORLD).double()
+    whole = GPT(config, attn="sdpa_docs").double()  # the reference: each document's attention in the whole row
+    whole.load_state_dict(model.state_dict())
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, whole)]
+    loss_err = grad_err = 0.0
+    for step in range(args.steps):
+        batch = batches[step % len(batches)]
+        part = shard(batch, plan_layout(batch_blocks(batch), world), rank)
+        loss = lm_loss(model(part), part, normalizer=part.context.num_targets)  # this rank's share
+        loss.backward()
+        loss = loss.detach()
+        dist.all_reduce(loss)
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        ref = lm_loss(whole(batch), batch)
+        ref.backward()
+        got_g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        ref_g = torch.cat([p.grad.flatten() for p in whole.parameters()])
+        loss_err, grad_err = max(loss_err, rel(loss, ref.detach())), max(grad_err, rel(got_g, ref_g))
+        say(f"step {step}: loss {ref.item():.6f}, rel {rel(loss, ref.detach()):.1e}; grads rel {rel(got_g, ref_g):.1e}")
+        for opt in sgd:
+            opt.step()
+            opt.zero_grad()
+    balance, padding = layout_stats(rows, world)
+    say(f"cp={world} exact: loss rel {loss_err:.1e}, grads rel {grad_err:.1e}; balance max/mean {balance:.3f}; "
+        f"padding {padding:.2f}%")
+    exact = worst_attention <= ATTENTION_TOL and loss_err <= MODEL_TOL and grad_err <= MODEL_TOL
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if exact else 1
+
+
+def lognormal_row(tokens: int = 131_072, seed: int = 0) -> list[int]:
+    """Document lengths log-normal (mu 7.5, sigma 1.4) filling ``tokens``, the last one cut to fit."""
+    g = torch.Generator().manual_seed(seed)
+    lens: list[int] = []
+    while sum(lens) < tokens:
+        lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, tokens - sum(lens)))
+    return lens
+
+
+def _time(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` calls, after two untimed ones."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def simulate(args, parser: Parser) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is visible; use --device cpu")
+    world = args.simulate
+    lens = read_lengths(args.lengths) if args.lengths else lognormal_row()
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    batch = get_collator("concat")([[0] * n for n in lens])
+    T = batch.num_slots
+    g = torch.Generator().manual_seed(0)
+    q_row, k_row, v_row = (torch.randn(T, h, args.head_dim, generator=g).to(device, dtype)
+                           for h in (args.heads, args.kv_heads, args.kv_heads))
+    d_out = torch.randn(T, args.heads, args.head_dim, generator=g).to(device, dtype)
+
+    def step_of(layout, rank):
+        part = shard(batch, layout, rank).to(device)
+        idx = local_index(layout, rank).to(device)
+        q = q_row[idx].detach().requires_grad_()
+        source = simulated_keys(k_row, v_row, part.context).detach().requires_grad_()
+        grad = d_out[idx]
+
+        def step():
+            out = attend_chunks(q, source, part, causal=True, key_dim=args.head_dim)
+            out.backward(grad)
+            q.grad = source.grad = None
+
+        return step, part.num_slots
+
+    whole_ms = _time(step_of(plan_layout(batch_blocks(batch), 1), 0)[0], device, args.repeats)
+    layout = plan_layout(batch_blocks(batch), world)
+    ranks = []
+    for r in range(world):
+        step, tokens = step_of(layout, r)
+        ranks.append((_time(step, device, args.repeats), tokens))
+    times = [ms for ms, _ in ranks]
+    record = {**environment(device), "world_size": world, "tokens": T, "docs": len(lens), "longest": max(lens),
+              "dtype": args.dtype or str(dtype).removeprefix("torch."), "heads": args.heads, "kv_heads": args.kv_heads,
+              "head_dim": args.head_dim, "kernel": "masked sdpa per chunk", "whole_row_ms": whole_ms,
+              "rank_ms": times, "rank_tokens": [t for _, t in ranks], "max_over_mean": max(times) / statistics.mean(times),
+              "slowest_x_n_over_whole": max(times) * world / whole_ms,
+              "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
+              "command": parser.command(args.argv)}
+    print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {record['dtype']}, "
+          f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}")
+    for r, (ms, tokens) in enumerate(ranks):
+        print(f"rank {r}: {tokens:,} tokens, {ms:.3f} ms")
+    print(f"whole row: {whole_ms:.3f} ms")
+    print(f"cp={world} simulated: max/mean {record['max_over_mean']:.3f}; slowest x N / whole row "
+          f"{record['slowest_x_n_over_whole']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m benchmarks.cp", description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="under torchrun: N ranks against one process, fp64")
+    mode.add_argument("--simulate", type=int, metavar="N", help="each of N ranks' attention, one after another")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--lengths", metavar="FILE", help="document lengths, whitespace-separated positive ints")
+    p.add_argument("--tokens", type=int, default=256, help="--check: tokens a row (default 256)")
+    p.add_argument("--steps", type=int, default=3, help="--check: training steps (default 3)")
+    p.add_argument("--heads", type=int, default=16, help="--simulate: query heads (default 16)")
+    p.add_argument("--kv-heads", type=int, default=16, help="--simulate: key/value heads (default 16)")
+    p.add_argument("--head-dim", type=int, default=128, help="--simulate: head dimension (default 128)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="--simulate: default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--repeats", type=int, default=10, help="--simulate: timed calls a rank (default 10)")
+    p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")
+    args = p.parse_args(argv)
+    args.argv = argv
+    for name in ("tokens", "steps", "heads", "kv_heads", "head_dim", "repeats") + (("simulate",) if args.simulate is not None else ()):
+        value = getattr(args, name)
+        if value < 1:
+            p.error(f"--{name.replace('_', '-')} is {value}; expected an int >= 1")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    try:
+        if args.check:
+            if args.device != "cpu":
+                p.error("--check runs on gloo with --device cpu (fp64); time GPUs with --simulate")
+            if "WORLD_SIZE" not in __import__("os").environ:
+                p.error("--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check")
+            exit_after_distributed(check(args, p))
+        return simulate(args, p)
+    except ValueError as e:
+        return p.fail(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cp import main, pack_rows, read_lengths
+
+ROOT = Path(__file__).resolve().parents[2]
+LAST = re.compile(r"cp=(\d+) exact: loss rel (\S+), grads rel (\S+); balance max/mean (\S+); padding (\S+)%")
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_check_under_torchrun_is_exact_at_every_world_size(world, tmp_path):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("5 1 64\n3 29 1 1 17\n")  # two rows of 70 and 51 tokens: a cut document in each
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
+           "benchmarks.cp", "--device", "cpu", "--check", "--lengths", str(lengths), "--tokens", "70", "--steps", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == f"2 rows of up to 70 tokens, 8 documents; N={world}, fp64 on cpu"
+    assert len([line for line in lines if line.startswith("attention (")]) == 4
+    match = LAST.fullmatch(lines[-1])
+    assert match, lines[-1]
+    assert int(match[1]) == world and float(match[2]) <= 1e-10 and float(match[3]) <= 1e-10
+    assert 1.0 <= float(match[4]) < 2.0 and 0.0 <= float(match[5]) < 10.0
+
+
+def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
+    lengths, out = tmp_path / "l.txt", tmp_path / "s.json"
+    lengths.write_text("\n".join(["300", "7", "1", "120", "33"]))
+    assert main(["--simulate", "3", "--lengths", str(lengths), "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["world_size"] == 3 and record["tokens"] == 461 and sum(record["rank_tokens"]) == 461
+    assert len(record["rank_ms"]) == 3 and record["whole_row_ms"] > 0 and record["max_over_mean"] >= 1.0
+    assert record["device"] == "cpu" and record["torch"] and record["command"].startswith("python -m benchmarks.cp --simulate 3")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("cp=3 simulated: max/mean ")
+
+
+def test_lengths_are_read_as_positive_ints_only(tmp_path):
+    f = tmp_path / "l.txt"
+    f.write_text("3 4\n5\n")
+    assert read_lengths(str(f)) == [3, 4, 5]
+    assert pack_rows([3, 4, 5, 2], 8) == [[3, 4], [5, 2]]
+    for text, message in [("3 x 5", r"entry 2 is 'x'"), ("3 0", r"entry 2 is '0'"), ("3 -1", r"entry 2 is '-1'"),
+                          ("", r"no lengths")]:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_lengths(str(f))
+    f.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"cannot read it as text"):
+        read_lengths(str(f))
+    with pytest.raises(ValueError, match=r"a document of 9 tokens is longer than a row \(--tokens 8\); raise --tokens"):
+        pack_rows([3, 9], 8)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--simulate", "0"], "--simulate is 0; expected an int >= 1"),
+    (["--simulate", "2", "--heads", "6", "--kv-heads", "4"], "--heads 6 is not a multiple of --kv-heads 4"),
+    (["--check"], "--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check"),
+    (["--check", "--device", "cuda"], "--check runs on gloo with --device cpu (fp64); time GPUs with --simulate"),
+    (["--simulate", "2", "--lengths", "/nonexistent/l.txt"], "--lengths /nonexistent/l.txt: cannot read it as text"),
+])
+def test_a_user_error_is_one_line_and_exit_2(args, message):
+    run = subprocess.run([sys.executable, "-m", "benchmarks.cp", *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(f"python -m benchmarks.cp: error: {message}")

@@ -1,0 +1,102 @@
+"""Context-parallel attention against each document alone in fp64, every rank simulated in one
+process (the keys each rank's all-gather would give it), with the leakage probe and its negative
+controls. The collective itself runs under torchrun in tests/benchmarks/test_cp.py."""
+
+import pytest
+import torch
+
+from benchmarks.cp import document_attention
+from packing import get_collator
+from packing.context import batch_blocks, plan_layout, shard, unshard
+from packing.context.attention import attend_chunks, simulated_keys
+from packing.context.shard import local_index
+
+# 1-token documents, documents shorter than 2N, lengths that divide nothing, one document spanning a row.
+ROWS = {"mixed": [1, 3, 97, 1, 5, 61, 2, 7, 1, 13, 41, 11, 1, 12], "one document": [211], "tiny": [1, 1, 2, 1, 3, 9]}
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def row_of(lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = get_collator("concat")([torch.randint(0, 50, (n,), generator=g).tolist() for n in lens])
+    q, k, v = (torch.randn(batch.num_slots, h, DIM, generator=g, dtype=torch.float64) for h in (HEADS, KV_HEADS, KV_HEADS))
+    return batch, q, k, v
+
+
+def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None):
+    """Every rank's (out, lse), simulated and unsharded: (T, H, D) and (T, H)."""
+    layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens)
+    outs, lses = [], []
+    for r in range(world):
+        part = shard(batch, layout, r)
+        source = simulated_keys(k, v, part.context)
+        if broken == "no gather":  # the cut documents' keys from other ranks never arrive
+            source = torch.cat([torch.zeros_like(source[: source.shape[0] - part.num_slots]),
+                                source[source.shape[0] - part.num_slots:]])
+        out, lse = attend_chunks(q[local_index(layout, r)], source, part, causal=causal, key_dim=DIM, return_lse=True)
+        outs.append(out[None])
+        lses.append(lse[None])
+    return unshard(outs, layout)[0], unshard(lses, layout)[0]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("row", sorted(ROWS))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_every_rank_gives_each_documents_own_attention_and_gradients(world, row, causal):
+    batch, q, k, v = row_of(ROWS[row])
+    if (row, world) == ("tiny", 8):  # 6 documents, none of 2N tokens: two ranks would hold nothing
+        with pytest.raises(ValueError, match=r"rank 6 holds no tokens of this row \(17 tokens over 8 ranks\); use fewer"):
+            sharded(batch, q, k, v, world, causal, split_tokens=4)
+        return
+    g = torch.Generator().manual_seed(1)
+    d_out, d_lse = torch.randn(q.shape, generator=g, dtype=torch.float64), torch.randn(q.shape[:2], generator=g, dtype=torch.float64)
+    got_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    # split_tokens=4: every document of 2N tokens or more is cut, so the cut path meets every length here.
+    out, lse = sharded(batch, *got_leaves, world, causal, split_tokens=4)
+    ref_out, ref_lse = document_attention(*ref_leaves, batch.seq_lens, causal=causal)
+    ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+    ((ref_out * d_out).sum() + (ref_lse * d_lse).sum()).backward()
+    assert rel(out, ref_out) <= 1e-12 and rel(lse, ref_lse) <= 1e-12
+    for name, a, b in zip("qkv", got_leaves, ref_leaves):
+        assert rel(a.grad, b.grad) <= 1e-12, f"d{name}"
+    assert any(c.split for rank in plan_layout(batch_blocks(batch), world, split_tokens=4).chunks for c in rank) or max(ROWS[row]) < 2 * world
+
+
+def test_without_the_gather_the_cut_documents_are_wrong():
+    # The negative control of the all-gather: a chunk that sees only its own rank's keys is far off.
+    batch, q, k, v = row_of(ROWS["one document"])
+    out, _ = sharded(batch, q, k, v, 4, True, broken="no gather")
+    ref, _ = document_attention(q, k, v, batch.seq_lens, causal=True)
+    assert rel(out, ref) > 1e-2
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_changing_one_token_changes_only_its_own_document(world):
+    # The leakage probe: a new key and value at one position of document k leave every output outside
+    # document k unchanged, bitwise. Its negative control: the same probe on the same tokens collated as
+    # one document (the boundaries switched off) sees the change leak.
+    lens = ROWS["mixed"]
+    batch, q, k, v = row_of(lens)
+    starts = torch.tensor([0, *lens]).cumsum(0).tolist()
+    doc = 5  # 61 tokens, cut across the ranks
+    pos = starts[doc] + 17
+    k2, v2 = k.clone(), v.clone()
+    k2[pos] += 1.0
+    v2[pos] -= 1.0
+    outside = torch.ones(batch.num_slots, dtype=torch.bool)
+    outside[starts[doc]:starts[doc + 1]] = False
+    for causal in (True, False):
+        before, _ = sharded(batch, q, k, v, world, causal, split_tokens=4)
+        after, _ = sharded(batch, q, k2, v2, world, causal, split_tokens=4)
+        assert torch.equal(before[outside], after[outside])
+        assert not torch.equal(before[~outside], after[~outside])
+
+        whole = get_collator("concat")([sum((list(range(n)) for n in lens), [])])  # one document: no boundaries
+        before, _ = sharded(whole, q, k, v, world, causal, split_tokens=4)
+        after, _ = sharded(whole, q, k2, v2, world, causal, split_tokens=4)
+        assert not torch.equal(before[outside], after[outside])
