@@ -17,7 +17,9 @@ attention is off by more than 1e-12 or the model by more than 1e-10.
 
 ``--simulate N`` (one process): each rank's local attention, forward and backward, one rank after
 another on one device, from its shard of one row (its queries, and the keys and values the
-all-gather would give it); then the same row unsharded, by the same code (one rank). It prints each
+all-gather would give it); then the same row unsharded, by the same code and kernel (one rank). On
+CUDA the kernel is the first varlen kernel that takes the chunks' own boundaries and passes its
+check (``--kernel`` names one, or ``masked`` for SDPA with a mask per chunk). It prints each
 rank's time, max/mean, and the slowest rank's time x N over the unsharded row's (1.00 is perfect
 scaling of attention). No collective runs: the all-gather's time is the multi-GPU run's to measure.
 
@@ -43,6 +45,8 @@ from packing import get_collator
 from packing.context import batch_blocks, plan_layout, shard, unshard
 from packing.context.attention import attend_chunks, context_attention, simulated_keys
 from packing.context.shard import local_index
+from packing.context.varlen import chunk_kernel
+from packing.kernels import chunk_varlen_kernels
 
 # One document spanning a row, then a row of 1-token documents, documents shorter than 2N and
 # lengths that divide nothing (256 tokens each).
@@ -245,6 +249,14 @@ def simulate(args, parser: Parser) -> int:
     q_row, k_row, v_row = (torch.randn(T, h, args.head_dim, generator=g).to(device, dtype)
                            for h in (args.heads, args.kv_heads, args.kv_heads))
     d_out = torch.randn(T, args.heads, args.head_dim, generator=g).to(device, dtype)
+    kernel_name, kernel = "sdpa with a mask per chunk", None
+    if args.kernel != "masked":
+        found = chunk_kernel(device, dtype, args.head_dim, None if args.kernel == "auto" else (args.kernel,))
+        if found is None and args.kernel != "auto":
+            raise ValueError(f"--kernel {args.kernel} does not load here; loaded: {sorted(chunk_varlen_kernels())} "
+                             "(or --kernel masked)")
+        if found is not None:
+            kernel_name, kernel = found
 
     def step_of(layout, rank):
         part = shard(batch, layout, rank).to(device)
@@ -254,7 +266,7 @@ def simulate(args, parser: Parser) -> int:
         grad = d_out[idx]
 
         def step():
-            out = attend_chunks(q, source, part, causal=True, key_dim=args.head_dim)
+            out = attend_chunks(q, source, part, causal=True, key_dim=args.head_dim, kernel=kernel)
             out.backward(grad)
             q.grad = source.grad = None
 
@@ -269,13 +281,13 @@ def simulate(args, parser: Parser) -> int:
     times = [ms for ms, _ in ranks]
     record = {**environment(device), "world_size": world, "tokens": T, "docs": len(lens), "longest": max(lens),
               "dtype": args.dtype or str(dtype).removeprefix("torch."), "heads": args.heads, "kv_heads": args.kv_heads,
-              "head_dim": args.head_dim, "kernel": "masked sdpa per chunk", "whole_row_ms": whole_ms,
+              "head_dim": args.head_dim, "kernel": kernel_name, "whole_row_ms": whole_ms,
               "rank_ms": times, "rank_tokens": [t for _, t in ranks], "max_over_mean": max(times) / statistics.mean(times),
               "slowest_x_n_over_whole": max(times) * world / whole_ms,
               "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
               "command": parser.command(args.argv)}
     print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {record['dtype']}, "
-          f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}")
+          f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
     for r, (ms, tokens) in enumerate(ranks):
         print(f"rank {r}: {tokens:,} tokens, {ms:.3f} ms")
     print(f"whole row: {whole_ms:.3f} ms")
@@ -299,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=16, help="--simulate: key/value heads (default 16)")
     p.add_argument("--head-dim", type=int, default=128, help="--simulate: head dimension (default 128)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="--simulate: default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--kernel", default="auto", help="--simulate: a varlen kernel taking the chunks' own boundaries "
+                   "(flash-attn-3, flash-attn-2, torch.varlen_attn), auto (the first that loads, checked; the masked "
+                   "path if none), or masked (SDPA with a mask per chunk)")
     p.add_argument("--repeats", type=int, default=10, help="--simulate: timed calls a rank (default 10)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")
     args = p.parse_args(argv)

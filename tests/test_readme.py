@@ -120,31 +120,51 @@ TESTED_BY = {
     "trainer = trl.SFTTrainer(": "test_readme_trl_example_trains_on_packed_rows",
     "collate = ContextCollator(packed.collator, world_size=cp_size, rank=cp_rank)":
         "test_context_parallel_example_runs_under_torchrun_as_one_process",
+    "from models import GPT, GPTConfig, lm_loss\nfrom packing import get_collator\nfrom packing.context import ContextCollator":
+        "test_context_parallel_toy_gpt_example_prints_what_the_guide_says",
 }
 
 
-def test_context_parallel_example_runs_under_torchrun_as_one_process(tmp_path):
-    # The distributed guide's context-parallel block, run as written on 2 gloo ranks: the loss it
-    # prints is the model's loss on the whole row in one process.
+def _guide_block_under_torchrun(tmp_path, marker):
+    """The distributed guide's python block holding ``marker``, run as written on 2 gloo ranks from
+    the repository root: (the block, its stdout, the text block the guide says it prints)."""
     import os
     import subprocess
     import sys
 
-    pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
     text = (DOCS / "guides" / "distributed.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "ContextCollator(packed.collator" in b)
+    block, printed = next((b, p) for b, p in re.findall(r"```python\n(.*?)```\n\nprints\n\n```text\n(.*?)```", text, re.S)
+                          if marker in b)
     script = tmp_path / "example.py"
     script.write_text(block)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                          capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return block, proc.stdout, printed
+
+
+def test_context_parallel_example_runs_under_torchrun_as_one_process(tmp_path):
+    # The guide's transformers block: the loss it prints is the one the guide pins, and the model's
+    # loss on the whole row in one process.
+    pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+    block, out, printed = _guide_block_under_torchrun(tmp_path, "ContextCollator(packed.collator")
+    assert out.strip() == printed.strip()
     one = block.split("packed = pack(model)")[0].replace('dist.init_process_group("gloo")', "").replace(
         "cp_group, cp_size, cp_rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()", "")
     namespace: dict = {}
     exec(compile(one + "from packing.interop.hf import pack\nloss = model(**pack(model)(samples)).loss\n", "one", "exec"),
          namespace)
-    assert proc.stdout.strip().splitlines()[-1] == f"loss {namespace['loss'].item():.4f}"
+    assert out.strip().splitlines()[-1] == f"loss {namespace['loss'].item():.4f}"
+
+
+def test_context_parallel_toy_gpt_example_prints_what_the_guide_says(tmp_path):
+    # The guide's toy GPT block: 2 ranks' loss and the whole row's, printed as the guide pins them.
+    _, out, printed = _guide_block_under_torchrun(tmp_path, "from models import GPT, GPTConfig, lm_loss")
+    assert out.strip() == printed.strip()
+    *_, cp, whole = re.fullmatch(r"ranks hold \[(\d+), (\d+)\] tokens\nloss on 2 ranks (\S+), whole row (\S+)",
+                                 out.strip()).groups()
+    assert cp == whole
 
 
 def test_every_python_block_in_the_readme_and_the_guides_is_run_by_a_test():

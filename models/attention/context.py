@@ -15,11 +15,14 @@ from torch import Tensor
 from models.attention.base import AttentionAdapter
 from packing.batch import Batch
 from packing.context.attention import context_attention
+from packing.context.varlen import chunk_kernel
 
 
 class ContextAttention(AttentionAdapter):
     """Each local chunk attends to its whole document prefix, keys and values all-gathered across
-    ``group``, the context-parallel ranks (the default process group when None).
+    ``group``, the context-parallel ranks (the default process group when None). On CUDA the chunks
+    run in the first varlen kernel that takes their own query and key boundaries and passes its
+    check (:mod:`packing.context.varlen`); elsewhere, or where none loads, SDPA with a mask per chunk.
 
     Example:
         >>> import torch
@@ -41,6 +44,19 @@ class ContextAttention(AttentionAdapter):
     def __init__(self, device: torch.device | str, group: Any = None) -> None:
         super().__init__(device)
         self.group = group  # the context-parallel process group; None: the default group
+        self.kernel_name: str | None = None  # the varlen kernel of the last call; None: masked SDPA
+        self._kernels: dict[tuple, Any] = {}
+
+    @property
+    def backend(self) -> str:
+        return f"all-gathered keys, {self.kernel_name or 'sdpa with a mask per chunk'}"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
-        return context_attention(q, k, v, batch, causal=causal, group=self.group)
+        kernel = None
+        if q.is_cuda:  # a varlen kernel that takes the chunks' own boundaries, checked at first use
+            key = (q.device, q.dtype, q.shape[-1])
+            if key not in self._kernels:
+                self._kernels[key] = chunk_kernel(q.device, q.dtype, q.shape[-1])
+            found = self._kernels[key]
+            self.kernel_name, kernel = found if found is not None else (None, None)
+        return context_attention(q, k, v, batch, causal=causal, group=self.group, kernel=kernel)

@@ -24,6 +24,7 @@ from torch import Tensor
 from packing.batch import Batch
 from packing.boundaries import block_rows, to_blocks
 from packing.context.shard import ContextShard, local_index
+from packing.kernels import ChunkVarlen
 
 
 class _AllGather(torch.autograd.Function):
@@ -79,13 +80,15 @@ def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor:
 
 
 def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Batch, *, causal: bool, group=None,
-                      scale: float | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      scale: float | None = None, return_lse: bool = False,
+                      kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of a shard's tokens: q (T_local, H, D), k and v (T_local, H_kv, D) with H a multiple
     of H_kv -> (T_local, H, D), the rows of the whole row's per-document attention at this rank's
     tokens. ``shard`` is the shard's ``batch.context`` (or the shard itself); ``group`` the
     context-parallel process group (the default group when None), whose size and rank must be the
     layout's; ``scale`` the softmax scale (None: 1/sqrt(D)). ``return_lse``: also return each
-    query's log-sum-exp of its scaled logits, (T_local, H) float (computed explicitly: for checks)."""
+    query's log-sum-exp of its scaled logits, (T_local, H) float (computed explicitly: for checks).
+    ``kernel``: see :func:`attend_chunks`."""
     shard = _context_of(shard)
     layout = shard.layout
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -94,7 +97,7 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
         raise ValueError(f"the shard is rank {shard.rank} of {layout.world_size}, and this process is rank {rank} of a "
                          f"context-parallel group of {world}: shard for this group")
     return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
-                         return_lse=return_lse)
+                         return_lse=return_lse, kernel=kernel)
 
 
 def _context_of(shard: ContextShard | Batch) -> ContextShard:
@@ -106,14 +109,24 @@ def _context_of(shard: ContextShard | Batch) -> ContextShard:
 
 
 def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, causal: bool, key_dim: int,
-                  scale: float | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                  scale: float | None = None, return_lse: bool = False,
+                  kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The local part of :func:`context_attention`: q (T_local, H, D) against ``source``, the key
     source of :func:`gather_keys` or :func:`simulated_keys` (keys in its first ``key_dim`` features,
     values in the rest). Each chunk's keys are picked by the shard's host-made index, and its queries
-    attend them bottom-right causal (or all of them)."""
+    attend them bottom-right causal (or all of them).
+
+    ``kernel``: a varlen kernel taking the chunks' query and key boundaries apart
+    (:func:`packing.context.varlen.chunk_kernel` gives a checked one); None: SDPA over the chunks
+    gathered into a (chunks, H, longest query, longest key) block with a mask, on any device."""
     shard = _context_of(shard)
     keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
     k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
+    if kernel is not None:
+        if return_lse:
+            raise ValueError("return_lse is computed on the masked path only (kernel=None)")
+        return kernel(q, k_row.contiguous(), v_row.contiguous(), shard.cu_seqlens_q, shard.cu_seqlens_k[causal],
+                      shard.max_seqlen_q, shard.max_seqlen_k[causal], causal, scale=scale)
     chunks = shard.layout.chunks[shard.rank]
     q_lens = [c.length for c in chunks]
     k_lens = [(c.end if causal else c.block_end) - c.block_start for c in chunks]

@@ -61,6 +61,9 @@ class ContextShard:
             bidirectional, its whole block.
         cu_seqlens_k: per causality, (C + 1,) int32 cumulative key lengths of the chunks.
         max_seqlen_k: per causality, the longest chunk's keys (host int).
+        cu_seqlens_q: (C + 1,) int32 cumulative query lengths of the chunks (the shard's own
+            ``cu_seqlens``), for a varlen kernel.
+        max_seqlen_q: the longest chunk (host int).
     """
 
     layout: ContextLayout
@@ -71,12 +74,15 @@ class ContextShard:
     key_index: dict[bool, Tensor]
     cu_seqlens_k: dict[bool, Tensor]
     max_seqlen_k: dict[bool, int]
+    cu_seqlens_q: Tensor
+    max_seqlen_q: int
 
     def map(self, fn) -> ContextShard:
         """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
         return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets, self.gather_len,
                             {c: fn(t) for c, t in self.key_index.items()},
-                            {c: fn(t) for c, t in self.cu_seqlens_k.items()}, dict(self.max_seqlen_k))
+                            {c: fn(t) for c, t in self.cu_seqlens_k.items()}, dict(self.max_seqlen_k),
+                            fn(self.cu_seqlens_q), self.max_seqlen_q)
 
     def positions(self) -> Tensor:
         """(local tokens,) int64: the whole row's positions at this rank's tokens."""
@@ -125,8 +131,9 @@ def shard(batch: Batch, layout: ContextLayout, rank: int) -> Batch:
         raise ValueError(f"rank {rank} holds no tokens of this row ({layout.num_slots} tokens over "
                          f"{layout.world_size} ranks); use fewer context-parallel ranks for rows this short")
     gather_len = max(layout.split_len(r) for r in range(layout.world_size))
+    lengths = [c.length for c in chunks]
     context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, gather_len,
-                           *_keys(layout, rank, gather_len))
+                           *_keys(layout, rank, gather_len), cumulative_lengths(lengths), max(lengths))
     take = lambda t: t[:, index]  # noqa: E731  (1, T) -> (1, local)
     return Batch(layout="packed", input_ids=take(batch.input_ids), labels=take(batch.labels),
                  position_ids=take(batch.position_ids), seq_lens=tuple(c.length for c in chunks),

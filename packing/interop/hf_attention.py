@@ -275,7 +275,7 @@ def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, v
     # (T, H, D) and (T, H_kv, D): grouped-query attention goes to the kernel as it is, k and v unrepeated
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if kwargs.get("packing_context") is not None:
-        out, kernel = _context(q, k, v, kwargs["packing_context"], kwargs.get("packing_context_group"), layer)
+        out, kernel = _context(q, k, v, kwargs["packing_context"], kwargs.get("packing_context_group"), layer, name)
     elif not q.is_cuda:
         out, kernel = _masked(q, k, v, cu, max_len, layer), _cpu_kernel(layer)
     else:
@@ -326,10 +326,15 @@ def _resolved(name: str) -> KernelSet:
     return kernels
 
 
-def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: LayerOptions) -> tuple[Tensor, str]:
+def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: LayerOptions,
+             name: str) -> tuple[Tensor, str]:
     """A context-parallel shard's layer (:func:`packing.context.context_attention`): each local
-    chunk against its document's prefix, keys and values all-gathered across ``group``."""
+    chunk against its document's prefix, keys and values all-gathered across ``group``. On CUDA the
+    chunks run in the first of the model's kernels that takes their own query and key boundaries
+    (:func:`packing.kernels.chunk_varlen_kernels`), checked at first use; with the default kernels
+    and none of those loading, SDPA with a mask per chunk."""
     from packing.context.attention import context_attention
+    from packing.context.varlen import chunk_kernel
 
     asked = {"sliding_window": layer.window, "softcap": layer.softcap, "sinks": layer.sinks}
     refused = [name for name, value in asked.items() if value is not None]
@@ -338,8 +343,17 @@ def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: Lay
                          "asks for it; train this model without context parallelism (one rank per row)")
     if v.dtype != q.dtype:  # rotary embeddings leave q and k in fp32 under autocast while v is half
         q, k = q.to(v.dtype), k.to(v.dtype)
-    return context_attention(q, k, v, shard, causal=layer.causal, group=group, scale=layer.scale), \
-        "context parallel: keys all-gathered, sdpa per chunk"
+    found = None
+    if q.is_cuda:
+        names = _resolved(name).names
+        found = chunk_kernel(q.device, q.dtype, q.shape[-1], names)
+        if found is None and name != NAME:  # the model's own kernel list: never swapped for another path
+            raise ValueError(f"this model's kernels {list(names)} have no context-parallel form here; a shard's chunks "
+                             "need a kernel that takes their query and key boundaries apart: add 'flash-attn-3', "
+                             "'flash-attn-2' or 'torch.varlen_attn' to pack(model, kernels=...)")
+    out = context_attention(q, k, v, shard, causal=layer.causal, group=group, scale=layer.scale,
+                            kernel=None if found is None else found[1])
+    return out, f"context parallel: keys all-gathered, {'sdpa per chunk' if found is None else found[0]}"
 
 
 def _cpu_kernel(layer: LayerOptions) -> str:

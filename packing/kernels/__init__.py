@@ -29,8 +29,8 @@ from torch import Tensor
 from packing.kernels.common import (VARLEN_HEAD_DIM_MULTIPLE, VARLEN_MAX_HEAD_DIM, VARLEN_MIN_HEAD_DIM,
                                     check_version, flash_window, gpu_loads)
 
-__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "flash_window", "gpu_loads", "head_dim_check", "takes_head_dim",
-           "varlen_kernels", "varlen_options"]
+__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "chunk_varlen_kernels", "flash_window", "gpu_loads", "head_dim_check",
+           "takes_head_dim", "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
 
@@ -64,6 +64,66 @@ def varlen_kernels() -> dict[str, Varlen]:
         if run is not None:
             found[name] = run
     return found
+
+
+# fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, *, scale=None) -> out
+ChunkVarlen = Callable[..., Tensor]
+
+
+def chunk_varlen_kernels() -> dict[str, ChunkVarlen]:
+    """The varlen kernels that take the keys' boundaries apart from the queries', best first:
+    ``flash-attn-3``, ``flash-attn-2``, ``torch.varlen_attn``. Sequence i's queries
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` attend its keys ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``;
+    causal is aligned bottom-right (query i of Lq sees keys j <= i + Lk - Lq), flash-attn's convention
+    since 2.1 and that of torch's port. A context-parallel shard runs its chunks this way; its
+    attention checks a kernel against the written-out softmax at first use
+    (:mod:`packing.context.varlen`). FA4's custom op takes one set of boundaries and is not here."""
+    found = {}
+    for name, find in (("flash-attn-3", _fa3_chunks), ("flash-attn-2", _fa2_chunks), ("torch.varlen_attn", _torch_chunks)):
+        run = find()
+        if run is not None:
+            found[name] = run
+    return found
+
+
+def _fa3_chunks() -> ChunkVarlen | None:
+    from packing.kernels.flash3 import bound_chunk_varlen, fa3_available
+
+    return bound_chunk_varlen() if fa3_available() else None
+
+
+def _fa2_chunks() -> ChunkVarlen | None:
+    try:
+        import flash_attn
+
+        fa2 = flash_attn.flash_attn_varlen_func
+    except (ImportError, AttributeError):
+        return None
+
+    def run_fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None):
+        return fa2(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                   causal=causal, softmax_scale=scale)
+
+    return run_fa2
+
+
+def _torch_chunks() -> ChunkVarlen | None:
+    if not torch.cuda.is_available():  # torch's varlen kernel is CUDA's
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" not in params or "enable_gqa" not in params:  # torch < 2.11
+        return None
+
+    def run_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None):
+        scaled = {} if scale is None else {"scale": scale}
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0) if causal else (-1, -1),
+                           enable_gqa=k.shape[1] != q.shape[1], **scaled)
+
+    return run_torch
 
 
 def varlen_options(name: str) -> frozenset[str]:

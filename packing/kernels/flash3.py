@@ -130,3 +130,15 @@ def bound_varlen():
                                                 window_size=flash_window(window, causal), softcap=softcap or 0.0)
 
     return run
+
+
+def bound_chunk_varlen():
+    """FA3 with the keys' boundaries apart from the queries' (:func:`packing.kernels.chunk_varlen_kernels`),
+    its checked interface looked up now, once."""
+    interface = _interface()
+
+    def run(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool, *,
+            scale: float | None = None) -> Tensor:
+        return interface.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
+
+    return run

@@ -67,6 +67,7 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--check"], "--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check"),
     (["--check", "--device", "cuda"], "--check runs on gloo with --device cpu (fp64); time GPUs with --simulate"),
     (["--simulate", "2", "--lengths", "/nonexistent/l.txt"], "--lengths /nonexistent/l.txt: cannot read it as text"),
+    (["--simulate", "2", "--kernel", "no-such-kernel"], "--kernel no-such-kernel does not load here; loaded: "),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
     run = subprocess.run([sys.executable, "-m", "benchmarks.cp", *args], capture_output=True, text=True, cwd=ROOT,

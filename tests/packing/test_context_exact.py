@@ -100,3 +100,48 @@ def test_changing_one_token_changes_only_its_own_document(world):
         before, _ = sharded(whole, q, k, v, world, causal, split_tokens=4)
         after, _ = sharded(whole, q, k2, v2, world, causal, split_tokens=4)
         assert not torch.equal(before[outside], after[outside])
+
+
+def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, keys_from_queries=False, top_left=False):
+    """A varlen kernel written out: sequence i's queries against its keys, causal aligned bottom-right
+    (or, to be refused, top-left; or reading the queries' boundaries for the keys)."""
+    cu_k = cu_q if keys_from_queries else cu_k
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qi = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ki, vi = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0) for t in (k, v))
+        lq, lk = qi.shape[1], ki.shape[1]
+        mask = None
+        if causal:
+            mask = torch.ones(lq, lk, dtype=torch.bool).tril(0 if top_left else lk - lq)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows(world):
+    batch, q, k, v = row_of(ROWS["mixed"])
+    layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
+    for causal in (True, False):
+        ref, _ = document_attention(q, k, v, batch.seq_lens, causal=causal)
+        outs = []
+        for r in range(world):
+            part = shard(batch, layout, r)
+            outs.append(attend_chunks(q[local_index(layout, r)], simulated_keys(k, v, part.context), part, causal=causal,
+                                      key_dim=DIM, kernel=bottom_right)[None])
+        assert rel(unshard(outs, layout)[0], ref) <= 1e-12
+
+
+def test_a_kernel_is_checked_before_first_use_and_a_wrong_one_refused():
+    from functools import partial
+
+    from packing.context.varlen import check_kernel
+
+    cpu = torch.device("cpu")
+    assert check_kernel("written out", bottom_right, cpu, torch.float32, 16) <= 1e-5
+    for name, wrong in (("top-left", partial(bottom_right, top_left=True)),
+                        ("one set of boundaries", partial(bottom_right, keys_from_queries=True))):
+        with pytest.raises(ValueError, match=rf"the varlen kernel '{name}' is not exact for a context-parallel chunk on cpu "
+                                             r"in float32 at head dim 16: relative error .* against fp64, where SDPA in the "
+                                             r"same dtype is off by .*aligned bottom-right"):
+            check_kernel(name, wrong, cpu, torch.float32, 16)

@@ -1,0 +1,97 @@
+"""The varlen kernel a context-parallel shard runs its chunks with, checked before first use.
+
+A shard's chunk is part of a document: its queries attend the document's keys up to the chunk's
+end, so the kernel takes the keys' boundaries apart from the queries' and must align causal masks
+bottom-right (query i of a chunk of Lq queries sees keys j <= i + Lk - Lq). Every kernel of
+:func:`packing.kernels.chunk_varlen_kernels` is documented to; a build that aligns top-left, or
+reads one set of boundaries for both, would train silently wrong. So before a kernel's first use
+on a device, dtype and head dimension, :func:`chunk_kernel` runs it on a small shard (a document
+cut across two ranks, grouped-query heads), forward and backward, against the softmax written out
+in fp64, and refuses it when its error is more than 4x the error of SDPA in the same dtype, with a
+floor of 1e-5. Verdicts are cached for the process.
+
+Examples:
+    A kernel that aligns the causal mask top-left is refused (any kernel callable can be checked):
+
+    >>> import torch
+    >>> def top_left(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None):
+    ...     outs = []
+    ...     for i in range(len(cu_q) - 1):
+    ...         qi, ki, vi = (t[a:b].transpose(0, 1) for t, a, b in ((q, cu_q[i], cu_q[i + 1]),
+    ...                       (k, cu_k[i], cu_k[i + 1]), (v, cu_k[i], cu_k[i + 1])))
+    ...         ki, vi = (x.repeat_interleave(qi.shape[0] // x.shape[0], 0) for x in (ki, vi))
+    ...         mask = torch.ones(qi.shape[1], ki.shape[1], dtype=torch.bool).tril()
+    ...         outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(0, 1))
+    ...     return torch.cat(outs)
+    >>> check_kernel("top-left", top_left, torch.device("cpu"), torch.float32, 16)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the varlen kernel 'top-left' is not exact for a context-parallel chunk ...
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from packing.kernels import ChunkVarlen, chunk_varlen_kernels
+
+_verdicts: dict[tuple, float] = {}  # (kernel, device type, dtype, head_dim) -> the measured error, once passed
+TOLERANCE_FACTOR, FLOOR = 4.0, 1e-5
+
+
+def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int,
+                 names: tuple[str, ...] | None = None) -> tuple[str, ChunkVarlen] | None:
+    """The first kernel of :func:`~packing.kernels.chunk_varlen_kernels` (of ``names`` only, in
+    that order, when given) that loads and passes :func:`check_kernel` here; None when none loads.
+    A kernel that loads and fails its check raises: it is never skipped silently."""
+    found = chunk_varlen_kernels()
+    for name in names if names is not None else tuple(found):
+        if name in found:
+            check_kernel(name, found[name], device, dtype, head_dim)
+            return name, found[name]
+    return None
+
+
+def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: torch.dtype, head_dim: int) -> float:
+    """Run ``kernel`` on a small shard against the softmax written out in fp64, forward and backward;
+    return its relative error, or raise ``ValueError`` naming the kernel and both errors."""
+    key = (name, device.type, dtype, head_dim)
+    if key in _verdicts:
+        return _verdicts[key]
+    from packing import get_collator
+    from packing.context.attention import attend_chunks, simulated_keys
+    from packing.context.layout import plan_layout
+    from packing.context.shard import batch_blocks, local_index, shard
+
+    g = torch.Generator().manual_seed(0)
+    batch = get_collator("concat")([[0] * n for n in (37, 5, 1, 23)])
+    layout = plan_layout(batch_blocks(batch), 2, split_tokens=8)  # 37 and 23 cut head-and-tail across 2 ranks
+    q_row, k_row, v_row = (torch.randn(batch.num_slots, h, head_dim, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    d_out = torch.randn(batch.num_slots, 4, head_dim, generator=g, dtype=torch.float64)
+    worst = {"kernel": 0.0, "sdpa": 0.0}
+    for causal in (True, False):
+        for r in range(2):
+            part = shard(batch, layout, r).to(device)
+            idx = local_index(layout, r)
+            runs = {}
+            for how, run_dtype, use in (("reference", torch.float64, None), ("sdpa", dtype, None), ("kernel", dtype, kernel)):
+                q = q_row[idx].to(device, run_dtype).requires_grad_()
+                source = simulated_keys(k_row.to(device, run_dtype), v_row.to(device, run_dtype), part.context).requires_grad_()
+                if how == "reference":  # the softmax written out
+                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, return_lse=True)[0]
+                else:
+                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, kernel=use)
+                out.backward(d_out[idx].to(device, run_dtype))
+                runs[how] = [t.double().cpu() for t in (out.detach(), q.grad, source.grad)]
+            for how in ("sdpa", "kernel"):
+                for got, ref in zip(runs[how], runs["reference"]):
+                    worst[how] = max(worst[how], ((got - ref).norm() / ref.norm()).item())
+    if not worst["kernel"] <= max(TOLERANCE_FACTOR * worst["sdpa"], FLOOR):
+        raise ValueError(f"the varlen kernel {name!r} is not exact for a context-parallel chunk on {device.type} in "
+                         f"{str(dtype).removeprefix('torch.')} at head dim {head_dim}: relative error "
+                         f"{worst['kernel']:.2e} against fp64, where SDPA in the same dtype is off by {worst['sdpa']:.2e} "
+                         "(a chunk's causal mask must be aligned bottom-right, its keys' boundaries read apart from "
+                         "its queries'); use another kernel or the masked path (kernel=None)")
+    _verdicts[key] = worst["kernel"]
+    return worst["kernel"]
