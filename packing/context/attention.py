@@ -8,7 +8,9 @@ the start to the chunk's end, bottom-right aligned (query i of a chunk of Lq see
 i + Lk - Lq); bidirectional, the whole block. Nothing is merged across ranks, so there is no
 partial softmax to combine and the result is the one the whole row gives. The backward of the
 all-gather sums each rank's key and value gradients back to their owner (a reduce-scatter on NCCL;
-on gloo, which has none, an all-reduce and a slice).
+on gloo, which has none, an all-reduce and a slice). A shard made with ``regather=True`` keeps only
+its own q, k and v for the backward, which gathers the keys and values again and recomputes the
+attention's forward: the gathered keys' memory in every layer, for one more forward.
 
 This path attends the chunks gathered into a (chunks, H, longest, D) block with a mask, on any
 device: exact, with memory chunks x longest query x longest key.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import Tensor
 
 from packing.batch import Batch
@@ -96,8 +99,15 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
     if (world, rank) != (layout.world_size, shard.rank):
         raise ValueError(f"the shard is rank {shard.rank} of {layout.world_size}, and this process is rank {rank} of a "
                          f"context-parallel group of {world}: shard for this group")
-    return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
-                         return_lse=return_lse, kernel=kernel)
+    def gather_and_attend(q: Tensor, k: Tensor, v: Tensor):
+        return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
+                             return_lse=return_lse, kernel=kernel)
+
+    if shard.regather and torch.is_grad_enabled():
+        # Nothing but q, k and v is kept: the backward runs the gather (a collective, in the same
+        # order on every rank, as the backward is) and the attention's forward again.
+        return checkpoint(gather_and_attend, q, k, v, use_reentrant=False, preserve_rng_state=False)
+    return gather_and_attend(q, k, v)
 
 
 def _context_of(shard: ContextShard | Batch) -> ContextShard:

@@ -64,6 +64,9 @@ class ContextShard:
         cu_seqlens_q: (C + 1,) int32 cumulative query lengths of the chunks (the shard's own
             ``cu_seqlens``), for a varlen kernel.
         max_seqlen_q: the longest chunk (host int).
+        regather: whether the attention's backward all-gathers the keys and values again instead
+            of keeping them from the forward (its forward is recomputed): the memory of the gathered
+            keys, every layer, against one more forward of the attention.
     """
 
     layout: ContextLayout
@@ -76,13 +79,14 @@ class ContextShard:
     max_seqlen_k: dict[bool, int]
     cu_seqlens_q: Tensor
     max_seqlen_q: int
+    regather: bool = False
 
     def map(self, fn) -> ContextShard:
         """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
         return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets, self.gather_len,
                             {c: fn(t) for c, t in self.key_index.items()},
                             {c: fn(t) for c, t in self.cu_seqlens_k.items()}, dict(self.max_seqlen_k),
-                            fn(self.cu_seqlens_q), self.max_seqlen_q)
+                            fn(self.cu_seqlens_q), self.max_seqlen_q, self.regather)
 
     def positions(self) -> Tensor:
         """(local tokens,) int64: the whole row's positions at this rank's tokens."""
@@ -104,9 +108,13 @@ def local_index(layout: ContextLayout, rank: int) -> Tensor:
     return torch.cat([torch.arange(c.start, c.end) for c in chunks]) if chunks else torch.zeros(0, dtype=torch.int64)
 
 
-def shard(batch: Batch, layout: ContextLayout, rank: int) -> Batch:
+def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = False) -> Batch:
     """Rank ``rank``'s part of the packed ``batch`` (one row), by ``layout`` (from
-    :func:`~packing.context.layout.plan_layout` on :func:`batch_blocks` of the same batch)."""
+    :func:`~packing.context.layout.plan_layout` on :func:`batch_blocks` of the same batch).
+    ``regather``: the attention's backward gathers the keys again rather than keeping them
+    (:class:`ContextShard`)."""
+    if not isinstance(regather, bool):
+        raise TypeError(f"regather is {regather!r}; expected True or False")
     if batch.layout != "packed":
         raise ValueError(f"context parallelism cuts one packed row; got a {batch.layout!r} batch: use a packed collator "
                          "(concat) before the context-parallel step")
@@ -133,7 +141,7 @@ def shard(batch: Batch, layout: ContextLayout, rank: int) -> Batch:
     gather_len = max(layout.split_len(r) for r in range(layout.world_size))
     lengths = [c.length for c in chunks]
     context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, gather_len,
-                           *_keys(layout, rank, gather_len), cumulative_lengths(lengths), max(lengths))
+                           *_keys(layout, rank, gather_len), cumulative_lengths(lengths), max(lengths), regather)
     take = lambda t: t[:, index]  # noqa: E731  (1, T) -> (1, local)
     return Batch(layout="packed", input_ids=take(batch.input_ids), labels=take(batch.labels),
                  position_ids=take(batch.position_ids), seq_lens=tuple(c.length for c in chunks),

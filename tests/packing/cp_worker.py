@@ -2,8 +2,11 @@
 GPT, each row cut across the context-parallel ranks, rows accumulated. With DATA=1 every rank is a
 context-parallel rank and the gradients are summed by hand; with DATA=2 the ranks form a (data,
 context) mesh, each data rank takes every other row, and DDP over all ranks averages the gradients.
+With WRAP=fsdp (DATA=2) FSDP2 shards the parameters over all ranks, the context ranks folded into
+its mesh as torchtitan does, and its reduce-scatter averages the gradients over every rank.
 Rank 0 saves the gradients, the loss and its rows' unsharded logits.
-Usage: cp_worker.py OUT_FILE CAUSAL(0|1) DATA"""
+With REGATHER=1 the shards' attention gathers the keys again in the backward (shard(regather=True)).
+Usage: cp_worker.py OUT_FILE CAUSAL(0|1) DATA [WRAP: ddp|fsdp] [REGATHER: 0|1]"""
 
 import os
 import sys
@@ -31,7 +34,7 @@ def rows():
     return [collate([torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist() for n in lens]) for lens in ROWS]
 
 
-def main(out: str, causal: bool, data: int) -> None:
+def main(out: str, causal: bool, data: int, wrap: str = "ddp", regather: bool = False) -> None:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (data, world // data), mesh_dim_names=("data", "context"))
@@ -39,17 +42,28 @@ def main(out: str, causal: bool, data: int) -> None:
     rank, cp_world = mesh.get_local_rank("context"), world // data
     torch.manual_seed(0)
     model = GPT(CONFIG, attn="auto", context_group=context)
-    step_model = DDP(model) if data > 1 else model
+    if data > 1 and wrap == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        everyone = init_device_mesh("cpu", (world,))  # data x context flattened: every rank holds a shard
+        for block in model.blocks:
+            fully_shard(block, mesh=everyone)
+        step_model = fully_shard(model, mesh=everyone)
+    else:
+        step_model = DDP(model) if data > 1 else model
     batches = rows()[data_rank::data]
     layouts = [plan_layout(batch_blocks(b), cp_world, split_tokens=SPLIT_TOKENS) for b in batches]
-    parts = [shard(b, layout, rank) for b, layout in zip(batches, layouts)]
+    parts = [shard(b, layout, rank, regather=regather) for b, layout in zip(batches, layouts)]
     # The global count: every data rank's rows (each context rank of a data rank holds the same count).
     total = torch.tensor(sum(p.context.num_targets for p in parts))
     dist.all_reduce(total, group=mesh.get_group("data"))
     scale = world if data > 1 else 1  # DDP averages over every rank; the loss wants the sum
     loss, logits = torch.zeros(()), []
     for i, part in enumerate(parts):
-        sync = nullcontext() if data == 1 or i == len(parts) - 1 else step_model.no_sync()
+        last = i == len(parts) - 1
+        if wrap == "fsdp":
+            step_model.set_requires_gradient_sync(last)  # accumulate unsharded, reduce-scatter once
+        sync = nullcontext() if data == 1 or last or wrap == "fsdp" else step_model.no_sync()
         with sync:
             out_logits = step_model(part, causal=causal)
             step = lm_loss(out_logits, part, normalizer=total)
@@ -63,9 +77,11 @@ def main(out: str, causal: bool, data: int) -> None:
     gathered = [[None] * cp_world for _ in parts]
     for i, mine in enumerate(logits):
         dist.all_gather_object(gathered[i], mine, group=context)
+    # FSDP2's gradients are shards (DTensors): every rank joins in gathering them whole.
+    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()}
     if dist.get_rank() == 0:
         whole = [unshard(g, layout) for g, layout in zip(gathered, layouts)]
-        torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "loss": loss, "logits": whole,
+        torch.save({"grads": grads, "loss": loss, "logits": whole,
                     "rows": list(range(len(ROWS)))[data_rank::data],
                     "cut": [any(c.split for c in layout.chunks[0]) for layout in layouts]}, out)
     dist.barrier()
@@ -73,6 +89,6 @@ def main(out: str, causal: bool, data: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), *sys.argv[4:5], *[a == "1" for a in sys.argv[5:6]])
     sys.stdout.flush()
     os._exit(0)  # skip interpreter finalisation, where gloo threads can abort the process

@@ -101,6 +101,33 @@ def test_one_rank_attends_as_the_whole_row():
         assert rel(context_attention(q, k, v, part, causal=causal), ref) <= TOL
 
 
+def test_regather_keeps_less_for_the_backward_and_gives_the_same_gradients():
+    # Bytes saved for the backward, counted by autograd's saved-tensor hooks: with regather only the
+    # attention's own q, k and v are kept (and the backward recomputes the rest), bitwise the same.
+    g = torch.Generator().manual_seed(0)
+    batch = get_collator("concat")([torch.randint(0, 50, (n,), generator=g).tolist() for n in (40, 3, 17)])
+    q, k, v = (torch.randn(batch.num_slots, h, 8, generator=g) for h in (4, 2, 2))
+    results = {}
+    for regather in (False, True):
+        part = shard(batch, plan_layout(batch_blocks(batch), 1), 0, regather=regather)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        saved = []
+
+        def keep(t):
+            saved.append(t.untyped_storage().nbytes() if t.layout == torch.strided else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = context_attention(*leaves, part, causal=True)
+        out.square().sum().backward()
+        results[regather] = (sum(saved), out.detach(), [t.grad for t in leaves])
+    assert results[True][0] < results[False][0] / 2
+    assert torch.equal(results[True][1], results[False][1])
+    assert all(torch.equal(a, b) for a, b in zip(results[True][2], results[False][2]))
+    with pytest.raises(TypeError, match=r"regather is 1; expected True or False"):
+        shard(batch, plan_layout(batch_blocks(batch), 1), 0, regather=1)
+
+
 def test_bad_inputs_are_refused_by_name():
     batch = get_collator("concat")([[1, 2, 3], [4, 5]])
     layout = plan_layout(batch_blocks(batch), 2)
@@ -144,19 +171,21 @@ def torchrun(*args, nproc):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
 
 
-@pytest.mark.parametrize("world, causal, data", [(2, True, 1), (3, True, 1), (2, False, 1), (4, True, 2)],
-                         ids=["2-causal", "3-causal", "2-bidirectional", "data-2-x-context-2"])
-def test_ranks_train_as_one_process(tmp_path, world, causal, data):
+@pytest.mark.parametrize("world, causal, data, wrap, regather", [
+    (2, True, 1, "ddp", False), (3, True, 1, "ddp", False), (2, False, 1, "ddp", False), (3, True, 1, "ddp", True),
+    (4, True, 2, "ddp", False), (4, True, 2, "fsdp", False)],
+    ids=["2-causal", "3-causal", "2-bidirectional", "3-causal-regather", "data-2-x-context-2", "fsdp2-data-2-x-context-2"])
+def test_ranks_train_as_one_process(tmp_path, world, causal, data, wrap, regather):
     # Each row cut across the context ranks (a long document head-and-tail, short ones whole, a
     # padding tail), rows accumulated under one global count, and with data=2 a (data, context)
-    # mesh under DDP: the gradients, the loss and the unsharded logits equal one process running
+    # mesh under DDP or FSDP2: the gradients, the loss and the unsharded logits equal one process running
     # each row whole, with exact per-document attention.
     sys.path.insert(0, str(Path(__file__).parent))
     import cp_worker
 
     out = tmp_path / "cp.pt"
-    proc = torchrun(str(Path(__file__).parent / "cp_worker.py"), str(out), "1" if causal else "0", str(data),
-                    nproc=world)
+    proc = torchrun(str(Path(__file__).parent / "cp_worker.py"), str(out), "1" if causal else "0", str(data), wrap,
+                    "1" if regather else "0", nproc=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert any(got["cut"])  # a document was cut across the ranks
