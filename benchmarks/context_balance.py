@@ -7,7 +7,8 @@ Two rows of 131,072 tokens: one document, and documents with log-normal lengths 
 1.4, seed 0) filling the row. For each N it prints each rank's work (a token 1, a visible (query,
 key) pair 1/(6·d) for ``--dim`` d; :mod:`packing.context.layout`) as max/mean, for a
 contiguous split of the row into N equal pieces and for :func:`~packing.context.plan_layout`, with
-how many documents the layout cut and the tokens whose keys it all-gathers. The same max/mean over
+how many documents the layout cut, the tokens whose keys it all-gathers, and the all-gather's
+padding (ranks whose cut-document tokens fall short of the largest pad to it) over the row's tokens. The same max/mean over
 attention alone (the causal area) shows the cost a contiguous split puts on the last rank. These are
 the cost model's numbers, not kernel times: the GPU's per-rank kernel times are the measurement
 that counts (a multi-GPU run).
@@ -67,22 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"one 131,072-token document": [ROW], "log-normal mix (mu 7.5, sigma 1.4)": lognormal_row()}
     records = []
     print(f"{'row':<36} {'N':>2} {'contiguous attn':>16} {'contiguous work':>16} {'layout attn':>12} "
-          f"{'layout work':>12} {'cut docs':>9} {'gathered tokens':>16}")
+          f"{'layout work':>12} {'cut docs':>9} {'gathered tokens':>16} {'padding':>8}")
     for name, lens in rows.items():
         for world in (2, 4, 8):
             layout = plan_layout(lens, world, area_cost=area_cost)
             area = [sum(c.area() for c in rank) for rank in layout.chunks]
             cut = {c.block for rank in layout.chunks for c in rank if c.split}
-            record = {"row": name, "docs": len(lens), "longest": max(lens), "world_size": world,
+            record = {"row": name, "tokens": sum(lens), "docs": len(lens), "longest": max(lens), "world_size": world,
                       "contiguous_attention_max_over_mean": ratio(contiguous(lens, world, True, area_cost)),
                       "contiguous_work_max_over_mean": ratio(contiguous(lens, world, False, area_cost)),
                       "layout_attention_max_over_mean": ratio(area), "layout_work_max_over_mean": ratio(layout.work()),
                       "cut_documents": len(cut), "gathered_tokens": sum(layout.split_len(r) for r in range(world)),
+                      "gather_padding_tokens": sum(max(layout.split_len(q) for q in range(world)) - layout.split_len(r)
+                                                   for r in range(world)),
                       "dim": args.dim, "command": " ".join(["python -m benchmarks.context_balance", *(argv if argv is not None else sys.argv[1:])])}
             records.append(record)
             print(f"{name:<36} {world:>2} {record['contiguous_attention_max_over_mean']:>16.3f} "
                   f"{record['contiguous_work_max_over_mean']:>16.3f} {record['layout_attention_max_over_mean']:>12.3f} "
-                  f"{record['layout_work_max_over_mean']:>12.3f} {len(cut):>9} {record['gathered_tokens']:>16,}")
+                  f"{record['layout_work_max_over_mean']:>12.3f} {len(cut):>9} {record['gathered_tokens']:>16,} "
+                  f"{100 * record['gather_padding_tokens'] / sum(lens):>7.3f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

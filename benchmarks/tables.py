@@ -213,12 +213,14 @@ def context_balance() -> str:
     lines = [f"`{_short(records[0]['command'])}` (the cost model, d = {records[0]['dim']}: no GPU); record in "
              f"`{folder.relative_to(ROOT)}/`:", "",
              "| row of 131,072 tokens | N | contiguous: attention max/mean | contiguous: work max/mean | layout: attention "
-             "max/mean | layout: work max/mean | documents cut | tokens all-gathered |", "|---|---|---|---|---|---|---|---|"]
+             "max/mean | layout: work max/mean | documents cut | tokens all-gathered | all-gather padding |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['row']} ({r['docs']} documents, longest {r['longest']:,}) | {r['world_size']} | "
                      f"{r['contiguous_attention_max_over_mean']:.3f} | {r['contiguous_work_max_over_mean']:.3f} | "
                      f"{r['layout_attention_max_over_mean']:.3f} | {r['layout_work_max_over_mean']:.3f} | "
-                     f"{r['cut_documents']} | {r['gathered_tokens']:,} |")
+                     f"{r['cut_documents']} | {r['gathered_tokens']:,} | "
+                     f"{100 * r['gather_padding_tokens'] / r['tokens']:.3f}% |")
     return "\n".join(lines)
 
 
