@@ -82,6 +82,10 @@ def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor:
     return torch.cat(parts)
 
 
+# Outside torch.compile: a shard's chunks are host ints (the layout), and traced they would be
+# guards, one compilation per row. Run eagerly, the attention is a graph break in each layer, and
+# the layers around it see only the shard's token count, which turns dynamic after one recompile.
+@torch.compiler.disable
 def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Batch, *, causal: bool, group=None,
                       scale: float | None = None, return_lse: bool = False,
                       kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:

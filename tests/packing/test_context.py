@@ -128,6 +128,31 @@ def test_regather_keeps_less_for_the_backward_and_gives_the_same_gradients():
         shard(batch, plan_layout(batch_blocks(batch), 1), 0, regather=1)
 
 
+def test_a_compiled_model_compiles_shards_of_new_rows_no_more_after_the_second():
+    # The attention runs eagerly (its chunks are host ints); the layers around it see the shard's
+    # token count, which turns dynamic at the second row: no compilation after that, same losses.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from packing.context import ContextCollator
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, max_len=256, n_layers=2, dim=32, n_heads=4))
+    compiled = torch.compile(model, backend="aot_eager")
+    collate = ContextCollator(get_collator("concat"), world_size=1, rank=0)
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for lens in ([50, 3, 9], [70, 1], [20, 20, 20, 5], [33], [100, 2, 2, 2, 2]):
+        part = collate([torch.randint(0, 97, (n,), generator=g).tolist() for n in lens])
+        loss = lm_loss(compiled(part), part, normalizer=part.context.num_targets)
+        eager = lm_loss(model(part), part, normalizer=part.context.num_targets)
+        assert rel(loss.detach(), eager.detach()) <= TOL
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[-1], graphs
+
+
 def test_bad_inputs_are_refused_by_name():
     batch = get_collator("concat")([[1, 2, 3], [4, 5]])
     layout = plan_layout(batch_blocks(batch), 2)
