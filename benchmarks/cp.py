@@ -83,9 +83,11 @@ def pack_rows(lengths: list[int], tokens: int) -> list[list[int]]:
     return rows
 
 
-def document_attention(q, k, v, seq_lens, *, causal: bool, scale: float | None = None):
+def document_attention(q, k, v, seq_lens, *, causal: bool, scale: float | None = None, window: int | None = None,
+                       softcap: float | None = None):
     """The reference: each document's attention alone, softmax written out. q (T, H, D), k and v
-    (T, H_kv, D) -> out (T, H, D) and log-sum-exp (T, H)."""
+    (T, H_kv, D) -> out (T, H, D) and log-sum-exp (T, H). ``window``: a query sees its ``window``
+    latest keys (itself included); ``softcap``: logits capped as softcap * tanh(logits / softcap)."""
     group = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses, start = [], [], 0
@@ -93,8 +95,12 @@ def document_attention(q, k, v, seq_lens, *, causal: bool, scale: float | None =
         qd, kd, vd = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
         logits = qd @ kd.transpose(-1, -2) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         if causal:
             logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        if window is not None:
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-window), float("-inf"))
         lse = logits.logsumexp(-1, keepdim=True)
         outs.append(((logits - lse).exp() @ vd).transpose(0, 1))
         lses.append(lse[..., 0].transpose(0, 1))

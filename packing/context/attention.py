@@ -87,15 +87,15 @@ def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor:
 # the layers around it see only the shard's token count, which turns dynamic after one recompile.
 @torch.compiler.disable
 def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Batch, *, causal: bool, group=None,
-                      scale: float | None = None, return_lse: bool = False,
-                      kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                      scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                      return_lse: bool = False, kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of a shard's tokens: q (T_local, H, D), k and v (T_local, H_kv, D) with H a multiple
     of H_kv -> (T_local, H, D), the rows of the whole row's per-document attention at this rank's
     tokens. ``shard`` is the shard's ``batch.context`` (or the shard itself); ``group`` the
     context-parallel process group (the default group when None), whose size and rank must be the
     layout's; ``scale`` the softmax scale (None: 1/sqrt(D)). ``return_lse``: also return each
     query's log-sum-exp of its scaled logits, (T_local, H) float (computed explicitly: for checks).
-    ``kernel``: see :func:`attend_chunks`."""
+    ``window``, ``softcap`` and ``kernel``: see :func:`attend_chunks`."""
     shard = _context_of(shard)
     layout = shard.layout
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -105,7 +105,7 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
                          f"context-parallel group of {world}: shard for this group")
     def gather_and_attend(q: Tensor, k: Tensor, v: Tensor):
         return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
-                             return_lse=return_lse, kernel=kernel)
+                             window=window, softcap=softcap, return_lse=return_lse, kernel=kernel)
 
     if shard.regather and torch.is_grad_enabled():
         # Nothing but q, k and v is kept: the backward runs the gather (a collective, in the same
@@ -123,24 +123,35 @@ def _context_of(shard: ContextShard | Batch) -> ContextShard:
 
 
 def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, causal: bool, key_dim: int,
-                  scale: float | None = None, return_lse: bool = False,
-                  kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                  scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                  return_lse: bool = False, kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The local part of :func:`context_attention`: q (T_local, H, D) against ``source``, the key
     source of :func:`gather_keys` or :func:`simulated_keys` (keys in its first ``key_dim`` features,
     values in the rest). Each chunk's keys are picked by the shard's host-made index, and its queries
     attend them bottom-right causal (or all of them).
 
+    ``window``: causal only, a query sees the ``window`` latest keys of its document, itself
+    included (transformers' ``sliding_window``). ``softcap``: logits capped as
+    ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
+
     ``kernel``: a varlen kernel taking the chunks' query and key boundaries apart
     (:func:`packing.context.varlen.chunk_kernel` gives a checked one); None: SDPA over the chunks
-    gathered into a (chunks, H, longest query, longest key) block with a mask, on any device."""
+    gathered into a (chunks, H, longest query, longest key) block with a mask, on any device (the
+    softmax written out where there is a softcap)."""
     shard = _context_of(shard)
+    if window is not None and (not causal or isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window is {window!r} with causal={causal}; a sliding window is a positive int of keys, "
+                         "and causal")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap is {softcap!r}; expected a positive number or None")
     keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
     k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
     if kernel is not None:
         if return_lse:
             raise ValueError("return_lse is computed on the masked path only (kernel=None)")
+        options = {name: value for name, value in (("window", window), ("softcap", softcap)) if value is not None}
         return kernel(q, k_row.contiguous(), v_row.contiguous(), shard.cu_seqlens_q, shard.cu_seqlens_k[causal],
-                      shard.max_seqlen_q, shard.max_seqlen_k[causal], causal, scale=scale)
+                      shard.max_seqlen_q, shard.max_seqlen_k[causal], causal, scale=scale, **options)
     chunks = shard.layout.chunks[shard.rank]
     q_lens = [c.length for c in chunks]
     k_lens = [(c.end if causal else c.block_end) - c.block_start for c in chunks]
@@ -157,20 +168,24 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
     allowed = j < kn
     if causal:
         allowed = allowed & (j <= i + (kn - qn))  # bottom-right: a chunk's last query sees its last key
+    if window is not None:  # query i sits at key slot i + kn - qn of its document's keys
+        allowed = allowed & (i + (kn - qn) - j < window)
     allowed = allowed | ((i >= qn) & (j == 0))  # a padding query row sees key 0: no empty softmax row
     heads = q.shape[1]
 
     def tokens(x: Tensor) -> Tensor:  # (C, H, Lq, X) -> (T_local, H, X)
         return x.transpose(1, 2).reshape(n * lq, heads, x.shape[-1]).index_select(0, q_slot)
 
-    if not return_lse:
+    if not return_lse and softcap is None:
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None], scale=scale,
                                              enable_gqa=kb.shape[1] != heads)  # (C, H, Lq, Dv)
         return tokens(out)
     group_size = heads // kb.shape[1]
     kb, vb = kb.repeat_interleave(group_size, 1), vb.repeat_interleave(group_size, 1)
     logits = (qb @ kb.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (C, H, Lq, Lk)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, H, Lq, 1)
     out = (logits - lse).exp() @ vb
-    return tokens(out), tokens(lse)[..., 0]
+    return (tokens(out), tokens(lse)[..., 0]) if return_lse else tokens(out)

@@ -7,8 +7,8 @@ bottom-right (query i of a chunk of Lq queries sees keys j <= i + Lk - Lq). Ever
 reads one set of boundaries for both, would train silently wrong. So before a kernel's first use
 on a device, dtype and head dimension, :func:`chunk_kernel` runs it on a small shard (a document
 cut across two ranks, grouped-query heads), forward and backward, against the softmax written out
-in fp64, and refuses it when its error is more than 4x the error of SDPA in the same dtype, with a
-floor of 1e-5. Verdicts are cached for the process.
+in fp64, and refuses it when its error is more than 4x the error of the masked path (SDPA, or the
+softmax written out for a softcap) in the same dtype, with a floor of 1e-5. Verdicts are cached for the process.
 
 Examples:
     A kernel that aligns the causal mask top-left is refused (any kernel callable can be checked):
@@ -34,29 +34,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from packing.kernels import ChunkVarlen, chunk_varlen_kernels
+from packing.kernels import ChunkVarlen, chunk_varlen_kernels, chunk_varlen_options
 
 _verdicts: dict[tuple, float] = {}  # (kernel, device type, dtype, head_dim) -> the measured error, once passed
 TOLERANCE_FACTOR, FLOOR = 4.0, 1e-5
 
 
-def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int,
-                 names: tuple[str, ...] | None = None) -> tuple[str, ChunkVarlen] | None:
+# The option values a check runs with: a window shorter than the check's documents, a softcap that
+# bends the logits, a scale other than 1/sqrt(D).
+CHECK_OPTIONS = {"window": 7, "softcap": 2.0, "scale": 0.3}
+
+
+def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, names: tuple[str, ...] | None = None,
+                 options: frozenset[str] = frozenset()) -> tuple[str, ChunkVarlen] | None:
     """The first kernel of :func:`~packing.kernels.chunk_varlen_kernels` (of ``names`` only, in
-    that order, when given) that loads and passes :func:`check_kernel` here; None when none loads.
+    that order, when given) that loads, computes every option of ``options`` (``window``,
+    ``softcap``, ``scale``) and passes :func:`check_kernel` here with them; None when none does.
     A kernel that loads and fails its check raises: it is never skipped silently."""
     found = chunk_varlen_kernels()
     for name in names if names is not None else tuple(found):
-        if name in found:
-            check_kernel(name, found[name], device, dtype, head_dim)
+        if name in found and options <= chunk_varlen_options(name):
+            check_kernel(name, found[name], device, dtype, head_dim, options)
             return name, found[name]
     return None
 
 
-def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: torch.dtype, head_dim: int) -> float:
-    """Run ``kernel`` on a small shard against the softmax written out in fp64, forward and backward;
-    return its relative error, or raise ``ValueError`` naming the kernel and both errors."""
-    key = (name, device.type, dtype, head_dim)
+def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: torch.dtype, head_dim: int,
+                 options: frozenset[str] = frozenset()) -> float:
+    """Run ``kernel`` on a small shard against the softmax written out in fp64, forward and backward,
+    with the ``options`` a layer asks for (at :data:`CHECK_OPTIONS`' values); return its relative
+    error, or raise ``ValueError`` naming the kernel and both errors."""
+    key = (name, device.type, dtype, head_dim, frozenset(options))
+    asked = {o: CHECK_OPTIONS[o] for o in options}
     if key in _verdicts:
         return _verdicts[key]
     from packing import get_collator
@@ -70,7 +79,7 @@ def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: to
     q_row, k_row, v_row = (torch.randn(batch.num_slots, h, head_dim, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     d_out = torch.randn(batch.num_slots, 4, head_dim, generator=g, dtype=torch.float64)
     worst = {"kernel": 0.0, "sdpa": 0.0}
-    for causal in (True, False):
+    for causal in (True, False) if "window" not in asked else (True,):
         for r in range(2):
             part = shard(batch, layout, r).to(device)
             idx = local_index(layout, r)
@@ -79,18 +88,19 @@ def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: to
                 q = q_row[idx].to(device, run_dtype).requires_grad_()
                 source = simulated_keys(k_row.to(device, run_dtype), v_row.to(device, run_dtype), part.context).requires_grad_()
                 if how == "reference":  # the softmax written out
-                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, return_lse=True)[0]
+                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, return_lse=True, **asked)[0]
                 else:
-                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, kernel=use)
+                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, kernel=use, **asked)
                 out.backward(d_out[idx].to(device, run_dtype))
                 runs[how] = [t.double().cpu() for t in (out.detach(), q.grad, source.grad)]
             for how in ("sdpa", "kernel"):
                 for got, ref in zip(runs[how], runs["reference"]):
                     worst[how] = max(worst[how], ((got - ref).norm() / ref.norm()).item())
     if not worst["kernel"] <= max(TOLERANCE_FACTOR * worst["sdpa"], FLOOR):
+        with_options = f" with {', '.join(sorted(options))}" if options else ""
         raise ValueError(f"the varlen kernel {name!r} is not exact for a context-parallel chunk on {device.type} in "
-                         f"{str(dtype).removeprefix('torch.')} at head dim {head_dim}: relative error "
-                         f"{worst['kernel']:.2e} against fp64, where SDPA in the same dtype is off by {worst['sdpa']:.2e} "
+                         f"{str(dtype).removeprefix('torch.')} at head dim {head_dim}{with_options}: relative error "
+                         f"{worst['kernel']:.2e} against fp64, where the masked path in the same dtype is off by {worst['sdpa']:.2e} "
                          "(a chunk's causal mask must be aligned bottom-right, its keys' boundaries read apart from "
                          "its queries'); use another kernel or the masked path (kernel=None)")
     _verdicts[key] = worst["kernel"]

@@ -29,7 +29,7 @@ from torch import Tensor
 from packing.kernels.common import (VARLEN_HEAD_DIM_MULTIPLE, VARLEN_MAX_HEAD_DIM, VARLEN_MIN_HEAD_DIM,
                                     check_version, flash_window, gpu_loads)
 
-__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "chunk_varlen_kernels", "flash_window", "gpu_loads", "head_dim_check",
+__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "chunk_varlen_kernels", "chunk_varlen_options", "flash_window", "gpu_loads", "head_dim_check",
            "takes_head_dim", "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
@@ -66,7 +66,8 @@ def varlen_kernels() -> dict[str, Varlen]:
     return found
 
 
-# fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, *, scale=None) -> out
+# fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, *, scale=None, window=None,
+#    softcap=None) -> out; the options as in VARLEN_OPTIONS, each kernel's in chunk_varlen_options
 ChunkVarlen = Callable[..., Tensor]
 
 
@@ -86,6 +87,12 @@ def chunk_varlen_kernels() -> dict[str, ChunkVarlen]:
     return found
 
 
+def chunk_varlen_options(name: str) -> frozenset[str]:
+    """The keyword options (``scale``, ``window``, ``softcap``) chunk kernel ``name`` computes: those
+    of its one-boundary form (:func:`varlen_options`)."""
+    return varlen_options(name) - {"sinks"}
+
+
 def _fa3_chunks() -> ChunkVarlen | None:
     from packing.kernels.flash3 import bound_chunk_varlen, fa3_available
 
@@ -100,9 +107,9 @@ def _fa2_chunks() -> ChunkVarlen | None:
     except (ImportError, AttributeError):
         return None
 
-    def run_fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None):
+    def run_fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, softcap=None):
         return fa2(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                   causal=causal, softmax_scale=scale)
+                   causal=causal, softmax_scale=scale, window_size=flash_window(window, causal), softcap=softcap or 0.0)
 
     return run_fa2
 
@@ -118,9 +125,10 @@ def _torch_chunks() -> ChunkVarlen | None:
     if "window_size" not in params or "enable_gqa" not in params:  # torch < 2.11
         return None
 
-    def run_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None):
+    def run_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, softcap=None):
+        _refuse_options("torch.varlen_attn", softcap=softcap)
         scaled = {} if scale is None else {"scale": scale}
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0) if causal else (-1, -1),
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=flash_window(window, causal),
                            enable_gqa=k.shape[1] != q.shape[1], **scaled)
 
     return run_torch

@@ -138,7 +138,8 @@ def bound_chunk_varlen():
     interface = _interface()
 
     def run(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool, *,
-            scale: float | None = None) -> Tensor:
-        return interface.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
+            scale: float | None = None, window: int | None = None, softcap: float | None = None) -> Tensor:
+        return interface.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+                                                window_size=flash_window(window, causal), softcap=softcap or 0.0)
 
     return run

@@ -1,7 +1,9 @@
 """Run by tests/packing/test_context.py under torchrun (gloo): a transformers model (tiny Llama,
 grouped-query, packing_varlen) trained context-parallel, the model's code unchanged: each rank gets
 its shard's kwargs from pack(model).kwargs. Rank 0 saves the summed gradients and both losses
-(the model's own and the chunked one). Usage: hf_cp_worker.py OUT_FILE"""
+(the model's own and the chunked one). ARCH gemma2: a tiny Gemma 2, whose layers alternate a 4-token
+sliding window (shorter than the documents) with full attention, with logits softcapped and the
+softmax scale from query_pre_attn_scalar. Usage: hf_cp_worker.py OUT_FILE [ARCH: llama|gemma2]"""
 
 import os
 import sys
@@ -16,8 +18,15 @@ from packing.interop.hf import pack
 LENS = [[40, 6, 3, 9], [13, 27, 2]]
 
 
-def model():
+def model(arch: str = "llama"):
     torch.manual_seed(0)
+    if arch == "gemma2":
+        config = transformers.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                           query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+                                           final_logit_softcapping=None, max_position_embeddings=64,
+                                           attn_implementation="packing_varlen")
+        return transformers.Gemma2ForCausalLM(config)
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       attn_implementation="packing_varlen")
@@ -29,10 +38,10 @@ def rows():
     return [[torch.randint(1, 97, (n,), generator=g) for n in lens] for lens in LENS]
 
 
-def main(out: str) -> None:
+def main(out: str, arch: str = "llama") -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    lm = model()
+    lm = model(arch)
     packed = pack(lm)
     collate = ContextCollator(packed.collator, world_size=world, rank=rank, split_tokens=16)
     parts = [packed.kwargs(collate(samples)) for samples in rows()]
@@ -60,6 +69,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
     sys.stdout.flush()
     os._exit(0)  # skip interpreter finalisation, where gloo threads can abort the process

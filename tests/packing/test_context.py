@@ -233,21 +233,21 @@ def test_ranks_train_as_one_process(tmp_path, world, causal, data, wrap, regathe
         assert rel(got["grads"][name], p.grad) <= TOL, name
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_a_transformers_model_trains_context_parallel_unchanged(tmp_path, world):
+@pytest.mark.parametrize("world, arch", [(2, "llama"), (3, "llama"), (2, "gemma2")])
+def test_a_transformers_model_trains_context_parallel_unchanged(tmp_path, world, arch):
     # pack(model).kwargs of each rank's shard into the model's own forward: the model's loss and the
     # chunked loss, summed over the ranks, and their gradients equal one process on the whole rows.
     sys.path.insert(0, str(Path(__file__).parent))
     import hf_cp_worker
 
     out = tmp_path / "hf_cp.pt"
-    proc = torchrun(str(Path(__file__).parent / "hf_cp_worker.py"), str(out), nproc=world)
+    proc = torchrun(str(Path(__file__).parent / "hf_cp_worker.py"), str(out), arch, nproc=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
 
     from packing.interop.hf import pack
 
-    lm = hf_cp_worker.model()
+    lm = hf_cp_worker.model(arch)
     packed = pack(lm)
     kwargs = [packed(samples) for samples in hf_cp_worker.rows()]
     total = sum(int((kw["shift_labels"] != -100).sum()) for kw in kwargs)
@@ -281,12 +281,17 @@ def test_a_transformers_shard_refuses_what_context_parallelism_does_not_compute(
         return transformers.LlamaForCausalLM(config)
 
     samples = [torch.arange(1, 12), torch.arange(3, 9)]
-    gemma = tiny("gemma2")
+    gemma = tiny("gemma2")  # a 4-token window, shorter than the documents: computed under context parallelism
     packed = pack(gemma)
     kwargs = packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples))
-    with pytest.raises(ValueError, match=r"'packing_varlen' under context parallelism does not compute sliding_window "
-                                         r"yet, and this layer asks for it"):
-        gemma(**kwargs)
+    assert rel(gemma(**kwargs).loss, gemma(**packed(samples)).loss) <= TOL
+    torch.manual_seed(0)
+    oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, sliding_window=6, attn_implementation="packing_varlen"))
+    packed = pack(oss)
+    with pytest.raises(ValueError, match=r"'packing_varlen' under context parallelism does not compute sinks yet"):
+        oss(**packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples)))
     sdpa = tiny("llama", attn_implementation="sdpa")
     packed = pack(sdpa)
     with pytest.raises(ValueError, match=r"a context-parallel shard needs attn_implementation 'packing_varlen' .*runs 'sdpa'"):

@@ -27,7 +27,7 @@ def row_of(lens, seed=0):
     return batch, q, k, v
 
 
-def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None):
+def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None, **options):
     """Every rank's (out, lse), simulated and unsharded: (T, H, D) and (T, H)."""
     layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens)
     outs, lses = [], []
@@ -37,7 +37,8 @@ def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None):
         if broken == "no gather":  # the cut documents' keys from other ranks never arrive
             source = torch.cat([torch.zeros_like(source[: source.shape[0] - part.num_slots]),
                                 source[source.shape[0] - part.num_slots:]])
-        out, lse = attend_chunks(q[local_index(layout, r)], source, part, causal=causal, key_dim=DIM, return_lse=True)
+        out, lse = attend_chunks(q[local_index(layout, r)], source, part, causal=causal, key_dim=DIM, return_lse=True,
+                                 **options)
         outs.append(out[None])
         lses.append(lse[None])
     return unshard(outs, layout)[0], unshard(lses, layout)[0]
@@ -65,6 +66,33 @@ def test_every_rank_gives_each_documents_own_attention_and_gradients(world, row,
     for name, a, b in zip("qkv", got_leaves, ref_leaves):
         assert rel(a.grad, b.grad) <= 1e-12, f"d{name}"
     assert any(c.split for rank in plan_layout(batch_blocks(batch), world, split_tokens=4).chunks for c in rank) or max(ROWS[row]) < 2 * world
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("options", [{"window": 5}, {"softcap": 2.0, "scale": 0.3}, {"window": 1, "softcap": 1.5}],
+                         ids=["window", "softcap-scale", "window-1-softcap"])
+def test_a_window_and_a_softcap_cross_the_cut_exactly(world, options):
+    # A 5-token window is shorter than the cut documents' chunks and longer than some: a chunk's first
+    # queries reach back into the previous chunk's keys, on another rank.
+    batch, q, k, v = row_of(ROWS["mixed"])
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in "ab"]
+    out, lse = sharded(batch, *leaves[0], world, True, split_tokens=4, **options)
+    ref_out, ref_lse = document_attention(*leaves[1], batch.seq_lens, causal=True, **options)
+    (out.square().sum() + lse.sum()).backward()
+    (ref_out.square().sum() + ref_lse.sum()).backward()
+    assert rel(out, ref_out) <= 1e-12 and rel(lse, ref_lse) <= 1e-12
+    for a, b in zip(*leaves):
+        assert rel(a.grad, b.grad) <= 1e-12
+    if "window" in options:  # the negative control: the same row without the window differs
+        assert rel(sharded(batch, q, k, v, world, True, split_tokens=4)[0], ref_out.detach()) > 1e-3
+
+
+def test_a_window_needs_causal_attention():
+    batch, q, k, v = row_of(ROWS["tiny"])
+    with pytest.raises(ValueError, match=r"window is 4 with causal=False; a sliding window is a positive int of keys, and causal"):
+        sharded(batch, q, k, v, 2, False, window=4)
+    with pytest.raises(ValueError, match=r"softcap is -1.0; expected a positive number or None"):
+        sharded(batch, q, k, v, 2, True, softcap=-1.0)
 
 
 def test_without_the_gather_the_cut_documents_are_wrong():
@@ -102,7 +130,8 @@ def test_changing_one_token_changes_only_its_own_document(world):
         assert not torch.equal(before[outside], after[outside])
 
 
-def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, keys_from_queries=False, top_left=False):
+def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, keys_from_queries=False,
+                 top_left=False):
     """A varlen kernel written out: sequence i's queries against its keys, causal aligned bottom-right
     (or, to be refused, top-left; or reading the queries' boundaries for the keys)."""
     cu_k = cu_q if keys_from_queries else cu_k
@@ -114,6 +143,8 @@ def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, keys_
         mask = None
         if causal:
             mask = torch.ones(lq, lk, dtype=torch.bool).tril(0 if top_left else lk - lq)
+            if window is not None:
+                mask &= torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq - window + 1)
         outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
     return torch.cat(outs)
 
@@ -139,9 +170,13 @@ def test_a_kernel_is_checked_before_first_use_and_a_wrong_one_refused():
 
     cpu = torch.device("cpu")
     assert check_kernel("written out", bottom_right, cpu, torch.float32, 16) <= 1e-5
+    assert check_kernel("written out", bottom_right, cpu, torch.float32, 16, frozenset({"window", "scale"})) <= 1e-5
+    with pytest.raises(ValueError, match=r"the varlen kernel 'no window' is not exact .* at head dim 16 with window: "):
+        check_kernel("no window", lambda *a, window=None, **kw: bottom_right(*a, **kw), cpu, torch.float32, 16,
+                     frozenset({"window"}))
     for name, wrong in (("top-left", partial(bottom_right, top_left=True)),
                         ("one set of boundaries", partial(bottom_right, keys_from_queries=True))):
         with pytest.raises(ValueError, match=rf"the varlen kernel '{name}' is not exact for a context-parallel chunk on cpu "
-                                             r"in float32 at head dim 16: relative error .* against fp64, where SDPA in the "
-                                             r"same dtype is off by .*aligned bottom-right"):
+                                             r"in float32 at head dim 16: relative error .* against fp64, where the masked path "
+                                             r"in the same dtype is off by .*aligned bottom-right"):
             check_kernel(name, wrong, cpu, torch.float32, 16)
