@@ -20,20 +20,12 @@ import json
 import statistics
 import sys
 
-import torch
 
+from benchmarks.cp import lognormal_row
 from benchmarks.harness import Parser
 from packing.context.layout import TOKEN_COST, plan_layout
 
 ROW = 131_072
-
-
-def lognormal_row(seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    lens: list[int] = []
-    while sum(lens) < ROW:
-        lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, ROW - sum(lens)))
-    return lens
 
 
 def contiguous(lens: list[int], world: int, area_only: bool, area_cost: float) -> list[float]:
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dim < 1:
         p.error(f"--dim is {args.dim}; expected a model width >= 1")
     area_cost = 1 / (6 * args.dim)
-    rows = {"one 131,072-token document": [ROW], "log-normal mix (mu 7.5, sigma 1.4)": lognormal_row()}
+    rows = {"one 131,072-token document": [ROW], "log-normal mix (mu 7.5, sigma 1.4)": lognormal_row(ROW)}
     records = []
     print(f"{'row':<36} {'N':>2} {'contiguous attn':>16} {'contiguous work':>16} {'layout attn':>12} "
           f"{'layout work':>12} {'cut docs':>9} {'gathered tokens':>16} {'padding':>8}")
