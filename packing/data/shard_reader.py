@@ -549,12 +549,10 @@ class ShardStream(IterableDataset):
 
     def _share_size(self, epoch: int) -> int:
         """Positions (documents, or chunks with ``max_len``) in this process's share of ``epoch``."""
-        saved = int(self._epoch[0])
-        self._epoch[0] = epoch
-        try:
-            paths = self.share()
-        finally:
-            self._epoch[0] = saved
+        # The epoch is passed, never set for the call: the slot is shared with the other workers, and
+        # a worker that set it for a moment made another read the saved epoch as the one set_epoch
+        # asked for, and resume the old epoch instead of refusing (a race between two workers).
+        paths = self.share(epoch=epoch)
         for path in paths:
             self._count(path)
             if path in self._unreadable:
@@ -578,14 +576,15 @@ class ShardStream(IterableDataset):
         return dict(place)
 
     def share(self, rank: int | None = None, worker: int | None = None, world_size: int | None = None,
-              num_workers: int | None = None) -> list[str]:
-        """A rank's and worker's shards for the current epoch, in stream order; by default this
-        process's own."""
+              num_workers: int | None = None, epoch: int | None = None) -> list[str]:
+        """A rank's and worker's shards for ``epoch`` (default: the current one), in stream order; by
+        default this process's own."""
         place = self.place()
         rank, worker = place["rank"] if rank is None else rank, place["worker"] if worker is None else worker
         world_size = place["world_size"] if world_size is None else world_size
         num_workers = place["num_workers"] if num_workers is None else num_workers
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths)) if self.shuffle else range(len(self.paths))
+        epoch = self.epoch if epoch is None else epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths)) if self.shuffle else range(len(self.paths))
         return [self.paths[i] for i in list(order)[rank::world_size][worker::num_workers]]
 
     def share_lengths(self, rank: int, worker: int, world_size: int, num_workers: int) -> np.ndarray:
