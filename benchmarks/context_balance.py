@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                       "contiguous_work_max_over_mean": ratio(contiguous(lens, world, False, area_cost)),
                       "layout_attention_max_over_mean": ratio(area), "layout_work_max_over_mean": ratio(layout.work()),
                       "cut_documents": len(cut), "gathered_tokens": sum(layout.split_len(r) for r in range(world)),
-                      "gather_padding_tokens": sum(max(layout.split_len(q) for q in range(world)) - layout.split_len(r)
-                                                   for r in range(world)),
-                      "dim": args.dim, "command": " ".join(["python -m benchmarks.context_balance", *(argv if argv is not None else sys.argv[1:])])}
+                      "gather_padding_tokens": layout.gather_padding,
+                      "dim": args.dim, "command": p.command(argv)}
             records.append(record)
             print(f"{name:<36} {world:>2} {record['contiguous_attention_max_over_mean']:>16.3f} "
                   f"{record['contiguous_work_max_over_mean']:>16.3f} {record['layout_attention_max_over_mean']:>12.3f} "

@@ -119,8 +119,7 @@ def layout_stats(rows, world: int) -> tuple[float, float]:
         layout = plan_layout(lens, world)
         work = layout.work()
         balance = max(balance, max(work) / statistics.mean(work))
-        gather = max(layout.split_len(r) for r in range(world))
-        pad += sum(gather - layout.split_len(r) for r in range(world))
+        pad += layout.gather_padding
         tokens += sum(lens)
     return balance, 100 * pad / tokens
 

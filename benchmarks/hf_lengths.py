@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16s} {args.rows:,} rows in {seconds:.3f} s ({base_full / seconds:,.0f}x decoding)", flush=True)
     print(f"baseline: decoding {n:,} rows took {base_s:.3f} s, {base_full:.1f} s for {args.rows:,}")
     record = {"rows": args.rows, "baseline_rows": n, "baseline_seconds_scaled": base_full, "results": rows,
-              "command": "python -m benchmarks.hf_lengths " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": p.command(argv),
               "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "numpy": np.__version__, "datasets": datasets.__version__}
     if args.json:

@@ -45,7 +45,6 @@ class ContextAttention(AttentionAdapter):
         super().__init__(device)
         self.group = group  # the context-parallel process group; None: the default group
         self.kernel_name: str | None = None  # the varlen kernel of the last call; None: masked SDPA
-        self._kernels: dict[tuple, Any] = {}
 
     @property
     def backend(self) -> str:
@@ -54,9 +53,6 @@ class ContextAttention(AttentionAdapter):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: Batch, *, causal: bool) -> Tensor:
         kernel = None
         if q.is_cuda:  # a varlen kernel that takes the chunks' own boundaries, checked at first use
-            key = (q.device, q.dtype, q.shape[-1])
-            if key not in self._kernels:
-                self._kernels[key] = chunk_kernel(q.device, q.dtype, q.shape[-1])
-            found = self._kernels[key]
+            found = chunk_kernel(q.device, q.dtype, q.shape[-1])
             self.kernel_name, kernel = found if found is not None else (None, None)
         return context_attention(q, k, v, batch, causal=causal, group=self.group, kernel=kernel)

@@ -33,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 import math
 
 from typing import Sequence
@@ -94,6 +95,17 @@ class ContextLayout:
     def split_len(self, rank: int) -> int:
         """Tokens of rank ``rank`` in cut blocks: the prefix of its local row that it all-gathers."""
         return sum(c.length for c in self.chunks[rank] if c.split)
+
+    @cached_property
+    def gather_len(self) -> int:
+        """Tokens each rank contributes to the all-gather: the largest rank's cut-block tokens (a
+        rank with fewer pads to it)."""
+        return max(self.split_len(r) for r in range(self.world_size))
+
+    @property
+    def gather_padding(self) -> int:
+        """Padding tokens in the all-gather: the ranks' shortfalls against :attr:`gather_len`."""
+        return sum(self.gather_len - self.split_len(r) for r in range(self.world_size))
 
     def work(self, causal: bool = True) -> list[float]:
         """Each rank's work, ``tokens + area_cost * area``."""

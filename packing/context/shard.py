@@ -48,14 +48,13 @@ from packing.context.layout import ContextLayout
 class ContextShard:
     """What rank ``rank`` needs beyond its tokens to attend exactly (``Batch.context``).
 
-    Fields (C local chunks; K the keys of all of them together; G = world_size x gather_len):
+    Fields (C local chunks; K the keys of all of them together; G = world_size x
+    ``layout.gather_len``, the all-gather's tokens; the first ``layout.split_len(rank)`` local tokens
+    are this rank's contribution, padded to ``gather_len``):
         layout: the row's :class:`ContextLayout` (world size, blocks, every rank's chunks, version).
         rank: this shard's rank.
         num_tokens: the whole row's real tokens (its documents; the rest is the padding tail).
         num_targets: the whole row's targets: the loss denominator every rank uses.
-        gather_len: tokens each rank contributes to the all-gather (the largest rank's cut-block
-            tokens; a rank with fewer pads). The first ``layout.split_len(rank)`` local tokens are
-            this rank's contribution.
         key_index: per causality, (K,) int64 indices into the (G + local tokens) key source, each
             chunk's keys in order: causal, its block from the start to the chunk's end;
             bidirectional, its whole block.
@@ -73,7 +72,6 @@ class ContextShard:
     rank: int
     num_tokens: int
     num_targets: int
-    gather_len: int
     key_index: dict[bool, Tensor]
     cu_seqlens_k: dict[bool, Tensor]
     max_seqlen_k: dict[bool, int]
@@ -83,10 +81,15 @@ class ContextShard:
 
     def map(self, fn) -> ContextShard:
         """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
-        return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets, self.gather_len,
+        return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets,
                             {c: fn(t) for c, t in self.key_index.items()},
                             {c: fn(t) for c, t in self.cu_seqlens_k.items()}, dict(self.max_seqlen_k),
                             fn(self.cu_seqlens_q), self.max_seqlen_q, self.regather)
+
+    @property
+    def gather_len(self) -> int:
+        """Tokens each rank contributes to the all-gather (:attr:`ContextLayout.gather_len`)."""
+        return self.layout.gather_len
 
     def positions(self) -> Tensor:
         """(local tokens,) int64: the whole row's positions at this rank's tokens."""
@@ -138,14 +141,14 @@ def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = Fa
     if not chunks:
         raise ValueError(f"rank {rank} holds no tokens of this row ({layout.num_slots} tokens over "
                          f"{layout.world_size} ranks); use fewer context-parallel ranks for rows this short")
-    gather_len = max(layout.split_len(r) for r in range(layout.world_size))
     lengths = [c.length for c in chunks]
-    context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, gather_len,
-                           *_keys(layout, rank, gather_len), cumulative_lengths(lengths), max(lengths), regather)
+    cu = cumulative_lengths(lengths)  # the chunks are the shard's sequences: its cu_seqlens, the kernel's cu_seqlens_q
+    context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, *_keys(layout, rank, layout.gather_len),
+                           cu, max(lengths), regather)
     take = lambda t: t[:, index]  # noqa: E731  (1, T) -> (1, local)
     return Batch(layout="packed", input_ids=take(batch.input_ids), labels=take(batch.labels),
-                 position_ids=take(batch.position_ids), seq_lens=tuple(c.length for c in chunks),
-                 cu_seqlens=cumulative_lengths([c.length for c in chunks]), ignore_index=batch.ignore_index,
+                 position_ids=take(batch.position_ids), seq_lens=tuple(lengths),
+                 cu_seqlens=cu, ignore_index=batch.ignore_index,
                  context=context)
 
 

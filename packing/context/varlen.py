@@ -31,6 +31,8 @@ Examples:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,9 @@ TOLERANCE_FACTOR, FLOOR = 4.0, 1e-5
 CHECK_OPTIONS = {"window": 7, "softcap": 2.0, "scale": 0.3}
 
 
+# Once per process for each device, dtype, head dimension, kernel list and options: it is asked in
+# every layer of every step, and finding the kernels reads their packages' signatures.
+@functools.cache
 def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, names: tuple[str, ...] | None = None,
                  options: frozenset[str] = frozenset()) -> tuple[str, ChunkVarlen] | None:
     """The first kernel of :func:`~packing.kernels.chunk_varlen_kernels` (of ``names`` only, in
