@@ -180,3 +180,15 @@ def test_a_kernel_is_checked_before_first_use_and_a_wrong_one_refused():
                                              r"in float32 at head dim 16: relative error .* against fp64, where the masked path "
                                              r"in the same dtype is off by .*aligned bottom-right"):
             check_kernel(name, wrong, cpu, torch.float32, 16)
+
+
+def test_a_kernel_call_refuses_return_lse_and_the_collator_refuses_a_bad_regather():
+    from packing.context import ContextCollator
+
+    batch, q, k, v = row_of(ROWS["tiny"])
+    part = shard(batch, plan_layout(batch_blocks(batch), 1), 0)
+    with pytest.raises(ValueError, match=r"return_lse is computed on the masked path only \(kernel=None\)"):
+        attend_chunks(q, simulated_keys(k, v, part.context), part, causal=True, key_dim=DIM, return_lse=True,
+                      kernel=bottom_right)
+    with pytest.raises(TypeError, match=r"regather is 'yes'; expected True or False"):
+        ContextCollator(get_collator("concat"), world_size=2, rank=0, regather="yes")
