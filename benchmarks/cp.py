@@ -19,9 +19,12 @@ attention is off by more than 1e-12 or the model by more than 1e-10.
 another on one device, from its shard of one row (its queries, and the keys and values the
 all-gather would give it); then the same row unsharded, by the same code and kernel (one rank). On
 CUDA the kernel is the first varlen kernel that takes the chunks' own boundaries and passes its
-check (``--kernel`` names one, or ``masked`` for SDPA with a mask per chunk). It prints each
-rank's time, max/mean, and the slowest rank's time x N over the unsharded row's (1.00 is perfect
-scaling of attention). No collective runs: the all-gather's time is the multi-GPU run's to measure.
+check (``--kernel`` names one, or ``masked`` for SDPA with a mask per chunk). It times the
+contiguous split (rank r holds tokens [r·T/N, (r+1)·T/N)) as the baseline, then the head-tail
+layout at each ``--split-fraction`` (documents whose work is above that fraction of a rank's share
+are cut in 2N chunks; the rest stay whole). For each it prints every rank's time, max/mean, the
+slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of attention) and the
+ranks' sum over it. No collective runs: the all-gather's time is the multi-GPU run's to measure.
 
 The rows: ``--lengths FILE`` holds document lengths, whitespace-separated positive ints. ``--check``
 packs them in order into rows of ``--tokens``; ``--simulate`` takes them all as one row. Without a
@@ -33,6 +36,7 @@ than 2N and lengths that divide nothing; ``--simulate`` a 131,072-token row of l
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -44,6 +48,7 @@ from benchmarks.harness import Parser, environment, exit_after_distributed
 from packing import get_collator
 from packing.context import batch_blocks, plan_layout, shard, unshard
 from packing.context.attention import attend_chunks, context_attention, simulated_keys
+from packing.context.layout import AREA_COST, Chunk, ContextLayout
 from packing.context.shard import local_index
 from packing.context.varlen import chunk_kernel
 from packing.kernels import chunk_varlen_kernels
@@ -241,6 +246,24 @@ def _time(fn, device: torch.device, repeats: int) -> float:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
+def contiguous_layout(block_lens: list[int], world: int) -> ContextLayout:
+    """The baseline a balanced layout is measured against: rank r holds row tokens ``[r·T/N,
+    (r+1)·T/N)``, each document cut where a rank's range ends (its pieces' keys gathered)."""
+    T = sum(block_lens)
+    edges = [r * T // world for r in range(world + 1)]
+    starts = [sum(block_lens[:b]) for b in range(len(block_lens))]
+    ranks = []
+    for r in range(world):
+        cut, whole = [], []
+        for b, (n, start) in enumerate(zip(block_lens, starts)):
+            lo, hi = max(start, edges[r]), min(start + n, edges[r + 1])
+            if lo < hi:
+                split = (lo, hi) != (start, start + n)
+                (cut if split else whole).append(Chunk(b, lo, hi, start, start + n, split))
+        ranks.append(tuple(cut + whole))
+    return ContextLayout(world, tuple(block_lens), tuple(ranks))
+
+
 def simulate(args, parser: Parser) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -250,6 +273,8 @@ def simulate(args, parser: Parser) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     batch = get_collator("concat")([[0] * n for n in lens])
     T = batch.num_slots
+    if T < world:
+        raise ValueError(f"the row has {T} tokens, fewer than --simulate {world} ranks; give longer --lengths")
     g = torch.Generator().manual_seed(0)
     q_row, k_row, v_row = (torch.randn(T, h, args.head_dim, generator=g).to(device, dtype)
                            for h in (args.heads, args.kv_heads, args.kv_heads))
@@ -275,29 +300,36 @@ def simulate(args, parser: Parser) -> int:
             out.backward(grad)
             q.grad = source.grad = None
 
-        return step, part.num_slots
+        return step
 
-    whole_ms = _time(step_of(plan_layout(batch_blocks(batch), 1), 0)[0], device, args.repeats)
-    layout = plan_layout(batch_blocks(batch), world)
-    ranks = []
-    for r in range(world):
-        step, tokens = step_of(layout, r)
-        ranks.append((_time(step, device, args.repeats), tokens))
-    times = [ms for ms, _ in ranks]
+    blocks = batch_blocks(batch)
+    whole_ms = _time(step_of(plan_layout(blocks, 1), 0), device, args.repeats)
+    layouts = [("contiguous", contiguous_layout(blocks, world))]
+    layouts += [(f"head-tail, split fraction {f:g}", plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost))
+                for f in args.split_fraction]
+    print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {args.dtype or str(dtype).removeprefix('torch.')}, "
+          f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
+    print(f"whole row: {whole_ms:.3f} ms")
+    results = []
+    for name, layout in layouts:
+        times = [_time(step_of(layout, r), device, args.repeats) for r in range(world)]
+        result = {"layout": name, "rank_ms": times, "rank_tokens": [layout.local_len(r) for r in range(world)],
+                  "max_over_mean": max(times) / statistics.mean(times),
+                  "slowest_x_n_over_whole": max(times) * world / whole_ms, "sum_over_whole": sum(times) / whole_ms,
+                  "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
+                  "gather_padding_pct": 100 * layout.gather_padding / T}
+        results.append(result)
+        print(f"{name}: ranks {', '.join(f'{ms:.3f}' for ms in times)} ms; max/mean {result['max_over_mean']:.3f}; "
+              f"slowest x N / whole {result['slowest_x_n_over_whole']:.3f}; sum / whole {result['sum_over_whole']:.3f}; "
+              f"documents cut: {result['cut_documents']}")
+    best = results[1]  # the first head-tail layout: the one the last line reports
     record = {**environment(device), "world_size": world, "tokens": T, "docs": len(lens), "longest": max(lens),
               "dtype": args.dtype or str(dtype).removeprefix("torch."), "heads": args.heads, "kv_heads": args.kv_heads,
-              "head_dim": args.head_dim, "kernel": kernel_name, "whole_row_ms": whole_ms,
-              "rank_ms": times, "rank_tokens": [t for _, t in ranks], "max_over_mean": max(times) / statistics.mean(times),
-              "slowest_x_n_over_whole": max(times) * world / whole_ms,
-              "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
-              "command": parser.command(args.argv)}
-    print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {record['dtype']}, "
-          f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
-    for r, (ms, tokens) in enumerate(ranks):
-        print(f"rank {r}: {tokens:,} tokens, {ms:.3f} ms")
-    print(f"whole row: {whole_ms:.3f} ms")
-    print(f"cp={world} simulated: max/mean {record['max_over_mean']:.3f}; slowest x N / whole row "
-          f"{record['slowest_x_n_over_whole']:.3f}")
+              "head_dim": args.head_dim, "kernel": kernel_name, "area_cost": args.area_cost, "repeats": args.repeats,
+              "whole_row_ms": whole_ms, "layouts": results, "command": parser.command(args.argv)}
+    print(f"cp={world} simulated: max/mean {best['max_over_mean']:.3f}; slowest x N / whole row "
+          f"{best['slowest_x_n_over_whole']:.3f} (contiguous: {results[0]['max_over_mean']:.3f}, "
+          f"{results[0]['slowest_x_n_over_whole']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
@@ -317,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128, help="--simulate: head dimension (default 128)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="--simulate: default bf16 on cuda, fp32 on cpu")
     p.add_argument("--kernel", default="auto", help="--simulate: a varlen kernel taking the chunks' own boundaries "
-                   "(flash-attn-3, flash-attn-2, torch.varlen_attn), auto (the first that loads, checked; the masked "
+                   "(flash-attn-3, flash-attn-4, flash-attn-2, torch.varlen_attn), auto (the first that loads, checked; the masked "
                    "path if none), or masked (SDPA with a mask per chunk)")
     p.add_argument("--repeats", type=int, default=10, help="--simulate: timed calls a rank (default 10)")
+    p.add_argument("--split-fraction", type=float, nargs="+", default=[0.5], metavar="F",
+                   help="--simulate: head-tail layouts to time, each cutting documents whose work exceeds F of a "
+                   "rank's share (default 0.5; the first is the last line's)")
+    p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
+                   f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")
     args = p.parse_args(argv)
     args.argv = argv
@@ -327,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value < 1:
             p.error(f"--{name.replace('_', '-')} is {value}; expected an int >= 1")
+    for f in args.split_fraction:
+        if not 0 < f < math.inf:
+            p.error(f"--split-fraction {f:g} is out of range; expected a number > 0 (of one rank's share of the work)")
+    if not 0 <= args.area_cost < math.inf:
+        p.error(f"--area-cost {args.area_cost:g} is out of range; expected a finite number >= 0")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     try:

@@ -83,14 +83,18 @@ def packed_kernel(name: str) -> PackedVarlen | None:
 
 @functools.cache  # each custom op is registered once
 def _fa4_packed() -> PackedVarlen:
-    from packing.kernels.flash4 import _flash_bwd, _fwd
+    from packing.kernels.flash4 import _flash_bwd, _flash_fwd
+
+    def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> tuple[Tensor, Tensor]:
+        return _flash_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                          max_seqlen_k=max_seqlen, softmax_scale=q.shape[-1] ** -0.5, causal=causal)
 
     def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, dq, dk, dv) -> None:
         # FA4's backward takes dq, dk, dv outputs, the strided slices of one (T, 3, H, D) gradient.
         _flash_bwd(q, k, v, out, dout, lse, None, causal, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                    max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv)
 
-    return packed_qkv_op("fa4_varlen", _fwd, backward)
+    return packed_qkv_op("fa4_varlen", forward, backward)
 
 
 @functools.cache

@@ -36,7 +36,7 @@ import functools
 import torch
 from torch import Tensor
 
-from packing.kernels import ChunkVarlen, chunk_varlen_kernels, chunk_varlen_options
+from packing.kernels import ChunkVarlen, chunk_varlen_kernels, chunk_varlen_options, takes_head_dim
 
 _verdicts: dict[tuple, float] = {}  # (kernel, device type, dtype, head_dim) -> the measured error, once passed
 TOLERANCE_FACTOR, FLOOR = 4.0, 1e-5
@@ -53,12 +53,13 @@ CHECK_OPTIONS = {"window": 7, "softcap": 2.0, "scale": 0.3}
 def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, names: tuple[str, ...] | None = None,
                  options: frozenset[str] = frozenset()) -> tuple[str, ChunkVarlen] | None:
     """The first kernel of :func:`~packing.kernels.chunk_varlen_kernels` (of ``names`` only, in
-    that order, when given) that loads, computes every option of ``options`` (``window``,
-    ``softcap``, ``scale``) and passes :func:`check_kernel` here with them; None when none does.
+    that order, when given) that loads, computes ``head_dim`` (:func:`~packing.kernels.takes_head_dim`)
+    and every option of ``options`` (``window``, ``softcap``, ``scale``), and passes
+    :func:`check_kernel` here with them; None when none does.
     A kernel that loads and fails its check raises: it is never skipped silently."""
     found = chunk_varlen_kernels()
     for name in names if names is not None else tuple(found):
-        if name in found and options <= chunk_varlen_options(name):
+        if name in found and options <= chunk_varlen_options(name) and takes_head_dim(name, head_dim):
             check_kernel(name, found[name], device, dtype, head_dim, options)
             return name, found[name]
     return None

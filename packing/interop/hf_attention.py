@@ -350,7 +350,7 @@ def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: Lay
         if found is None and name != NAME:  # the model's own kernel list: never swapped for another path
             raise ValueError(f"this model's kernels {list(names)} have no context-parallel form here for this layer "
                              f"({sorted(asked) or 'no options'}); a shard's chunks need a kernel that takes their query "
-                             "and key boundaries apart: add 'flash-attn-3', 'flash-attn-2' or 'torch.varlen_attn' "
+                             "and key boundaries apart: add 'flash-attn-3', 'flash-attn-4', 'flash-attn-2' or 'torch.varlen_attn' "
                              "(no softcap) to pack(model, kernels=...)")
     out = context_attention(q, k, v, shard, causal=layer.causal, group=group,
                             kernel=None if found is None else found[1], **options)

@@ -73,14 +73,16 @@ ChunkVarlen = Callable[..., Tensor]
 
 def chunk_varlen_kernels() -> dict[str, ChunkVarlen]:
     """The varlen kernels that take the keys' boundaries apart from the queries', best first:
-    ``flash-attn-3``, ``flash-attn-2``, ``torch.varlen_attn``. Sequence i's queries
+    ``flash-attn-3``, ``flash-attn-4``, ``flash-attn-2``, ``torch.varlen_attn``. Sequence i's queries
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` attend its keys ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``;
     causal is aligned bottom-right (query i of Lq sees keys j <= i + Lk - Lq), flash-attn's convention
     since 2.1 and that of torch's port. A context-parallel shard runs its chunks this way; its
     attention checks a kernel against the written-out softmax at first use
-    (:mod:`packing.context.varlen`). FA4's custom op takes one set of boundaries and is not here."""
+    (:mod:`packing.context.varlen`)."""
     found = {}
-    for name, find in (("flash-attn-3", _fa3_chunks), ("flash-attn-2", _fa2_chunks), ("torch.varlen_attn", _torch_chunks)):
+    kernels = (("flash-attn-3", _fa3_chunks), ("flash-attn-4", _fa4_chunks), ("flash-attn-2", _fa2_chunks),
+               ("torch.varlen_attn", _torch_chunks))
+    for name, find in kernels:
         run = find()
         if run is not None:
             found[name] = run
@@ -97,6 +99,12 @@ def _fa3_chunks() -> ChunkVarlen | None:
     from packing.kernels.flash3 import bound_chunk_varlen, fa3_available
 
     return bound_chunk_varlen() if fa3_available() else None
+
+
+def _fa4_chunks() -> ChunkVarlen | None:
+    from packing.kernels.flash4 import fa4_available, fa4_chunk_varlen
+
+    return fa4_chunk_varlen if fa4_available() else None
 
 
 def _fa2_chunks() -> ChunkVarlen | None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.cp import main, pack_rows, read_lengths
 
@@ -36,12 +37,53 @@ def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
     lengths, out = tmp_path / "l.txt", tmp_path / "s.json"
     lengths.write_text("\n".join(["300", "7", "1", "120", "33"]))
     assert main(["--simulate", "3", "--lengths", str(lengths), "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                 "--repeats", "1", "--json", str(out)]) == 0
+                 "--repeats", "1", "--split-fraction", "0.5", "4", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["world_size"] == 3 and record["tokens"] == 461 and sum(record["rank_tokens"]) == 461
-    assert len(record["rank_ms"]) == 3 and record["whole_row_ms"] > 0 and record["max_over_mean"] >= 1.0
+    assert record["world_size"] == 3 and record["tokens"] == 461 and record["whole_row_ms"] > 0
+    assert [r["layout"] for r in record["layouts"]] == ["contiguous", "head-tail, split fraction 0.5",
+                                                       "head-tail, split fraction 4"]
+    for result in record["layouts"]:
+        assert sum(result["rank_tokens"]) == 461 and len(result["rank_ms"]) == 3 and result["max_over_mean"] >= 1.0
+    # contiguous cuts at 153 and 307: only the 300-token document (307 is where the 7 ends); head-tail
+    # at 0.5 cuts the 300 and the 120 (each over half a rank's share of ~156 tokens' work), at 4 nothing
+    assert [r["cut_documents"] for r in record["layouts"]] == [1, 2, 0]
     assert record["device"] == "cpu" and record["torch"] and record["command"].startswith("python -m benchmarks.cp --simulate 3")
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("cp=3 simulated: max/mean ")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"cp=3 simulated: max/mean \S+; slowest x N / whole row \S+ \(contiguous: \S+, \S+\)", last)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_the_contiguous_baseline_is_exact_per_document(world):
+    # The baseline does the same work as the head-tail layout: each rank's chunks against their
+    # documents' prefixes, fp64, against each document alone (forward and the gradients).
+    from benchmarks.cp import contiguous_layout, document_attention
+    from packing import get_collator
+    from packing.context import batch_blocks, shard, unshard
+    from packing.context.attention import attend_chunks, simulated_keys
+    from packing.context.shard import local_index
+
+    lens = [300, 7, 1, 120, 33]
+    batch = get_collator("concat")([[0] * n for n in lens])
+    layout = contiguous_layout(batch_blocks(batch), world)
+    assert [layout.local_len(r) for r in range(world)] == [(r + 1) * 461 // world - r * 461 // world for r in range(world)]
+    g = torch.Generator().manual_seed(0)
+    q, k, v, d_out = (torch.randn(461, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    want = document_attention(q, k, v, lens, causal=True)[0]
+    want.backward(d_out)
+    want_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    outs = []
+    for r in range(world):
+        part = shard(batch, layout, r)
+        idx = local_index(layout, r)
+        outs.append(attend_chunks(q[idx], simulated_keys(k, v, part.context), part, causal=True, key_dim=8)[None])
+    got = unshard(outs, layout)[0]
+    got.backward(d_out)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    for t, w in zip((q, k, v), want_grads):
+        assert torch.allclose(t.grad, w, rtol=0, atol=1e-12)
 
 
 def test_lengths_are_read_as_positive_ints_only(tmp_path):
@@ -68,6 +110,8 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--check", "--device", "cuda"], "--check runs on gloo with --device cpu (fp64); time GPUs with --simulate"),
     (["--simulate", "2", "--lengths", "/nonexistent/l.txt"], "--lengths /nonexistent/l.txt: cannot read it as text"),
     (["--simulate", "2", "--kernel", "no-such-kernel"], "--kernel no-such-kernel does not load here; loaded: "),
+    (["--simulate", "2", "--split-fraction", "0"], "--split-fraction 0 is out of range; expected a number > 0"),
+    (["--simulate", "2", "--area-cost", "-1"], "--area-cost -1 is out of range; expected a finite number >= 0"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
     run = subprocess.run([sys.executable, "-m", "benchmarks.cp", *args], capture_output=True, text=True, cwd=ROOT,

@@ -181,7 +181,11 @@ def test_fa4_custom_op_registrations():
     q = torch.randn(40, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
     k, v = (torch.randn(40, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True) for _ in "kv")
     cu = torch.tensor([0, 10, 30, 40, 40], dtype=torch.int32, device="cuda")
-    torch.library.opcheck(_fwd, (q, k, v, cu, 20, True))
+    torch.library.opcheck(_fwd, (q, k, v, cu, cu, 20, 20, True))
+    # The chunk form: 16 queries attend the last 16 of 40 keys' two sequences, bottom-right causal.
+    cu_q = torch.tensor([0, 6, 16], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 10, 40], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(_fwd, (q[:16].detach().requires_grad_(), k, v, cu_q, cu_k, 10, 30, True))
 
 
 def _quack_loads(fusion: str = "norm") -> bool:
