@@ -1,6 +1,7 @@
 """Context parallelism, checked across ranks and simulated on one GPU.
 
     torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check [--lengths FILE]
+    torchrun --nproc-per-node N -m benchmarks.cp --device cuda --check --tokens 131072 [--lengths FILE]
     python -m benchmarks.cp --simulate N --device cuda [--lengths FILE] [--json PATH]
 
 ``--check`` (under torchrun, gloo on a CPU, fp64): the context-parallel attention of N ranks against
@@ -14,6 +15,13 @@ X and Y are the largest relative errors over the steps (gradients as one vector)
 row's max/mean work per rank by the layout's cost model, and P the all-gather's padding (ranks whose
 cut-document tokens fall short of the largest pad to it) over the rows' tokens. It exits 1 when the
 attention is off by more than 1e-12 or the model by more than 1e-10.
+
+``--check --device cuda`` (under torchrun; NCCL with a GPU a rank, else gloo with ranks sharing
+GPUs, which checks the numbers but times nothing): one row's attention at N ranks in bf16, in the
+kernel ``--simulate`` would use (``--heads``, ``--kv-heads``, ``--head-dim``), against the same
+kernel on the unsharded row and fp32 SDPA on each document alone: outputs and dQ/dK/dV within
+TransformerEngine's context-parallel tolerances of the unsharded row (2.5e-2 MHA, 3.5e-2 GQA, RMSE
+within 1% of the range), and no further from fp32 than it (1.1x). It exits 1 otherwise.
 
 ``--simulate N`` (one process): each rank's local attention, forward and backward, one rank after
 another on one device, from its shard of one row (its queries, and the keys and values the
@@ -37,12 +45,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from benchmarks.harness import Parser, environment, exit_after_distributed
 from packing import get_collator
@@ -212,6 +222,109 @@ def check(args, parser: Parser) -> int:
     return 0 if exact else 1
 
 
+# TransformerEngine's context-parallel tests' bf16 tolerances: elementwise atol = rtol (MHA, GQA),
+# and the RMSE of the difference against 1% of the values' range.
+TE_TOL = {"mha": 2.5e-2, "gqa": 3.5e-2}
+TE_RMSE = 0.01
+
+
+def te_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple[bool, float]:
+    """(elementwise within ``tol``, RMSE over the range) of bf16 ``got`` against ``want``."""
+    got, want = got.float(), want.float()
+    rmse = (got - want).square().mean().sqrt().item()
+    span = (torch.maximum(got.max(), want.max()) - torch.minimum(got.min(), want.min())).item()
+    return bool(torch.allclose(got, want, atol=tol, rtol=tol)), rmse / max(span, 1e-30)
+
+
+def document_sdpa(q, k, v, seq_lens, d_out) -> list[torch.Tensor]:
+    """[out, dq, dk, dv] of each document's causal attention alone, by SDPA in q's dtype (fp32: the
+    reference on a GPU, where the written-out softmax of a 128k document does not fit)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    # Heads repeated rather than enable_gqa, which would send fp32 to the math kernel's (H, n, n) logits
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    outs, start = [], 0
+    for n in seq_lens:
+        qd, kd, vd = (t[start:start + n].transpose(0, 1)[None] for t in (q, kr, vr))  # (1, H, n, D)
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)[0].transpose(0, 1))
+        start += n
+    out = torch.cat(outs)
+    out.backward(d_out)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def rank_device(world: int) -> tuple[torch.device, str]:
+    """(this torchrun worker's GPU, the backend): NCCL with a GPU a rank; with fewer GPUs than
+    ranks, gloo and ranks sharing GPUs (NCCL refuses two ranks on one GPU): a check of the numbers,
+    not of speed."""
+    count = torch.cuda.device_count()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+    torch.cuda.set_device(device)
+    return device, "nccl" if count >= world else "gloo"
+
+
+def check_cuda(args, parser: Parser) -> int:
+    """N ranks' bf16 attention of one row (``--lengths``, or a log-normal row of ``--tokens``) on
+    GPUs against the same kernel on the unsharded row and fp32 SDPA per document."""
+    world = int(os.environ["WORLD_SIZE"])
+    device, backend = rank_device(world)
+    count = torch.cuda.device_count()
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    lens = read_lengths(args.lengths) if args.lengths else lognormal_row(args.tokens)
+    batch = get_collator("concat")([[0] * n for n in lens])
+    T, H, Hkv, D = batch.num_slots, args.heads, args.kv_heads, args.head_dim
+    if T < world:
+        raise ValueError(f"the row has {T} tokens, fewer than {world} ranks; give longer --lengths or --tokens")
+    found = chunk_kernel(device, torch.bfloat16, D, None if args.kernel == "auto" else (args.kernel,))
+    if found is None:
+        raise ValueError(f"no varlen kernel that takes chunk boundaries loads here for head dim {D} "
+                         f"(loaded: {sorted(chunk_varlen_kernels())}); --check on cuda times no masked path")
+    name, kernel = found
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world} on {count} GPU(s), {backend}; "
+        f"bf16, {H}/{Hkv} heads of {D}; {name}", flush=True)
+    g = torch.Generator().manual_seed(1)
+    q_row, k_row, v_row, d_row = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv, H))
+    layout = plan_layout(batch_blocks(batch), world)
+    part = shard(batch, layout, rank).to(device)
+    idx = local_index(layout, rank)
+    q, k, v = (t[idx].to(device, torch.bfloat16).requires_grad_() for t in (q_row, k_row, v_row))
+    out = context_attention(q, k, v, part, causal=True, kernel=kernel)
+    out.backward(d_row[idx].to(device, torch.bfloat16))
+    mine = torch.cat([out.detach(), q.grad, k.grad, v.grad], dim=1)  # (local, 2H + 2Hkv, D)
+    longest = max(layout.local_len(r) for r in range(world))
+    parts = [torch.empty(longest, *mine.shape[1:], device=device, dtype=mine.dtype) for _ in range(world)]
+    dist.all_gather(parts, F.pad(mine, (0, 0, 0, 0, 0, longest - mine.shape[0])))
+    exact = True
+    if rank == 0:
+        cut = unshard([p[: layout.local_len(r)][None] for r, p in enumerate(parts)], layout)[0]
+        got = list(cut.split([H, H, Hkv, Hkv], dim=1))
+        whole_layout = plan_layout(batch_blocks(batch), 1)
+        whole_part = shard(batch, whole_layout, 0).to(device)
+        q1, k1, v1 = (t.to(device, torch.bfloat16).requires_grad_() for t in (q_row, k_row, v_row))
+        out1 = attend_chunks(q1, simulated_keys(k1, v1, whole_part.context), whole_part, causal=True, key_dim=D,
+                             kernel=kernel)
+        out1.backward(d_row.to(device, torch.bfloat16))
+        whole = [out1.detach(), q1.grad, k1.grad, v1.grad]
+        ref = document_sdpa(*(t.to(device) for t in (q_row, k_row, v_row)), batch.seq_lens, d_row.to(device))
+        tol = TE_TOL["mha" if H == Hkv else "gqa"]
+        for what, a, b, r in zip(("out", "dq", "dk", "dv"), got, whole, ref):
+            close, rmse = te_close(a, b, tol)
+            cp_err, whole_err = rel(a.float(), r), rel(b.float(), r)
+            ok = close and rmse <= TE_RMSE and cp_err <= 1.1 * whole_err
+            exact &= ok
+            say(f"{what}: cp vs unsharded (bf16): within {tol:g} {close}, rmse/range {rmse:.1e}; vs fp32: cp "
+                f"{cp_err:.2e}, unsharded {whole_err:.2e}{'' if ok else '  <- off'}", flush=True)
+    flag = torch.tensor([int(exact)], device=device)
+    dist.broadcast(flag, 0)
+    say(f"cp={world} on cuda: {'exact' if flag.item() else 'NOT exact'} within TransformerEngine's tolerances and "
+        "bf16's own error", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if flag.item() else 1
+
+
 def lognormal_row(tokens: int = 131_072, seed: int = 0) -> list[int]:
     """Document lengths log-normal (mu 7.5, sigma 1.4) filling ``tokens``, the last one cut to fit."""
     g = torch.Generator().manual_seed(seed)
@@ -342,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--simulate", type=int, metavar="N", help="each of N ranks' attention, one after another")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--lengths", metavar="FILE", help="document lengths, whitespace-separated positive ints")
-    p.add_argument("--tokens", type=int, default=256, help="--check: tokens a row (default 256)")
+    p.add_argument("--tokens", type=int, default=256, help="--check: tokens a row (default 256); on cuda without "
+                   "--lengths, the log-normal row's length")
     p.add_argument("--steps", type=int, default=3, help="--check: training steps (default 3)")
     p.add_argument("--heads", type=int, default=16, help="--simulate: query heads (default 16)")
     p.add_argument("--kv-heads", type=int, default=16, help="--simulate: key/value heads (default 16)")
@@ -373,10 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     try:
         if args.check:
-            if args.device != "cpu":
-                p.error("--check runs on gloo with --device cpu (fp64); time GPUs with --simulate")
-            if "WORLD_SIZE" not in __import__("os").environ:
-                p.error("--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check")
+            if "WORLD_SIZE" not in os.environ:
+                p.error(f"--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device {args.device} --check")
+            if args.device == "cuda":
+                if not torch.cuda.is_available():
+                    p.error("--check --device cuda, but no CUDA device is visible; use --device cpu (fp64, gloo)")
+                exit_after_distributed(check_cuda(args, p))
             exit_after_distributed(check(args, p))
         return simulate(args, p)
     except ValueError as e:

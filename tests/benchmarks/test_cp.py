@@ -86,6 +86,14 @@ def test_the_contiguous_baseline_is_exact_per_document(world):
         assert torch.allclose(t.grad, w, rtol=0, atol=1e-12)
 
 
+def test_check_on_cuda_without_a_gpu_is_one_line_and_exit_2():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.cp", "--check", "--device", "cuda"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "1"})
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert run.stderr.startswith("python -m benchmarks.cp: error: --check --device cuda, but no CUDA device is visible; "
+                                 "use --device cpu (fp64, gloo)")
+
+
 def test_lengths_are_read_as_positive_ints_only(tmp_path):
     f = tmp_path / "l.txt"
     f.write_text("3 4\n5\n")
@@ -107,7 +115,7 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--simulate", "0"], "--simulate is 0; expected an int >= 1"),
     (["--simulate", "2", "--heads", "6", "--kv-heads", "4"], "--heads 6 is not a multiple of --kv-heads 4"),
     (["--check"], "--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device cpu --check"),
-    (["--check", "--device", "cuda"], "--check runs on gloo with --device cpu (fp64); time GPUs with --simulate"),
+    (["--check", "--device", "cuda"], "--check runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp --device cuda --check"),
     (["--simulate", "2", "--lengths", "/nonexistent/l.txt"], "--lengths /nonexistent/l.txt: cannot read it as text"),
     (["--simulate", "2", "--kernel", "no-such-kernel"], "--kernel no-such-kernel does not load here; loaded: "),
     (["--simulate", "2", "--split-fraction", "0"], "--split-fraction 0 is out of range; expected a number > 0"),
