@@ -99,10 +99,11 @@ def pack_rows(lengths: list[int], tokens: int) -> list[list[int]]:
 
 
 def document_attention(q, k, v, seq_lens, *, causal: bool, scale: float | None = None, window: int | None = None,
-                       softcap: float | None = None):
+                       softcap: float | None = None, sinks: torch.Tensor | None = None):
     """The reference: each document's attention alone, softmax written out. q (T, H, D), k and v
     (T, H_kv, D) -> out (T, H, D) and log-sum-exp (T, H). ``window``: a query sees its ``window``
-    latest keys (itself included); ``softcap``: logits capped as softcap * tanh(logits / softcap)."""
+    latest keys (itself included); ``softcap``: logits capped as softcap * tanh(logits / softcap);
+    ``sinks``: (H,) a logit a head in every softmax, attending nothing (counted in the log-sum-exp)."""
     group = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses, start = [], [], 0
@@ -117,6 +118,8 @@ def document_attention(q, k, v, seq_lens, *, causal: bool, scale: float | None =
         if window is not None:
             logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-window), float("-inf"))
         lse = logits.logsumexp(-1, keepdim=True)
+        if sinks is not None:
+            lse = torch.logaddexp(lse, sinks[:, None, None])
         outs.append(((logits - lse).exp() @ vd).transpose(0, 1))
         lses.append(lse[..., 0].transpose(0, 1))
         start += n

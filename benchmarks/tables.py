@@ -224,6 +224,27 @@ def context_balance() -> str:
     return "\n".join(lines)
 
 
+def context_simulate() -> str:
+    """Each context-parallel rank's attention on one GPU (``benchmarks.cp --simulate``): the
+    contiguous split against the head-tail layout, on one long document and on a log-normal mix."""
+    folder = RESULTS / "distributed" / "2026-12-06-context-simulate"
+    runs = [(_records(folder / f"{row}_n{n}.json")[0], row) for row in ("one_doc", "lognormal") for n in (2, 4, 8)]
+    first = runs[0][0]
+    lines = [f"{first['gpu']}, torch {first['torch']}, {first['kernel']}, {first['dtype']}, {first['heads']} heads of "
+             f"{first['head_dim']}, forward and backward; `{_short(first['command'])}` (and `--simulate 2`, `4`; "
+             f"the mix: no `--lengths`); records in `{folder.relative_to(ROOT)}/`:", "",
+             "| row of 131,072 tokens | N | unsharded | contiguous: max/mean | contiguous: slowest x N / unsharded | "
+             "head-tail: max/mean | head-tail: slowest x N / unsharded | head-tail: sum of ranks / unsharded | "
+             "documents cut |", "|---|---|---|---|---|---|---|---|---|"]
+    for r, row in runs:
+        contiguous, layout = r["layouts"][0], r["layouts"][1]
+        name = "one document" if row == "one_doc" else f"log-normal mix ({r['docs']} documents, longest {r['longest']:,})"
+        lines.append(f"| {name} | {r['world_size']} | {r['whole_row_ms']:.1f} ms | {contiguous['max_over_mean']:.3f} | "
+                     f"{contiguous['slowest_x_n_over_whole']:.3f} | {layout['max_over_mean']:.3f} | "
+                     f"{layout['slowest_x_n_over_whole']:.3f} | {layout['sum_over_whole']:.3f} | {layout['cut_documents']} |")
+    return "\n".join(lines)
+
+
 def _k(tokens_per_s: float) -> str:
     """98,364 -> 98.4k; 271,034 -> 271k (three significant figures)."""
     k = tokens_per_s / 1000
@@ -280,6 +301,7 @@ def _short(command: str) -> str:
 TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200, "hf_h100": hf_h100,
                                          "nested_h100": nested_h100, "gpt2_eager_h100": gpt2_eager_h100,
                                          "qwen3_same_run": qwen3_same_run, "context_balance": context_balance,
+                                         "context_simulate": context_simulate,
                                          "samplers": samplers,
                                          "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))

@@ -88,14 +88,15 @@ def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor:
 @torch.compiler.disable
 def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Batch, *, causal: bool, group=None,
                       scale: float | None = None, window: int | None = None, softcap: float | None = None,
-                      return_lse: bool = False, kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                      sinks: Tensor | None = None, return_lse: bool = False,
+                      kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of a shard's tokens: q (T_local, H, D), k and v (T_local, H_kv, D) with H a multiple
     of H_kv -> (T_local, H, D), the rows of the whole row's per-document attention at this rank's
     tokens. ``shard`` is the shard's ``batch.context`` (or the shard itself); ``group`` the
     context-parallel process group (the default group when None), whose size and rank must be the
     layout's; ``scale`` the softmax scale (None: 1/sqrt(D)). ``return_lse``: also return each
     query's log-sum-exp of its scaled logits, (T_local, H) float (computed explicitly: for checks).
-    ``window``, ``softcap`` and ``kernel``: see :func:`attend_chunks`."""
+    ``window``, ``softcap``, ``sinks`` and ``kernel``: see :func:`attend_chunks`."""
     shard = _context_of(shard)
     layout = shard.layout
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -105,7 +106,7 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
                          f"context-parallel group of {world}: shard for this group")
     def gather_and_attend(q: Tensor, k: Tensor, v: Tensor):
         return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
-                             window=window, softcap=softcap, return_lse=return_lse, kernel=kernel)
+                             window=window, softcap=softcap, sinks=sinks, return_lse=return_lse, kernel=kernel)
 
     if shard.regather and torch.is_grad_enabled():
         # Nothing but q, k and v is kept: the backward runs the gather (a collective, in the same
@@ -124,7 +125,8 @@ def _context_of(shard: ContextShard | Batch) -> ContextShard:
 
 def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, causal: bool, key_dim: int,
                   scale: float | None = None, window: int | None = None, softcap: float | None = None,
-                  return_lse: bool = False, kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                  sinks: Tensor | None = None, return_lse: bool = False,
+                  kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The local part of :func:`context_attention`: q (T_local, H, D) against ``source``, the key
     source of :func:`gather_keys` or :func:`simulated_keys` (keys in its first ``key_dim`` features,
     values in the rest). Each chunk's keys are picked by the shard's host-made index, and its queries
@@ -132,7 +134,10 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
 
     ``window``: causal only, a query sees the ``window`` latest keys of its document, itself
     included (transformers' ``sliding_window``). ``softcap``: logits capped as
-    ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
+    ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2). ``sinks``: (H,) one logit a
+    head, in every query's softmax and attending nothing (gpt-oss' learned sinks); each chunk
+    attends its whole document prefix in one softmax, so a sink is counted once a query, as in the
+    whole row. With sinks, ``return_lse`` counts the sink in the log-sum-exp.
 
     ``kernel``: a varlen kernel taking the chunks' query and key boundaries apart
     (:func:`packing.context.varlen.chunk_kernel` gives a checked one); None: SDPA over the chunks
@@ -144,12 +149,16 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
                          "and causal")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap is {softcap!r}; expected a positive number or None")
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks has shape {tuple(sinks.shape)}; context-parallel attention takes one sink logit a head, "
+                         f"({q.shape[1]},): per-token sinks are not computed under context parallelism")
     keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
     k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
     if kernel is not None:
         if return_lse:
             raise ValueError("return_lse is computed on the masked path only (kernel=None)")
-        options = {name: value for name, value in (("window", window), ("softcap", softcap)) if value is not None}
+        options = {name: value for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
+                   if value is not None}
         return kernel(q, k_row.contiguous(), v_row.contiguous(), shard.cu_seqlens_q, shard.cu_seqlens_k[causal],
                       shard.max_seqlen_q, shard.max_seqlen_k[causal], causal, scale=scale, **options)
     chunks = shard.layout.chunks[shard.rank]
@@ -176,7 +185,7 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
     def tokens(x: Tensor) -> Tensor:  # (C, H, Lq, X) -> (T_local, H, X)
         return x.transpose(1, 2).reshape(n * lq, heads, x.shape[-1]).index_select(0, q_slot)
 
-    if not return_lse and softcap is None:
+    if not return_lse and softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None], scale=scale,
                                              enable_gqa=kb.shape[1] != heads)  # (C, H, Lq, Dv)
         return tokens(out)
@@ -187,5 +196,7 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, H, Lq, 1)
+    if sinks is not None:  # the sink joins each query's normaliser and attends no value
+        lse = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None, None])
     out = (logits - lse).exp() @ vb
     return (tokens(out), tokens(lse)[..., 0]) if return_lse else tokens(out)

@@ -36,15 +36,16 @@ import functools
 import torch
 from torch import Tensor
 
-from packing.kernels import ChunkVarlen, chunk_varlen_kernels, chunk_varlen_options, takes_head_dim
+from packing.kernels import ChunkVarlen, chunk_varlen_kernels, takes_head_dim, varlen_options
 
 _verdicts: dict[tuple, float] = {}  # (kernel, device type, dtype, head_dim) -> the measured error, once passed
 TOLERANCE_FACTOR, FLOOR = 4.0, 1e-5
 
 
 # The option values a check runs with: a window shorter than the check's documents, a softcap that
-# bends the logits, a scale other than 1/sqrt(D).
-CHECK_OPTIONS = {"window": 7, "softcap": 2.0, "scale": 0.3}
+# bends the logits, a scale other than 1/sqrt(D), sink logits (one a head of the check's 4) that
+# take a sizeable share of the softmax.
+CHECK_OPTIONS = {"window": 7, "softcap": 2.0, "scale": 0.3, "sinks": (-1.0, 0.0, 0.5, 2.0)}
 
 
 # Once per process for each device, dtype, head dimension, kernel list and options: it is asked in
@@ -54,12 +55,12 @@ def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, names:
                  options: frozenset[str] = frozenset()) -> tuple[str, ChunkVarlen] | None:
     """The first kernel of :func:`~packing.kernels.chunk_varlen_kernels` (of ``names`` only, in
     that order, when given) that loads, computes ``head_dim`` (:func:`~packing.kernels.takes_head_dim`)
-    and every option of ``options`` (``window``, ``softcap``, ``scale``), and passes
+    and every option of ``options`` (``window``, ``softcap``, ``scale``, ``sinks``), and passes
     :func:`check_kernel` here with them; None when none does.
     A kernel that loads and fails its check raises: it is never skipped silently."""
     found = chunk_varlen_kernels()
     for name in names if names is not None else tuple(found):
-        if name in found and options <= chunk_varlen_options(name) and takes_head_dim(name, head_dim):
+        if name in found and options <= varlen_options(name) and takes_head_dim(name, head_dim):
             check_kernel(name, found[name], device, dtype, head_dim, options)
             return name, found[name]
     return None
@@ -93,12 +94,19 @@ def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: to
             for how, run_dtype, use in (("reference", torch.float64, None), ("sdpa", dtype, None), ("kernel", dtype, kernel)):
                 q = q_row[idx].to(device, run_dtype).requires_grad_()
                 source = simulated_keys(k_row.to(device, run_dtype), v_row.to(device, run_dtype), part.context).requires_grad_()
+                leaves = [q, source]
+                run_options = dict(asked)
+                if "sinks" in asked:  # a learned parameter: its gradient is checked too
+                    run_options["sinks"] = torch.tensor(asked["sinks"], device=device, dtype=run_dtype, requires_grad=True)
+                    leaves.append(run_options["sinks"])
                 if how == "reference":  # the softmax written out
-                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, return_lse=True, **asked)[0]
+                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, return_lse=True, **run_options)[0]
                 else:
-                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, kernel=use, **asked)
+                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, kernel=use, **run_options)
                 out.backward(d_out[idx].to(device, run_dtype))
-                runs[how] = [t.double().cpu() for t in (out.detach(), q.grad, source.grad)]
+                # a kernel that ignores an input leaves its gradient None: zeros, which the check refuses
+                grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
+                runs[how] = [t.double().cpu() for t in (out.detach(), *grads)]
             for how in ("sdpa", "kernel"):
                 for got, ref in zip(runs[how], runs["reference"]):
                     worst[how] = max(worst[how], ((got - ref).norm() / ref.norm()).item())

@@ -336,12 +336,13 @@ def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: Lay
     from packing.context.attention import context_attention
     from packing.context.varlen import chunk_kernel
 
-    if layer.sinks is not None:
-        raise ValueError("'packing_varlen' under context parallelism does not compute sinks yet, and this layer asks "
-                         "for them; train this model without context parallelism (one rank per row)")
+    if layer.sinks is not None and layer.sinks.dim() != 1:
+        raise ValueError(f"'packing_varlen' under context parallelism takes attention sinks per head, (H,), and this "
+                         f"layer gives per-token sinks of shape {tuple(layer.sinks.shape)}; train this model without "
+                         "context parallelism (one rank per row)")
     if v.dtype != q.dtype:  # rotary embeddings leave q and k in fp32 under autocast while v is half
         q, k = q.to(v.dtype), k.to(v.dtype)
-    options = {"scale": layer.scale, "window": layer.window, "softcap": layer.softcap}
+    options = {"scale": layer.scale, "window": layer.window, "softcap": layer.softcap, "sinks": layer.sinks}
     found = None
     if q.is_cuda:
         names = _resolved(name).names
@@ -351,7 +352,7 @@ def _context(q: Tensor, k: Tensor, v: Tensor, shard: Any, group: Any, layer: Lay
             raise ValueError(f"this model's kernels {list(names)} have no context-parallel form here for this layer "
                              f"({sorted(asked) or 'no options'}); a shard's chunks need a kernel that takes their query "
                              "and key boundaries apart: add 'flash-attn-3', 'flash-attn-4', 'flash-attn-2' or 'torch.varlen_attn' "
-                             "(no softcap) to pack(model, kernels=...)")
+                             "(no softcap; sinks: FA4 only) to pack(model, kernels=...)")
     out = context_attention(q, k, v, shard, causal=layer.causal, group=group,
                             kernel=None if found is None else found[1], **options)
     return out, f"context parallel: keys all-gathered, {'sdpa per chunk' if found is None else found[0]}"

@@ -29,7 +29,7 @@ from torch import Tensor
 from packing.kernels.common import (VARLEN_HEAD_DIM_MULTIPLE, VARLEN_MAX_HEAD_DIM, VARLEN_MIN_HEAD_DIM,
                                     check_version, flash_window, gpu_loads)
 
-__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "chunk_varlen_kernels", "chunk_varlen_options", "flash_window", "gpu_loads", "head_dim_check",
+__all__ = ["VARLEN_OPTIONS", "VARLEN_MIN_HEAD_DIM", "chunk_varlen_kernels", "flash_window", "gpu_loads", "head_dim_check",
            "takes_head_dim", "varlen_kernels", "varlen_options"]
 
 Varlen = Callable[..., Tensor]  # fn(q, k, v, cu_seqlens, max_seqlen, causal, **options) -> out
@@ -67,7 +67,8 @@ def varlen_kernels() -> dict[str, Varlen]:
 
 
 # fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, *, scale=None, window=None,
-#    softcap=None) -> out; the options as in VARLEN_OPTIONS, each kernel's in chunk_varlen_options
+#    softcap=None[, sinks=None]) -> out; the options as in VARLEN_OPTIONS, each kernel's those of its
+#    one-boundary form (varlen_options)
 ChunkVarlen = Callable[..., Tensor]
 
 
@@ -87,12 +88,6 @@ def chunk_varlen_kernels() -> dict[str, ChunkVarlen]:
         if run is not None:
             found[name] = run
     return found
-
-
-def chunk_varlen_options(name: str) -> frozenset[str]:
-    """The keyword options (``scale``, ``window``, ``softcap``) chunk kernel ``name`` computes: those
-    of its one-boundary form (:func:`varlen_options`)."""
-    return varlen_options(name) - {"sinks"}
 
 
 def _fa3_chunks() -> ChunkVarlen | None:

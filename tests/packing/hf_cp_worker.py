@@ -3,7 +3,9 @@ grouped-query, packing_varlen) trained context-parallel, the model's code unchan
 its shard's kwargs from pack(model).kwargs. Rank 0 saves the summed gradients and both losses
 (the model's own and the chunked one). ARCH gemma2: a tiny Gemma 2, whose layers alternate a 4-token
 sliding window (shorter than the documents) with full attention, with logits softcapped and the
-softmax scale from query_pre_attn_scalar. Usage: hf_cp_worker.py OUT_FILE [ARCH: llama|gemma2]"""
+softmax scale from query_pre_attn_scalar. ARCH gpt_oss: a tiny gpt-oss, learned attention sinks in
+every layer and a 6-token sliding window in every other one, experts routed per token.
+Usage: hf_cp_worker.py OUT_FILE [ARCH: llama|gemma2|gpt_oss]"""
 
 import os
 import sys
@@ -27,6 +29,16 @@ def model(arch: str = "llama"):
                                            final_logit_softcapping=None, max_position_embeddings=64,
                                            attn_implementation="packing_varlen")
         return transformers.Gemma2ForCausalLM(config)
+    if arch == "gpt_oss":
+        config = transformers.GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6,
+                                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                           attn_implementation="packing_varlen")
+        lm = transformers.GptOssForCausalLM(config)
+        with torch.no_grad():  # sinks that take a sizeable share of each softmax, different per head
+            for layer in lm.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+        return lm
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       attn_implementation="packing_varlen")

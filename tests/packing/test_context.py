@@ -233,7 +233,7 @@ def test_ranks_train_as_one_process(tmp_path, world, causal, data, wrap, regathe
         assert rel(got["grads"][name], p.grad) <= TOL, name
 
 
-@pytest.mark.parametrize("world, arch", [(2, "llama"), (3, "llama"), (2, "gemma2")])
+@pytest.mark.parametrize("world, arch", [(2, "llama"), (3, "llama"), (2, "gemma2"), (2, "gpt_oss")])
 def test_a_transformers_model_trains_context_parallel_unchanged(tmp_path, world, arch):
     # pack(model).kwargs of each rank's shard into the model's own forward: the model's loss and the
     # chunked loss, summed over the ranks, and their gradients equal one process on the whole rows.
@@ -289,9 +289,9 @@ def test_a_transformers_shard_refuses_what_context_parallelism_does_not_compute(
     oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         num_hidden_layers=2, sliding_window=6, attn_implementation="packing_varlen"))
-    packed = pack(oss)
-    with pytest.raises(ValueError, match=r"'packing_varlen' under context parallelism does not compute sinks yet"):
-        oss(**packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples)))
+    packed = pack(oss)  # sinks and a window: computed under context parallelism
+    kwargs = packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples))
+    assert rel(oss(**kwargs).loss, oss(**packed(samples)).loss) <= TOL
     sdpa = tiny("llama", attn_implementation="sdpa")
     packed = pack(sdpa)
     with pytest.raises(ValueError, match=r"a context-parallel shard needs attn_implementation 'packing_varlen' .*runs 'sdpa'"):

@@ -16,7 +16,7 @@ from packing.context import batch_blocks, plan_layout, shard, unshard
 from packing.context.attention import attend_chunks, simulated_keys
 from packing.context.shard import local_index
 from packing.context.varlen import check_kernel
-from packing.kernels import chunk_varlen_kernels, chunk_varlen_options, takes_head_dim
+from packing.kernels import chunk_varlen_kernels, takes_head_dim, varlen_options
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -39,7 +39,7 @@ def test_every_chunk_kernel_passes_its_first_use_check(name, head_dim):
     kernel = _kernel(name)
     if not takes_head_dim(name, head_dim):
         pytest.skip(f"{name} does not compute head dim {head_dim}")
-    computes = chunk_varlen_options(name)
+    computes = varlen_options(name)
     option_sets = [frozenset()] + [frozenset({o}) for o in sorted(computes)] + [frozenset(computes)]
     for options in dict.fromkeys(option_sets):
         for dtype in (torch.bfloat16, torch.float16):

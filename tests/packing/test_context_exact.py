@@ -2,6 +2,8 @@
 process (the keys each rank's all-gather would give it), with the leakage probe and its negative
 controls. The collective itself runs under torchrun in tests/benchmarks/test_cp.py."""
 
+import re
+
 import pytest
 import torch
 
@@ -87,6 +89,33 @@ def test_a_window_and_a_softcap_cross_the_cut_exactly(world, options):
         assert rel(sharded(batch, q, k, v, world, True, split_tokens=4)[0], ref_out.detach()) > 1e-3
 
 
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("window", [None, 5], ids=["sinks", "sinks-window"])
+def test_attention_sinks_cross_the_cut_exactly(world, window):
+    # gpt-oss: a learned logit a head in every query's softmax. Each chunk attends its whole prefix
+    # in one softmax, so the sink counts once a query, as in the whole row; its gradient too.
+    batch, q, k, v = row_of(ROWS["mixed"])
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v, torch.tensor([-1.0, 0.0, 0.5, 2.0], dtype=torch.float64))]
+              for _ in "ab"]
+    out, lse = sharded(batch, *leaves[0][:3], world, True, split_tokens=4, window=window, sinks=leaves[0][3])
+    ref_out, ref_lse = document_attention(*leaves[1][:3], batch.seq_lens, causal=True, window=window, sinks=leaves[1][3])
+    (out.square().sum() + lse.sum()).backward()
+    (ref_out.square().sum() + ref_lse.sum()).backward()
+    assert rel(out, ref_out) <= 1e-12 and rel(lse, ref_lse) <= 1e-12
+    for a, b in zip(*leaves):
+        assert rel(a.grad, b.grad) <= 1e-12
+    # the negative control: the same row without the sinks differs
+    assert rel(sharded(batch, q, k, v, world, True, split_tokens=4, window=window)[0], ref_out.detach()) > 1e-2
+
+
+def test_sinks_are_one_logit_a_head():
+    batch, q, k, v = row_of(ROWS["tiny"])
+    for sinks in (torch.zeros(2, dtype=torch.float64), torch.zeros(1, HEADS, batch.num_slots, 1, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=re.escape(f"sinks has shape {tuple(sinks.shape)}; context-parallel attention "
+                                                       f"takes one sink logit a head, ({HEADS},): per-token sinks are not computed")):
+            sharded(batch, q, k, v, 2, True, sinks=sinks)
+
+
 def test_a_window_needs_causal_attention():
     batch, q, k, v = row_of(ROWS["tiny"])
     with pytest.raises(ValueError, match=r"window is 4 with causal=False; a sliding window is a positive int of keys, and causal"):
@@ -130,8 +159,8 @@ def test_changing_one_token_changes_only_its_own_document(world):
         assert not torch.equal(before[outside], after[outside])
 
 
-def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, keys_from_queries=False,
-                 top_left=False):
+def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, sinks=None,
+                 keys_from_queries=False, top_left=False):
     """A varlen kernel written out: sequence i's queries against its keys, causal aligned bottom-right
     (or, to be refused, top-left; or reading the queries' boundaries for the keys)."""
     cu_k = cu_q if keys_from_queries else cu_k
@@ -145,7 +174,14 @@ def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, windo
             mask = torch.ones(lq, lk, dtype=torch.bool).tril(0 if top_left else lk - lq)
             if window is not None:
                 mask &= torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq - window + 1)
-        outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
+        if sinks is None:
+            outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
+            continue
+        logits = qi @ ki.transpose(-1, -2) * (qi.shape[-1] ** -0.5 if scale is None else scale)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        lse = torch.logaddexp(logits.logsumexp(-1, keepdim=True), sinks[:, None, None])
+        outs.append(((logits - lse).exp() @ vi).transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -171,6 +207,10 @@ def test_a_kernel_is_checked_before_first_use_and_a_wrong_one_refused():
     cpu = torch.device("cpu")
     assert check_kernel("written out", bottom_right, cpu, torch.float32, 16) <= 1e-5
     assert check_kernel("written out", bottom_right, cpu, torch.float32, 16, frozenset({"window", "scale"})) <= 1e-5
+    assert check_kernel("written out", bottom_right, cpu, torch.float32, 16, frozenset({"sinks", "window"})) <= 1e-5
+    with pytest.raises(ValueError, match=r"the varlen kernel 'no sinks' is not exact .* at head dim 16 with sinks: "):
+        check_kernel("no sinks", lambda *a, sinks=None, **kw: bottom_right(*a, **kw), cpu, torch.float32, 16,
+                     frozenset({"sinks"}))
     with pytest.raises(ValueError, match=r"the varlen kernel 'no window' is not exact .* at head dim 16 with window: "):
         check_kernel("no window", lambda *a, window=None, **kw: bottom_right(*a, **kw), cpu, torch.float32, 16,
                      frozenset({"window"}))
