@@ -289,7 +289,8 @@ def _attention(name: str, module: torch.nn.Module, query: Tensor, key: Tensor, v
 def same_keys(cu: Tensor, max_len: int, cu_k: Tensor, max_k: int) -> None:
     """Refuse keys' boundaries other than the queries': a packed row attends each document to
     itself, so the kernel reads ``cu_seq_lens_q`` and ``max_length_q`` for both, and a different
-    ``cu_seq_lens_k`` or ``max_length_k`` would be dropped.
+    ``cu_seq_lens_k`` or ``max_length_k`` would be dropped. Under ``torch.compile`` the keys'
+    boundaries must be the queries' very tensor, and ``max_length_k`` is not read (see the code).
 
     Examples:
         >>> cu = torch.tensor([0, 3, 5], dtype=torch.int32)
@@ -303,13 +304,14 @@ def same_keys(cu: Tensor, max_len: int, cu_k: Tensor, max_k: int) -> None:
         raise ValueError("'packing_varlen' got cu_seq_lens_k other than cu_seq_lens_q; a packed row attends each "
                          "document to itself: pass the same boundaries for both (pack(model)'s kwargs do)")
     if torch.compiler.is_compiling():
-        # Compiled, the lengths may be dynamic. `max_k != max_len` would guard on the two symbols and
-        # replace one with the other, and Inductor then hands the replaced, unbound symbol to the
-        # kernel's custom op (NameError inside the compiled step, torch 2.11 to 2.13). torch._check
-        # keeps the same condition; its message may not read the (symbolic) values.
-        torch._check(max_k == max_len, lambda: "'packing_varlen' got max_length_k other than max_length_q; a packed "
-                     "row attends each document to itself: pass the same (pack(model)'s kwargs do)")
-    elif max_k != max_len:
+        # Compiled, the lengths may be dynamic, and any comparison of the two symbols (`!=`, and
+        # torch._check too) makes the shape environment replace one with the other; Inductor then
+        # hands the kernel's custom op the replaced, unbound symbol (NameError inside the compiled
+        # FA4 step on an H100, torch 2.11). So compiled, max_length_k is not read at all: the
+        # kernels take max_length_q for the keys too, exact because the keys' boundaries are the
+        # queries' very tensor (checked above). Eager, a different max_length_k is refused.
+        return
+    if max_k != max_len:
         raise ValueError(f"'packing_varlen' got max_length_k={max_k!r} and max_length_q={max_len!r}; {_SAME_LENGTHS}")
 
 

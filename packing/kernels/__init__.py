@@ -125,14 +125,18 @@ def _torch_chunks() -> ChunkVarlen | None:
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    if "window_size" not in params or "enable_gqa" not in params:  # torch < 2.11
+    if "window_size" not in params:  # torch < 2.11: no bottom-right window, and a chunk may need one
         return None
+    # As in _torch_varlen: torch 2.11's varlen_attn has no enable_gqa and hands fewer key/value
+    # heads to the FA2 kernel as they are; later ones refuse them without it.
+    gqa = "enable_gqa" in params
 
     def run_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, softcap=None):
         _refuse_options("torch.varlen_attn", softcap=softcap)
-        scaled = {} if scale is None else {"scale": scale}
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=flash_window(window, causal),
-                           enable_gqa=k.shape[1] != q.shape[1], **scaled)
+        extra = {} if scale is None else {"scale": scale}
+        if gqa:
+            extra["enable_gqa"] = k.shape[1] != q.shape[1]
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=flash_window(window, causal), **extra)
 
     return run_torch
 

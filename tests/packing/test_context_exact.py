@@ -232,3 +232,35 @@ def test_a_kernel_call_refuses_return_lse_and_the_collator_refuses_a_bad_regathe
                       kernel=bottom_right)
     with pytest.raises(TypeError, match=r"regather is 'yes'; expected True or False"):
         ContextCollator(get_collator("concat"), world_size=2, rank=0, regather="yes")
+
+
+@pytest.mark.parametrize("has_gqa", [False, True], ids=["torch-2.11", "torch-2.13"])
+def test_torchs_chunk_kernel_loads_with_and_without_enable_gqa(monkeypatch, has_gqa):
+    # torch 2.11's varlen_attn has window_size and no enable_gqa (fewer key/value heads go to the
+    # kernel as they are); later ones have both. Either way the chunk form loads, and passes the
+    # chunks' own boundaries, a bottom-right window and enable_gqa only where it exists.
+    import torch.nn.attention.varlen as varlen_module
+
+    from packing.kernels import _torch_chunks
+
+    calls = []
+    if has_gqa:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+            calls.append(dict(cu_q=cu_seq_q, cu_k=cu_seq_k, max_q=max_q, max_k=max_k, window_size=window_size, enable_gqa=enable_gqa))
+            return query
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+            calls.append(dict(cu_q=cu_seq_q, cu_k=cu_seq_k, max_q=max_q, max_k=max_k, window_size=window_size))
+            return query
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run = _torch_chunks()
+    assert run is not None
+    q, k = torch.zeros(6, 4, 8), torch.zeros(10, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 2, 6]), torch.tensor([0, 4, 10])
+    run(q, k, k, cu_q, cu_k, 4, 6, True, window=3)
+    call = calls[-1]
+    assert call["cu_q"] is cu_q and call["cu_k"] is cu_k and (call["max_q"], call["max_k"]) == (4, 6)
+    assert call["window_size"] == (2, 0) and call.get("enable_gqa", None) == (True if has_gqa else None)
+    with pytest.raises(ValueError, match=r"torch.varlen_attn"):
+        run(q, k, k, cu_q, cu_k, 4, 6, True, softcap=2.0)

@@ -265,20 +265,37 @@ def _(x, cu, max_len):
 
 
 def test_the_keys_check_keeps_dynamic_lengths_usable_by_a_compiled_kernel():
-    # Compiled with dynamic lengths (they change between batches), the check that max_length_k is
-    # max_length_q must not leave the kernel's custom op an unbound symbol: a plain `!=` on the two
-    # dynamic ints did (NameError inside the compiled step, where FlashAttention-4's op takes it).
-    # A mismatch is still refused under compile.
-    def step(x, w, cu, max_q, max_k):
-        hf_attention.same_keys(cu, max_q, cu, max_k)
+    # Compiled with dynamic lengths (they change between batches), the keys check must not leave the
+    # kernel's custom op an unbound symbol: comparing max_length_k with max_length_q did, with `!=`
+    # on a CPU (below) and with torch._check on an H100 (NameError inside the compiled FA4 step). So
+    # compiled, max_length_k is not read (the kernel takes max_length_q, exact for the same
+    # boundaries); keys' boundaries other than the queries' very tensor are still refused.
+    def step(x, w, cu, max_q, max_k, cu_k=None):
+        hf_attention.same_keys(cu, max_q, cu if cu_k is None else cu_k, max_k)
         return _times_max_len(x @ w, cu, max_q).sum()
 
-    compiled, w = torch.compile(step, fullgraph=True), torch.randn(4, 4)  # a graph break would hide it
-    for n in (5, 7, 9):
-        x, cu = torch.randn(n, 4), torch.tensor([0, 2, n], dtype=torch.int32)
-        torch.testing.assert_close(compiled(x, w, cu, n, n), step(x, w, cu, n, n))
-    with pytest.raises(RuntimeError, match="got max_length_k other than max_length_q; a packed row attends each"):
-        compiled(x, w, cu, 9, 10)
+    def unguarded(x, w, cu, max_q, max_k):  # the plain comparison: the negative control
+        if max_q != max_k:
+            raise ValueError("different")
+        return _times_max_len(x @ w, cu, max_q).sum()
+
+    w = torch.randn(4, 4)
+    for fn, works in ((step, True), (unguarded, False)):
+        compiled = torch.compile(fn, fullgraph=True)  # a graph break would hide it
+        try:
+            for n in (5, 7, 9, 11):
+                x, cu = torch.randn(n, 4), torch.tensor([0, 2, n], dtype=torch.int32)
+                torch.testing.assert_close(compiled(x, w, cu, n, n), fn(x, w, cu, n, n), rtol=1e-4, atol=1e-4)
+        except NameError:
+            assert not works, "the compiled step lost its length symbol"
+        else:
+            assert works, "the plain comparison no longer loses the symbol: the negative control proves nothing"
+        torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    with pytest.raises(Exception, match="got cu_seq_lens_k other than cu_seq_lens_q"):
+        compiled(x, w, cu, 11, 11, cu.clone())
+    with pytest.raises(ValueError, match=r"got max_length_k=12 and max_length_q=11"):
+        step(x, w, cu, 11, 12)
     torch._dynamo.reset()
 
 
