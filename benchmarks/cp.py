@@ -32,7 +32,9 @@ contiguous split (rank r holds tokens [r·T/N, (r+1)·T/N)) as the baseline, the
 layout at each ``--split-fraction`` (documents whose work is above that fraction of a rank's share
 are cut in 2N chunks; the rest stay whole). For each it prints every rank's time, max/mean, the
 slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of attention) and the
-ranks' sum over it. No collective runs: the all-gather's time is the multi-GPU run's to measure.
+ranks' sum over it; with a kernel, the same for the kernel call alone (the chunks' keys gathered
+beforehand), which tells the kernel's time from the copies around it. No collective runs: the
+all-gather's time is the multi-GPU run's to measure.
 
 The rows: ``--lengths FILE`` holds document lengths, whitespace-separated positive ints. ``--check``
 packs them in order into rows of ``--tokens``; ``--simulate`` takes them all as one row. Without a
@@ -405,6 +407,9 @@ def simulate(args, parser: Parser) -> int:
             kernel_name, kernel = found
 
     def step_of(layout, rank):
+        """(the rank's attention step, the kernel call alone or None): the step gathers each chunk's
+        keys from the key source and runs the kernel, forward and backward; the kernel alone takes
+        the chunks' keys already gathered, to tell the kernel's time from the copies around it."""
         part = shard(batch, layout, rank).to(device)
         idx = local_index(layout, rank).to(device)
         q = q_row[idx].detach().requires_grad_()
@@ -416,33 +421,59 @@ def simulate(args, parser: Parser) -> int:
             out.backward(grad)
             q.grad = source.grad = None
 
-        return step
+        if kernel is None:
+            return step, None
+        ctx = part.context
+        keys = source.detach().index_select(0, ctx.key_index[True])
+        k_only, v_only = (t.contiguous().requires_grad_() for t in keys.split(args.head_dim, dim=-1))
+
+        def kernel_step():
+            out = kernel(q, k_only, v_only, ctx.cu_seqlens_q, ctx.cu_seqlens_k[True], ctx.max_seqlen_q,
+                         ctx.max_seqlen_k[True], True)
+            out.backward(grad)
+            q.grad = k_only.grad = v_only.grad = None
+
+        return step, kernel_step
+
+    def timed(step_and_kernel) -> tuple[float, float | None]:
+        step, kernel_step = step_and_kernel
+        return _time(step, device, args.repeats), None if kernel_step is None else _time(kernel_step, device, args.repeats)
 
     blocks = batch_blocks(batch)
-    whole_ms = _time(step_of(plan_layout(blocks, 1), 0), device, args.repeats)
+    whole_ms, whole_kernel_ms = timed(step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
     layouts += [(f"head-tail, split fraction {f:g}", plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost))
                 for f in args.split_fraction]
     print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {args.dtype or str(dtype).removeprefix('torch.')}, "
           f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
-    print(f"whole row: {whole_ms:.3f} ms")
+    print(f"whole row: {whole_ms:.3f} ms" + ("" if whole_kernel_ms is None else f" (the kernel alone {whole_kernel_ms:.3f} ms)"))
     results = []
     for name, layout in layouts:
-        times = [_time(step_of(layout, r), device, args.repeats) for r in range(world)]
+        runs = [timed(step_of(layout, r)) for r in range(world)]
+        times = [ms for ms, _ in runs]
         result = {"layout": name, "rank_ms": times, "rank_tokens": [layout.local_len(r) for r in range(world)],
                   "max_over_mean": max(times) / statistics.mean(times),
                   "slowest_x_n_over_whole": max(times) * world / whole_ms, "sum_over_whole": sum(times) / whole_ms,
                   "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
                   "gather_padding_pct": 100 * layout.gather_padding / T}
+        if whole_kernel_ms is not None:
+            kernel_times = [ms for _, ms in runs]
+            result |= {"rank_kernel_ms": kernel_times, "kernel_max_over_mean": max(kernel_times) / statistics.mean(kernel_times),
+                       "kernel_slowest_x_n_over_whole": max(kernel_times) * world / whole_kernel_ms,
+                       "kernel_sum_over_whole": sum(kernel_times) / whole_kernel_ms}
         results.append(result)
         print(f"{name}: ranks {', '.join(f'{ms:.3f}' for ms in times)} ms; max/mean {result['max_over_mean']:.3f}; "
               f"slowest x N / whole {result['slowest_x_n_over_whole']:.3f}; sum / whole {result['sum_over_whole']:.3f}; "
               f"documents cut: {result['cut_documents']}")
+        if whole_kernel_ms is not None:
+            print(f"  the kernel alone: max/mean {result['kernel_max_over_mean']:.3f}; slowest x N / whole "
+                  f"{result['kernel_slowest_x_n_over_whole']:.3f}; sum / whole {result['kernel_sum_over_whole']:.3f}")
     best = results[1]  # the first head-tail layout: the one the last line reports
     record = {**environment(device), "world_size": world, "tokens": T, "docs": len(lens), "longest": max(lens),
               "dtype": args.dtype or str(dtype).removeprefix("torch."), "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "kernel": kernel_name, "area_cost": args.area_cost, "repeats": args.repeats,
-              "whole_row_ms": whole_ms, "layouts": results, "command": parser.command(args.argv)}
+              "whole_row_ms": whole_ms, "whole_row_kernel_ms": whole_kernel_ms, "layouts": results,
+              "command": parser.command(args.argv)}
     print(f"cp={world} simulated: max/mean {best['max_over_mean']:.3f}; slowest x N / whole row "
           f"{best['slowest_x_n_over_whole']:.3f} (contiguous: {results[0]['max_over_mean']:.3f}, "
           f"{results[0]['slowest_x_n_over_whole']:.3f})")

@@ -52,6 +52,24 @@ def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
     assert re.fullmatch(r"cp=3 simulated: max/mean \S+; slowest x N / whole row \S+ \(contiguous: \S+, \S+\)", last)
 
 
+def test_simulate_with_a_kernel_also_times_the_kernel_alone(tmp_path, monkeypatch):
+    # A kernel written out (bottom-right causal, the chunks' own boundaries) stands in for a GPU's.
+    sys.path.insert(0, str(ROOT / "tests" / "packing"))
+    import benchmarks.cp as cp
+    from test_context_exact import bottom_right
+
+    monkeypatch.setattr(cp, "chunk_kernel", lambda *a, **k: ("written out", bottom_right))
+    lengths, out = tmp_path / "l.txt", tmp_path / "s.json"
+    lengths.write_text("300 7 1 120 33")
+    assert main(["--simulate", "2", "--lengths", str(lengths), "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["kernel"] == "written out" and record["whole_row_kernel_ms"] > 0
+    for result in record["layouts"]:
+        assert len(result["rank_kernel_ms"]) == 2 and result["kernel_max_over_mean"] >= 1.0
+        assert result["kernel_sum_over_whole"] > 0
+
+
 @pytest.mark.parametrize("world", [2, 3, 5])
 def test_the_contiguous_baseline_is_exact_per_document(world):
     # The baseline does the same work as the head-tail layout: each rank's chunks against their
