@@ -423,15 +423,17 @@ def simulate(args, parser: Parser) -> int:
 
         if kernel is None:
             return step, None
-        ctx = part.context
-        keys = source.detach().index_select(0, ctx.key_index[True])
+        calls = part.context.kernel_calls[True]
+        keys = source.detach().index_select(0, calls.keys)
         k_only, v_only = (t.contiguous().requires_grad_() for t in keys.split(args.head_dim, dim=-1))
+        queries = [q.detach()[rows].requires_grad_() for rows in calls.q_index]
+        grads = [grad[rows] for rows in calls.q_index]
 
         def kernel_step():
-            out = kernel(q, k_only, v_only, ctx.cu_seqlens_q, ctx.cu_seqlens_k[True], ctx.max_seqlen_q,
-                         ctx.max_seqlen_k[True], True)
-            out.backward(grad)
-            q.grad = k_only.grad = v_only.grad = None
+            for qc, g, cu_q, cu_k, max_q, max_k in zip(queries, grads, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k):
+                kernel(qc, k_only, v_only, cu_q, cu_k, max_q, max_k, True).backward(g)
+                qc.grad = None
+            k_only.grad = v_only.grad = None
 
         return step, kernel_step
 

@@ -227,21 +227,21 @@ def context_balance() -> str:
 def context_simulate() -> str:
     """Each context-parallel rank's attention on one GPU (``benchmarks.cp --simulate``): the
     contiguous split against the head-tail layout, on one long document and on a log-normal mix."""
-    folder = RESULTS / "distributed" / "2026-12-06-context-simulate"
-    runs = [(_records(folder / f"{row}_n{n}.json")[0], row) for row in ("one_doc", "lognormal") for n in (2, 4, 8)]
-    first = runs[0][0]
-    lines = [f"{first['gpu']}, torch {first['torch']}, {first['kernel']}, {first['dtype']}, {first['heads']} heads of "
-             f"{first['head_dim']}, forward and backward; `{_short(first['command'])}` (and `--simulate 2`, `4`; "
-             f"the mix: no `--lengths`); records in `{folder.relative_to(ROOT)}/`:", "",
-             "| row of 131,072 tokens | N | unsharded | contiguous: max/mean | contiguous: slowest x N / unsharded | "
-             "head-tail: max/mean | head-tail: slowest x N / unsharded | head-tail: sum of ranks / unsharded | "
-             "documents cut |", "|---|---|---|---|---|---|---|---|---|"]
-    for r, row in runs:
-        contiguous, layout = r["layouts"][0], r["layouts"][1]
-        name = "one document" if row == "one_doc" else f"log-normal mix ({r['docs']} documents, longest {r['longest']:,})"
-        lines.append(f"| {name} | {r['world_size']} | {r['whole_row_ms']:.1f} ms | {contiguous['max_over_mean']:.3f} | "
-                     f"{contiguous['slowest_x_n_over_whole']:.3f} | {layout['max_over_mean']:.3f} | "
-                     f"{layout['slowest_x_n_over_whole']:.3f} | {layout['sum_over_whole']:.3f} | {layout['cut_documents']} |")
+    folder = RESULTS / "distributed" / "2026-12-06-h100-context-fa4"
+    runs = [_records(folder / f"fa4_{row}_n8.json")[0] for row in ("one_doc", "lognormal")]
+    first = runs[1]
+    lines = [f"{first['gpu']}, torch {first['torch']}, {first['kernel']} {first['kernels'][first['kernel']]}, "
+             f"{first['dtype']}, {first['heads']} heads of {first['head_dim']}, forward and backward, N = "
+             f"{first['world_size']} ranks one after another; `{_short(first['command'])}` (one document: "
+             f"`--lengths` of 131072); records in `{folder.relative_to(ROOT)}/`:", "",
+             "| row of 131,072 tokens | unsharded | layout | documents cut | max/mean | slowest x N / unsharded | "
+             "sum of ranks / unsharded |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        name = "one document" if r["docs"] == 1 else f"log-normal mix ({r['docs']} documents, longest {r['longest']:,})"
+        for layout in r["layouts"]:
+            lines.append(f"| {name} | {r['whole_row_ms']:.1f} ms | {layout['layout']} | {layout['cut_documents']} | "
+                         f"{layout['max_over_mean']:.3f} | {layout['slowest_x_n_over_whole']:.3f} | "
+                         f"{layout['sum_over_whole']:.3f} |")
     return "\n".join(lines)
 
 

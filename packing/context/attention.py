@@ -152,15 +152,19 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
     if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
         raise ValueError(f"sinks has shape {tuple(sinks.shape)}; context-parallel attention takes one sink logit a head, "
                          f"({q.shape[1]},): per-token sinks are not computed under context parallelism")
-    keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
-    k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
     if kernel is not None:
         if return_lse:
             raise ValueError("return_lse is computed on the masked path only (kernel=None)")
         options = {name: value for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
                    if value is not None}
-        return kernel(q, k_row.contiguous(), v_row.contiguous(), shard.cu_seqlens_q, shard.cu_seqlens_k[causal],
-                      shard.max_seqlen_q, shard.max_seqlen_k[causal], causal, scale=scale, **options)
+        calls = shard.kernel_calls[causal]
+        keys = source.index_select(0, calls.keys)  # (K, H_kv, Dk + Dv): each block's keys once, row order
+        k_row, v_row = (t.contiguous() for t in keys.split([key_dim, source.shape[-1] - key_dim], dim=-1))
+        outs = [kernel(q.index_select(0, rows), k_row, v_row, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options)
+                for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
+        return torch.cat(outs).index_select(0, calls.order)
+    keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
+    k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
     chunks = shard.layout.chunks[shard.rank]
     q_lens = [c.length for c in chunks]
     k_lens = [(c.end if causal else c.block_end) - c.block_start for c in chunks]

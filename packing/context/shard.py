@@ -45,6 +45,39 @@ from packing.context.layout import ContextLayout
 
 
 @dataclass(frozen=True, eq=False)
+class KernelCalls:
+    """How a varlen kernel runs a shard's chunks with every key copied once (one causality).
+
+    The chunks' keys overlap: a document cut head-and-tail gives a rank two chunks whose keys are
+    both its prefix. Rather than copying each chunk's keys out of the key source, ``keys`` picks
+    each block's keys once, in row order (the block's start up to the furthest key a local chunk of
+    it reads), and the chunks run in as many kernel calls as a block has chunks here (2 for a cut
+    document, 1 otherwise): in each call a block has at most one chunk, whose keys are a range of
+    that buffer. Keys a call's chunks do not read sit in sequences of no queries, which attend
+    nothing and give those keys no gradient.
+
+    Fields (K the buffer's keys; per call c, S_c sequences and Q_c queries):
+        keys: (K,) int64 indices into the key source, each block's keys once, in row order.
+        q_index: per call, (Q_c,) int64 local query rows, in the call's sequence order.
+        cu_q, cu_k: per call, (S_c + 1,) int32 cumulative query and key lengths.
+        max_q, max_k: per call, the longest sequence's queries and keys (host ints).
+        order: (local tokens,) int64: the calls' outputs, concatenated, back in local order.
+    """
+
+    keys: Tensor
+    q_index: tuple[Tensor, ...]
+    cu_q: tuple[Tensor, ...]
+    cu_k: tuple[Tensor, ...]
+    max_q: tuple[int, ...]
+    max_k: tuple[int, ...]
+    order: Tensor
+
+    def map(self, fn) -> KernelCalls:
+        return KernelCalls(fn(self.keys), tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
+                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order))
+
+
+@dataclass(frozen=True, eq=False)
 class ContextShard:
     """What rank ``rank`` needs beyond its tokens to attend exactly (``Batch.context``).
 
@@ -57,11 +90,11 @@ class ContextShard:
         num_targets: the whole row's targets: the loss denominator every rank uses.
         key_index: per causality, (K,) int64 indices into the (G + local tokens) key source, each
             chunk's keys in order: causal, its block from the start to the chunk's end;
-            bidirectional, its whole block.
-        cu_seqlens_k: per causality, (C + 1,) int32 cumulative key lengths of the chunks.
-        max_seqlen_k: per causality, the longest chunk's keys (host int).
+            bidirectional, its whole block (the masked path's keys).
+        kernel_calls: per causality, :class:`KernelCalls`: a varlen kernel's calls over the chunks,
+            every key copied once.
         cu_seqlens_q: (C + 1,) int32 cumulative query lengths of the chunks (the shard's own
-            ``cu_seqlens``), for a varlen kernel.
+            ``cu_seqlens``).
         max_seqlen_q: the longest chunk (host int).
         regather: whether the attention's backward all-gathers the keys and values again instead
             of keeping them from the forward (its forward is recomputed): the memory of the gathered
@@ -73,8 +106,7 @@ class ContextShard:
     num_tokens: int
     num_targets: int
     key_index: dict[bool, Tensor]
-    cu_seqlens_k: dict[bool, Tensor]
-    max_seqlen_k: dict[bool, int]
+    kernel_calls: dict[bool, KernelCalls]
     cu_seqlens_q: Tensor
     max_seqlen_q: int
     regather: bool = False
@@ -83,7 +115,7 @@ class ContextShard:
         """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
         return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets,
                             {c: fn(t) for c, t in self.key_index.items()},
-                            {c: fn(t) for c, t in self.cu_seqlens_k.items()}, dict(self.max_seqlen_k),
+                            {c: calls.map(fn) for c, calls in self.kernel_calls.items()},
                             fn(self.cu_seqlens_q), self.max_seqlen_q, self.regather)
 
     @property
@@ -167,13 +199,55 @@ def _keys(layout: ContextLayout, rank: int, gather_len: int):
         if not c.split:
             source[c.start:c.end] = torch.arange(local, local + c.length)
         local += c.length
-    index, cu, longest = {}, {}, {}
+    index, calls = {}, {}
     for causal in (True, False):
         spans = [(c.block_start, c.end if causal else c.block_end) for c in layout.chunks[rank]]
         index[causal] = torch.cat([source[a:b] for a, b in spans])
-        lengths = [b - a for a, b in spans]
-        cu[causal], longest[causal] = cumulative_lengths(lengths), max(lengths)
-    return index, cu, longest
+        calls[causal] = _kernel_calls(layout.chunks[rank], source, causal)
+    return index, calls
+
+
+def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
+    """:class:`KernelCalls` of one rank's ``chunks``; ``source`` maps row positions to the key source."""
+    key_end = [c.end if causal else c.block_end for c in chunks]
+    local_start = [0]
+    for c in chunks:
+        local_start.append(local_start[-1] + c.length)
+    reach: dict[int, int] = {}  # block start -> the furthest key a local chunk of it reads
+    per_block: dict[int, list[int]] = {}  # block start -> its chunks (indices), by their keys' end
+    for i, c in enumerate(chunks):
+        reach[c.block_start] = max(reach.get(c.block_start, 0), key_end[i])
+        per_block.setdefault(c.block_start, []).append(i)
+    starts = sorted(reach)
+    keys = [source[b:reach[b]] for b in starts]
+    q_index, cu_q, cu_k, max_q, max_k = [], [], [], [], []
+    for call in range(max(len(v) for v in per_block.values())):
+        lq, lk, rows = [], [], []
+        gap = 0  # keys since the last sequence that this call's chunks do not read
+        for b in starts:
+            mine = sorted(per_block[b], key=lambda i: (key_end[i], chunks[i].start))
+            if call >= len(mine):
+                gap += reach[b] - b
+                continue
+            i = mine[call]
+            if gap:
+                lq.append(0)
+                lk.append(gap)
+            lq.append(chunks[i].length)
+            lk.append(key_end[i] - b)
+            rows.append(torch.arange(local_start[i], local_start[i + 1]))
+            gap = reach[b] - key_end[i]
+        if gap:
+            lq.append(0)
+            lk.append(gap)
+        q_index.append(torch.cat(rows))
+        cu_q.append(cumulative_lengths(lq))
+        cu_k.append(cumulative_lengths(lk))
+        max_q.append(max(lq))
+        max_k.append(max(lk))
+    order = torch.empty(local_start[-1], dtype=torch.int64)
+    order[torch.cat(q_index)] = torch.arange(local_start[-1])
+    return KernelCalls(torch.cat(keys), tuple(q_index), tuple(cu_q), tuple(cu_k), tuple(max_q), tuple(max_k), order)
 
 
 def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:

@@ -264,3 +264,29 @@ def test_torchs_chunk_kernel_loads_with_and_without_enable_gqa(monkeypatch, has_
     assert call["window_size"] == (2, 0) and call.get("enable_gqa", None) == (True if has_gqa else None)
     with pytest.raises(ValueError, match=r"torch.varlen_attn"):
         run(q, k, k, cu_q, cu_k, 4, 6, True, softcap=2.0)
+
+
+def test_kernel_calls_copy_every_key_once():
+    # One 16-token document on 2 ranks: rank 0 holds chunks [0, 4) and [12, 16), whose causal keys
+    # are [0, 4) and [0, 16). The buffer holds keys 0..15 once; the head runs in one call (its 4
+    # keys, then 12 keys no query reads), the tail in another (all 16).
+    batch = get_collator("concat")([list(range(16))])
+    layout = plan_layout(batch_blocks(batch), 2)
+    calls = shard(batch, layout, 0).context.kernel_calls[True]
+    assert calls.keys.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7]
+    assert [t.tolist() for t in calls.cu_q] == [[0, 4, 4], [0, 4]]
+    assert [t.tolist() for t in calls.cu_k] == [[0, 4, 16], [0, 16]]
+    assert (calls.max_q, calls.max_k) == ((4, 4), (12, 16))
+    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # A mixed row at N = 8: no key twice in a rank's buffer, where the per-chunk keys repeat prefixes.
+    batch, *_ = row_of(ROWS["mixed"])
+    layout = plan_layout(batch_blocks(batch), 8, split_tokens=4)
+    saved = 0
+    for r in range(8):
+        context = shard(batch, layout, r).context
+        for causal in (True, False):
+            keys = context.kernel_calls[causal].keys
+            assert len(set(keys.tolist())) == len(keys) <= len(context.key_index[causal])
+            saved += len(context.key_index[causal]) - len(keys)
+            assert sorted(torch.cat(context.kernel_calls[causal].q_index).tolist()) == list(range(layout.local_len(r)))
+    assert saved > 0
