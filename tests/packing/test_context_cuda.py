@@ -42,7 +42,9 @@ def test_every_chunk_kernel_passes_its_first_use_check(name, head_dim):
     computes = varlen_options(name)
     option_sets = [frozenset()] + [frozenset({o}) for o in sorted(computes)] + [frozenset(computes)]
     for options in dict.fromkeys(option_sets):
-        for dtype in (torch.bfloat16, torch.float16):
+        # fp16 once, bf16 with every option: each new variant of a JIT-compiled kernel (FA4's CuTe
+        # DSL) compiles at first use, tens of seconds each
+        for dtype in (torch.bfloat16,) if options else (torch.bfloat16, torch.float16):
             error = check_kernel(name, kernel, torch.device("cuda"), dtype, head_dim, options)
             assert 0 < error < 2e-2, (name, head_dim, sorted(options), dtype, error)
 
