@@ -218,6 +218,8 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
     for i, c in enumerate(chunks):
         reach[c.block_start] = max(reach.get(c.block_start, 0), key_end[i])
         per_block.setdefault(c.block_start, []).append(i)
+    for mine in per_block.values():  # the k-th chunk of each block (by where its keys end) goes to call k
+        mine.sort(key=lambda i: (key_end[i], chunks[i].start))
     starts = sorted(reach)
     keys = [source[b:reach[b]] for b in starts]
     q_index, cu_q, cu_k, max_q, max_k = [], [], [], [], []
@@ -225,7 +227,7 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
         lq, lk, rows = [], [], []
         gap = 0  # keys since the last sequence that this call's chunks do not read
         for b in starts:
-            mine = sorted(per_block[b], key=lambda i: (key_end[i], chunks[i].start))
+            mine = per_block[b]
             if call >= len(mine):
                 gap += reach[b] - b
                 continue
