@@ -160,6 +160,9 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
         calls = shard.kernel_calls[causal]
         keys = source.index_select(0, calls.keys)  # (K, H_kv, Dk + Dv): each block's keys once, row order
         k_row, v_row = (t.contiguous() for t in keys.split([key_dim, source.shape[-1] - key_dim], dim=-1))
+        if calls.in_order:  # one call over the local rows as they are: no copy of q or out
+            return kernel(q, k_row, v_row, calls.cu_q[0], calls.cu_k[0], calls.max_q[0], calls.max_k[0], causal,
+                          scale=scale, **options)
         outs = [kernel(q.index_select(0, rows), k_row, v_row, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options)
                 for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
         return torch.cat(outs).index_select(0, calls.order)

@@ -62,6 +62,8 @@ class KernelCalls:
         cu_q, cu_k: per call, (S_c + 1,) int32 cumulative query and key lengths.
         max_q, max_k: per call, the longest sequence's queries and keys (host ints).
         order: (local tokens,) int64: the calls' outputs, concatenated, back in local order.
+        in_order: whether there is one call and its queries are the local rows in order (no block
+            cut across ranks, or the whole row): then the kernel takes q and gives out as they are.
     """
 
     keys: Tensor
@@ -71,10 +73,11 @@ class KernelCalls:
     max_q: tuple[int, ...]
     max_k: tuple[int, ...]
     order: Tensor
+    in_order: bool
 
     def map(self, fn) -> KernelCalls:
         return KernelCalls(fn(self.keys), tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
-                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order))
+                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order), self.in_order)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,9 +96,6 @@ class ContextShard:
             bidirectional, its whole block (the masked path's keys).
         kernel_calls: per causality, :class:`KernelCalls`: a varlen kernel's calls over the chunks,
             every key copied once.
-        cu_seqlens_q: (C + 1,) int32 cumulative query lengths of the chunks (the shard's own
-            ``cu_seqlens``).
-        max_seqlen_q: the longest chunk (host int).
         regather: whether the attention's backward all-gathers the keys and values again instead
             of keeping them from the forward (its forward is recomputed): the memory of the gathered
             keys, every layer, against one more forward of the attention.
@@ -107,16 +107,13 @@ class ContextShard:
     num_targets: int
     key_index: dict[bool, Tensor]
     kernel_calls: dict[bool, KernelCalls]
-    cu_seqlens_q: Tensor
-    max_seqlen_q: int
     regather: bool = False
 
     def map(self, fn) -> ContextShard:
         """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
         return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets,
                             {c: fn(t) for c, t in self.key_index.items()},
-                            {c: calls.map(fn) for c, calls in self.kernel_calls.items()},
-                            fn(self.cu_seqlens_q), self.max_seqlen_q, self.regather)
+                            {c: calls.map(fn) for c, calls in self.kernel_calls.items()}, self.regather)
 
     @property
     def gather_len(self) -> int:
@@ -174,13 +171,12 @@ def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = Fa
         raise ValueError(f"rank {rank} holds no tokens of this row ({layout.num_slots} tokens over "
                          f"{layout.world_size} ranks); use fewer context-parallel ranks for rows this short")
     lengths = [c.length for c in chunks]
-    cu = cumulative_lengths(lengths)  # the chunks are the shard's sequences: its cu_seqlens, the kernel's cu_seqlens_q
     context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, *_keys(layout, rank, layout.gather_len),
-                           cu, max(lengths), regather)
+                           regather)
     take = lambda t: t[:, index]  # noqa: E731  (1, T) -> (1, local)
     return Batch(layout="packed", input_ids=take(batch.input_ids), labels=take(batch.labels),
                  position_ids=take(batch.position_ids), seq_lens=tuple(lengths),
-                 cu_seqlens=cu, ignore_index=batch.ignore_index,
+                 cu_seqlens=cumulative_lengths(lengths), ignore_index=batch.ignore_index,
                  context=context)
 
 
@@ -249,7 +245,9 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
         max_k.append(max(lk))
     order = torch.empty(local_start[-1], dtype=torch.int64)
     order[torch.cat(q_index)] = torch.arange(local_start[-1])
-    return KernelCalls(torch.cat(keys), tuple(q_index), tuple(cu_q), tuple(cu_k), tuple(max_q), tuple(max_k), order)
+    in_order = len(q_index) == 1 and torch.equal(q_index[0], torch.arange(local_start[-1]))
+    return KernelCalls(torch.cat(keys), tuple(q_index), tuple(cu_q), tuple(cu_k), tuple(max_q), tuple(max_k), order,
+                       in_order)
 
 
 def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:

@@ -185,7 +185,7 @@ def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, windo
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows(world):
     batch, q, k, v = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
@@ -277,7 +277,10 @@ def test_kernel_calls_copy_every_key_once():
     assert [t.tolist() for t in calls.cu_q] == [[0, 4, 4], [0, 4]]
     assert [t.tolist() for t in calls.cu_k] == [[0, 4, 16], [0, 16]]
     assert (calls.max_q, calls.max_k) == ((4, 4), (12, 16))
-    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and not calls.in_order
+    # One rank: one call over the local rows as they are, which the kernel takes without copies.
+    whole = shard(batch, plan_layout(batch_blocks(batch), 1), 0).context.kernel_calls[True]
+    assert whole.in_order and whole.keys.tolist() == list(range(16)) and [t.tolist() for t in whole.cu_k] == [[0, 16]]
     # A mixed row at N = 8: no key twice in a rank's buffer, where the per-chunk keys repeat prefixes.
     batch, *_ = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), 8, split_tokens=4)
