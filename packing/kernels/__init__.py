@@ -120,6 +120,11 @@ def _fa2_chunks() -> ChunkVarlen | None:
 def _torch_chunks() -> ChunkVarlen | None:
     if not torch.cuda.is_available():  # torch's varlen kernel is CUDA's
         return None
+    return _torch_chunk_form()
+
+
+def _torch_chunk_form() -> ChunkVarlen | None:
+    """torch's ``varlen_attn`` with the keys' boundaries apart, where it has a window (torch >= 2.11)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -127,16 +132,14 @@ def _torch_chunks() -> ChunkVarlen | None:
     params = inspect.signature(varlen_attn).parameters
     if "window_size" not in params:  # torch < 2.11: no bottom-right window, and a chunk may need one
         return None
-    # As in _torch_varlen: torch 2.11's varlen_attn has no enable_gqa and hands fewer key/value
-    # heads to the FA2 kernel as they are; later ones refuse them without it.
-    gqa = "enable_gqa" in params
+    # Where varlen_attn has enable_gqa it refuses fewer key/value heads without it; where it has
+    # not (torch 2.11), it hands them to the FA2 kernel, which takes them as they are.
+    gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
 
     def run_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, window=None, softcap=None):
         _refuse_options("torch.varlen_attn", softcap=softcap)
-        extra = {} if scale is None else {"scale": scale}
-        if gqa:
-            extra["enable_gqa"] = k.shape[1] != q.shape[1]
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=flash_window(window, causal), **extra)
+        scaled = {} if scale is None else {"scale": scale}  # checked against the signature by varlen_options
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=flash_window(window, causal), **scaled, **gqa)
 
     return run_torch
 
@@ -211,27 +214,22 @@ def _fa2() -> Varlen | None:
 
 
 def _torch_varlen() -> Varlen | None:
+    chunks = _torch_chunk_form()
+    if chunks is not None:  # torch >= 2.11: the chunk form, each document's keys its own queries'
+
+        def run_torch(q, k, v, cu, max_len, causal, **options):
+            return chunks(q, k, v, cu, cu, max_len, max_len, causal, **options)
+
+        return run_torch
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    # Where varlen_attn has enable_gqa it refuses fewer key/value heads without it; where it has
-    # not, it hands them to the FA2 kernel, which takes them as they are.
-    gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
-    if "window_size" in params:  # torch >= 2.11
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
-        def run_torch(q, k, v, cu, max_len, causal, *, scale=None, window=None, softcap=None):
-            _refuse_options("torch.varlen_attn", softcap=softcap)
-            scaled = {} if scale is None else {"scale": scale}  # checked against the signature by varlen_options
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=flash_window(window, causal), **scaled,
-                               **gqa)
-
-    else:  # torch 2.10
-
-        def run_torch(q, k, v, cu, max_len, causal, *, scale=None, window=None, softcap=None):
-            _refuse_options("torch.varlen_attn", scale=scale, window=window, softcap=softcap)
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, **gqa)
+    def run_torch(q, k, v, cu, max_len, causal, *, scale=None, window=None, softcap=None):  # torch 2.10
+        _refuse_options("torch.varlen_attn", scale=scale, window=window, softcap=softcap)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, **gqa)
 
     return run_torch
 
