@@ -112,6 +112,16 @@ def test_check_on_cuda_without_a_gpu_is_one_line_and_exit_2():
                                  "use --device cpu (fp64, gloo)")
 
 
+def test_simulate_refuses_a_row_shorter_than_its_ranks(tmp_path):
+    lengths = tmp_path / "l.txt"
+    lengths.write_text("2 1")
+    from benchmarks.cp import simulate
+    from benchmarks.harness import Parser
+
+    with pytest.raises(ValueError, match=r"the row has 3 tokens, fewer than --simulate 4 ranks; give longer --lengths"):
+        simulate(type("Args", (), {"device": "cpu", "simulate": 4, "lengths": str(lengths), "dtype": None})(), Parser())
+
+
 def test_lengths_are_read_as_positive_ints_only(tmp_path):
     f = tmp_path / "l.txt"
     f.write_text("3 4\n5\n")

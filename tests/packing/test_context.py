@@ -292,6 +292,12 @@ def test_a_transformers_shard_refuses_what_context_parallelism_does_not_compute(
     packed = pack(oss)  # sinks and a window: computed under context parallelism
     kwargs = packed.kwargs(ContextCollator(packed.collator, world_size=1, rank=0)(samples))
     assert rel(oss(**kwargs).loss, oss(**packed(samples)).loss) <= TOL
+    from packing.interop.hf_attention import LayerOptions, _context
+
+    q = torch.zeros(4, 2, 8)  # per-token sinks (1, H, T, 1): refused before any attention runs
+    with pytest.raises(ValueError, match=r"takes attention sinks per head, \(H,\), and this layer gives per-token sinks "
+                                         r"of shape \(1, 2, 4, 1\); train this model without context parallelism"):
+        _context(q, q, q, None, None, LayerOptions(causal=True, sinks=torch.zeros(1, 2, 4, 1)), "packing_varlen")
     sdpa = tiny("llama", attn_implementation="sdpa")
     packed = pack(sdpa)
     with pytest.raises(ValueError, match=r"a context-parallel shard needs attn_implementation 'packing_varlen' .*runs 'sdpa'"):
