@@ -32,8 +32,10 @@ contiguous split (rank r holds tokens [r·T/N, (r+1)·T/N)) as the baseline, the
 layout at each ``--split-fraction`` (documents whose work is above that fraction of a rank's share
 are cut in 2N chunks; the rest stay whole). For each it prints every rank's time, max/mean, the
 slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of attention) and the
-ranks' sum over it; with a kernel, the same for the kernel call alone (the chunks' keys gathered
-beforehand), which tells the kernel's time from the copies around it. No collective runs: the
+ranks' sum over it; with a kernel, the same for the kernel calls alone (the cut chunks' keys picked
+beforehand), which tells the kernel's time from the copies around it; on CUDA, the same for the
+step's GPU-busy time (its kernels and copies summed from the profiler), which leaves out the host's
+launch gaps that a model's other layers fill. No collective runs: the
 all-gather's time is the multi-GPU run's to measure.
 
 The rows: ``--lengths FILE`` holds document lengths, whitespace-separated positive ints. ``--check``
@@ -308,8 +310,7 @@ def check_cuda(args, parser: Parser) -> int:
         whole_layout = plan_layout(batch_blocks(batch), 1)
         whole_part = shard(batch, whole_layout, 0).to(device)
         q1, k1, v1 = (t.to(device, torch.bfloat16).requires_grad_() for t in (q_row, k_row, v_row))
-        out1 = attend_chunks(q1, simulated_keys(k1, v1, whole_part.context), whole_part, causal=True, key_dim=D,
-                             kernel=kernel)
+        out1 = attend_chunks(q1, k1, v1, None, whole_part, causal=True, kernel=kernel)
         out1.backward(d_row.to(device, torch.bfloat16))
         whole = [out1.detach(), q1.grad, k1.grad, v1.grad]
         ref = document_sdpa(*(t.to(device) for t in (q_row, k_row, v_row)), batch.seq_lens, d_row.to(device))
@@ -361,6 +362,22 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _busy_ms(fn, repeats: int) -> float:
+    """Milliseconds the GPU spends in kernels and copies per call of ``fn`` (the profiler's device
+    events, summed; one stream, so they do not overlap): the step's time without the host's launch
+    gaps, which a model's other layers fill when the GPU runs ahead of the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return busy_us / repeats / 1e3
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -407,62 +424,81 @@ def simulate(args, parser: Parser) -> int:
             kernel_name, kernel = found
 
     def step_of(layout, rank):
-        """(the rank's attention step, the kernel call alone or None): the step gathers each chunk's
-        keys from the key source and runs the kernel, forward and backward; the kernel alone takes
-        the chunks' keys already gathered, to tell the kernel's time from the copies around it."""
+        """(the rank's attention step, the kernel calls alone or None): the step picks the cut
+        chunks' keys from the gathered tokens and runs the kernel, forward and backward; the kernel
+        alone takes every call's queries and keys already picked, to tell the kernel's time from the
+        copies around it."""
         part = shard(batch, layout, rank).to(device)
         idx = local_index(layout, rank).to(device)
-        q = q_row[idx].detach().requires_grad_()
-        source = simulated_keys(k_row, v_row, part.context).detach().requires_grad_()
+        q, k, v = (t[idx].detach().requires_grad_() for t in (q_row, k_row, v_row))
+        gathered = simulated_keys(k_row, v_row, part.context)
+        if gathered is not None:
+            gathered = gathered.detach().requires_grad_()
         grad = d_out[idx]
 
         def step():
-            out = attend_chunks(q, source, part, causal=True, key_dim=args.head_dim, kernel=kernel)
+            out = attend_chunks(q, k, v, gathered, part, causal=True, kernel=kernel)
             out.backward(grad)
-            q.grad = source.grad = None
+            q.grad = k.grad = v.grad = None
+            if gathered is not None:
+                gathered.grad = None
 
         if kernel is None:
             return step, None
         calls = part.context.kernel_calls[True]
-        keys = source.detach().index_select(0, calls.keys)
-        k_only, v_only = (t.contiguous().requires_grad_() for t in keys.split(args.head_dim, dim=-1))
-        queries = [q.detach()[rows].requires_grad_() for rows in calls.q_index]
-        grads = [grad[rows] for rows in calls.q_index]
+        own = layout.split_len(rank)
+        runs = []  # (q, k, v, cu_q, cu_k, max_q, max_k, grad) of each call
+        if calls.q_index:
+            keys = gathered.detach().index_select(0, calls.keys)
+            k_cut, v_cut = (t.contiguous().requires_grad_() for t in keys.split(args.head_dim, dim=-1))
+            runs += [(q.detach()[rows].requires_grad_(), k_cut, v_cut, cu_q, cu_k, max_q, max_k, grad[rows])
+                     for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
+        if calls.whole_cu is not None:
+            whole = [t.detach()[own:].requires_grad_() for t in (q, k, v)]
+            runs.append((*whole, calls.whole_cu, calls.whole_cu, calls.whole_max, calls.whole_max, grad[own:]))
 
         def kernel_step():
-            for qc, g, cu_q, cu_k, max_q, max_k in zip(queries, grads, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k):
-                kernel(qc, k_only, v_only, cu_q, cu_k, max_q, max_k, True).backward(g)
-                qc.grad = None
-            k_only.grad = v_only.grad = None
+            for qc, kc, vc, cu_q, cu_k, max_q, max_k, g in runs:
+                kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k, True).backward(g)
+            for qc, kc, vc, *_ in runs:
+                qc.grad = kc.grad = vc.grad = None
 
         return step, kernel_step
 
-    def timed(step_and_kernel) -> tuple[float, float | None]:
+    def timed(step_and_kernel) -> tuple[float, float | None, float | None]:
+        """(the step's ms, the kernel alone's ms or None, the step's GPU-busy ms on CUDA or None)."""
         step, kernel_step = step_and_kernel
-        return _time(step, device, args.repeats), None if kernel_step is None else _time(kernel_step, device, args.repeats)
+        return (_time(step, device, args.repeats), None if kernel_step is None else _time(kernel_step, device, args.repeats),
+                _busy_ms(step, args.repeats) if device.type == "cuda" else None)
 
     blocks = batch_blocks(batch)
-    whole_ms, whole_kernel_ms = timed(step_of(plan_layout(blocks, 1), 0))
+    whole_ms, whole_kernel_ms, whole_busy_ms = timed(step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
     layouts += [(f"head-tail, split fraction {f:g}", plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost))
                 for f in args.split_fraction]
     print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {args.dtype or str(dtype).removeprefix('torch.')}, "
           f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
-    print(f"whole row: {whole_ms:.3f} ms" + ("" if whole_kernel_ms is None else f" (the kernel alone {whole_kernel_ms:.3f} ms)"))
+    print(f"whole row: {whole_ms:.3f} ms" + ("" if whole_kernel_ms is None else f" (the kernel alone {whole_kernel_ms:.3f} ms)")
+          + ("" if whole_busy_ms is None else f"; GPU busy {whole_busy_ms:.3f} ms"))
     results = []
     for name, layout in layouts:
         runs = [timed(step_of(layout, r)) for r in range(world)]
-        times = [ms for ms, _ in runs]
+        times = [ms for ms, _, _ in runs]
         result = {"layout": name, "rank_ms": times, "rank_tokens": [layout.local_len(r) for r in range(world)],
                   "max_over_mean": max(times) / statistics.mean(times),
                   "slowest_x_n_over_whole": max(times) * world / whole_ms, "sum_over_whole": sum(times) / whole_ms,
                   "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
                   "gather_padding_pct": 100 * layout.gather_padding / T}
         if whole_kernel_ms is not None:
-            kernel_times = [ms for _, ms in runs]
+            kernel_times = [ms for _, ms, _ in runs]
             result |= {"rank_kernel_ms": kernel_times, "kernel_max_over_mean": max(kernel_times) / statistics.mean(kernel_times),
                        "kernel_slowest_x_n_over_whole": max(kernel_times) * world / whole_kernel_ms,
                        "kernel_sum_over_whole": sum(kernel_times) / whole_kernel_ms}
+        if whole_busy_ms is not None:
+            busy = [ms for _, _, ms in runs]
+            result |= {"rank_busy_ms": busy, "busy_max_over_mean": max(busy) / statistics.mean(busy),
+                       "busy_slowest_x_n_over_whole": max(busy) * world / whole_busy_ms,
+                       "busy_sum_over_whole": sum(busy) / whole_busy_ms}
         results.append(result)
         print(f"{name}: ranks {', '.join(f'{ms:.3f}' for ms in times)} ms; max/mean {result['max_over_mean']:.3f}; "
               f"slowest x N / whole {result['slowest_x_n_over_whole']:.3f}; sum / whole {result['sum_over_whole']:.3f}; "
@@ -470,11 +506,15 @@ def simulate(args, parser: Parser) -> int:
         if whole_kernel_ms is not None:
             print(f"  the kernel alone: max/mean {result['kernel_max_over_mean']:.3f}; slowest x N / whole "
                   f"{result['kernel_slowest_x_n_over_whole']:.3f}; sum / whole {result['kernel_sum_over_whole']:.3f}")
+        if whole_busy_ms is not None:
+            print(f"  GPU busy: ranks {', '.join(f'{ms:.3f}' for ms in result['rank_busy_ms'])} ms; max/mean "
+                  f"{result['busy_max_over_mean']:.3f}; slowest x N / whole {result['busy_slowest_x_n_over_whole']:.3f}; "
+                  f"sum / whole {result['busy_sum_over_whole']:.3f}")
     best = results[1]  # the first head-tail layout: the one the last line reports
     record = {**environment(device), "world_size": world, "tokens": T, "docs": len(lens), "longest": max(lens),
               "dtype": args.dtype or str(dtype).removeprefix("torch."), "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "kernel": kernel_name, "area_cost": args.area_cost, "repeats": args.repeats,
-              "whole_row_ms": whole_ms, "whole_row_kernel_ms": whole_kernel_ms, "layouts": results,
+              "whole_row_ms": whole_ms, "whole_row_kernel_ms": whole_kernel_ms, "whole_row_busy_ms": whole_busy_ms, "layouts": results,
               "command": parser.command(args.argv)}
     print(f"cp={world} simulated: max/mean {best['max_over_mean']:.3f}; slowest x N / whole row "
           f"{best['slowest_x_n_over_whole']:.3f} (contiguous: {results[0]['max_over_mean']:.3f}, "

@@ -2,18 +2,20 @@
 prefix, with the keys and values of cut documents all-gathered across the group.
 
 Queries stay on their rank. The keys and values of the cut blocks (the first
-``layout.split_len(rank)`` tokens of every rank) are all-gathered once per call, and each chunk's
-keys are picked from ``[gathered, local]`` by the shard's host-made index: causal, its block from
-the start to the chunk's end, bottom-right aligned (query i of a chunk of Lq sees keys j <=
-i + Lk - Lq); bidirectional, the whole block. Nothing is merged across ranks, so there is no
+``layout.split_len(rank)`` tokens of every rank) are all-gathered once per call; a rank's whole
+blocks read only their own keys. Each chunk attends, causal, its block from the start to the
+chunk's end, bottom-right aligned (query i of a chunk of Lq sees keys j <= i + Lk - Lq);
+bidirectional, the whole block. Nothing is merged across ranks, so there is no
 partial softmax to combine and the result is the one the whole row gives. The backward of the
 all-gather sums each rank's key and value gradients back to their owner (a reduce-scatter on NCCL;
 on gloo, which has none, an all-reduce and a slice). A shard made with ``regather=True`` keeps only
 its own q, k and v for the backward, which gathers the keys and values again and recomputes the
 attention's forward: the gathered keys' memory in every layer, for one more forward.
 
-This path attends the chunks gathered into a (chunks, H, longest, D) block with a mask, on any
-device: exact, with memory chunks x longest query x longest key.
+A varlen kernel runs the whole blocks on the local q, k and v as they are, and the cut blocks'
+chunks on their keys picked once from the gathered tokens (:class:`~packing.context.shard.KernelCalls`).
+Without one, the chunks are attended gathered into a (chunks, H, longest, D) block with a mask, on
+any device: exact, with memory chunks x longest query x longest key.
 """
 
 from __future__ import annotations
@@ -54,31 +56,33 @@ class _AllGather(torch.autograd.Function):
         return total.chunk(world)[rank].clone(), None
 
 
-def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor:
-    """The key source of a shard: k (T_local, H_kv, Dk) and v (T_local, H_kv, Dv) -> (G + T_local,
-    H_kv, Dk + Dv), every rank's cut-block tokens all-gathered (G = world_size x gather_len, each
-    rank's part padded to gather_len), then this rank's own tokens. ``shard.key_index`` indexes it."""
-    local = torch.cat([k, v], dim=-1)  # one collective for both
+def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor | None:
+    """The keys and values this rank reads from others: k (T_local, H_kv, Dk) and v (T_local, H_kv,
+    Dv) -> (G, H_kv, Dk + Dv), every rank's cut-block tokens (its first ``layout.split_len(rank)``
+    local tokens) all-gathered in rank order, each rank's part padded to ``gather_len`` (G =
+    world_size x gather_len); None when no block is cut. Only the cut-block tokens travel: a rank's
+    whole blocks read their own keys."""
     world = shard.layout.world_size
-    if world > 1 and shard.gather_len:
-        own = shard.layout.split_len(shard.rank)
-        mine = F.pad(local[:own], (0, 0, 0, 0, 0, shard.gather_len - own))
-        return torch.cat([_AllGather.apply(mine, group), local])
-    return local
+    if world == 1 or not shard.gather_len:
+        return None
+    own = shard.layout.split_len(shard.rank)
+    mine = torch.cat([k[:own], v[:own]], dim=-1)  # one collective for both
+    mine = F.pad(mine, (0, 0, 0, 0, 0, shard.gather_len - own))
+    return _AllGather.apply(mine, group)
 
 
-def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor:
+def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor | None:
     """What :func:`gather_keys` gives rank ``shard.rank``, made in one process from the whole row's
     k (T, H_kv, Dk) and v (T, H_kv, Dv): for running every rank's attention on one device, one after
     another (``python -m benchmarks.cp --simulate``), and for tests without a process group."""
-    layout, row = shard.layout, torch.cat([k_row, v_row], dim=-1)
+    layout = shard.layout
     if layout.world_size == 1 or not shard.gather_len:
-        return row.index_select(0, local_index(layout, shard.rank).to(row.device))
+        return None
+    row = torch.cat([k_row, v_row], dim=-1)
     parts = []
     for r in range(layout.world_size):
         mine = row.index_select(0, local_index(layout, r)[: layout.split_len(r)].to(row.device))
         parts.append(F.pad(mine, (0, 0, 0, 0, 0, shard.gather_len - mine.shape[0])))
-    parts.append(row.index_select(0, local_index(layout, shard.rank).to(row.device)))
     return torch.cat(parts)
 
 
@@ -105,7 +109,7 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
         raise ValueError(f"the shard is rank {shard.rank} of {layout.world_size}, and this process is rank {rank} of a "
                          f"context-parallel group of {world}: shard for this group")
     def gather_and_attend(q: Tensor, k: Tensor, v: Tensor):
-        return attend_chunks(q, gather_keys(k, v, shard, group), shard, causal=causal, key_dim=k.shape[-1], scale=scale,
+        return attend_chunks(q, k, v, gather_keys(k, v, shard, group), shard, causal=causal, scale=scale,
                              window=window, softcap=softcap, sinks=sinks, return_lse=return_lse, kernel=kernel)
 
     if shard.regather and torch.is_grad_enabled():
@@ -123,14 +127,15 @@ def _context_of(shard: ContextShard | Batch) -> ContextShard:
     return shard
 
 
-def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, causal: bool, key_dim: int,
-                  scale: float | None = None, window: int | None = None, softcap: float | None = None,
+def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shard: ContextShard | Batch, *,
+                  causal: bool, scale: float | None = None, window: int | None = None, softcap: float | None = None,
                   sinks: Tensor | None = None, return_lse: bool = False,
                   kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """The local part of :func:`context_attention`: q (T_local, H, D) against ``source``, the key
-    source of :func:`gather_keys` or :func:`simulated_keys` (keys in its first ``key_dim`` features,
-    values in the rest). Each chunk's keys are picked by the shard's host-made index, and its queries
-    attend them bottom-right causal (or all of them).
+    """The local part of :func:`context_attention`: q (T_local, H, D), k (T_local, H_kv, Dk) and v
+    (T_local, H_kv, Dv), this rank's own, and ``gathered``, the cut blocks' keys and values of
+    :func:`gather_keys` or :func:`simulated_keys` (keys in the first Dk features, values in the
+    rest; None when no block is cut). Each chunk attends its keys bottom-right causal (or all of
+    them).
 
     ``window``: causal only, a query sees the ``window`` latest keys of its document, itself
     included (transformers' ``sliding_window``). ``softcap``: logits capped as
@@ -140,7 +145,9 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
     whole row. With sinks, ``return_lse`` counts the sink in the log-sum-exp.
 
     ``kernel``: a varlen kernel taking the chunks' query and key boundaries apart
-    (:func:`packing.context.varlen.chunk_kernel` gives a checked one); None: SDPA over the chunks
+    (:func:`packing.context.varlen.chunk_kernel` gives a checked one), run as the shard's
+    :class:`~packing.context.shard.KernelCalls` say: the whole blocks on q, k and v as they are,
+    the cut blocks' chunks on their keys picked from ``gathered``. None: SDPA over the chunks
     gathered into a (chunks, H, longest query, longest key) block with a mask, on any device (the
     softmax written out where there is a softcap)."""
     shard = _context_of(shard)
@@ -152,20 +159,27 @@ def attend_chunks(q: Tensor, source: Tensor, shard: ContextShard | Batch, *, cau
     if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
         raise ValueError(f"sinks has shape {tuple(sinks.shape)}; context-parallel attention takes one sink logit a head, "
                          f"({q.shape[1]},): per-token sinks are not computed under context parallelism")
+    key_dim = k.shape[-1]
     if kernel is not None:
         if return_lse:
             raise ValueError("return_lse is computed on the masked path only (kernel=None)")
         options = {name: value for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
                    if value is not None}
         calls = shard.kernel_calls[causal]
-        keys = source.index_select(0, calls.keys)  # (K, H_kv, Dk + Dv): each block's keys once, row order
-        k_row, v_row = (t.contiguous() for t in keys.split([key_dim, source.shape[-1] - key_dim], dim=-1))
-        if calls.in_order:  # one call over the local rows as they are: no copy of q or out
-            return kernel(q, k_row, v_row, calls.cu_q[0], calls.cu_k[0], calls.max_q[0], calls.max_k[0], causal,
-                          scale=scale, **options)
-        outs = [kernel(q.index_select(0, rows), k_row, v_row, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options)
-                for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
-        return torch.cat(outs).index_select(0, calls.order)
+        own = shard.layout.split_len(shard.rank)
+        outs = []
+        if calls.q_index:  # the cut blocks' chunks: each block's keys once, row order, from the gathered tokens
+            keys = gathered.index_select(0, calls.keys)  # (K, H_kv, Dk + Dv)
+            k_cut, v_cut = (t.contiguous() for t in keys.split([key_dim, keys.shape[-1] - key_dim], dim=-1))
+            parts = [kernel(q.index_select(0, rows), k_cut, v_cut, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options)
+                     for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
+            outs.append(torch.cat(parts).index_select(0, calls.order))
+        if calls.whole_cu is not None:  # the whole blocks: the local rows after the cut ones, as they are
+            outs.append(kernel(q[own:], k[own:], v[own:], calls.whole_cu, calls.whole_cu, calls.whole_max,
+                               calls.whole_max, causal, scale=scale, **options))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    local = torch.cat([k, v], dim=-1)
+    source = local if gathered is None else torch.cat([gathered, local])  # what key_index indexes
     keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
     k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
     chunks = shard.layout.chunks[shard.rank]

@@ -46,26 +46,33 @@ from packing.context.layout import ContextLayout
 
 @dataclass(frozen=True, eq=False)
 class KernelCalls:
-    """How a varlen kernel runs a shard's chunks with every key copied once (one causality).
+    """How a varlen kernel runs a shard's chunks (one causality) without copying the keys of whole
+    blocks, and copying each key of a cut block once.
 
-    The chunks' keys overlap: a document cut head-and-tail gives a rank two chunks whose keys are
-    both its prefix. Rather than copying each chunk's keys out of the key source, ``keys`` picks
-    each block's keys once, in row order (the block's start up to the furthest key a local chunk of
-    it reads), and the chunks run in as many kernel calls as a block has chunks here (2 for a cut
-    document, 1 otherwise): in each call a block has at most one chunk, whose keys are a range of
-    that buffer. Keys a call's chunks do not read sit in sequences of no queries, which attend
-    nothing and give those keys no gradient.
+    The local row is the cut blocks' chunks (its first ``split_len`` tokens, all-gathered), then the
+    whole blocks. The whole blocks run in one call on the local q, k and v as they are: each block
+    is one sequence, its queries its keys. The cut blocks' chunks read keys that other ranks hold,
+    and their keys overlap: a document cut head-and-tail gives a rank two chunks whose keys are both
+    its prefix. So ``keys`` picks each cut block's keys once from the all-gathered tokens, in row
+    order (the block's start up to the furthest key a local chunk of it reads), and the chunks run
+    in as many calls as a block has chunks here (2 for a head-and-tail cut): in each call a block
+    has at most one chunk, whose keys are a range of that buffer. Keys a call's chunks do not read
+    sit in sequences of no queries, which attend nothing and give those keys no gradient.
 
-    Fields (K the buffer's keys; per call c, S_c sequences and Q_c queries):
-        keys: (K,) int64 indices into the key source, each block's keys once, in row order.
-        q_index: per call, (Q_c,) int64 local query rows, in the call's sequence order.
-        cu_q, cu_k: per call, (S_c + 1,) int32 cumulative query and key lengths.
-        max_q, max_k: per call, the longest sequence's queries and keys (host ints).
-        order: (local tokens,) int64: the calls' outputs, concatenated, back in local order.
-        in_order: whether there is one call and its queries are the local rows in order (no block
-            cut across ranks, or the whole row): then the kernel takes q and gives out as they are.
+    Fields (W the local whole blocks; K the buffer's keys; per cut call c, S_c sequences and Q_c
+    queries):
+        whole_cu: (W + 1,) int32 cumulative lengths of the whole blocks (queries and keys alike),
+            from the local row's ``split_len``; None when the rank holds no whole block.
+        whole_max: the longest whole block (0 when none).
+        keys: (K,) int64 indices into the all-gathered tokens, each cut block's keys once, in row order.
+        q_index: per cut call, (Q_c,) int64 local query rows, in the call's sequence order.
+        cu_q, cu_k: per cut call, (S_c + 1,) int32 cumulative query and key lengths.
+        max_q, max_k: per cut call, the longest sequence's queries and keys (host ints).
+        order: (split_len,) int64: the cut calls' outputs, concatenated, back in local order.
     """
 
+    whole_cu: Tensor | None
+    whole_max: int
     keys: Tensor
     q_index: tuple[Tensor, ...]
     cu_q: tuple[Tensor, ...]
@@ -73,11 +80,11 @@ class KernelCalls:
     max_q: tuple[int, ...]
     max_k: tuple[int, ...]
     order: Tensor
-    in_order: bool
 
     def map(self, fn) -> KernelCalls:
-        return KernelCalls(fn(self.keys), tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
-                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order), self.in_order)
+        return KernelCalls(None if self.whole_cu is None else fn(self.whole_cu), self.whole_max, fn(self.keys),
+                           tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
+                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order))
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +102,7 @@ class ContextShard:
             chunk's keys in order: causal, its block from the start to the chunk's end;
             bidirectional, its whole block (the masked path's keys).
         kernel_calls: per causality, :class:`KernelCalls`: a varlen kernel's calls over the chunks,
-            every key copied once.
+            the whole blocks' keys not copied and the cut blocks' copied once.
         regather: whether the attention's backward all-gathers the keys and values again instead
             of keeping them from the forward (its forward is recomputed): the memory of the gathered
             keys, every layer, against one more forward of the attention.
@@ -170,6 +177,9 @@ def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = Fa
     if not chunks:
         raise ValueError(f"rank {rank} holds no tokens of this row ({layout.num_slots} tokens over "
                          f"{layout.world_size} ranks); use fewer context-parallel ranks for rows this short")
+    if any(b.split and not a.split for a, b in zip(chunks, chunks[1:])):
+        raise ValueError(f"rank {rank}'s chunks put a whole block before a cut one; a layout lists each rank's cut "
+                         "chunks first (their tokens are the ones all-gathered): use plan_layout")
     lengths = [c.length for c in chunks]
     context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, *_keys(layout, rank, layout.gather_len),
                            regather)
@@ -204,22 +214,25 @@ def _keys(layout: ContextLayout, rank: int, gather_len: int):
 
 
 def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
-    """:class:`KernelCalls` of one rank's ``chunks``; ``source`` maps row positions to the key source."""
-    key_end = [c.end if causal else c.block_end for c in chunks]
+    """:class:`KernelCalls` of one rank's ``chunks`` (cut ones first); ``source`` maps row positions
+    to the key source, whose first tokens are the all-gathered ones."""
+    whole = [c.length for c in chunks if not c.split]
+    cut = [c for c in chunks if c.split]
+    key_end = [c.end if causal else c.block_end for c in cut]
     local_start = [0]
-    for c in chunks:
+    for c in cut:
         local_start.append(local_start[-1] + c.length)
     reach: dict[int, int] = {}  # block start -> the furthest key a local chunk of it reads
     per_block: dict[int, list[int]] = {}  # block start -> its chunks (indices), by their keys' end
-    for i, c in enumerate(chunks):
+    for i, c in enumerate(cut):
         reach[c.block_start] = max(reach.get(c.block_start, 0), key_end[i])
         per_block.setdefault(c.block_start, []).append(i)
     for mine in per_block.values():  # the k-th chunk of each block (by where its keys end) goes to call k
-        mine.sort(key=lambda i: (key_end[i], chunks[i].start))
+        mine.sort(key=lambda i: (key_end[i], cut[i].start))
     starts = sorted(reach)
     keys = [source[b:reach[b]] for b in starts]
     q_index, cu_q, cu_k, max_q, max_k = [], [], [], [], []
-    for call in range(max(len(v) for v in per_block.values())):
+    for call in range(max((len(v) for v in per_block.values()), default=0)):
         lq, lk, rows = [], [], []
         gap = 0  # keys since the last sequence that this call's chunks do not read
         for b in starts:
@@ -231,7 +244,7 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
             if gap:
                 lq.append(0)
                 lk.append(gap)
-            lq.append(chunks[i].length)
+            lq.append(cut[i].length)
             lk.append(key_end[i] - b)
             rows.append(torch.arange(local_start[i], local_start[i + 1]))
             gap = reach[b] - key_end[i]
@@ -244,10 +257,11 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
         max_q.append(max(lq))
         max_k.append(max(lk))
     order = torch.empty(local_start[-1], dtype=torch.int64)
-    order[torch.cat(q_index)] = torch.arange(local_start[-1])
-    in_order = len(q_index) == 1 and torch.equal(q_index[0], torch.arange(local_start[-1]))
-    return KernelCalls(torch.cat(keys), tuple(q_index), tuple(cu_q), tuple(cu_k), tuple(max_q), tuple(max_k), order,
-                       in_order)
+    if q_index:
+        order[torch.cat(q_index)] = torch.arange(local_start[-1])
+    return KernelCalls(cumulative_lengths(whole) if whole else None, max(whole, default=0),
+                       torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64), tuple(q_index), tuple(cu_q),
+                       tuple(cu_k), tuple(max_q), tuple(max_k), order)
 
 
 def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:

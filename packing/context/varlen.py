@@ -93,16 +93,18 @@ def check_kernel(name: str, kernel: ChunkVarlen, device: torch.device, dtype: to
             runs = {}
             for how, run_dtype, use in (("reference", torch.float64, None), ("sdpa", dtype, None), ("kernel", dtype, kernel)):
                 q = q_row[idx].to(device, run_dtype).requires_grad_()
-                source = simulated_keys(k_row.to(device, run_dtype), v_row.to(device, run_dtype), part.context).requires_grad_()
-                leaves = [q, source]
+                k_dev, v_dev = (t.to(device, run_dtype, copy=True).requires_grad_() for t in (k_row, v_row))
+                k, v = k_dev[idx.to(device)], v_dev[idx.to(device)]
+                gathered = simulated_keys(k_dev, v_dev, part.context)
+                leaves = [q, k_dev, v_dev]
                 run_options = dict(asked)
                 if "sinks" in asked:  # a learned parameter: its gradient is checked too
                     run_options["sinks"] = torch.tensor(asked["sinks"], device=device, dtype=run_dtype, requires_grad=True)
                     leaves.append(run_options["sinks"])
                 if how == "reference":  # the softmax written out
-                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, return_lse=True, **run_options)[0]
+                    out = attend_chunks(q, k, v, gathered, part, causal=causal, return_lse=True, **run_options)[0]
                 else:
-                    out = attend_chunks(q, source, part, causal=causal, key_dim=head_dim, kernel=use, **run_options)
+                    out = attend_chunks(q, k, v, gathered, part, causal=causal, kernel=use, **run_options)
                 out.backward(d_out[idx].to(device, run_dtype))
                 # a kernel that ignores an input leaves its gradient None: zeros, which the check refuses
                 grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]

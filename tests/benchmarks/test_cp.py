@@ -96,7 +96,7 @@ def test_the_contiguous_baseline_is_exact_per_document(world):
     for r in range(world):
         part = shard(batch, layout, r)
         idx = local_index(layout, r)
-        outs.append(attend_chunks(q[idx], simulated_keys(k, v, part.context), part, causal=True, key_dim=8)[None])
+        outs.append(attend_chunks(q[idx], k[idx], v[idx], simulated_keys(k, v, part.context), part, causal=True)[None])
     got = unshard(outs, layout)[0]
     got.backward(d_out)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)

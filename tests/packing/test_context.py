@@ -1,6 +1,7 @@
 """Context parallelism: the layout, the shards, and training across gloo ranks against one process."""
 
 import os
+from dataclasses import replace
 import statistics
 import subprocess
 import sys
@@ -175,6 +176,12 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(ValueError, match=r"rank 1 holds no tokens of this row \(1 tokens over 2 ranks\)"):
         one = get_collator("concat")([[1]])
         shard(one, plan_layout(batch_blocks(one), 2), 1)
+    wide = get_collator("concat")([[1] * 8, [2, 3]])
+    planned = plan_layout(batch_blocks(wide), 2)
+    swapped = replace(planned, chunks=(planned.chunks[0][::-1], planned.chunks[1]))  # the whole block first
+    with pytest.raises(ValueError, match=r"rank 0's chunks put a whole block before a cut one; a layout lists each "
+                                         r"rank's cut chunks first .*use plan_layout"):
+        shard(wide, swapped, 0)
     part = shard(batch, layout, 0)
     with pytest.raises(ValueError, match=r"already a context-parallel shard"):
         shard(part, layout, 0)

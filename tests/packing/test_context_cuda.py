@@ -71,8 +71,8 @@ def test_a_row_cut_over_4_ranks_is_as_close_to_fp64_as_the_unsharded_row(name):
         for r in range(world):
             part = shard(batch, layout, r).to("cuda")
             idx = local_index(layout, r).to("cuda")
-            source = simulated_keys(k16, v16, part.context)
-            outs.append(attend_chunks(q16[idx], source, part, causal=True, key_dim=D, kernel=kernel)[None])
+            outs.append(attend_chunks(q16[idx], k16[idx], v16[idx], simulated_keys(k16, v16, part.context), part,
+                                      causal=True, kernel=kernel)[None])
         out = unshard(outs, layout)[0]
         out.backward(d_out.to("cuda", torch.bfloat16))
         got = [out.detach(), q16.grad, k16.grad, v16.grad]

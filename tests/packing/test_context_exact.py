@@ -35,12 +35,11 @@ def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None, **
     outs, lses = [], []
     for r in range(world):
         part = shard(batch, layout, r)
-        source = simulated_keys(k, v, part.context)
-        if broken == "no gather":  # the cut documents' keys from other ranks never arrive
-            source = torch.cat([torch.zeros_like(source[: source.shape[0] - part.num_slots]),
-                                source[source.shape[0] - part.num_slots:]])
-        out, lse = attend_chunks(q[local_index(layout, r)], source, part, causal=causal, key_dim=DIM, return_lse=True,
-                                 **options)
+        idx = local_index(layout, r)
+        gathered = simulated_keys(k, v, part.context)
+        if broken == "no gather" and gathered is not None:  # the cut documents' keys from other ranks never arrive
+            gathered = torch.zeros_like(gathered)
+        out, lse = attend_chunks(q[idx], k[idx], v[idx], gathered, part, causal=causal, return_lse=True, **options)
         outs.append(out[None])
         lses.append(lse[None])
     return unshard(outs, layout)[0], unshard(lses, layout)[0]
@@ -194,8 +193,9 @@ def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows(world):
         outs = []
         for r in range(world):
             part = shard(batch, layout, r)
-            outs.append(attend_chunks(q[local_index(layout, r)], simulated_keys(k, v, part.context), part, causal=causal,
-                                      key_dim=DIM, kernel=bottom_right)[None])
+            idx = local_index(layout, r)
+            outs.append(attend_chunks(q[idx], k[idx], v[idx], simulated_keys(k, v, part.context), part, causal=causal,
+                                      kernel=bottom_right)[None])
         assert rel(unshard(outs, layout)[0], ref) <= 1e-12
 
 
@@ -228,7 +228,7 @@ def test_a_kernel_call_refuses_return_lse_and_the_collator_refuses_a_bad_regathe
     batch, q, k, v = row_of(ROWS["tiny"])
     part = shard(batch, plan_layout(batch_blocks(batch), 1), 0)
     with pytest.raises(ValueError, match=r"return_lse is computed on the masked path only \(kernel=None\)"):
-        attend_chunks(q, simulated_keys(k, v, part.context), part, causal=True, key_dim=DIM, return_lse=True,
+        attend_chunks(q, k, v, simulated_keys(k, v, part.context), part, causal=True, return_lse=True,
                       kernel=bottom_right)
     with pytest.raises(TypeError, match=r"regather is 'yes'; expected True or False"):
         ContextCollator(get_collator("concat"), world_size=2, rank=0, regather="yes")
@@ -266,30 +266,43 @@ def test_torchs_chunk_kernel_loads_with_and_without_enable_gqa(monkeypatch, has_
         run(q, k, k, cu_q, cu_k, 4, 6, True, softcap=2.0)
 
 
-def test_kernel_calls_copy_every_key_once():
-    # One 16-token document on 2 ranks: rank 0 holds chunks [0, 4) and [12, 16), whose causal keys
-    # are [0, 4) and [0, 16). The buffer holds keys 0..15 once; the head runs in one call (its 4
-    # keys, then 12 keys no query reads), the tail in another (all 16).
-    batch = get_collator("concat")([list(range(16))])
+def test_kernel_calls_copy_no_whole_block_and_each_cut_key_once():
+    # One 16-token document and a 2-token one on 2 ranks: rank 0 holds chunks [0, 4) and [12, 16),
+    # whose causal keys are [0, 4) and [0, 16); rank 1 [4, 8), [8, 12) and the whole document
+    # [16, 18). Rank 0's buffer holds the gathered keys 0..15 once (rank 0's slots 0-7, rank 1's
+    # 8-15); the head runs in one call (its 4 keys, then 12 keys no query reads), the tail in another
+    # (all 16). Rank 1's whole document runs in a call of its own, on the local rows as they are.
+    batch = get_collator("concat")([list(range(16)), [1, 2]])
     layout = plan_layout(batch_blocks(batch), 2)
+    assert [[(c.start, c.end, c.split) for c in rank] for rank in layout.chunks] == [
+        [(0, 4, True), (12, 16, True)], [(4, 8, True), (8, 12, True), (16, 18, False)]]
     calls = shard(batch, layout, 0).context.kernel_calls[True]
     assert calls.keys.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7]
     assert [t.tolist() for t in calls.cu_q] == [[0, 4, 4], [0, 4]]
     assert [t.tolist() for t in calls.cu_k] == [[0, 4, 16], [0, 16]]
     assert (calls.max_q, calls.max_k) == ((4, 4), (12, 16))
-    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and not calls.in_order
-    # One rank: one call over the local rows as they are, which the kernel takes without copies.
+    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and calls.order.tolist() == list(range(8))
+    assert calls.whole_cu is None and calls.whole_max == 0
+    calls = shard(batch, layout, 1).context.kernel_calls[True]
+    assert calls.whole_cu.tolist() == [0, 2] and calls.whole_max == 2 and calls.order.tolist() == list(range(8))
+    # One rank: no cut call, one call over the local rows as they are.
     whole = shard(batch, plan_layout(batch_blocks(batch), 1), 0).context.kernel_calls[True]
-    assert whole.in_order and whole.keys.tolist() == list(range(16)) and [t.tolist() for t in whole.cu_k] == [[0, 16]]
-    # A mixed row at N = 8: no key twice in a rank's buffer, where the per-chunk keys repeat prefixes.
+    assert not whole.q_index and whole.keys.numel() == 0 and whole.whole_cu.tolist() == [0, 16, 18]
+    # A mixed row at N = 8: no key twice in a rank's buffer, where the per-chunk keys repeat prefixes,
+    # and no whole block's key in it.
     batch, *_ = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), 8, split_tokens=4)
     saved = 0
     for r in range(8):
         context = shard(batch, layout, r).context
+        own = layout.split_len(r)
         for causal in (True, False):
-            keys = context.kernel_calls[causal].keys
+            calls = context.kernel_calls[causal]
+            keys = calls.keys
             assert len(set(keys.tolist())) == len(keys) <= len(context.key_index[causal])
+            assert keys.numel() == 0 or keys.max() < 8 * layout.gather_len  # gathered tokens only
             saved += len(context.key_index[causal]) - len(keys)
-            assert sorted(torch.cat(context.kernel_calls[causal].q_index).tolist()) == list(range(layout.local_len(r)))
+            assert sorted(torch.cat(calls.q_index).tolist() if calls.q_index else []) == list(range(own))
+            whole_lens = [c.length for c in layout.chunks[r] if not c.split]
+            assert (calls.whole_cu is None and not whole_lens) or calls.whole_cu.diff().tolist() == whole_lens
     assert saved > 0
