@@ -56,6 +56,23 @@ class _AllGather(torch.autograd.Function):
         return total.chunk(world)[rank].clone(), None
 
 
+class _Pick(torch.autograd.Function):
+    """``x.index_select(0, index)`` for an ``index`` that names each row at most once: the backward
+    writes the gradient's rows into place (a copy) where index_select's adds them (atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, *grad.shape[1:])
+        return out.index_copy_(0, index, grad), None
+
+
 def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor | None:
     """The keys and values this rank reads from others: k (T_local, H_kv, Dk) and v (T_local, H_kv,
     Dv) -> (G, H_kv, Dk + Dv), every rank's cut-block tokens (its first ``layout.split_len(rank)``
@@ -169,11 +186,16 @@ def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shar
         own = shard.layout.split_len(shard.rank)
         outs = []
         if calls.q_index:  # the cut blocks' chunks: each block's keys once, row order, from the gathered tokens
-            keys = gathered.index_select(0, calls.keys)  # (K, H_kv, Dk + Dv)
+            keys = _Pick.apply(gathered, calls.keys)  # (K, H_kv, Dk + Dv)
             k_cut, v_cut = (t.contiguous() for t in keys.split([key_dim, keys.shape[-1] - key_dim], dim=-1))
-            parts = [kernel(q.index_select(0, rows), k_cut, v_cut, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options)
-                     for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
-            outs.append(torch.cat(parts).index_select(0, calls.order))
+            start = 0
+            for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k):
+                # in order: this call's queries are the next rows of the local row, a slice (no copy)
+                q_call = q[start:start + rows.shape[0]] if calls.in_order else _Pick.apply(q, rows)
+                outs.append(kernel(q_call, k_cut, v_cut, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options))
+                start += rows.shape[0]
+            if not calls.in_order:
+                outs = [_Pick.apply(torch.cat(outs), calls.order)]
         if calls.whole_cu is not None:  # the whole blocks: the local rows after the cut ones, as they are
             outs.append(kernel(q[own:], k[own:], v[own:], calls.whole_cu, calls.whole_cu, calls.whole_max,
                                calls.whole_max, causal, scale=scale, **options))

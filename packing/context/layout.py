@@ -45,7 +45,7 @@ from typing import Sequence
 TOKEN_COST = 1.0
 AREA_COST = 1.0 / 6144
 
-VERSION = 1
+VERSION = 2  # 2: a rank's cut chunks are its head chunks, then its tail chunks
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ContextLayout:
-    """The ranks' chunks of one row: ``chunks[r]`` in the order rank r holds them (cut blocks' chunks
-    first, then whole blocks). ``block_lens`` are the row's blocks (the documents, then the padding
+    """The ranks' chunks of one row: ``chunks[r]`` in the order rank r holds them (the cut blocks'
+    head chunks, then their tail chunks, then the whole blocks, each group in row order). ``block_lens`` are the row's blocks (the documents, then the padding
     tail, if any), so ``sum(block_lens)`` is the row's length."""
 
     world_size: int
@@ -144,12 +144,15 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
            for n, w in zip(lens, whole_work)]
 
     ranks: list[list[Chunk]] = [[] for _ in range(world_size)]
-    for b, (n, start) in enumerate(zip(lens, starts)):
-        if not cut[b]:
-            continue
-        edges = [start + i * n // parts for i in range(parts + 1)]
-        for r in range(world_size):
-            for i in (r, parts - 1 - r):
+    # Each rank's head chunks (chunk r of every cut block, in row order), then its tail chunks: a
+    # varlen kernel runs each group in one call on a slice of the local row (KernelCalls).
+    for head in (True, False):
+        for b, (n, start) in enumerate(zip(lens, starts)):
+            if not cut[b]:
+                continue
+            edges = [start + i * n // parts for i in range(parts + 1)]
+            for r in range(world_size):
+                i = r if head else parts - 1 - r
                 ranks[r].append(Chunk(b, edges[i], edges[i + 1], start, start + n, True))
     load = [sum(_work(c.length, c.area(), area_cost) for c in rank) for rank in ranks]
     # Whole blocks, the most work first, each to the rank with the least so far (the lowest rank on

@@ -69,6 +69,9 @@ class KernelCalls:
         cu_q, cu_k: per cut call, (S_c + 1,) int32 cumulative query and key lengths.
         max_q, max_k: per cut call, the longest sequence's queries and keys (host ints).
         order: (split_len,) int64: the cut calls' outputs, concatenated, back in local order.
+        in_order: whether the cut calls' queries are consecutive slices of the local row, in call
+            order (a rank's head chunks, then its tail chunks, as :func:`plan_layout` lists them):
+            then each call takes its slice of q, and the outputs need no reordering.
     """
 
     whole_cu: Tensor | None
@@ -80,11 +83,12 @@ class KernelCalls:
     max_q: tuple[int, ...]
     max_k: tuple[int, ...]
     order: Tensor
+    in_order: bool
 
     def map(self, fn) -> KernelCalls:
         return KernelCalls(None if self.whole_cu is None else fn(self.whole_cu), self.whole_max, fn(self.keys),
                            tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
-                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order))
+                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order), self.in_order)
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,11 +261,11 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
         max_q.append(max(lq))
         max_k.append(max(lk))
     order = torch.empty(local_start[-1], dtype=torch.int64)
-    if q_index:
-        order[torch.cat(q_index)] = torch.arange(local_start[-1])
+    rows = torch.cat(q_index) if q_index else order[:0]
+    order[rows] = torch.arange(local_start[-1])
     return KernelCalls(cumulative_lengths(whole) if whole else None, max(whole, default=0),
                        torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64), tuple(q_index), tuple(cu_q),
-                       tuple(cu_k), tuple(max_q), tuple(max_k), order)
+                       tuple(cu_k), tuple(max_q), tuple(max_k), order, torch.equal(rows, torch.arange(local_start[-1])))
 
 
 def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:

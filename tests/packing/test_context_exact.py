@@ -3,6 +3,7 @@ process (the keys each rank's all-gather would give it), with the leakage probe 
 controls. The collective itself runs under torchrun in tests/benchmarks/test_cp.py."""
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -185,18 +186,34 @@ def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, windo
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows(world):
+@pytest.mark.parametrize("order", ["planned", "tails first"])
+def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows_and_gradients(world, order):
+    # "tails first": each rank's cut chunks listed tail before head, so the cut calls' queries are
+    # not slices of the local row and take the gather-and-reorder path.
     batch, q, k, v = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
+    if order == "tails first":
+        layout = replace(layout, chunks=tuple(tuple(c for c in rank if c.split)[::-1] + tuple(c for c in rank if not c.split)
+                                              for rank in layout.chunks))
     for causal in (True, False):
-        ref, _ = document_attention(q, k, v, batch.seq_lens, causal=causal)
-        outs = []
+        leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in "ab"]
+        ref, _ = document_attention(*leaves[1], batch.seq_lens, causal=causal)
+        outs, in_order = [], []
         for r in range(world):
             part = shard(batch, layout, r)
             idx = local_index(layout, r)
-            outs.append(attend_chunks(q[idx], k[idx], v[idx], simulated_keys(k, v, part.context), part, causal=causal,
-                                      kernel=bottom_right)[None])
-        assert rel(unshard(outs, layout)[0], ref) <= 1e-12
+            got_q, got_k, got_v = leaves[0]
+            outs.append(attend_chunks(got_q[idx], got_k[idx], got_v[idx], simulated_keys(got_k, got_v, part.context), part,
+                                      causal=causal, kernel=bottom_right)[None])
+            calls = part.context.kernel_calls[causal]
+            in_order.append(calls.in_order or not calls.q_index)
+        out = unshard(outs, layout)[0]
+        assert rel(out, ref) <= 1e-12
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for a, b in zip(*leaves):
+            assert rel(a.grad, b.grad) <= 1e-12
+        assert all(in_order) == (order == "planned" or world == 1)
 
 
 def test_a_kernel_is_checked_before_first_use_and_a_wrong_one_refused():
@@ -281,7 +298,7 @@ def test_kernel_calls_copy_no_whole_block_and_each_cut_key_once():
     assert [t.tolist() for t in calls.cu_q] == [[0, 4, 4], [0, 4]]
     assert [t.tolist() for t in calls.cu_k] == [[0, 4, 16], [0, 16]]
     assert (calls.max_q, calls.max_k) == ((4, 4), (12, 16))
-    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and calls.order.tolist() == list(range(8))
+    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and calls.in_order
     assert calls.whole_cu is None and calls.whole_max == 0
     calls = shard(batch, layout, 1).context.kernel_calls[True]
     assert calls.whole_cu.tolist() == [0, 2] and calls.whole_max == 2 and calls.order.tolist() == list(range(8))
@@ -302,7 +319,9 @@ def test_kernel_calls_copy_no_whole_block_and_each_cut_key_once():
             assert len(set(keys.tolist())) == len(keys) <= len(context.key_index[causal])
             assert keys.numel() == 0 or keys.max() < 8 * layout.gather_len  # gathered tokens only
             saved += len(context.key_index[causal]) - len(keys)
-            assert sorted(torch.cat(calls.q_index).tolist() if calls.q_index else []) == list(range(own))
+            # each call's queries a slice of the local row, in order: heads, then tails
+            assert (torch.cat(calls.q_index).tolist() if calls.q_index else []) == list(range(own))
+            assert calls.in_order or not calls.q_index
             whole_lens = [c.length for c in layout.chunks[r] if not c.split]
             assert (calls.whole_cu is None and not whole_lens) or calls.whole_cu.diff().tolist() == whole_lens
     assert saved > 0
