@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -378,6 +379,20 @@ def _busy_ms(fn, repeats: int) -> float:
     return busy_us / repeats / 1e3
 
 
+def _profile_table(fn, repeats: int) -> str:
+    """The profiler's table of ``fn``'s GPU kernels and copies over ``repeats`` calls, the most
+    GPU time first: where a rank's step spends the time its kernel calls alone do not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -471,8 +486,19 @@ def simulate(args, parser: Parser) -> int:
         return (_time(step, device, args.repeats), None if kernel_step is None else _time(kernel_step, device, args.repeats),
                 _busy_ms(step, args.repeats) if device.type == "cuda" else None)
 
+    def profiled(name: str, step_and_kernel) -> None:
+        """--profile: the step's and the kernel calls' profiler tables, to ``DIR/<name>.txt``."""
+        step, kernel_step = step_and_kernel
+        text = f"{name}, the step ({args.repeats} calls):\n{_profile_table(step, args.repeats)}\n"
+        if kernel_step is not None:
+            text += f"\n{name}, the kernel calls alone ({args.repeats} calls):\n{_profile_table(kernel_step, args.repeats)}\n"
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / f"{re.sub(r'[^a-z0-9.]+', '_', name.lower())}.txt").write_text(text)
+
     blocks = batch_blocks(batch)
     whole_ms, whole_kernel_ms, whole_busy_ms = timed(step_of(plan_layout(blocks, 1), 0))
+    if args.profile:
+        profiled("whole row", step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
     layouts += [(f"head-tail, split fraction {f:g}", plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost))
                 for f in args.split_fraction]
@@ -500,6 +526,9 @@ def simulate(args, parser: Parser) -> int:
                        "busy_slowest_x_n_over_whole": max(busy) * world / whole_busy_ms,
                        "busy_sum_over_whole": sum(busy) / whole_busy_ms}
         results.append(result)
+        if args.profile:
+            slowest = max(range(world), key=times.__getitem__)
+            profiled(f"{name}, rank {slowest}", step_of(layout, slowest))
         print(f"{name}: ranks {', '.join(f'{ms:.3f}' for ms in times)} ms; max/mean {result['max_over_mean']:.3f}; "
               f"slowest x N / whole {result['slowest_x_n_over_whole']:.3f}; sum / whole {result['sum_over_whole']:.3f}; "
               f"documents cut: {result['cut_documents']}")
@@ -548,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
                    f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")
+    p.add_argument("--profile", metavar="DIR", help="--simulate on cuda: write the profiler's table of the whole "
+                   "row's step and of each layout's slowest rank (the step, and its kernel calls alone) to DIR")
     args = p.parse_args(argv)
     args.argv = argv
     for name in ("tokens", "steps", "heads", "kv_heads", "head_dim", "repeats") + (("simulate",) if args.simulate is not None else ()):
@@ -559,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--split-fraction {f:g} is out of range; expected a number > 0 (of one rank's share of the work)")
     if not 0 <= args.area_cost < math.inf:
         p.error(f"--area-cost {args.area_cost:g} is out of range; expected a finite number >= 0")
+    if args.profile and (args.check or args.device != "cuda"):
+        p.error(f"--profile {args.profile} profiles the GPU's kernels of --simulate on --device cuda; "
+                "drop it, or run --simulate N --device cuda")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     try:

@@ -148,6 +148,7 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--simulate", "2", "--kernel", "no-such-kernel"], "--kernel no-such-kernel does not load here; loaded: "),
     (["--simulate", "2", "--split-fraction", "0"], "--split-fraction 0 is out of range; expected a number > 0"),
     (["--simulate", "2", "--area-cost", "-1"], "--area-cost -1 is out of range; expected a finite number >= 0"),
+    (["--simulate", "2", "--profile", "p"], "--profile p profiles the GPU's kernels of --simulate on --device cuda; drop it"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
     run = subprocess.run([sys.executable, "-m", "benchmarks.cp", *args], capture_output=True, text=True, cwd=ROOT,
