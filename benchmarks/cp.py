@@ -463,11 +463,10 @@ def simulate(args, parser: Parser) -> int:
         calls = part.context.kernel_calls[True]
         own = layout.split_len(rank)
         runs = []  # (q, k, v, cu_q, cu_k, max_q, max_k, grad) of each call
-        if calls.q_index:
-            keys = gathered.detach().index_select(0, calls.keys)
-            k_cut, v_cut = (t.contiguous().requires_grad_() for t in keys.split(args.head_dim, dim=-1))
-            runs += [(q.detach()[rows].requires_grad_(), k_cut, v_cut, cu_q, cu_k, max_q, max_k, grad[rows])
-                     for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k)]
+        for keys, rows, cu_q, cu_k, max_q, max_k in zip(calls.keys, calls.q_index, calls.cu_q, calls.cu_k, calls.max_q,
+                                                         calls.max_k):
+            k_cut, v_cut = (t.index_select(0, keys).requires_grad_() for t in gathered.detach().split(args.head_dim, dim=-1))
+            runs.append((q.detach()[rows].requires_grad_(), k_cut, v_cut, cu_q, cu_k, max_q, max_k, grad[rows]))
         if calls.whole_cu is not None:
             whole = [t.detach()[own:].requires_grad_() for t in (q, k, v)]
             runs.append((*whole, calls.whole_cu, calls.whole_cu, calls.whole_max, calls.whole_max, grad[own:]))

@@ -73,6 +73,39 @@ class _Pick(torch.autograd.Function):
         return out.index_copy_(0, index, grad), None
 
 
+class _PickKeys(torch.autograd.Function):
+    """Each cut call's keys and values, picked from the all-gathered tokens straight into their own
+    contiguous tensors: ``gathered`` (G, H_kv, Dk + Dv) and one (K_c,) index a call, each naming a
+    row at most once -> (k_1, v_1, k_2, v_2, ...), k_c (K_c, H_kv, Dk) and v_c (K_c, H_kv, Dv). A
+    row may appear in several calls (a head's keys are a prefix of its tail's), so the backward
+    adds each call's gradient into place: the first one copied, the next ones read, added and
+    written back, in call order (deterministic, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, gathered: Tensor, key_dim: int, *indices: Tensor):
+        ctx.save_for_backward(*indices)
+        ctx.shape, ctx.key_dim = gathered.shape, key_dim
+        k, v = gathered[..., :key_dim], gathered[..., key_dim:]
+        return tuple(t.index_select(0, index) for index in indices for t in (k, v))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        indices = ctx.saved_tensors
+        first = next((g for g in grads if g is not None), None)
+        if first is None:
+            return (None, None, *(None for _ in indices))
+        out = first.new_zeros(ctx.shape)
+        written = [False, False]  # whether a call has written the keys' (0) or the values' (1) features
+        for i, grad in enumerate(grads):
+            if grad is None:
+                continue
+            part = out[..., :ctx.key_dim] if i % 2 == 0 else out[..., ctx.key_dim:]
+            index = indices[i // 2]
+            part.index_copy_(0, index, part.index_select(0, index) + grad if written[i % 2] else grad)
+            written[i % 2] = True
+        return (out, None, *(None for _ in indices))
+
+
 def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor | None:
     """The keys and values this rank reads from others: k (T_local, H_kv, Dk) and v (T_local, H_kv,
     Dv) -> (G, H_kv, Dk + Dv), every rank's cut-block tokens (its first ``layout.split_len(rank)``
@@ -185,14 +218,15 @@ def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shar
         calls = shard.kernel_calls[causal]
         own = shard.layout.split_len(shard.rank)
         outs = []
-        if calls.q_index:  # the cut blocks' chunks: each block's keys once, row order, from the gathered tokens
-            keys = _Pick.apply(gathered, calls.keys)  # (K, H_kv, Dk + Dv)
-            k_cut, v_cut = (t.contiguous() for t in keys.split([key_dim, keys.shape[-1] - key_dim], dim=-1))
+        if calls.q_index:  # the cut blocks' chunks: each call's keys picked from the gathered tokens
+            picked = _PickKeys.apply(gathered, key_dim, *calls.keys)  # k_1, v_1, k_2, v_2, ...
             start = 0
-            for rows, cu_q, cu_k, max_q, max_k in zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q, calls.max_k):
+            for c, (rows, cu_q, cu_k, max_q, max_k) in enumerate(zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q,
+                                                                     calls.max_k)):
                 # in order: this call's queries are the next rows of the local row, a slice (no copy)
                 q_call = q[start:start + rows.shape[0]] if calls.in_order else _Pick.apply(q, rows)
-                outs.append(kernel(q_call, k_cut, v_cut, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options))
+                outs.append(kernel(q_call, picked[2 * c], picked[2 * c + 1], cu_q, cu_k, max_q, max_k, causal,
+                                   scale=scale, **options))
                 start += rows.shape[0]
             if not calls.in_order:
                 outs = [_Pick.apply(torch.cat(outs), calls.order)]

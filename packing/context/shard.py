@@ -47,24 +47,24 @@ from packing.context.layout import ContextLayout
 @dataclass(frozen=True, eq=False)
 class KernelCalls:
     """How a varlen kernel runs a shard's chunks (one causality) without copying the keys of whole
-    blocks, and copying each key of a cut block once.
+    blocks, and each cut chunk's keys picked straight into its call.
 
     The local row is the cut blocks' chunks (its first ``split_len`` tokens, all-gathered), then the
     whole blocks. The whole blocks run in one call on the local q, k and v as they are: each block
     is one sequence, its queries its keys. The cut blocks' chunks read keys that other ranks hold,
-    and their keys overlap: a document cut head-and-tail gives a rank two chunks whose keys are both
-    its prefix. So ``keys`` picks each cut block's keys once from the all-gathered tokens, in row
-    order (the block's start up to the furthest key a local chunk of it reads), and the chunks run
-    in as many calls as a block has chunks here (2 for a head-and-tail cut): in each call a block
-    has at most one chunk, whose keys are a range of that buffer. Keys a call's chunks do not read
-    sit in sequences of no queries, which attend nothing and give those keys no gradient.
+    picked from the all-gathered tokens. A block cut head-and-tail gives a rank two chunks whose keys
+    are both a prefix of the block, so they run in two calls (a block has at most one chunk a call;
+    call k takes each block's chunk with the k-th shortest keys): in each call a sequence is one
+    chunk, its queries a slice of the local row and its keys the block's start up to the chunk's
+    end, picked for that call alone. Every key a call is given is read: a call holds no keys that
+    only another call's chunks read (which the kernel's backward would still visit and write).
 
-    Fields (W the local whole blocks; K the buffer's keys; per cut call c, S_c sequences and Q_c
-    queries):
+    Fields (W the local whole blocks; per cut call c, S_c sequences, Q_c queries and K_c keys):
         whole_cu: (W + 1,) int32 cumulative lengths of the whole blocks (queries and keys alike),
             from the local row's ``split_len``; None when the rank holds no whole block.
         whole_max: the longest whole block (0 when none).
-        keys: (K,) int64 indices into the all-gathered tokens, each cut block's keys once, in row order.
+        keys: per cut call, (K_c,) int64 indices into the all-gathered tokens, its chunks' keys in
+            order.
         q_index: per cut call, (Q_c,) int64 local query rows, in the call's sequence order.
         cu_q, cu_k: per cut call, (S_c + 1,) int32 cumulative query and key lengths.
         max_q, max_k: per cut call, the longest sequence's queries and keys (host ints).
@@ -72,11 +72,16 @@ class KernelCalls:
         in_order: whether the cut calls' queries are consecutive slices of the local row, in call
             order (a rank's head chunks, then its tail chunks, as :func:`plan_layout` lists them):
             then each call takes its slice of q, and the outputs need no reordering.
+
+    Example: one 16-token document and a 2-token one on 2 ranks. Rank 0 holds the chunks [0, 4)
+    and [12, 16) of the first; their keys are [0, 4) and [0, 16), and the all-gather puts rank 0's
+    cut tokens at slots 0-7 and rank 1's at 8-15, so ``keys`` is ([0, 1, 2, 3], [0, 1, 2, 3, 8, ...,
+    15, 4, 5, 6, 7]), ``cu_q`` ([0, 4], [0, 4]) and ``cu_k`` ([0, 4], [0, 16]).
     """
 
     whole_cu: Tensor | None
     whole_max: int
-    keys: Tensor
+    keys: tuple[Tensor, ...]
     q_index: tuple[Tensor, ...]
     cu_q: tuple[Tensor, ...]
     cu_k: tuple[Tensor, ...]
@@ -86,7 +91,7 @@ class KernelCalls:
     in_order: bool
 
     def map(self, fn) -> KernelCalls:
-        return KernelCalls(None if self.whole_cu is None else fn(self.whole_cu), self.whole_max, fn(self.keys),
+        return KernelCalls(None if self.whole_cu is None else fn(self.whole_cu), self.whole_max, tuple(fn(t) for t in self.keys),
                            tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
                            tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order), self.in_order)
 
@@ -106,7 +111,7 @@ class ContextShard:
             chunk's keys in order: causal, its block from the start to the chunk's end;
             bidirectional, its whole block (the masked path's keys).
         kernel_calls: per causality, :class:`KernelCalls`: a varlen kernel's calls over the chunks,
-            the whole blocks' keys not copied and the cut blocks' copied once.
+            the whole blocks' keys not copied and each cut chunk's picked into its call.
         regather: whether the attention's backward all-gathers the keys and values again instead
             of keeping them from the forward (its forward is recomputed): the memory of the gathered
             keys, every layer, against one more forward of the attention.
@@ -226,36 +231,18 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
     local_start = [0]
     for c in cut:
         local_start.append(local_start[-1] + c.length)
-    reach: dict[int, int] = {}  # block start -> the furthest key a local chunk of it reads
     per_block: dict[int, list[int]] = {}  # block start -> its chunks (indices), by their keys' end
     for i, c in enumerate(cut):
-        reach[c.block_start] = max(reach.get(c.block_start, 0), key_end[i])
         per_block.setdefault(c.block_start, []).append(i)
     for mine in per_block.values():  # the k-th chunk of each block (by where its keys end) goes to call k
         mine.sort(key=lambda i: (key_end[i], cut[i].start))
-    starts = sorted(reach)
-    keys = [source[b:reach[b]] for b in starts]
-    q_index, cu_q, cu_k, max_q, max_k = [], [], [], [], []
+    keys, q_index, cu_q, cu_k, max_q, max_k = [], [], [], [], [], []
     for call in range(max((len(v) for v in per_block.values()), default=0)):
-        lq, lk, rows = [], [], []
-        gap = 0  # keys since the last sequence that this call's chunks do not read
-        for b in starts:
-            mine = per_block[b]
-            if call >= len(mine):
-                gap += reach[b] - b
-                continue
-            i = mine[call]
-            if gap:
-                lq.append(0)
-                lk.append(gap)
-            lq.append(cut[i].length)
-            lk.append(key_end[i] - b)
-            rows.append(torch.arange(local_start[i], local_start[i + 1]))
-            gap = reach[b] - key_end[i]
-        if gap:
-            lq.append(0)
-            lk.append(gap)
-        q_index.append(torch.cat(rows))
+        mine = [per_block[b][call] for b in sorted(per_block) if call < len(per_block[b])]
+        lq = [cut[i].length for i in mine]
+        lk = [key_end[i] - cut[i].block_start for i in mine]
+        keys.append(torch.cat([source[cut[i].block_start:key_end[i]] for i in mine]))
+        q_index.append(torch.cat([torch.arange(local_start[i], local_start[i + 1]) for i in mine]))
         cu_q.append(cumulative_lengths(lq))
         cu_k.append(cumulative_lengths(lk))
         max_q.append(max(lq))
@@ -263,9 +250,9 @@ def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
     order = torch.empty(local_start[-1], dtype=torch.int64)
     rows = torch.cat(q_index) if q_index else order[:0]
     order[rows] = torch.arange(local_start[-1])
-    return KernelCalls(cumulative_lengths(whole) if whole else None, max(whole, default=0),
-                       torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64), tuple(q_index), tuple(cu_q),
-                       tuple(cu_k), tuple(max_q), tuple(max_k), order, torch.equal(rows, torch.arange(local_start[-1])))
+    return KernelCalls(cumulative_lengths(whole) if whole else None, max(whole, default=0), tuple(keys),
+                       tuple(q_index), tuple(cu_q), tuple(cu_k), tuple(max_q), tuple(max_k), order,
+                       torch.equal(rows, torch.arange(local_start[-1])))
 
 
 def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:

@@ -283,45 +283,44 @@ def test_torchs_chunk_kernel_loads_with_and_without_enable_gqa(monkeypatch, has_
         run(q, k, k, cu_q, cu_k, 4, 6, True, softcap=2.0)
 
 
-def test_kernel_calls_copy_no_whole_block_and_each_cut_key_once():
+def test_kernel_calls_copy_no_whole_block_and_give_each_call_only_the_keys_it_reads():
     # One 16-token document and a 2-token one on 2 ranks: rank 0 holds chunks [0, 4) and [12, 16),
     # whose causal keys are [0, 4) and [0, 16); rank 1 [4, 8), [8, 12) and the whole document
-    # [16, 18). Rank 0's buffer holds the gathered keys 0..15 once (rank 0's slots 0-7, rank 1's
-    # 8-15); the head runs in one call (its 4 keys, then 12 keys no query reads), the tail in another
-    # (all 16). Rank 1's whole document runs in a call of its own, on the local rows as they are.
+    # [16, 18). The all-gather puts rank 0's cut tokens at slots 0-7 and rank 1's at 8-15: the head
+    # runs in one call on its 4 keys, the tail in another on all 16 (slots 0-3, 8-15, 4-7). Rank 1's
+    # whole document runs in a call of its own, on the local rows as they are.
     batch = get_collator("concat")([list(range(16)), [1, 2]])
     layout = plan_layout(batch_blocks(batch), 2)
     assert [[(c.start, c.end, c.split) for c in rank] for rank in layout.chunks] == [
         [(0, 4, True), (12, 16, True)], [(4, 8, True), (8, 12, True), (16, 18, False)]]
     calls = shard(batch, layout, 0).context.kernel_calls[True]
-    assert calls.keys.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7]
-    assert [t.tolist() for t in calls.cu_q] == [[0, 4, 4], [0, 4]]
-    assert [t.tolist() for t in calls.cu_k] == [[0, 4, 16], [0, 16]]
-    assert (calls.max_q, calls.max_k) == ((4, 4), (12, 16))
+    assert [t.tolist() for t in calls.keys] == [[0, 1, 2, 3], [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7]]
+    assert [t.tolist() for t in calls.cu_q] == [[0, 4], [0, 4]]
+    assert [t.tolist() for t in calls.cu_k] == [[0, 4], [0, 16]]
+    assert (calls.max_q, calls.max_k) == ((4, 4), (4, 16))
     assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and calls.in_order
     assert calls.whole_cu is None and calls.whole_max == 0
     calls = shard(batch, layout, 1).context.kernel_calls[True]
     assert calls.whole_cu.tolist() == [0, 2] and calls.whole_max == 2 and calls.order.tolist() == list(range(8))
     # One rank: no cut call, one call over the local rows as they are.
     whole = shard(batch, plan_layout(batch_blocks(batch), 1), 0).context.kernel_calls[True]
-    assert not whole.q_index and whole.keys.numel() == 0 and whole.whole_cu.tolist() == [0, 16, 18]
-    # A mixed row at N = 8: no key twice in a rank's buffer, where the per-chunk keys repeat prefixes,
-    # and no whole block's key in it.
+    assert not whole.q_index and not whole.keys and whole.whole_cu.tolist() == [0, 16, 18]
+    # A mixed row at N = 8: each call's keys are exactly its chunks' keys (no key a call does not
+    # read), none twice in a call, and no whole block's key among them.
     batch, *_ = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), 8, split_tokens=4)
-    saved = 0
     for r in range(8):
         context = shard(batch, layout, r).context
         own = layout.split_len(r)
+        cut = [c for c in layout.chunks[r] if c.split]
         for causal in (True, False):
             calls = context.kernel_calls[causal]
-            keys = calls.keys
-            assert len(set(keys.tolist())) == len(keys) <= len(context.key_index[causal])
-            assert keys.numel() == 0 or keys.max() < 8 * layout.gather_len  # gathered tokens only
-            saved += len(context.key_index[causal]) - len(keys)
+            assert sum(len(k) for k in calls.keys) == sum((c.end if causal else c.block_end) - c.block_start for c in cut)
+            for keys, cu_k, cu_q in zip(calls.keys, calls.cu_k, calls.cu_q):
+                assert len(set(keys.tolist())) == len(keys) == cu_k[-1] and cu_q.diff().min() > 0
+                assert keys.max() < 8 * layout.gather_len  # gathered tokens only
             # each call's queries a slice of the local row, in order: heads, then tails
             assert (torch.cat(calls.q_index).tolist() if calls.q_index else []) == list(range(own))
             assert calls.in_order or not calls.q_index
             whole_lens = [c.length for c in layout.chunks[r] if not c.split]
             assert (calls.whole_cu is None and not whole_lens) or calls.whole_cu.diff().tolist() == whole_lens
-    assert saved > 0
