@@ -14,15 +14,15 @@ LAST = re.compile(r"cp_train N=(\d+): (\S+) ms/step, (\S+)k tokens/s per rank, e
                   r"loss (\S+) -> (\S+)")
 
 
-def _train(world: int, tmp_path: Path) -> dict:
+def _train(world: int, tmp_path: Path, *extra: str) -> dict:
     lengths = tmp_path / "lengths.txt"
     lengths.write_text("5 1 64 3 29 1 1 17 40\n")  # 161 tokens: documents cut across ranks, and 1-token ones
-    out = tmp_path / f"n{world}.json"
+    out = tmp_path / f"n{world}{''.join(extra)}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
            "benchmarks.cp_train", "--device", "cpu", "--arch", "tiny", "--lengths", str(lengths), "--steps", "3",
-           "--warmup", "1", "--lr", "1e-2", "--json", str(out)]
+           "--warmup", "1", "--lr", "1e-2", "--json", str(out), *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
@@ -38,8 +38,10 @@ def test_training_context_parallel_follows_the_one_process_loss_curve(tmp_path):
     # keeps the curves together: without it, N = 2 ends at 3.81.
     one = _train(1, tmp_path)
     assert len(one["losses"]) == 4 and one["losses"][-1] < one["losses"][0] - 0.5
-    for world in (2, 3):
-        got = _train(world, tmp_path)
+    # --checkpoint: each layer recomputed in the backward, its all-gathers run again there.
+    for world, extra in ((2, ()), (3, ()), (2, ("--checkpoint",))):
+        got = _train(world, tmp_path, *extra)
+        assert got["checkpoint"] == bool(extra)
         assert got["world_size"] == world and got["tokens"] == 161 and len(got["step_ms"]) == 3
         for a, b in zip(got["losses"], one["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b), (got["losses"], one["losses"])
