@@ -26,7 +26,8 @@ def _train(world: int, tmp_path: Path, *extra: str) -> dict:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert lines[0] == f"161 tokens, 9 documents (longest 64); N={world}, gloo, cpu; tiny"
+    assert lines[0] == (f"161 tokens, 9 documents (longest 64); N={world}, gloo, cpu; tiny"
+                        + (", activation checkpointing" if "--checkpoint" in extra else ""))
     match = LAST.fullmatch(lines[-1])
     assert match and int(match[1]) == world, lines[-1]
     return json.loads(out.read_text())
