@@ -271,6 +271,17 @@ def rank_device(world: int) -> tuple[torch.device, str]:
     return device, "nccl" if count >= world else "gloo"
 
 
+def start_ranks(device: str):
+    """This torchrun worker's (device, backend, rank, world size, say), its process group started:
+    on ``"cuda"`` a GPU a rank over NCCL (:func:`rank_device`), on ``"cpu"`` gloo; ``say`` prints on
+    rank 0 only."""
+    world = int(os.environ["WORLD_SIZE"])
+    where, backend = rank_device(world) if device == "cuda" else (torch.device("cpu"), "gloo")
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    return where, backend, rank, world, (print if rank == 0 else (lambda *a, **k: None))
+
+
 def check_cuda(args, parser: Parser) -> int:
     """N ranks' bf16 attention of one row (``--lengths``, or a log-normal row of ``--tokens``) on
     GPUs against the same kernel on the unsharded row and fp32 SDPA per document."""

@@ -30,9 +30,7 @@ the median, tokens/s per rank, peak memory, the exposed communication and the co
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -41,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.cp import lognormal_row, rank_device, read_lengths
-from benchmarks.harness import Parser, environment, exit_after_distributed
+from benchmarks.cp import lognormal_row, read_lengths, start_ranks
+from benchmarks.harness import Parser, environment, run_under_torchrun
 from packing.context import ContextCollator
 
 ARCHS = ("qwen3-0.6b", "tiny")
@@ -109,14 +107,7 @@ def _exposed_percent(step, step_ms: float) -> float:
 def train(args, parser: Parser) -> int:
     from packing.interop.hf import pack
 
-    world = int(os.environ["WORLD_SIZE"])
-    if args.device == "cuda":
-        device, backend = rank_device(world)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    device, backend, rank, world, say = start_ranks(args.device)
     lens = read_lengths(args.lengths) if args.lengths else lognormal_row(args.tokens)
     model = build(args.arch, args.seed).to(device)
     if args.checkpoint:
@@ -204,16 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--warmup is {args.warmup}; expected an int >= 0")
     if not 0 < args.lr < float("inf"):
         p.error(f"--lr {args.lr:g} is out of range; expected a finite number > 0")
-    if "WORLD_SIZE" not in os.environ:
-        p.error(f"benchmarks.cp_train runs under torchrun: torchrun --nproc-per-node N -m benchmarks.cp_train "
-                f"--device {args.device}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but no CUDA device is visible; use --device cpu --arch tiny")
-    try:
-        exit_after_distributed(train(args, p))
-    except ValueError as e:
-        return p.fail(e)
-    return 0
+    return run_under_torchrun(p, args, train, module="benchmarks.cp_train", cpu_fix="use --device cpu --arch tiny")
 
 
 if __name__ == "__main__":

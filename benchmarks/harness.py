@@ -425,6 +425,22 @@ def gather_records(records: list[Record]) -> list[list[Record]]:
     return [[kind(**d) for d in rows] for rows in gathered]
 
 
+def run_under_torchrun(parser: Parser, args, run, *, module: str, cpu_fix: str) -> int:
+    """The end of a torchrun benchmark's ``main``: outside torchrun, or ``--device cuda`` without a
+    GPU, a one-line error and exit 2 (``cpu_fix`` says what to run instead); then ``run(args,
+    parser)`` and leave without finalisation (:func:`exit_after_distributed`). A ``ValueError`` it
+    raises is a user error: one line, exit 2."""
+    if "WORLD_SIZE" not in os.environ:
+        parser.error(f"{module} runs under torchrun: torchrun --nproc-per-node N -m {module} --device {args.device}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but no CUDA device is visible; {cpu_fix}")
+    try:
+        exit_after_distributed(run(args, parser))
+    except ValueError as e:
+        return parser.fail(e)
+    return 0
+
+
 def exit_after_distributed(code: int) -> None:
     """Leave a torchrun worker without Python finalisation.
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor
 
 from packing.kernels import ChunkVarlen, chunk_varlen_kernels, takes_head_dim, varlen_options
 
