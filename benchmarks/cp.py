@@ -285,11 +285,8 @@ def start_ranks(device: str):
 def check_cuda(args, parser: Parser) -> int:
     """N ranks' bf16 attention of one row (``--lengths``, or a log-normal row of ``--tokens``) on
     GPUs against the same kernel on the unsharded row and fp32 SDPA per document."""
-    world = int(os.environ["WORLD_SIZE"])
-    device, backend = rank_device(world)
+    device, backend, rank, world, say = start_ranks("cuda")
     count = torch.cuda.device_count()
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
     lens = read_lengths(args.lengths) if args.lengths else lognormal_row(args.tokens)
     batch = get_collator("concat")([[0] * n for n in lens])
     T, H, Hkv, D = batch.num_slots, args.heads, args.kv_heads, args.head_dim
@@ -300,7 +297,6 @@ def check_cuda(args, parser: Parser) -> int:
         raise ValueError(f"no varlen kernel that takes chunk boundaries loads here for head dim {D} "
                          f"(loaded: {sorted(chunk_varlen_kernels())}); --check on cuda times no masked path")
     name, kernel = found
-    say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world} on {count} GPU(s), {backend}; "
         f"bf16, {H}/{Hkv} heads of {D}; {name}", flush=True)
     g = torch.Generator().manual_seed(1)
@@ -374,10 +370,8 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _busy_ms(fn, repeats: int) -> float:
-    """Milliseconds the GPU spends in kernels and copies per call of ``fn`` (the profiler's device
-    events, summed; one stream, so they do not overlap): the step's time without the host's launch
-    gaps, which a model's other layers fill when the GPU runs ahead of the host."""
+def _profiled(fn, repeats: int):
+    """The profiler over ``repeats`` calls of ``fn`` on CUDA, after one call outside it."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -386,22 +380,23 @@ def _busy_ms(fn, repeats: int) -> float:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return prof
+
+
+def _busy_ms(fn, repeats: int) -> float:
+    """Milliseconds the GPU spends in kernels and copies per call of ``fn`` (the profiler's device
+    events, summed; one stream, so they do not overlap): the step's time without the host's launch
+    gaps, which a model's other layers fill when the GPU runs ahead of the host."""
+    events = _profiled(fn, repeats).events()
+    busy_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return busy_us / repeats / 1e3
 
 
 def _profile_table(fn, repeats: int) -> str:
     """The profiler's table of ``fn``'s GPU kernels and copies over ``repeats`` calls, the most
     GPU time first: where a rank's step spends the time its kernel calls alone do not."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    return _profiled(fn, repeats).key_averages().table(sort_by="self_cuda_time_total", row_limit=40,
+                                                       max_name_column_width=90)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}

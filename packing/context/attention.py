@@ -221,12 +221,11 @@ def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shar
         if calls.q_index:  # the cut blocks' chunks: each call's keys picked from the gathered tokens
             picked = _PickKeys.apply(gathered, key_dim, *calls.keys)  # k_1, v_1, k_2, v_2, ...
             start = 0
-            for c, (rows, cu_q, cu_k, max_q, max_k) in enumerate(zip(calls.q_index, calls.cu_q, calls.cu_k, calls.max_q,
-                                                                     calls.max_k)):
+            for k_call, v_call, rows, cu_q, cu_k, max_q, max_k in zip(picked[0::2], picked[1::2], calls.q_index,
+                                                                      calls.cu_q, calls.cu_k, calls.max_q, calls.max_k):
                 # in order: this call's queries are the next rows of the local row, a slice (no copy)
                 q_call = q[start:start + rows.shape[0]] if calls.in_order else _Pick.apply(q, rows)
-                outs.append(kernel(q_call, picked[2 * c], picked[2 * c + 1], cu_q, cu_k, max_q, max_k, causal,
-                                   scale=scale, **options))
+                outs.append(kernel(q_call, k_call, v_call, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options))
                 start += rows.shape[0]
             if not calls.in_order:
                 outs = [_Pick.apply(torch.cat(outs), calls.order)]
