@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from benchmarks.harness import Parser, environment, exit_after_distributed
 from packing import get_collator
 from packing.context import batch_blocks, plan_layout, shard, unshard
-from packing.context.attention import attend_chunks, context_attention, simulated_keys
+from packing.context.attention import attend_chunks, call_keys, context_attention, simulated_keys
 from packing.context.layout import AREA_COST, Chunk, ContextLayout
 from packing.context.shard import local_index
 from packing.context.varlen import chunk_kernel
@@ -445,10 +445,11 @@ def simulate(args, parser: Parser) -> int:
             kernel_name, kernel = found
 
     def step_of(layout, rank):
-        """(the rank's attention step, the kernel calls alone or None): the step picks the cut
-        chunks' keys from the gathered tokens and runs the kernel, forward and backward; the kernel
-        alone takes every call's queries and keys already picked, to tell the kernel's time from the
-        copies around it."""
+        """(the rank's attention step, the kernel call alone or None): the step copies the cut
+        chunks' keys from the gathered tokens (given: the all-gather and its send buffer are not
+        timed) and runs the kernel, forward and backward, the key gradients written back into the
+        gathered layout; the kernel alone takes the call's keys already copied, to tell the
+        kernel's time from the copies around it."""
         part = shard(batch, layout, rank).to(device)
         idx = local_index(layout, rank).to(device)
         q, k, v = (t[idx].detach().requires_grad_() for t in (q_row, k_row, v_row))
@@ -466,22 +467,16 @@ def simulate(args, parser: Parser) -> int:
 
         if kernel is None:
             return step, None
-        calls = part.context.kernel_calls[True]
+        call = part.context.kernel_call[True]
         own = layout.split_len(rank)
-        runs = []  # (q, k, v, cu_q, cu_k, max_q, max_k, grad) of each call
-        for keys, rows, cu_q, cu_k, max_q, max_k in zip(calls.keys, calls.q_index, calls.cu_q, calls.cu_k, calls.max_q,
-                                                         calls.max_k):
-            k_cut, v_cut = (t.index_select(0, keys).requires_grad_() for t in gathered.detach().split(args.head_dim, dim=-1))
-            runs.append((q.detach()[rows].requires_grad_(), k_cut, v_cut, cu_q, cu_k, max_q, max_k, grad[rows]))
-        if calls.whole_cu is not None:
-            whole = [t.detach()[own:].requires_grad_() for t in (q, k, v)]
-            runs.append((*whole, calls.whole_cu, calls.whole_cu, calls.whole_max, calls.whole_max, grad[own:]))
+        with torch.no_grad():
+            k_call, v_call = call_keys(gathered, k[own:], v[own:], call)
+        run = [t.detach().requires_grad_() for t in (q, k_call, v_call)]
 
         def kernel_step():
-            for qc, kc, vc, cu_q, cu_k, max_q, max_k, g in runs:
-                kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k, True).backward(g)
-            for qc, kc, vc, *_ in runs:
-                qc.grad = kc.grad = vc.grad = None
+            kernel(*run, call.cu_q, call.cu_k, call.max_q, call.max_k, True).backward(grad)
+            for t in run:
+                t.grad = None
 
         return step, kernel_step
 

@@ -8,14 +8,14 @@ chunk's end, bottom-right aligned (query i of a chunk of Lq sees keys j <= i + L
 bidirectional, the whole block. Nothing is merged across ranks, so there is no
 partial softmax to combine and the result is the one the whole row gives. The backward of the
 all-gather sums each rank's key and value gradients back to their owner (a reduce-scatter on NCCL;
-on gloo, which has none, an all-reduce and a slice). A shard made with ``regather=True`` keeps only
+on gloo, an all-reduce and a slice). A shard made with ``regather=True`` keeps only
 its own q, k and v for the backward, which gathers the keys and values again and recomputes the
 attention's forward: the gathered keys' memory in every layer, for one more forward.
 
-A varlen kernel runs the whole blocks on the local q, k and v as they are, and the cut blocks'
-chunks on their keys picked once from the gathered tokens (:class:`~packing.context.shard.KernelCalls`).
-Without one, the chunks are attended gathered into a (chunks, H, longest, D) block with a mask, on
-any device: exact, with memory chunks x longest query x longest key.
+A varlen kernel runs all of a rank's chunks in one call (:class:`~packing.context.shard.KernelCall`):
+q as it is, the cut chunks' keys copied from the gathered tokens and the whole blocks' keys after
+them. Without one, the chunks are attended gathered into a (chunks, H, longest, D) block with a
+mask, on any device: exact, with memory chunks x longest query x longest key.
 """
 
 from __future__ import annotations
@@ -28,97 +28,132 @@ from torch import Tensor
 
 from packing.batch import Batch
 from packing.boundaries import block_rows, to_blocks
-from packing.context.shard import ContextShard, local_index
+from packing.context.shard import ContextShard, KernelCall, local_index
 from packing.kernels import ChunkVarlen
 
 
 class _AllGather(torch.autograd.Function):
-    """(P, ...) on each rank -> (world x P, ...) in rank order; backward sums the gradients of each
-    rank's slice onto that rank."""
+    """(P,) on each rank -> (world, P), row r rank r's; backward sums the gradients of each row onto
+    its rank."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+        world = dist.get_world_size(group)
+        x = x.contiguous()
+        if dist.get_backend(group) == "nccl":  # straight into one buffer, no copy after
+            out = x.new_empty(world * x.shape[0])
+            # all_gather_single is all_gather_into_tensor's newer name, where torch has it
+            (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+            return out.view(world, -1)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        rank = dist.get_rank(ctx.group)
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
-            out = grad.new_empty(grad.shape[0] // world, *grad.shape[1:])
-            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            out = grad.new_empty(grad.shape[1])
+            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, grad.view(-1), group=ctx.group)
             return out, None
-        total = grad.clone()
+        total = grad.clone()  # gloo has no reduce-scatter on every torch we run on
         dist.all_reduce(total, group=ctx.group)
-        return total.chunk(world)[rank].clone(), None
+        return total[rank].clone(), None
 
 
-class _Pick(torch.autograd.Function):
-    """``x.index_select(0, index)`` for an ``index`` that names each row at most once: the backward
-    writes the gradient's rows into place (a copy) where index_select's adds them (atomics)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = x.shape[0]
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (index,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.rows, *grad.shape[1:])
-        return out.index_copy_(0, index, grad), None
-
-
-class _PickKeys(torch.autograd.Function):
-    """Each cut call's keys and values, picked from the all-gathered tokens straight into their own
-    contiguous tensors: ``gathered`` (G, H_kv, Dk + Dv) and one (K_c,) index a call, each naming a
-    row at most once -> (k_1, v_1, k_2, v_2, ...), k_c (K_c, H_kv, Dk) and v_c (K_c, H_kv, Dv). A
-    row may appear in several calls (a head's keys are a prefix of its tail's), so the backward
-    adds each call's gradient into place: the first one copied, the next ones read, added and
-    written back, in call order (deterministic, no atomics)."""
+class _CallKeys(torch.autograd.Function):
+    """The keys and values of a shard's one kernel call (:class:`~packing.context.shard.KernelCall`):
+    the cut chunks' keys copied from the gathered tokens, piece by piece in the call's order, then
+    the whole blocks' keys. ``gathered`` (world, gather_len x H_kv x (Dk + Dv)), each rank's keys
+    then its values (:func:`gather_keys`); ``k_whole`` (W, H_kv, Dk) and ``v_whole`` (W, H_kv, Dv)
+    -> k (K, H_kv, Dk) and v (K, H_kv, Dv). The backward adds the gradients of a piece's copies (one
+    add a stretch of pieces read together) and writes every rank's pieces back into the gathered
+    layout, zeros for pieces the call does not read: one concatenation each for keys and values a
+    rank, no index kernel and no atomics."""
 
     @staticmethod
-    def forward(ctx, gathered: Tensor, key_dim: int, *indices: Tensor):
-        ctx.save_for_backward(*indices)
-        ctx.shape, ctx.key_dim = gathered.shape, key_dim
-        k, v = gathered[..., :key_dim], gathered[..., key_dim:]
-        return tuple(t.index_select(0, index) for index in indices for t in (k, v))
+    def forward(ctx, gathered: Tensor, k_whole: Tensor, v_whole: Tensor, call: KernelCall) -> tuple[Tensor, Tensor]:
+        ctx.call, ctx.shapes = call, (k_whole.shape[1:], v_whole.shape[1:])
+        k_pieces, v_pieces = _pieces(gathered, call, *ctx.shapes)
+        k = torch.cat([k_pieces[p] for p in call.reads] + [k_whole])
+        v = torch.cat([v_pieces[p] for p in call.reads] + [v_whole])
+        return k, v
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None):
-        indices = ctx.saved_tensors
-        first = next((g for g in grads if g is not None), None)
-        if first is None:
-            return (None, None, *(None for _ in indices))
-        out = first.new_zeros(ctx.shape)
-        written = [False, False]  # whether a call has written the keys' (0) or the values' (1) features
-        for i, grad in enumerate(grads):
-            if grad is None:
-                continue
-            part = out[..., :ctx.key_dim] if i % 2 == 0 else out[..., ctx.key_dim:]
-            index = indices[i // 2]
-            part.index_copy_(0, index, part.index_select(0, index) + grad if written[i % 2] else grad)
-            written[i % 2] = True
-        return (out, None, *(None for _ in indices))
+    def backward(ctx, dk: Tensor, dv: Tensor):
+        call, (k_shape, v_shape) = ctx.call, ctx.shapes
+        cut, n = call.cut_keys, sum(call.pieces[0])
+        gathered = dk.new_empty(len(call.pieces), n * (k_shape.numel() + v_shape.numel()))
+        dk, dv = dk.contiguous(), dv.contiguous()
+        for d, shape, part in ((dk, k_shape, 0), (dv, v_shape, 1)):
+            grads = _piece_grads(d[:cut], call, shape)
+            first = 0
+            for r, rank in enumerate(call.pieces):
+                out = gathered[r].split([n * k_shape.numel(), n * v_shape.numel()])[part].view(n, *shape)
+                torch.cat(grads[first:first + len(rank)], out=out)
+                first += len(rank)
+        return gathered, dk[cut:], dv[cut:], None
+
+
+def call_keys(gathered: Tensor | None, k_whole: Tensor, v_whole: Tensor, call: KernelCall) -> tuple[Tensor, Tensor]:
+    """The keys (K, H_kv, Dk) and values (K, H_kv, Dv) of ``call``: the cut chunks' copied from
+    ``gathered`` (:func:`gather_keys`), then ``k_whole`` and ``v_whole``, the whole blocks' local
+    rows; these alone, not copied, when the call reads nothing gathered."""
+    return _CallKeys.apply(gathered, k_whole, v_whole, call) if call.reads else (k_whole, v_whole)
+
+
+def _piece_grads(d: Tensor, call: KernelCall, shape: torch.Size) -> list[Tensor]:
+    """Each piece's gradient from ``d`` (cut keys, H_kv, D), the gradient of the call's cut keys:
+    its one read's, the sum of its reads', or zeros."""
+    reads = d.split([call.sizes[p] for p in call.reads])
+    sums = []
+    for starts, lengths in call.sums:
+        length = sum(lengths)
+        total = d[starts[0]:starts[0] + length] + d[starts[1]:starts[1] + length]
+        for start in starts[2:]:
+            total += d[start:start + length]
+        sums.append(total.split(list(lengths)))
+    zeros = d.new_zeros(max(call.sizes), *shape)
+    return [zeros[:n] if kind == 0 else reads[i] if kind == 1 else sums[kind - 2][i]
+            for (kind, i), n in zip(call.grads, call.sizes)]
+
+
+def _pieces(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size):
+    """Every piece of ``gathered`` (world, gather_len x H_kv x (Dk + Dv)) as keys (n, H_kv, Dk) and
+    values (n, H_kv, Dv), views in piece order."""
+    k_pieces, v_pieces = [], []
+    for r, rank in enumerate(call.pieces):
+        n = sum(rank)
+        k_part, v_part = gathered[r].split([n * k_shape.numel(), n * v_shape.numel()])
+        k_pieces += k_part.view(n, *k_shape).split(list(rank))
+        v_pieces += v_part.view(n, *v_shape).split(list(rank))
+    return k_pieces, v_pieces
 
 
 def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor | None:
     """The keys and values this rank reads from others: k (T_local, H_kv, Dk) and v (T_local, H_kv,
-    Dv) -> (G, H_kv, Dk + Dv), every rank's cut-block tokens (its first ``layout.split_len(rank)``
-    local tokens) all-gathered in rank order, each rank's part padded to ``gather_len`` (G =
-    world_size x gather_len); None when no block is cut. Only the cut-block tokens travel: a rank's
-    whole blocks read their own keys."""
+    Dv) -> (world_size, gather_len x H_kv x (Dk + Dv)): row r is rank r's cut-block tokens (its
+    first ``layout.split_len(r)`` local tokens) padded to ``gather_len``, their keys then their
+    values, flat; None when no block is cut. Only the cut-block tokens travel: a rank's whole blocks
+    read their own keys."""
+    own = shard.layout.split_len(shard.rank)
+    return _gather(k[:own], v[:own], shard, group)
+
+
+def _gather(k_cut: Tensor, v_cut: Tensor, shard: ContextShard, group) -> Tensor | None:
     world = shard.layout.world_size
     if world == 1 or not shard.gather_len:
         return None
-    own = shard.layout.split_len(shard.rank)
-    mine = torch.cat([k[:own], v[:own]], dim=-1)  # one collective for both
-    mine = F.pad(mine, (0, 0, 0, 0, 0, shard.gather_len - own))
-    return _AllGather.apply(mine, group)
+    return _AllGather.apply(_row(k_cut, v_cut, shard.gather_len), group)
+
+
+def _row(k: Tensor, v: Tensor, gather_len: int) -> Tensor:
+    """One rank's part of the gathered tokens: its cut keys, then values, each padded to
+    ``gather_len`` tokens, flat."""
+    pad = gather_len - k.shape[0]
+    return torch.cat([F.pad(k, (0, 0, 0, 0, 0, pad)).reshape(-1), F.pad(v, (0, 0, 0, 0, 0, pad)).reshape(-1)])
 
 
 def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor | None:
@@ -128,12 +163,11 @@ def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor 
     layout = shard.layout
     if layout.world_size == 1 or not shard.gather_len:
         return None
-    row = torch.cat([k_row, v_row], dim=-1)
-    parts = []
+    rows = []
     for r in range(layout.world_size):
-        mine = row.index_select(0, local_index(layout, r)[: layout.split_len(r)].to(row.device))
-        parts.append(F.pad(mine, (0, 0, 0, 0, 0, shard.gather_len - mine.shape[0])))
-    return torch.cat(parts)
+        index = local_index(layout, r)[: layout.split_len(r)].to(k_row.device)
+        rows.append(_row(k_row.index_select(0, index), v_row.index_select(0, index), shard.gather_len))
+    return torch.stack(rows)
 
 
 # Outside torch.compile: a shard's chunks are host ints (the layout), and traced they would be
@@ -158,9 +192,13 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, shard: ContextShard | Bat
     if (world, rank) != (layout.world_size, shard.rank):
         raise ValueError(f"the shard is rank {shard.rank} of {layout.world_size}, and this process is rank {rank} of a "
                          f"context-parallel group of {world}: shard for this group")
+    own = layout.split_len(rank)
+
     def gather_and_attend(q: Tensor, k: Tensor, v: Tensor):
-        return attend_chunks(q, k, v, gather_keys(k, v, shard, group), shard, causal=causal, scale=scale,
-                             window=window, softcap=softcap, sinks=sinks, return_lse=return_lse, kernel=kernel)
+        k_parts, v_parts = _split(k, own), _split(v, own)  # one split each: one concatenation in the backward
+        gathered = _gather(k_parts[0], v_parts[0], shard, group)
+        return _attend(q, k_parts, v_parts, gathered, shard, causal=causal, scale=scale, window=window, softcap=softcap,
+                       sinks=sinks, return_lse=return_lse, kernel=kernel)
 
     if shard.regather and torch.is_grad_enabled():
         # Nothing but q, k and v is kept: the backward runs the gather (a collective, in the same
@@ -183,9 +221,8 @@ def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shar
                   kernel: ChunkVarlen | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The local part of :func:`context_attention`: q (T_local, H, D), k (T_local, H_kv, Dk) and v
     (T_local, H_kv, Dv), this rank's own, and ``gathered``, the cut blocks' keys and values of
-    :func:`gather_keys` or :func:`simulated_keys` (keys in the first Dk features, values in the
-    rest; None when no block is cut). Each chunk attends its keys bottom-right causal (or all of
-    them).
+    :func:`gather_keys` or :func:`simulated_keys` (None when no block is cut). Each chunk attends
+    its keys bottom-right causal (or all of them).
 
     ``window``: causal only, a query sees the ``window`` latest keys of its document, itself
     included (transformers' ``sliding_window``). ``softcap``: logits capped as
@@ -195,12 +232,27 @@ def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shar
     whole row. With sinks, ``return_lse`` counts the sink in the log-sum-exp.
 
     ``kernel``: a varlen kernel taking the chunks' query and key boundaries apart
-    (:func:`packing.context.varlen.chunk_kernel` gives a checked one), run as the shard's
-    :class:`~packing.context.shard.KernelCalls` say: the whole blocks on q, k and v as they are,
-    the cut blocks' chunks on their keys picked from ``gathered``. None: SDPA over the chunks
+    (:func:`packing.context.varlen.chunk_kernel` gives a checked one), called once as the shard's
+    :class:`~packing.context.shard.KernelCall` says: every chunk a sequence, q as it is, the cut
+    chunks' keys copied from ``gathered`` and the whole blocks' keys after them. None: SDPA over the chunks
     gathered into a (chunks, H, longest query, longest key) block with a mask, on any device (the
     softmax written out where there is a softcap)."""
     shard = _context_of(shard)
+    own = shard.layout.split_len(shard.rank)
+    return _attend(q, _split(k, own), _split(v, own), gathered, shard, causal=causal, scale=scale, window=window,
+                   softcap=softcap, sinks=sinks, return_lse=return_lse, kernel=kernel)
+
+
+def _split(x: Tensor, own: int) -> tuple[Tensor, Tensor]:
+    """(the cut blocks' rows, the whole blocks' rows) of a local x: views, the whole x as it is when
+    nothing is cut."""
+    return (x[:0], x) if own == 0 else x.split([own, x.shape[0] - own])
+
+
+def _attend(q: Tensor, k_parts: tuple[Tensor, Tensor], v_parts: tuple[Tensor, Tensor], gathered: Tensor | None,
+            shard: ContextShard, *, causal: bool, scale: float | None, window: int | None, softcap: float | None,
+            sinks: Tensor | None, return_lse: bool, kernel: ChunkVarlen | None) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`attend_chunks` with k and v already cut into (cut rows, whole rows) by :func:`_split`."""
     if window is not None and (not causal or isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window is {window!r} with causal={causal}; a sliding window is a positive int of keys, "
                          "and causal")
@@ -209,32 +261,24 @@ def attend_chunks(q: Tensor, k: Tensor, v: Tensor, gathered: Tensor | None, shar
     if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
         raise ValueError(f"sinks has shape {tuple(sinks.shape)}; context-parallel attention takes one sink logit a head, "
                          f"({q.shape[1]},): per-token sinks are not computed under context parallelism")
-    key_dim = k.shape[-1]
+    (k_cut, k_whole), (v_cut, v_whole) = k_parts, v_parts
     if kernel is not None:
         if return_lse:
             raise ValueError("return_lse is computed on the masked path only (kernel=None)")
         options = {name: value for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
                    if value is not None}
-        calls = shard.kernel_calls[causal]
-        own = shard.layout.split_len(shard.rank)
-        outs = []
-        if calls.q_index:  # the cut blocks' chunks: each call's keys picked from the gathered tokens
-            picked = _PickKeys.apply(gathered, key_dim, *calls.keys)  # k_1, v_1, k_2, v_2, ...
-            start = 0
-            for k_call, v_call, rows, cu_q, cu_k, max_q, max_k in zip(picked[0::2], picked[1::2], calls.q_index,
-                                                                      calls.cu_q, calls.cu_k, calls.max_q, calls.max_k):
-                # in order: this call's queries are the next rows of the local row, a slice (no copy)
-                q_call = q[start:start + rows.shape[0]] if calls.in_order else _Pick.apply(q, rows)
-                outs.append(kernel(q_call, k_call, v_call, cu_q, cu_k, max_q, max_k, causal, scale=scale, **options))
-                start += rows.shape[0]
-            if not calls.in_order:
-                outs = [_Pick.apply(torch.cat(outs), calls.order)]
-        if calls.whole_cu is not None:  # the whole blocks: the local rows after the cut ones, as they are
-            outs.append(kernel(q[own:], k[own:], v[own:], calls.whole_cu, calls.whole_cu, calls.whole_max,
-                               calls.whole_max, causal, scale=scale, **options))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-    local = torch.cat([k, v], dim=-1)
-    source = local if gathered is None else torch.cat([gathered, local])  # what key_index indexes
+        call = shard.kernel_call[causal]
+        k, v = call_keys(gathered, k_whole, v_whole, call)
+        return kernel(q, k, v, call.cu_q, call.cu_k, call.max_q, call.max_k, causal, scale=scale, **options)
+    key_dim = k_whole.shape[-1]
+    local = torch.cat([torch.cat([k_cut, v_cut], dim=-1), torch.cat([k_whole, v_whole], dim=-1)])
+    if gathered is not None:  # what key_index indexes: the gathered tokens as rows, then the local ones
+        k_size, v_size = k_whole.shape[1:].numel(), v_whole.shape[1:].numel()
+        n = gathered.shape[1] // (k_size + v_size)
+        k_rows, v_rows = gathered.split([n * k_size, n * v_size], dim=1)
+        rows = torch.cat([k_rows.reshape(-1, *k_whole.shape[1:]), v_rows.reshape(-1, *v_whole.shape[1:])], dim=-1)
+        local = torch.cat([rows, local])
+    source = local
     keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order
     k_row, v_row = keys.split([key_dim, source.shape[-1] - key_dim], dim=-1)
     chunks = shard.layout.chunks[shard.rank]

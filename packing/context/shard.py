@@ -13,8 +13,8 @@ that must not change with the cut is taken from the whole row first:
 
 :class:`ContextShard` (``batch.context``) carries what the attention needs, computed on the host:
 for each local chunk, the keys it attends to (its block's prefix up to the chunk's end; the whole
-block when bidirectional) as indices into ``[all-gathered cut-block tokens, local tokens]``, with
-their ``cu_seqlens`` and longest length.
+block when bidirectional), as one varlen kernel call's boundaries and as indices for the masked
+path.
 
 Examples:
     >>> from packing import get_collator
@@ -35,6 +35,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -45,55 +46,63 @@ from packing.context.layout import ContextLayout
 
 
 @dataclass(frozen=True, eq=False)
-class KernelCalls:
-    """How a varlen kernel runs a shard's chunks (one causality) without copying the keys of whole
-    blocks, and each cut chunk's keys picked straight into its call.
+class KernelCall:
+    """How one varlen kernel call runs all of a shard's chunks (one causality).
 
-    The local row is the cut blocks' chunks (its first ``split_len`` tokens, all-gathered), then the
-    whole blocks. The whole blocks run in one call on the local q, k and v as they are: each block
-    is one sequence, its queries its keys. The cut blocks' chunks read keys that other ranks hold,
-    picked from the all-gathered tokens. A block cut head-and-tail gives a rank two chunks whose keys
-    are both a prefix of the block, so they run in two calls (a block has at most one chunk a call;
-    call k takes each block's chunk with the k-th shortest keys): in each call a sequence is one
-    chunk, its queries a slice of the local row and its keys the block's start up to the chunk's
-    end, picked for that call alone. Every key a call is given is read: a call holds no keys that
-    only another call's chunks read (which the kernel's backward would still visit and write).
+    Sequence i of the call is local chunk i: its queries are the chunk's rows of the local row, so
+    q goes in as it is, and the output comes out in local order. Its keys are its block's prefix up
+    to the chunk's end (bidirectional: the whole block). The call's keys are the cut chunks' keys,
+    copied from the all-gathered tokens, then the whole blocks' keys, the local rows after the cut
+    ones. A key that two chunks read (a block cut head-and-tail gives a rank two chunks, and the
+    head's keys are a prefix of the tail's) is copied for each, so the kernel reads no key twice in
+    one sequence and no key a sequence does not read; the backward adds the copies' gradients.
 
-    Fields (W the local whole blocks; per cut call c, S_c sequences, Q_c queries and K_c keys):
-        whole_cu: (W + 1,) int32 cumulative lengths of the whole blocks (queries and keys alike),
-            from the local row's ``split_len``; None when the rank holds no whole block.
-        whole_max: the longest whole block (0 when none).
-        keys: per cut call, (K_c,) int64 indices into the all-gathered tokens, its chunks' keys in
-            order.
-        q_index: per cut call, (Q_c,) int64 local query rows, in the call's sequence order.
-        cu_q, cu_k: per cut call, (S_c + 1,) int32 cumulative query and key lengths.
-        max_q, max_k: per cut call, the longest sequence's queries and keys (host ints).
-        order: (split_len,) int64: the cut calls' outputs, concatenated, back in local order.
-        in_order: whether the cut calls' queries are consecutive slices of the local row, in call
-            order (a rank's head chunks, then its tail chunks, as :func:`plan_layout` lists them):
-            then each call takes its slice of q, and the outputs need no reordering.
+    The gathered tokens are handled as pieces: each rank's ``gather_len`` tokens cut into one piece
+    a cut chunk it holds, in its local order, then its padding. Pieces are numbered rank-major.
+
+    Fields (C local chunks; P pieces; R reads of a piece by a chunk, in key order):
+        cu_q, cu_k: (C + 1,) int32 cumulative query and key lengths of the C sequences.
+        max_q, max_k: the longest sequence's queries and keys (host ints).
+        pieces: per rank, the lengths of its pieces (summing to ``gather_len``); () when nothing
+            is cut.
+        reads: (R,) the pieces, by number, whose tokens concatenated in this order are the cut
+            chunks' keys (the first ``cu_k[number of cut chunks]`` keys of the call).
+        sums: for each stretch of keys read more than once, ``(starts, lengths)``: the key offsets
+            where each of its reads begins, and the lengths of its pieces. Consecutive pieces read
+            together are one stretch (a block's chunks 0 to r, in both its head's and its tail's
+            keys), so the backward adds them in one add per read.
+        grads: per piece, where its gradient comes from: ``(0, 0)`` unread (zeros); ``(1, i)``
+            its one read, read i; ``(2 + s, j)`` piece j of stretch s's sum.
 
     Example: one 16-token document and a 2-token one on 2 ranks. Rank 0 holds the chunks [0, 4)
-    and [12, 16) of the first; their keys are [0, 4) and [0, 16), and the all-gather puts rank 0's
-    cut tokens at slots 0-7 and rank 1's at 8-15, so ``keys`` is ([0, 1, 2, 3], [0, 1, 2, 3, 8, ...,
-    15, 4, 5, 6, 7]), ``cu_q`` ([0, 4], [0, 4]) and ``cu_k`` ([0, 4], [0, 16]).
+    and [12, 16) of the first: pieces 0 and 1 of the gathered tokens; rank 1 holds [4, 8) and
+    [8, 12), pieces 2 and 3. Rank 0's head chunk reads piece 0, its tail the whole document,
+    pieces 0, 2, 3, 1: ``reads`` is (0, 0, 2, 3, 1), ``cu_k`` [0, 4, 20], and piece 0's gradient
+    is the sum of the keys at offsets 0 and 4 (``sums`` (((0, 4), (4,)),)).
     """
 
-    whole_cu: Tensor | None
-    whole_max: int
-    keys: tuple[Tensor, ...]
-    q_index: tuple[Tensor, ...]
-    cu_q: tuple[Tensor, ...]
-    cu_k: tuple[Tensor, ...]
-    max_q: tuple[int, ...]
-    max_k: tuple[int, ...]
-    order: Tensor
-    in_order: bool
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+    pieces: tuple[tuple[int, ...], ...]
+    reads: tuple[int, ...]
+    sums: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    grads: tuple[tuple[int, int], ...]
 
-    def map(self, fn) -> KernelCalls:
-        return KernelCalls(None if self.whole_cu is None else fn(self.whole_cu), self.whole_max, tuple(fn(t) for t in self.keys),
-                           tuple(fn(t) for t in self.q_index), tuple(fn(t) for t in self.cu_q),
-                           tuple(fn(t) for t in self.cu_k), self.max_q, self.max_k, fn(self.order), self.in_order)
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        """The pieces' lengths, in piece order."""
+        return tuple(n for rank in self.pieces for n in rank)
+
+    @cached_property
+    def cut_keys(self) -> int:
+        """Keys of the call copied from the gathered tokens (the cut chunks')."""
+        return sum(self.sizes[p] for p in self.reads)
+
+    def map(self, fn) -> KernelCall:
+        return KernelCall(fn(self.cu_q), fn(self.cu_k), self.max_q, self.max_k, self.pieces, self.reads, self.sums,
+                          self.grads)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,8 +119,8 @@ class ContextShard:
         key_index: per causality, (K,) int64 indices into the (G + local tokens) key source, each
             chunk's keys in order: causal, its block from the start to the chunk's end;
             bidirectional, its whole block (the masked path's keys).
-        kernel_calls: per causality, :class:`KernelCalls`: a varlen kernel's calls over the chunks,
-            the whole blocks' keys not copied and each cut chunk's picked into its call.
+        kernel_call: per causality, :class:`KernelCall`: one varlen kernel call over all the
+            chunks, each cut chunk's keys copied from the gathered tokens.
         regather: whether the attention's backward all-gathers the keys and values again instead
             of keeping them from the forward (its forward is recomputed): the memory of the gathered
             keys, every layer, against one more forward of the attention.
@@ -122,14 +131,14 @@ class ContextShard:
     num_tokens: int
     num_targets: int
     key_index: dict[bool, Tensor]
-    kernel_calls: dict[bool, KernelCalls]
+    kernel_call: dict[bool, KernelCall]
     regather: bool = False
 
     def map(self, fn) -> ContextShard:
         """The same shard with ``fn`` applied to its tensors (``Batch.to``, ``pin_memory``)."""
         return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets,
                             {c: fn(t) for c, t in self.key_index.items()},
-                            {c: calls.map(fn) for c, calls in self.kernel_calls.items()}, self.regather)
+                            {c: call.map(fn) for c, call in self.kernel_call.items()}, self.regather)
 
     @property
     def gather_len(self) -> int:
@@ -200,7 +209,7 @@ def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = Fa
 
 
 def _keys(layout: ContextLayout, rank: int, gather_len: int):
-    """(key_index, cu_seqlens_k, max_seqlen_k), each by causality, for rank ``rank``'s chunks."""
+    """(key_index, kernel_call), each by causality, for rank ``rank``'s chunks."""
     world = layout.world_size
     source = torch.full((layout.num_slots,), -1, dtype=torch.int64)  # row position -> key source index
     for r in range(world):  # cut blocks: where rank r's all-gathered tokens land
@@ -214,45 +223,73 @@ def _keys(layout: ContextLayout, rank: int, gather_len: int):
         if not c.split:
             source[c.start:c.end] = torch.arange(local, local + c.length)
         local += c.length
-    index, calls = {}, {}
+    index, call = {}, {}
     for causal in (True, False):
         spans = [(c.block_start, c.end if causal else c.block_end) for c in layout.chunks[rank]]
         index[causal] = torch.cat([source[a:b] for a, b in spans])
-        calls[causal] = _kernel_calls(layout.chunks[rank], source, causal)
-    return index, calls
+        call[causal] = _kernel_call(layout, rank, causal)
+    return index, call
 
 
-def _kernel_calls(chunks, source: Tensor, causal: bool) -> KernelCalls:
-    """:class:`KernelCalls` of one rank's ``chunks`` (cut ones first); ``source`` maps row positions
-    to the key source, whose first tokens are the all-gathered ones."""
-    whole = [c.length for c in chunks if not c.split]
-    cut = [c for c in chunks if c.split]
-    key_end = [c.end if causal else c.block_end for c in cut]
-    local_start = [0]
-    for c in cut:
-        local_start.append(local_start[-1] + c.length)
-    per_block: dict[int, list[int]] = {}  # block start -> its chunks (indices), by their keys' end
-    for i, c in enumerate(cut):
-        per_block.setdefault(c.block_start, []).append(i)
-    for mine in per_block.values():  # the k-th chunk of each block (by where its keys end) goes to call k
-        mine.sort(key=lambda i: (key_end[i], cut[i].start))
-    keys, q_index, cu_q, cu_k, max_q, max_k = [], [], [], [], [], []
-    for call in range(max((len(v) for v in per_block.values()), default=0)):
-        mine = [per_block[b][call] for b in sorted(per_block) if call < len(per_block[b])]
-        lq = [cut[i].length for i in mine]
-        lk = [key_end[i] - cut[i].block_start for i in mine]
-        keys.append(torch.cat([source[cut[i].block_start:key_end[i]] for i in mine]))
-        q_index.append(torch.cat([torch.arange(local_start[i], local_start[i + 1]) for i in mine]))
-        cu_q.append(cumulative_lengths(lq))
-        cu_k.append(cumulative_lengths(lk))
-        max_q.append(max(lq))
-        max_k.append(max(lk))
-    order = torch.empty(local_start[-1], dtype=torch.int64)
-    rows = torch.cat(q_index) if q_index else order[:0]
-    order[rows] = torch.arange(local_start[-1])
-    return KernelCalls(cumulative_lengths(whole) if whole else None, max(whole, default=0), tuple(keys),
-                       tuple(q_index), tuple(cu_q), tuple(cu_k), tuple(max_q), tuple(max_k), order,
-                       torch.equal(rows, torch.arange(local_start[-1])))
+def _kernel_call(layout: ContextLayout, rank: int, causal: bool) -> KernelCall:
+    """:class:`KernelCall` of rank ``rank``'s chunks (cut ones first)."""
+    pieces, by_block = [], {}  # per rank its pieces' lengths; block -> [(start, end, piece)] of its chunks
+    for r in range(layout.world_size):
+        lengths = []
+        for c in layout.chunks[r]:
+            if c.split:
+                by_block.setdefault(c.block, []).append((c.start, c.end, sum(map(len, pieces)) + len(lengths)))
+                lengths.append(c.length)
+        if layout.gather_len > sum(lengths):
+            lengths.append(layout.gather_len - sum(lengths))  # the padding: a piece no chunk reads
+        pieces.append(tuple(lengths))
+    if not by_block:
+        pieces = []
+    sizes = [n for rank_pieces in pieces for n in rank_pieces]
+    chunks = layout.chunks[rank]
+    reads, key_lens = [], []
+    for c in chunks:
+        key_end = c.end if causal else c.block_end
+        if c.split:  # its block's chunks up to key_end, in row order, all on the gathered tokens
+            mine = [p for start, end, p in sorted(by_block[c.block]) if end <= key_end]
+            reads += mine
+            key_lens.append(sum(sizes[p] for p in mine))
+        else:  # a whole block: its own tokens, causal or not
+            key_lens.append(c.length)
+    sums, grads = _sums(reads, sizes)
+    lengths = [c.length for c in chunks]
+    return KernelCall(cumulative_lengths(lengths), cumulative_lengths(key_lens), max(lengths), max(key_lens),
+                      tuple(pieces), tuple(reads), sums, grads)
+
+
+def _sums(reads: list[int], sizes: list[int]):
+    """(sums, grads) of :class:`KernelCall` for the pieces ``reads`` (in key order) of lengths ``sizes``."""
+    starts = [0]
+    for p in reads:
+        starts.append(starts[-1] + sizes[p])
+    where: dict[int, list[int]] = {}  # piece -> the reads of it (indices into reads)
+    for i, p in enumerate(reads):
+        where.setdefault(p, []).append(i)
+    sums, grads = [], [(0, 0)] * len(sizes)
+    for p, mine in where.items():
+        if len(mine) == 1:
+            grads[p] = (1, mine[0])
+    for i, p in enumerate(reads):
+        if len(where[p]) < 2 or grads[p] != (0, 0) or where[p][0] != i:
+            continue
+        # A stretch: p, then the piece after each of p's reads, as long as that is one piece read
+        # exactly there (a block's chunks read in the same order by each of its chunks).
+        members, at = [p], where[p]
+        while at[-1] + 1 < len(reads):
+            q = reads[at[0] + 1]
+            if where[q] != [j + 1 for j in at] or q in members:
+                break
+            members.append(q)
+            at = where[q]
+        for j, q in enumerate(members):
+            grads[q] = (2 + len(sums), j)
+        sums.append((tuple(starts[j] for j in where[p]), tuple(sizes[q] for q in members)))
+    return tuple(sums), tuple(grads)
 
 
 def unshard(parts: list[Tensor], layout: ContextLayout) -> Tensor:

@@ -188,8 +188,8 @@ def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, windo
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 @pytest.mark.parametrize("order", ["planned", "tails first"])
 def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows_and_gradients(world, order):
-    # "tails first": each rank's cut chunks listed tail before head, so the cut calls' queries are
-    # not slices of the local row and take the gather-and-reorder path.
+    # "tails first": each rank's cut chunks listed tail before head; the one call follows the local
+    # order whatever it is.
     batch, q, k, v = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
     if order == "tails first":
@@ -198,22 +198,19 @@ def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows_and_grad
     for causal in (True, False):
         leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in "ab"]
         ref, _ = document_attention(*leaves[1], batch.seq_lens, causal=causal)
-        outs, in_order = [], []
+        outs = []
         for r in range(world):
             part = shard(batch, layout, r)
             idx = local_index(layout, r)
             got_q, got_k, got_v = leaves[0]
             outs.append(attend_chunks(got_q[idx], got_k[idx], got_v[idx], simulated_keys(got_k, got_v, part.context), part,
                                       causal=causal, kernel=bottom_right)[None])
-            calls = part.context.kernel_calls[causal]
-            in_order.append(calls.in_order or not calls.q_index)
         out = unshard(outs, layout)[0]
         assert rel(out, ref) <= 1e-12
         out.square().sum().backward()
         ref.square().sum().backward()
         for a, b in zip(*leaves):
             assert rel(a.grad, b.grad) <= 1e-12
-        assert all(in_order) == (order == "planned" or world == 1)
 
 
 def test_a_kernel_is_checked_before_first_use_and_a_wrong_one_refused():
@@ -283,44 +280,45 @@ def test_torchs_chunk_kernel_loads_with_and_without_enable_gqa(monkeypatch, has_
         run(q, k, k, cu_q, cu_k, 4, 6, True, softcap=2.0)
 
 
-def test_kernel_calls_copy_no_whole_block_and_give_each_call_only_the_keys_it_reads():
-    # One 16-token document and a 2-token one on 2 ranks: rank 0 holds chunks [0, 4) and [12, 16),
-    # whose causal keys are [0, 4) and [0, 16); rank 1 [4, 8), [8, 12) and the whole document
-    # [16, 18). The all-gather puts rank 0's cut tokens at slots 0-7 and rank 1's at 8-15: the head
-    # runs in one call on its 4 keys, the tail in another on all 16 (slots 0-3, 8-15, 4-7). Rank 1's
-    # whole document runs in a call of its own, on the local rows as they are.
+def test_one_kernel_call_gives_each_chunk_exactly_its_keys_and_adds_the_copies_gradients():
+    # One 16-token document and a 2-token one on 2 ranks: rank 0 holds chunks [0, 4) and [12, 16)
+    # (pieces 0 and 1 of the gathered tokens), whose causal keys are [0, 4) and [0, 16); rank 1
+    # [4, 8) and [8, 12) (pieces 2 and 3) and the whole document [16, 18). Rank 0's call reads
+    # piece 0 for its head, then pieces 0, 2, 3, 1 for its tail: piece 0 twice, so its gradient is
+    # the sum of the keys at offsets 0 and 4.
     batch = get_collator("concat")([list(range(16)), [1, 2]])
     layout = plan_layout(batch_blocks(batch), 2)
     assert [[(c.start, c.end, c.split) for c in rank] for rank in layout.chunks] == [
         [(0, 4, True), (12, 16, True)], [(4, 8, True), (8, 12, True), (16, 18, False)]]
-    calls = shard(batch, layout, 0).context.kernel_calls[True]
-    assert [t.tolist() for t in calls.keys] == [[0, 1, 2, 3], [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7]]
-    assert [t.tolist() for t in calls.cu_q] == [[0, 4], [0, 4]]
-    assert [t.tolist() for t in calls.cu_k] == [[0, 4], [0, 16]]
-    assert (calls.max_q, calls.max_k) == ((4, 4), (4, 16))
-    assert [t.tolist() for t in calls.q_index] == [[0, 1, 2, 3], [4, 5, 6, 7]] and calls.in_order
-    assert calls.whole_cu is None and calls.whole_max == 0
-    calls = shard(batch, layout, 1).context.kernel_calls[True]
-    assert calls.whole_cu.tolist() == [0, 2] and calls.whole_max == 2 and calls.order.tolist() == list(range(8))
-    # One rank: no cut call, one call over the local rows as they are.
-    whole = shard(batch, plan_layout(batch_blocks(batch), 1), 0).context.kernel_calls[True]
-    assert not whole.q_index and not whole.keys and whole.whole_cu.tolist() == [0, 16, 18]
-    # A mixed row at N = 8: each call's keys are exactly its chunks' keys (no key a call does not
-    # read), none twice in a call, and no whole block's key among them.
+    call = shard(batch, layout, 0).context.kernel_call[True]
+    assert call.pieces == ((4, 4), (4, 4)) and call.reads == (0, 0, 2, 3, 1)
+    assert call.cu_q.tolist() == [0, 4, 8] and call.cu_k.tolist() == [0, 4, 20] and (call.max_q, call.max_k) == (4, 16)
+    assert call.sums == (((0, 4), (4,)),) and call.grads == ((2, 0), (1, 4), (1, 2), (1, 3))
+    # Rank 1: head [4, 8) reads pieces 0, 2; tail [8, 12) reads 0, 2, 3: pieces 0 and 2 are one
+    # stretch read twice; piece 1 is read by no chunk of rank 1 (zeros); the whole document's 2
+    # keys are its own, after the cut keys.
+    call = shard(batch, layout, 1).context.kernel_call[True]
+    assert call.reads == (0, 2, 0, 2, 3) and call.cu_k.tolist() == [0, 8, 20, 22]
+    assert call.sums == (((0, 8), (4, 4)),) and call.grads == ((2, 0), (0, 0), (2, 1), (1, 4))
+    # Bidirectional: every chunk reads its whole block.
+    assert shard(batch, layout, 0).context.kernel_call[False].reads == (0, 2, 3, 1) * 2
+    # One rank: nothing gathered, one call over the local rows as they are.
+    whole = shard(batch, plan_layout(batch_blocks(batch), 1), 0).context.kernel_call[True]
+    assert not whole.reads and not whole.pieces and whole.cu_k.tolist() == whole.cu_q.tolist() == [0, 16, 18]
+    # A mixed row at N = 8 (padding pieces included): each cut chunk's keys are exactly its block's
+    # prefix, and every read piece's gradient comes from all its reads.
     batch, *_ = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), 8, split_tokens=4)
+    assert layout.gather_padding > 0
     for r in range(8):
-        context = shard(batch, layout, r).context
-        own = layout.split_len(r)
-        cut = [c for c in layout.chunks[r] if c.split]
         for causal in (True, False):
-            calls = context.kernel_calls[causal]
-            assert sum(len(k) for k in calls.keys) == sum((c.end if causal else c.block_end) - c.block_start for c in cut)
-            for keys, cu_k, cu_q in zip(calls.keys, calls.cu_k, calls.cu_q):
-                assert len(set(keys.tolist())) == len(keys) == cu_k[-1] and cu_q.diff().min() > 0
-                assert keys.max() < 8 * layout.gather_len  # gathered tokens only
-            # each call's queries a slice of the local row, in order: heads, then tails
-            assert (torch.cat(calls.q_index).tolist() if calls.q_index else []) == list(range(own))
-            assert calls.in_order or not calls.q_index
-            whole_lens = [c.length for c in layout.chunks[r] if not c.split]
-            assert (calls.whole_cu is None and not whole_lens) or calls.whole_cu.diff().tolist() == whole_lens
+            call = shard(batch, layout, r).context.kernel_call[causal]
+            assert [sum(rank) for rank in call.pieces] == [layout.gather_len] * 8
+            lens = [(c.end if causal else c.block_end) - c.block_start if c.split else c.length for c in layout.chunks[r]]
+            assert call.cu_k.diff().tolist() == lens and call.cut_keys == sum(lens[:len([c for c in layout.chunks[r] if c.split])])
+            reads = {p: call.reads.count(p) for p in set(call.reads)}
+            for p, (kind, i) in enumerate(call.grads):
+                assert (kind == 0) == (p not in reads) and (kind == 1) == (reads.get(p) == 1)
+                if kind >= 2:
+                    starts, lengths = call.sums[kind - 2]
+                    assert len(starts) == reads[p] and lengths[i] == call.sizes[p]
