@@ -203,6 +203,31 @@ def torchrun(*args, nproc):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
 
 
+@pytest.mark.parametrize("world, causal, regather", [(2, True, False), (3, False, False), (4, True, True)],
+                         ids=["2-causal", "3-bidirectional", "4-causal-regather"])
+def test_a_varlen_kernel_through_the_real_all_gather_gives_each_documents_attention(tmp_path, world, causal, regather):
+    # The kernel path under torchrun: each rank's one call on keys copied from the all-gathered
+    # tokens, the key gradients added and returned through the all-gather's backward to the ranks
+    # that own them. fp64 against each document alone.
+    sys.path.insert(0, str(Path(__file__).parent))
+    from benchmarks.cp import document_attention
+    from test_context_exact import ROWS, row_of
+
+    proc = torchrun(str(Path(__file__).parent / "cp_kernel_worker.py"), str(tmp_path / "rank"), "1" if causal else "0",
+                    "1" if regather else "0", nproc=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batch, q, k, v = row_of(ROWS["mixed"])
+    layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
+    assert all(layout.split_len(r) for r in range(world))  # every rank reads gathered keys
+    parts = [torch.load(tmp_path / f"rank.{r}") for r in range(world)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = document_attention(*leaves, batch.seq_lens, causal=causal)
+    ref.backward(torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    assert rel(unshard([p["out"][None] for p in parts], layout)[0], ref.detach()) <= 1e-12
+    for i, leaf in enumerate(leaves):
+        assert rel(unshard([p["grads"][i][None] for p in parts], layout)[0], leaf.grad) <= 1e-12, "dq dk dv"[3 * i:3 * i + 2]
+
+
 @pytest.mark.parametrize("world, causal, data, wrap, regather", [
     (2, True, 1, "ddp", False), (3, True, 1, "ddp", False), (2, False, 1, "ddp", False), (3, True, 1, "ddp", True),
     (4, True, 2, "ddp", False), (4, True, 2, "fsdp", False)],
