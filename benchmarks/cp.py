@@ -297,11 +297,13 @@ def check_cuda(args, parser: Parser) -> int:
         raise ValueError(f"no varlen kernel that takes chunk boundaries loads here for head dim {D} "
                          f"(loaded: {sorted(chunk_varlen_kernels())}); --check on cuda times no masked path")
     name, kernel = found
-    say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world} on {count} GPU(s), {backend}; "
-        f"bf16, {H}/{Hkv} heads of {D}; {name}", flush=True)
+    layout = plan_layout(batch_blocks(batch), world)
+    cut = len({c.block for chunks in layout.chunks for c in chunks if c.split})
+    # With no document cut, no key crosses a rank: say so, the check then covers whole documents only.
+    say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}), {cut} cut across the ranks; N={world} on "
+        f"{count} GPU(s), {backend}; bf16, {H}/{Hkv} heads of {D}; {name}", flush=True)
     g = torch.Generator().manual_seed(1)
     q_row, k_row, v_row, d_row = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv, H))
-    layout = plan_layout(batch_blocks(batch), world)
     part = shard(batch, layout, rank).to(device)
     idx = local_index(layout, rank)
     q, k, v = (t[idx].to(device, torch.bfloat16).requires_grad_() for t in (q_row, k_row, v_row))

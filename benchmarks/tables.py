@@ -234,9 +234,12 @@ def context_simulate() -> str:
     lines = [f"{first['gpu']}, torch {first['torch']}, flash-attn-4 {first['kernels']['flash-attn-4']} (and torch's "
              f"`varlen_attn`), {first['dtype']}, {first['heads']} heads of {first['head_dim']}, forward and backward, "
              f"ranks one after another; `{_short(runs[3]['command'])}` (one document: `--lengths` of 131072; other "
-             f"rows: `--simulate N`); records in `{folder.relative_to(ROOT)}/`. The step includes the picking "
-             "of the cut documents' keys and the gradients' return; the GPU-busy time leaves out the host's "
-             "launch gaps; the kernel alone runs the step's calls on keys picked beforehand:", "",
+             f"rows: `--simulate N`); records in `{folder.relative_to(ROOT)}/`. Measured at commit 112e3bb, "
+             "where a rank ran its cut chunks in one call per chunk a document has on it and its whole "
+             "documents in another (this release runs them all in one call, not yet timed on a GPU). The step "
+             "includes the picking of the cut documents' keys and the gradients' return; the GPU-busy time "
+             "leaves out the host's launch gaps; the kernel alone runs the step's calls on keys picked "
+             "beforehand:", "",
              "| row of 131,072 tokens | kernel | N | unsharded step | layout | documents cut | max/mean | "
              "slowest x N / unsharded: step | GPU busy | kernel alone |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
