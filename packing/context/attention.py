@@ -32,6 +32,12 @@ from packing.context.shard import ContextShard, KernelCall, local_index
 from packing.kernels import ChunkVarlen
 
 
+# The one-buffer collectives under their newer names where torch has them (the older ones warn
+# from torch 2.13 on).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllGather(torch.autograd.Function):
     """(P,) on each rank -> (world, P), row r rank r's; backward sums the gradients of each row onto
     its rank."""
@@ -43,8 +49,7 @@ class _AllGather(torch.autograd.Function):
         x = x.contiguous()
         if dist.get_backend(group) == "nccl":  # straight into one buffer, no copy after
             out = x.new_empty(world * x.shape[0])
-            # all_gather_single is all_gather_into_tensor's newer name, where torch has it
-            (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+            _all_gather_single(out, x, group=group)
             return out.view(world, -1)
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x, group=group)
@@ -56,7 +61,7 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
             out = grad.new_empty(grad.shape[1])
-            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, grad.view(-1), group=ctx.group)
+            _reduce_scatter_single(out, grad.view(-1), group=ctx.group)
             return out, None
         total = grad.clone()  # gloo has no reduce-scatter on every torch we run on
         dist.all_reduce(total, group=ctx.group)
@@ -84,15 +89,15 @@ class _CallKeys(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dk: Tensor, dv: Tensor):
         call, (k_shape, v_shape) = ctx.call, ctx.shapes
-        cut, n = call.cut_keys, sum(call.pieces[0])
-        gathered = dk.new_empty(len(call.pieces), n * (k_shape.numel() + v_shape.numel()))
+        cut = call.cut_keys
+        gathered = dk.new_empty(len(call.pieces), sum(call.pieces[0]) * (k_shape.numel() + v_shape.numel()))
+        halves = _halves(gathered, call, k_shape, v_shape)
         dk, dv = dk.contiguous(), dv.contiguous()
-        for d, shape, part in ((dk, k_shape, 0), (dv, v_shape, 1)):
+        for part, (d, shape) in enumerate(((dk, k_shape), (dv, v_shape))):
             grads = _piece_grads(d[:cut], call, shape)
             first = 0
-            for r, rank in enumerate(call.pieces):
-                out = gathered[r].split([n * k_shape.numel(), n * v_shape.numel()])[part].view(n, *shape)
-                torch.cat(grads[first:first + len(rank)], out=out)
+            for rank, half in zip(call.pieces, halves):
+                torch.cat(grads[first:first + len(rank)], out=half[part])
                 first += len(rank)
         return gathered, dk[cut:], dv[cut:], None
 
@@ -120,15 +125,22 @@ def _piece_grads(d: Tensor, call: KernelCall, shape: torch.Size) -> list[Tensor]
             for (kind, i), n in zip(call.grads, call.sizes)]
 
 
+def _halves(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size) -> list[tuple[Tensor, Tensor]]:
+    """Each rank's row of ``gathered`` (world, gather_len x H_kv x (Dk + Dv)) as its keys
+    (gather_len, H_kv, Dk) and values (gather_len, H_kv, Dv): views."""
+    n = sum(call.pieces[0])
+    return [tuple(t.view(n, *shape) for t, shape in zip(row.split([n * k_shape.numel(), n * v_shape.numel()]),
+                                                         (k_shape, v_shape)))
+            for row in gathered]
+
+
 def _pieces(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size):
-    """Every piece of ``gathered`` (world, gather_len x H_kv x (Dk + Dv)) as keys (n, H_kv, Dk) and
-    values (n, H_kv, Dv), views in piece order."""
+    """Every piece of ``gathered`` as keys (n, H_kv, Dk) and values (n, H_kv, Dv), views in piece
+    order."""
     k_pieces, v_pieces = [], []
-    for r, rank in enumerate(call.pieces):
-        n = sum(rank)
-        k_part, v_part = gathered[r].split([n * k_shape.numel(), n * v_shape.numel()])
-        k_pieces += k_part.view(n, *k_shape).split(list(rank))
-        v_pieces += v_part.view(n, *v_shape).split(list(rank))
+    for rank, (k, v) in zip(call.pieces, _halves(gathered, call, k_shape, v_shape)):
+        k_pieces += k.split(list(rank))
+        v_pieces += v.split(list(rank))
     return k_pieces, v_pieces
 
 
@@ -273,10 +285,8 @@ def _attend(q: Tensor, k_parts: tuple[Tensor, Tensor], v_parts: tuple[Tensor, Te
     key_dim = k_whole.shape[-1]
     local = torch.cat([torch.cat([k_cut, v_cut], dim=-1), torch.cat([k_whole, v_whole], dim=-1)])
     if gathered is not None:  # what key_index indexes: the gathered tokens as rows, then the local ones
-        k_size, v_size = k_whole.shape[1:].numel(), v_whole.shape[1:].numel()
-        n = gathered.shape[1] // (k_size + v_size)
-        k_rows, v_rows = gathered.split([n * k_size, n * v_size], dim=1)
-        rows = torch.cat([k_rows.reshape(-1, *k_whole.shape[1:]), v_rows.reshape(-1, *v_whole.shape[1:])], dim=-1)
+        halves = _halves(gathered, shard.kernel_call[causal], k_whole.shape[1:], v_whole.shape[1:])
+        rows = torch.cat([torch.cat(half, dim=-1) for half in halves])
         local = torch.cat([rows, local])
     source = local
     keys = source.index_select(0, shard.key_index[causal])  # (K, H_kv, Dk + Dv): each chunk's keys in order

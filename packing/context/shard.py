@@ -224,34 +224,44 @@ def _keys(layout: ContextLayout, rank: int, gather_len: int):
             source[c.start:c.end] = torch.arange(local, local + c.length)
         local += c.length
     index, call = {}, {}
+    pieces = _gathered_pieces(layout)
     for causal in (True, False):
         spans = [(c.block_start, c.end if causal else c.block_end) for c in layout.chunks[rank]]
         index[causal] = torch.cat([source[a:b] for a, b in spans])
-        call[causal] = _kernel_call(layout, rank, causal)
+        call[causal] = _kernel_call(layout.chunks[rank], *pieces, causal)
     return index, call
 
 
-def _kernel_call(layout: ContextLayout, rank: int, causal: bool) -> KernelCall:
-    """:class:`KernelCall` of rank ``rank``'s chunks (cut ones first)."""
-    pieces, by_block = [], {}  # per rank its pieces' lengths; block -> [(start, end, piece)] of its chunks
+def _gathered_pieces(layout: ContextLayout) -> tuple[list[tuple[int, ...]], dict[int, list[tuple[int, int, int]]]]:
+    """(per rank its pieces' lengths, block -> [(start, end, piece)] of its cut chunks in row order) of the
+    gathered tokens (:class:`KernelCall`); both empty when nothing is cut."""
+    pieces, by_block, number = [], {}, 0
     for r in range(layout.world_size):
         lengths = []
         for c in layout.chunks[r]:
             if c.split:
-                by_block.setdefault(c.block, []).append((c.start, c.end, sum(map(len, pieces)) + len(lengths)))
+                by_block.setdefault(c.block, []).append((c.start, c.end, number))
                 lengths.append(c.length)
+                number += 1
         if layout.gather_len > sum(lengths):
             lengths.append(layout.gather_len - sum(lengths))  # the padding: a piece no chunk reads
+            number += 1
         pieces.append(tuple(lengths))
-    if not by_block:
-        pieces = []
+    for mine in by_block.values():
+        mine.sort()  # row order: a chunk's keys are its block's chunks up to its own end
+    return (pieces, by_block) if by_block else ([], {})
+
+
+def _kernel_call(chunks, pieces: list[tuple[int, ...]], by_block: dict[int, list[tuple[int, int, int]]],
+                 causal: bool) -> KernelCall:
+    """:class:`KernelCall` of one rank's ``chunks`` (cut ones first), on the gathered tokens'
+    ``pieces`` and ``by_block`` of :func:`_gathered_pieces`."""
     sizes = [n for rank_pieces in pieces for n in rank_pieces]
-    chunks = layout.chunks[rank]
     reads, key_lens = [], []
     for c in chunks:
         key_end = c.end if causal else c.block_end
         if c.split:  # its block's chunks up to key_end, in row order, all on the gathered tokens
-            mine = [p for start, end, p in sorted(by_block[c.block]) if end <= key_end]
+            mine = [p for start, end, p in by_block[c.block] if end <= key_end]
             reads += mine
             key_lens.append(sum(sizes[p] for p in mine))
         else:  # a whole block: its own tokens, causal or not
