@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.cp import main, pack_rows, read_lengths
+from cli_error import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST = re.compile(r"cp=(\d+) exact: loss rel (\S+), grads rel (\S+); balance max/mean (\S+); padding (\S+)%")
@@ -151,7 +152,4 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--simulate", "2", "--profile", "p"], "--profile p profiles the GPU's kernels of --simulate on --device cuda; drop it"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
-    run = subprocess.run([sys.executable, "-m", "benchmarks.cp", *args], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert run.returncode == 2
-    assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(f"python -m benchmarks.cp: error: {message}")
+    assert_one_line_error("benchmarks.cp", args, message)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cp_train import exposed_us
+from cli_error import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST = re.compile(r"cp_train N=(\d+): (\S+) ms/step, (\S+)k tokens/s per rank, exposed communication n/a, "
@@ -64,11 +65,7 @@ def test_exposed_communication_counts_only_what_nothing_else_covers():
     (["--arch", "gpt5"], "argument --arch: invalid choice: 'gpt5'"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
-    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | {"CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.cp_train", *args], capture_output=True, text=True,
-                         cwd=ROOT, env=env)
-    assert run.returncode == 2
-    assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(f"python -m benchmarks.cp_train: error: {message}")
+    assert_one_line_error("benchmarks.cp_train", args, message)
 
 
 def test_cuda_without_a_gpu_is_one_line_and_exit_2():

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.cp import document_attention
 from benchmarks.cp_versus_torch import _errors, torch_padding
+from cli_error import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST = re.compile(r"versus torch N=(\d+): ours (\S+) ms, torch (\S+) ms a step; tokens/s per rank ours/torch n/a; "
@@ -68,9 +69,4 @@ def test_torchs_padding_rounds_each_document_to_2n_and_the_row_to_128n():
     (["--repeats", "0"], "--repeats is 0; expected an int >= 1"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
-    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | {"CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.cp_versus_torch", *args], capture_output=True, text=True,
-                         cwd=ROOT, env=env)
-    assert run.returncode == 2
-    assert len(run.stderr.strip().splitlines()) == 1
-    assert run.stderr.startswith(f"python -m benchmarks.cp_versus_torch: error: {message}")
+    assert_one_line_error("benchmarks.cp_versus_torch", args, message)
