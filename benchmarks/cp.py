@@ -30,13 +30,16 @@ CUDA the kernel is the first varlen kernel that takes the chunks' own boundaries
 check (``--kernel`` names one, or ``masked`` for SDPA with a mask per chunk). It times the
 contiguous split (rank r holds tokens [r·T/N, (r+1)·T/N)) as the baseline, then the head-tail
 layout at each ``--split-fraction`` (documents whose work is above that fraction of a rank's share
-are cut in 2N chunks; the rest stay whole). For each it prints every rank's time, max/mean, the
+are cut; the rest stay whole) and each ``--spread`` (``all``: a cut document in 2N chunks over every
+rank; ``fewest``: in 2m over the fewest ranks m that keep each one's part within the fraction). For
+each it prints every rank's time, max/mean, the
 slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of attention) and the
 ranks' sum over it; with a kernel, the same for the kernel calls alone (the cut chunks' keys picked
 beforehand), which tells the kernel's time from the copies around it; on CUDA, the same for the
 step's GPU-busy time (its kernels and copies summed from the profiler), which leaves out the host's
-launch gaps that a model's other layers fill. No collective runs: the
-all-gather's time is the multi-GPU run's to measure.
+launch gaps that a model's other layers fill. It also prints the all-gather's padding (ranks short
+of the most cut tokens pad to it). No collective runs: the all-gather's time is the multi-GPU run's
+to measure.
 
 The rows: ``--lengths FILE`` holds document lengths, whitespace-separated positive ints. ``--check``
 packs them in order into rows of ``--tokens``; ``--simulate`` takes them all as one row. Without a
@@ -422,6 +425,10 @@ def contiguous_layout(block_lens: list[int], world: int) -> ContextLayout:
     return ContextLayout(world, tuple(block_lens), tuple(ranks))
 
 
+# --spread's layouts by name: over every rank (the name the records before it used), or the fewest.
+SPREAD_NAMES = {"all": "", "fewest": " over the fewest ranks"}
+
+
 def simulate(args, parser: Parser) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -502,8 +509,9 @@ def simulate(args, parser: Parser) -> int:
     if args.profile:
         profiled("whole row", step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
-    layouts += [(f"head-tail, split fraction {f:g}", plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost))
-                for f in args.split_fraction]
+    layouts += [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}",
+                 plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost, spread=spread))
+                for spread in args.spread for f in args.split_fraction]
     print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {args.dtype or str(dtype).removeprefix('torch.')}, "
           f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
     print(f"whole row: {whole_ms:.3f} ms" + ("" if whole_kernel_ms is None else f" (the kernel alone {whole_kernel_ms:.3f} ms)")
@@ -533,7 +541,7 @@ def simulate(args, parser: Parser) -> int:
             profiled(f"{name}, rank {slowest}", step_of(layout, slowest))
         print(f"{name}: ranks {', '.join(f'{ms:.3f}' for ms in times)} ms; max/mean {result['max_over_mean']:.3f}; "
               f"slowest x N / whole {result['slowest_x_n_over_whole']:.3f}; sum / whole {result['sum_over_whole']:.3f}; "
-              f"documents cut: {result['cut_documents']}")
+              f"documents cut: {result['cut_documents']}; all-gather padding {result['gather_padding_pct']:.1f}%")
         if whole_kernel_ms is not None:
             print(f"  the kernel alone: max/mean {result['kernel_max_over_mean']:.3f}; slowest x N / whole "
                   f"{result['kernel_slowest_x_n_over_whole']:.3f}; sum / whole {result['kernel_sum_over_whole']:.3f}")
@@ -576,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-fraction", type=float, nargs="+", default=[0.5], metavar="F",
                    help="--simulate: head-tail layouts to time, each cutting documents whose work exceeds F of a "
                    "rank's share (default 0.5; the first is the last line's)")
+    p.add_argument("--spread", nargs="+", default=["all"], choices=list(SPREAD_NAMES),
+                   help="--simulate: where a cut document goes, for each split fraction: all (every rank, 2N chunks; the "
+                   "default) or fewest (the fewest ranks its work needs, longer chunks; the all-gather pads)")
     p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
                    f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")

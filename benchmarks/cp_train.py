@@ -116,13 +116,14 @@ def train(args, parser: Parser) -> int:
     g = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
     samples = [torch.randint(1, vocab, (n,), generator=g) for n in lens]
-    part = ContextCollator(packed.collator, world_size=world, rank=rank)(samples)
+    part = ContextCollator(packed.collator, world_size=world, rank=rank, spread=args.spread)(samples)
     kwargs = packed.kwargs(part.to(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     say(f"{sum(lens):,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}, {backend}, {device.type}; "
-        f"{args.arch}" + (", activation checkpointing" if args.checkpoint else ""), flush=True)
+        f"{args.arch}" + (", activation checkpointing" if args.checkpoint else "")
+        + (", cut documents over the fewest ranks" if args.spread == "fewest" else ""), flush=True)
 
     def step() -> torch.Tensor:
         with autocast:
@@ -161,7 +162,7 @@ def train(args, parser: Parser) -> int:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     per_rank = sum(lens) / world / (median / 1e3)
     record = {**environment(device), "world_size": world, "backend": backend, "arch": args.arch, "seed": args.seed,
-              "tokens": sum(lens), "docs": len(lens), "longest": max(lens), "checkpoint": args.checkpoint,
+              "tokens": sum(lens), "docs": len(lens), "longest": max(lens), "checkpoint": args.checkpoint, "spread": args.spread,
               "lr": args.lr, "warmup": args.warmup, "losses": losses, "step_ms": times, "median_step_ms": median,
               "tokens_per_s_per_rank": per_rank, "peak_memory_gib": peak, "exposed_comm_pct": exposed,
               "command": parser.command(args.argv)}
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the weights' and token ids' seed (default 0)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate (default 1e-4)")
     p.add_argument("--checkpoint", action="store_true", help="recompute each layer in the backward")
+    p.add_argument("--spread", default="all", choices=["all", "fewest"], help="where a cut document goes: every rank "
+                   "(default) or the fewest its work needs (plan_layout's spread)")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the record as JSON")
     args = p.parse_args(argv)
     args.argv = argv

@@ -117,13 +117,31 @@ def _work(tokens: int, area: int, area_cost: float) -> float:
 
 
 def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: float = 0.5,
-                split_tokens: int | None = None, area_cost: float = AREA_COST) -> ContextLayout:
+                split_tokens: int | None = None, area_cost: float = AREA_COST, spread: str = "all") -> ContextLayout:
     """The layout of a row of blocks ``block_lens`` (each >= 1 token) over ``world_size`` ranks.
 
-    A block is cut in ``2 * world_size`` chunks when it has at least ``2 * world_size`` tokens and
-    either its causal work exceeds ``split_fraction`` of one rank's share of the row's, or it has at
-    least ``split_tokens`` tokens. ``area_cost``: a (query, key) pair's work relative to a token's
-    (about 1/(6·d) for a model of width d). The result depends on nothing but the arguments.
+    A block is cut when it has at least ``2 * world_size`` tokens and either its causal work
+    exceeds ``split_fraction`` of one rank's share of the row's, or it has at least
+    ``split_tokens`` tokens. ``area_cost``: a (query, key) pair's work relative to a token's (about
+    1/(6·d) for a model of width d). ``spread``, where a cut block goes:
+
+    - ``"all"``: over every rank, in ``2 * world_size`` chunks;
+    - ``"fewest"``: over the fewest ranks m that keep each one's part within ``split_fraction`` of
+      a share (and under ``split_tokens`` tokens), in 2m chunks head-and-tail on the m ranks with
+      the least work so far. Each chunk is longer, so a varlen kernel's backward runs fewer,
+      longer passes over the keys it reads; the ranks then hold unequal cut tokens, which the
+      all-gather pads (:attr:`ContextLayout.gather_padding`).
+
+    The result depends on nothing but the arguments.
+
+    Example: a 32-token document and six of 16 on 4 ranks, work counted as attention area plus
+    tokens; ``"fewest"`` cuts the long one over two ranks in 4 chunks of 8, not over four in 8 of 4:
+
+    >>> layout = plan_layout([32, 16, 16, 16, 16, 16, 16], 4, split_fraction=1, area_cost=1, spread="fewest")
+    >>> [[(c.block, c.start, c.end) for c in rank] for rank in layout.chunks]
+    [[(0, 0, 8), (0, 24, 32), (5, 96, 112)], [(0, 8, 16), (0, 16, 24), (6, 112, 128)], [(1, 32, 48), (3, 64, 80)], [(2, 48, 64), (4, 80, 96)]]
+    >>> layout.gather_len, layout.gather_padding  # ranks 2 and 3 send 16 tokens of padding each
+    (16, 32)
     """
     lens = tuple(int(n) for n in block_lens)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
@@ -136,6 +154,9 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         raise ValueError(f"area_cost is {area_cost!r}; expected a finite number >= 0 (a (query, key) pair's work relative to a token's, about 1/(6·d) for a model of width d)")
     if split_tokens is not None and split_tokens < 1:
         raise ValueError(f"split_tokens is {split_tokens!r}; expected None or an int >= 1")
+    if spread not in ("all", "fewest"):
+        raise ValueError(f"spread is {spread!r}; expected 'all' (a cut block over every rank) or 'fewest' (over the "
+                         "fewest ranks its work needs)")
     parts = 2 * world_size
     starts = [sum(lens[:i]) for i in range(len(lens))]
     whole_work = [_work(n, n * (n + 1) // 2, area_cost) for n in lens]
@@ -143,6 +164,8 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
     cut = [world_size > 1 and n >= parts and (w > split_fraction * share or (split_tokens is not None and n >= split_tokens))
            for n, w in zip(lens, whole_work)]
 
+    if spread == "fewest":
+        return _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, split_tokens, area_cost)
     ranks: list[list[Chunk]] = [[] for _ in range(world_size)]
     # Each rank's head chunks (chunk r of every cut block, in row order), then its tail chunks: a
     # varlen kernel runs each group in one call on a slice of the local row (KernelCalls).
@@ -165,3 +188,35 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         whole = sorted((c for c in ranks[r] if not c.split), key=lambda c: c.start)
         ranks[r] = [c for c in ranks[r] if c.split] + whole
     return ContextLayout(world_size, lens, tuple(tuple(rank) for rank in ranks), area_cost)
+
+
+def _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, split_tokens, area_cost) -> ContextLayout:
+    """:func:`plan_layout` with ``spread="fewest"``: every block, cut or whole, placed by its part of
+    a rank's work, the largest first (a cut block's m parts on the m ranks with the least work so
+    far, the lowest rank on a tie): deterministic."""
+    spans = []
+    for b, n in enumerate(lens):
+        m = 1
+        if cut[b]:
+            m = math.ceil(whole_work[b] / (split_fraction * share))
+            if split_tokens is not None and n >= split_tokens:
+                m = max(m, n // split_tokens + 1)  # each part under split_tokens tokens
+            m = max(2, min(world_size, n // 2, m))
+        spans.append(m)
+    ranks: list[list[tuple[int, int, Chunk]]] = [[] for _ in range(world_size)]  # (kind, start, chunk)
+    load = [0.0] * world_size
+    for b in sorted(range(len(lens)), key=lambda b: (-whole_work[b] / spans[b], b)):
+        n, start, m = lens[b], starts[b], spans[b]
+        mine = sorted(sorted(range(world_size), key=lambda r: (load[r], r))[:m])
+        if not cut[b]:
+            ranks[mine[0]].append((2, start, Chunk(b, start, start + n, start, start + n, False)))
+            load[mine[0]] += whole_work[b]
+            continue
+        edges = [start + i * n // (2 * m) for i in range(2 * m + 1)]
+        for i, r in enumerate(mine):  # the i-th of the m ranks: chunks i and 2m-1-i (head and tail)
+            for kind, j in ((0, i), (1, 2 * m - 1 - i)):
+                ranks[r].append((kind, edges[j], Chunk(b, edges[j], edges[j + 1], start, start + n, True)))
+                load[r] += _work(edges[j + 1] - edges[j], ranks[r][-1][2].area(), area_cost)
+    # Each rank's head chunks, then its tail chunks, then its whole blocks, each in row order.
+    chunks = tuple(tuple(c for _, _, c in sorted(rank, key=lambda t: t[:2])) for rank in ranks)
+    return ContextLayout(world_size, lens, chunks, area_cost)

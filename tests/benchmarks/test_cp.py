@@ -38,16 +38,19 @@ def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
     lengths, out = tmp_path / "l.txt", tmp_path / "s.json"
     lengths.write_text("\n".join(["300", "7", "1", "120", "33"]))
     assert main(["--simulate", "3", "--lengths", str(lengths), "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                 "--repeats", "1", "--split-fraction", "0.5", "4", "--json", str(out)]) == 0
+                 "--repeats", "1", "--split-fraction", "0.5", "4", "--spread", "all", "fewest", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["world_size"] == 3 and record["tokens"] == 461 and record["whole_row_ms"] > 0
-    assert [r["layout"] for r in record["layouts"]] == ["contiguous", "head-tail, split fraction 0.5",
-                                                       "head-tail, split fraction 4"]
+    assert [r["layout"] for r in record["layouts"]] == [
+        "contiguous", "head-tail, split fraction 0.5", "head-tail, split fraction 4",
+        "head-tail over the fewest ranks, split fraction 0.5", "head-tail over the fewest ranks, split fraction 4"]
     for result in record["layouts"]:
         assert sum(result["rank_tokens"]) == 461 and len(result["rank_ms"]) == 3 and result["max_over_mean"] >= 1.0
     # contiguous cuts at 153 and 307: only the 300-token document (307 is where the 7 ends); head-tail
     # at 0.5 cuts the 300 and the 120 (each over half a rank's share of ~156 tokens' work), at 4 nothing
-    assert [r["cut_documents"] for r in record["layouts"]] == [1, 2, 0]
+    assert [r["cut_documents"] for r in record["layouts"]] == [1, 2, 0, 2, 0]
+    # over the fewest ranks, the 120 goes to two of the three: the third pads its 60 tokens short
+    assert [r["gather_padding_pct"] for r in record["layouts"][1:]] == [0, 0, pytest.approx(100 * 60 / 461), 0]
     assert record["device"] == "cpu" and record["torch"] and record["command"].startswith("python -m benchmarks.cp --simulate 3")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"cp=3 simulated: max/mean \S+; slowest x N / whole row \S+ \(contiguous: \S+, \S+\)", last)

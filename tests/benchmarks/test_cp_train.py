@@ -28,7 +28,8 @@ def _train(world: int, tmp_path: Path, *extra: str) -> dict:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert lines[0] == (f"161 tokens, 9 documents (longest 64); N={world}, gloo, cpu; tiny"
-                        + (", activation checkpointing" if "--checkpoint" in extra else ""))
+                        + (", activation checkpointing" if "--checkpoint" in extra else "")
+                        + (", cut documents over the fewest ranks" if "fewest" in extra else ""))
     match = LAST.fullmatch(lines[-1])
     assert match and int(match[1]) == world, lines[-1]
     return json.loads(out.read_text())
@@ -41,9 +42,10 @@ def test_training_context_parallel_follows_the_one_process_loss_curve(tmp_path):
     one = _train(1, tmp_path)
     assert len(one["losses"]) == 4 and one["losses"][-1] < one["losses"][0] - 0.5
     # --checkpoint: each layer recomputed in the backward, its all-gathers run again there.
-    for world, extra in ((2, ()), (3, ()), (2, ("--checkpoint",))):
+    # --spread fewest: at N = 3 the 40-token document is cut over two ranks, the 64 over three.
+    for world, extra in ((2, ()), (3, ()), (2, ("--checkpoint",)), (3, ("--spread", "fewest"))):
         got = _train(world, tmp_path, *extra)
-        assert got["checkpoint"] == bool(extra)
+        assert got["checkpoint"] == ("--checkpoint" in extra) and got["spread"] == ("fewest" if extra[1:] else "all")
         assert got["world_size"] == world and got["tokens"] == 161 and len(got["step_ms"]) == 3
         for a, b in zip(got["losses"], one["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b), (got["losses"], one["losses"])

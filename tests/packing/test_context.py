@@ -13,7 +13,7 @@ import torch
 from models import GPT, GPTConfig, lm_loss
 from models.attention.naive import NaiveAttention
 from packing import get_collator
-from packing.context import ContextShard, batch_blocks, context_attention, plan_layout, shard, unshard
+from packing.context import ContextCollator, ContextShard, batch_blocks, context_attention, plan_layout, shard, unshard
 from packing.context.layout import AREA_COST, TOKEN_COST
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,18 +41,22 @@ def test_one_long_document_is_balanced_where_a_contiguous_split_is_not(world):
     assert all(len(rank) == 2 and all(c.split for c in rank) for rank in layout.chunks)  # head and tail
 
 
-def test_a_long_tailed_mix_keeps_short_documents_whole_and_balanced():
+@pytest.mark.parametrize("spread", ["all", "fewest"])
+def test_a_long_tailed_mix_keeps_short_documents_whole_and_balanced(spread):
     g = torch.Generator().manual_seed(0)
     lens = []
     while sum(lens) < 131_072:
         lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, 131_072 - sum(lens)))
     for world in (2, 4, 8):
-        layout = plan_layout(lens, world)
+        layout = plan_layout(lens, world, spread=spread)
         assert max(layout.work()) / statistics.mean(layout.work()) <= 1.05, world
         cut = {c.block for rank in layout.chunks for c in rank if c.split}
         assert len(cut) < len(lens) / 4  # most documents stay whole: no padding to 2N, no gathered keys
         held = sorted((c.start, c.end) for rank in layout.chunks for c in rank)
         assert [a for a, _ in held] == [0, *[b for _, b in held[:-1]]] and held[-1][1] == sum(lens)  # each token once
+        chunks = [c.length for rank in layout.chunks for c in rank if c.split]
+        if spread == "fewest" and world == 8:  # each cut document over the fewest ranks: chunks 4x longer here
+            assert min(chunks) >= 4 * min(c.length for rank in plan_layout(lens, world).chunks for c in rank if c.split)
 
 
 @pytest.mark.parametrize("dim", [128, 1024, 4096])
@@ -164,6 +168,10 @@ def test_bad_inputs_are_refused_by_name():
             plan_layout([3], 2, area_cost=bad)
     with pytest.raises(ValueError, match=r"block_lens is \[3, 0\]; expected one or more blocks of >= 1 token"):
         plan_layout([3, 0], 2)
+    with pytest.raises(ValueError, match=r"spread is 'some'; expected 'all' \(a cut block over every rank\) or 'fewest'"):
+        plan_layout([3], 2, spread="some")
+    with pytest.raises(ValueError, match=r"spread is 'every'; expected 'all'"):
+        ContextCollator(get_collator("concat"), world_size=2, rank=0, spread="every")
     with pytest.raises(ValueError, match=r"context parallelism cuts one packed row; got a 'padded' batch"):
         shard(get_collator("pad_max", max_len=8)([[1, 2, 3]]), layout, 0)
     static = get_collator("concat", total_tokens=8, max_seqs=4, max_seqlen=4)([[1, 2, 3], [4, 5]])
@@ -203,22 +211,26 @@ def torchrun(*args, nproc):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
 
 
-@pytest.mark.parametrize("world, causal, regather", [(2, True, False), (3, False, False), (4, True, True)],
-                         ids=["2-causal", "3-bidirectional", "4-causal-regather"])
-def test_a_varlen_kernel_through_the_real_all_gather_gives_each_documents_attention(tmp_path, world, causal, regather):
+@pytest.mark.parametrize("world, causal, regather, spread", [(2, True, False, "all"), (3, False, False, "all"),
+                                                             (4, True, True, "all"), (4, True, False, "fewest")],
+                         ids=["2-causal", "3-bidirectional", "4-causal-regather", "4-causal-fewest"])
+def test_a_varlen_kernel_through_the_real_all_gather_gives_each_documents_attention(tmp_path, world, causal, regather,
+                                                                                    spread):
     # The kernel path under torchrun: each rank's one call on keys copied from the all-gathered
     # tokens, the key gradients added and returned through the all-gather's backward to the ranks
-    # that own them. fp64 against each document alone.
+    # that own them. fp64 against each document alone. "fewest": ranks send unequal cut tokens,
+    # padded in the all-gather.
     sys.path.insert(0, str(Path(__file__).parent))
     from benchmarks.cp import document_attention
-    from test_context_exact import ROWS, row_of
+    from test_context_exact import ROWS, SPREADS, row_of
 
     proc = torchrun(str(Path(__file__).parent / "cp_kernel_worker.py"), str(tmp_path / "rank"), "1" if causal else "0",
-                    "1" if regather else "0", nproc=world)
+                    "1" if regather else "0", spread, nproc=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch, q, k, v = row_of(ROWS["mixed"])
-    layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
+    layout = plan_layout(batch_blocks(batch), world, **SPREADS[spread])
     assert all(layout.split_len(r) for r in range(world))  # every rank reads gathered keys
+    assert spread == "all" or layout.gather_padding >= 20  # ranks 2 and 3 send 11 and 12 tokens fewer
     parts = [torch.load(tmp_path / f"rank.{r}") for r in range(world)]
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref, _ = document_attention(*leaves, batch.seq_lens, causal=causal)
@@ -242,7 +254,7 @@ def test_ranks_train_as_one_process(tmp_path, world, causal, data, wrap, regathe
 
     out = tmp_path / "cp.pt"
     proc = torchrun(str(Path(__file__).parent / "cp_worker.py"), str(out), "1" if causal else "0", str(data), wrap,
-                    "1" if regather else "0", nproc=world)
+                    "1" if regather else "0", spread, nproc=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert any(got["cut"])  # a document was cut across the ranks

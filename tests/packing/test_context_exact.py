@@ -30,9 +30,9 @@ def row_of(lens, seed=0):
     return batch, q, k, v
 
 
-def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None, **options):
+def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", broken=None, **options):
     """Every rank's (out, lse), simulated and unsharded: (T, H, D) and (T, H)."""
-    layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens)
+    layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens, spread=spread)
     outs, lses = [], []
     for r in range(world):
         part = shard(batch, layout, r)
@@ -46,28 +46,46 @@ def sharded(batch, q, k, v, world, causal, *, split_tokens=None, broken=None, **
     return unshard(outs, layout)[0], unshard(lses, layout)[0]
 
 
+# "all": split_tokens=4 cuts every document of 2N tokens or more over every rank, so the cut path
+# meets every length here; "fewest": the default threshold, each cut document over the fewest ranks
+# its work needs (at N >= 3 on the mixed row, some over fewer than N).
+SPREADS = {"all": {"split_tokens": 4}, "fewest": {"spread": "fewest"}}
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 @pytest.mark.parametrize("row", sorted(ROWS))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_every_rank_gives_each_documents_own_attention_and_gradients(world, row, causal):
+@pytest.mark.parametrize("spread", sorted(SPREADS))
+def test_every_rank_gives_each_documents_own_attention_and_gradients(world, row, causal, spread):
     batch, q, k, v = row_of(ROWS[row])
-    if (row, world) == ("tiny", 8):  # 6 documents, none of 2N tokens: two ranks would hold nothing
-        with pytest.raises(ValueError, match=r"rank 6 holds no tokens of this row \(17 tokens over 8 ranks\); use fewer"):
-            sharded(batch, q, k, v, world, causal, split_tokens=4)
+    options = SPREADS[spread]
+    layout = plan_layout(batch_blocks(batch), world, **options)
+    if not all(layout.chunks):  # "tiny" on 8 ranks: 6 documents, none of 2N tokens
+        with pytest.raises(ValueError, match=r"rank \d holds no tokens of this row \(17 tokens over 8 ranks\); use fewer"):
+            sharded(batch, q, k, v, world, causal, **options)
+        assert (row, world) == ("tiny", 8)
         return
     g = torch.Generator().manual_seed(1)
     d_out, d_lse = torch.randn(q.shape, generator=g, dtype=torch.float64), torch.randn(q.shape[:2], generator=g, dtype=torch.float64)
     got_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    # split_tokens=4: every document of 2N tokens or more is cut, so the cut path meets every length here.
-    out, lse = sharded(batch, *got_leaves, world, causal, split_tokens=4)
+    out, lse = sharded(batch, *got_leaves, world, causal, **options)
     ref_out, ref_lse = document_attention(*ref_leaves, batch.seq_lens, causal=causal)
     ((out * d_out).sum() + (lse * d_lse).sum()).backward()
     ((ref_out * d_out).sum() + (ref_lse * d_lse).sum()).backward()
     assert rel(out, ref_out) <= 1e-12 and rel(lse, ref_lse) <= 1e-12
     for name, a, b in zip("qkv", got_leaves, ref_leaves):
         assert rel(a.grad, b.grad) <= 1e-12, f"d{name}"
-    assert any(c.split for rank in plan_layout(batch_blocks(batch), world, split_tokens=4).chunks for c in rank) or max(ROWS[row]) < 2 * world
+    cut_over = {}  # cut block -> the ranks holding it
+    for r, rank in enumerate(layout.chunks):
+        for c in rank:
+            if c.split:
+                cut_over.setdefault(c.block, set()).add(r)
+    if spread == "all":
+        assert all(len(ranks) == world for ranks in cut_over.values())
+        assert cut_over or max(ROWS[row]) < 2 * world
+    elif row == "mixed" and world >= 3:
+        assert any(2 <= len(ranks) < world for ranks in cut_over.values()), cut_over
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
@@ -187,11 +205,12 @@ def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, causal, *, scale=None, windo
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 @pytest.mark.parametrize("order", ["planned", "tails first"])
-def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows_and_gradients(world, order):
+@pytest.mark.parametrize("spread", sorted(SPREADS))
+def test_a_varlen_kernel_with_the_chunks_boundaries_gives_the_same_rows_and_gradients(world, order, spread):
     # "tails first": each rank's cut chunks listed tail before head; the one call follows the local
     # order whatever it is.
     batch, q, k, v = row_of(ROWS["mixed"])
-    layout = plan_layout(batch_blocks(batch), world, split_tokens=4)
+    layout = plan_layout(batch_blocks(batch), world, **SPREADS[spread])
     if order == "tails first":
         layout = replace(layout, chunks=tuple(tuple(c for c in rank if c.split)[::-1] + tuple(c for c in rank if not c.split)
                                               for rank in layout.chunks))
