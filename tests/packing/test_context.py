@@ -254,7 +254,7 @@ def test_ranks_train_as_one_process(tmp_path, world, causal, data, wrap, regathe
 
     out = tmp_path / "cp.pt"
     proc = torchrun(str(Path(__file__).parent / "cp_worker.py"), str(out), "1" if causal else "0", str(data), wrap,
-                    "1" if regather else "0", spread, nproc=world)
+                    "1" if regather else "0", nproc=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert any(got["cut"])  # a document was cut across the ranks
