@@ -134,14 +134,15 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
 
     The result depends on nothing but the arguments.
 
-    Example: a 32-token document and six of 16 on 4 ranks, work counted as attention area plus
-    tokens; ``"fewest"`` cuts the long one over two ranks in 4 chunks of 8, not over four in 8 of 4:
+    Examples:
+        A 32-token document and six of 16 on 4 ranks, work counted as attention area plus tokens;
+        ``"fewest"`` cuts the long one over two ranks in 4 chunks of 8, not over four in 8 of 4:
 
-    >>> layout = plan_layout([32, 16, 16, 16, 16, 16, 16], 4, split_fraction=1, area_cost=1, spread="fewest")
-    >>> [[(c.block, c.start, c.end) for c in rank] for rank in layout.chunks]
-    [[(0, 0, 8), (0, 24, 32), (5, 96, 112)], [(0, 8, 16), (0, 16, 24), (6, 112, 128)], [(1, 32, 48), (3, 64, 80)], [(2, 48, 64), (4, 80, 96)]]
-    >>> layout.gather_len, layout.gather_padding  # ranks 2 and 3 send 16 tokens of padding each
-    (16, 32)
+        >>> layout = plan_layout([32, 16, 16, 16, 16, 16, 16], 4, split_fraction=1, area_cost=1, spread="fewest")
+        >>> [[(c.block, c.start, c.end) for c in rank] for rank in layout.chunks]
+        [[(0, 0, 8), (0, 24, 32), (5, 96, 112)], [(0, 8, 16), (0, 16, 24), (6, 112, 128)], [(1, 32, 48), (3, 64, 80)], [(2, 48, 64), (4, 80, 96)]]
+        >>> layout.gather_len, layout.gather_padding  # ranks 2 and 3 send 16 tokens of padding each
+        (16, 32)
     """
     lens = tuple(int(n) for n in block_lens)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
