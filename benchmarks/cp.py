@@ -138,11 +138,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
 
 
-def layout_stats(rows, world: int) -> tuple[float, float]:
+def layout_stats(rows, world: int, spread: str = "all") -> tuple[float, float]:
     """(worst max/mean work, all-gather padding over the rows' tokens) of the rows' layouts."""
     balance, pad, tokens = 0.0, 0, 0
     for lens in rows:
-        layout = plan_layout(lens, world)
+        layout = plan_layout(lens, world, spread=spread)
         work = layout.work()
         balance = max(balance, max(work) / statistics.mean(work))
         pad += layout.gather_padding
@@ -150,14 +150,14 @@ def layout_stats(rows, world: int) -> tuple[float, float]:
     return balance, 100 * pad / tokens
 
 
-def check_attention(batch, world: int, rank: int, causal: bool) -> dict[str, float]:
+def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "all") -> dict[str, float]:
     """The N ranks' attention of one row against :func:`document_attention`, fp64: each rank
     computes its part and the gradients of a fixed cotangent, and the parts are unsharded."""
     g = torch.Generator().manual_seed(1)
     T, heads, kv_heads, dim = batch.num_slots, 4, 2, 8
     q_row, k_row, v_row = (torch.randn(T, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
     d_out, d_lse = torch.randn(T, heads, dim, generator=g, dtype=torch.float64), torch.randn(T, heads, generator=g, dtype=torch.float64)
-    layout = plan_layout(batch_blocks(batch), world)
+    layout = plan_layout(batch_blocks(batch), world, spread=spread)
     part = shard(batch, layout, rank)
     idx = local_index(layout, rank)
     q, k, v = (t[idx].clone().requires_grad_() for t in (q_row, k_row, v_row))
@@ -189,12 +189,14 @@ def check(args, parser: Parser) -> int:
     collate = get_collator("concat")
     batches = [collate([torch.randint(0, 97, (n,), generator=g).tolist() for n in lens]) for lens in rows]
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"{len(rows)} rows of up to {args.tokens} tokens, {len(lengths)} documents; N={world}, fp64 on cpu")
+    spread = args.spread[0]
+    say(f"{len(rows)} rows of up to {args.tokens} tokens, {len(lengths)} documents; N={world}, fp64 on cpu"
+        + (", cut documents over the fewest ranks" if spread == "fewest" else ""))
 
     worst_attention = 0.0
     for i, batch in enumerate(batches):
         for causal in (True, False):
-            errors = check_attention(batch, world, rank, causal)
+            errors = check_attention(batch, world, rank, causal, spread)
             worst_attention = max(worst_attention, *errors.values())
             say(f"attention ({'causal' if causal else 'bidirectional'}), row {i}: "
                 + ", ".join(f"{name} rel {e:.1e}" for name, e in errors.items()))
@@ -208,7 +210,7 @@ def check(args, parser: Parser) -> int:
     loss_err = grad_err = 0.0
     for step in range(args.steps):
         batch = batches[step % len(batches)]
-        part = shard(batch, plan_layout(batch_blocks(batch), world), rank)
+        part = shard(batch, plan_layout(batch_blocks(batch), world, spread=spread), rank)
         loss = lm_loss(model(part), part, normalizer=part.context.num_targets)  # this rank's share
         loss.backward()
         loss = loss.detach()
@@ -224,7 +226,7 @@ def check(args, parser: Parser) -> int:
         for opt in sgd:
             opt.step()
             opt.zero_grad()
-    balance, padding = layout_stats(rows, world)
+    balance, padding = layout_stats(rows, world, spread)
     say(f"cp={world} exact: loss rel {loss_err:.1e}, grads rel {grad_err:.1e}; balance max/mean {balance:.3f}; "
         f"padding {padding:.2f}%")
     exact = worst_attention <= ATTENTION_TOL and loss_err <= MODEL_TOL and grad_err <= MODEL_TOL
@@ -300,10 +302,11 @@ def check_cuda(args, parser: Parser) -> int:
         raise ValueError(f"no varlen kernel that takes chunk boundaries loads here for head dim {D} "
                          f"(loaded: {sorted(chunk_varlen_kernels())}); --check on cuda times no masked path")
     name, kernel = found
-    layout = plan_layout(batch_blocks(batch), world)
+    layout = plan_layout(batch_blocks(batch), world, spread=args.spread[0])
     cut = len({c.block for chunks in layout.chunks for c in chunks if c.split})
     # With no document cut, no key crosses a rank: say so, the check then covers whole documents only.
-    say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}), {cut} cut across the ranks; N={world} on "
+    say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}), {cut} cut across the ranks"
+        f"{' (over the fewest ranks)' if args.spread[0] == 'fewest' else ''}; N={world} on "
         f"{count} GPU(s), {backend}; bf16, {H}/{Hkv} heads of {D}; {name}", flush=True)
     g = torch.Generator().manual_seed(1)
     q_row, k_row, v_row, d_row = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv, H))
@@ -585,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--simulate: head-tail layouts to time, each cutting documents whose work exceeds F of a "
                    "rank's share (default 0.5; the first is the last line's)")
     p.add_argument("--spread", nargs="+", default=["all"], choices=list(SPREAD_NAMES),
-                   help="--simulate: where a cut document goes, for each split fraction: all (every rank, 2N chunks; the "
-                   "default) or fewest (the fewest ranks its work needs, longer chunks; the all-gather pads)")
+                   help="where a cut document goes: all (every rank, 2N chunks; the default) or fewest (the fewest ranks "
+                   "its work needs, longer chunks; the all-gather pads). --simulate times each, at each split fraction; "
+                   "--check takes one")
     p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
                    f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")
@@ -608,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                 "drop it, or run --simulate N --device cuda")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if args.check and len(args.spread) > 1:
+        p.error(f"--spread {' '.join(args.spread)}: --check takes one; run it once for each")
     try:
         if args.check:
             if "WORLD_SIZE" not in os.environ:

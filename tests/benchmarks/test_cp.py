@@ -34,6 +34,24 @@ def test_check_under_torchrun_is_exact_at_every_world_size(world, tmp_path):
     assert 1.0 <= float(match[4]) < 2.0 and 0.0 <= float(match[5]) < 10.0
 
 
+def test_check_with_documents_cut_over_the_fewest_ranks_is_exact(tmp_path):
+    # --spread fewest at N = 4: the 40-token document over 3 ranks, the 30 and the 20 over 2 each;
+    # the ranks' cut tokens differ, so the all-gather pads.
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("40 30 20 10 10 10\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "benchmarks.cp",
+           "--device", "cpu", "--check", "--lengths", str(lengths), "--tokens", "120", "--steps", "2", "--spread", "fewest"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "1 rows of up to 120 tokens, 6 documents; N=4, fp64 on cpu, cut documents over the fewest ranks"
+    match = LAST.fullmatch(lines[-1])
+    assert match and float(match[2]) <= 1e-10 and float(match[3]) <= 1e-10, lines[-1]
+    assert float(match[5]) == pytest.approx(100 * 6 / 120, abs=0.01)  # rank 3 is 6 cut tokens short of rank 0's 26
+
+
 def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
     lengths, out = tmp_path / "l.txt", tmp_path / "s.json"
     lengths.write_text("\n".join(["300", "7", "1", "120", "33"]))
@@ -152,6 +170,7 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--simulate", "2", "--kernel", "no-such-kernel"], "--kernel no-such-kernel does not load here; loaded: "),
     (["--simulate", "2", "--split-fraction", "0"], "--split-fraction 0 is out of range; expected a number > 0"),
     (["--simulate", "2", "--area-cost", "-1"], "--area-cost -1 is out of range; expected a finite number >= 0"),
+    (["--check", "--spread", "all", "fewest"], "--spread all fewest: --check takes one; run it once for each"),
     (["--simulate", "2", "--profile", "p"], "--profile p profiles the GPU's kernels of --simulate on --device cuda; drop it"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
