@@ -66,7 +66,7 @@ from benchmarks.harness import Parser, environment, exit_after_distributed
 from packing import get_collator
 from packing.context import batch_blocks, plan_layout, shard, unshard
 from packing.context.attention import attend_chunks, call_keys, context_attention, simulated_keys
-from packing.context.layout import AREA_COST, Chunk, ContextLayout
+from packing.context.layout import AREA_COST, SPREADS, Chunk, ContextLayout
 from packing.context.shard import local_index
 from packing.context.varlen import chunk_kernel
 from packing.kernels import chunk_varlen_kernels
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-fraction", type=float, nargs="+", default=[0.5], metavar="F",
                    help="--simulate: head-tail layouts to time, each cutting documents whose work exceeds F of a "
                    "rank's share (default 0.5; the first is the last line's)")
-    p.add_argument("--spread", nargs="+", default=["all"], choices=list(SPREAD_NAMES),
+    p.add_argument("--spread", nargs="+", default=["all"], choices=SPREADS,
                    help="where a cut document goes: all (every rank, 2N chunks; the default) or fewest (the fewest ranks "
                    "its work needs, longer chunks; the all-gather pads). --simulate times each, at each split fraction; "
                    "--check takes one")

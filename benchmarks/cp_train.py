@@ -42,6 +42,7 @@ import torch.distributed as dist
 from benchmarks.cp import lognormal_row, read_lengths, start_ranks
 from benchmarks.harness import Parser, environment, run_under_torchrun
 from packing.context import ContextCollator
+from packing.context.layout import SPREADS
 
 ARCHS = ("qwen3-0.6b", "tiny")
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the weights' and token ids' seed (default 0)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate (default 1e-4)")
     p.add_argument("--checkpoint", action="store_true", help="recompute each layer in the backward")
-    p.add_argument("--spread", default="all", choices=["all", "fewest"], help="where a cut document goes: every rank "
+    p.add_argument("--spread", default="all", choices=SPREADS, help="where a cut document goes: every rank "
                    "(default) or the fewest its work needs (plan_layout's spread)")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the record as JSON")
     args = p.parse_args(argv)

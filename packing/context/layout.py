@@ -47,6 +47,9 @@ AREA_COST = 1.0 / 6144
 
 VERSION = 2  # 2: a rank's cut chunks are its head chunks, then its tail chunks
 
+# Where a cut block goes (plan_layout's spread): over every rank, or over the fewest its work needs.
+SPREADS = ("all", "fewest")
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -155,7 +158,7 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         raise ValueError(f"area_cost is {area_cost!r}; expected a finite number >= 0 (a (query, key) pair's work relative to a token's, about 1/(6·d) for a model of width d)")
     if split_tokens is not None and split_tokens < 1:
         raise ValueError(f"split_tokens is {split_tokens!r}; expected None or an int >= 1")
-    if spread not in ("all", "fewest"):
+    if spread not in SPREADS:
         raise ValueError(f"spread is {spread!r}; expected 'all' (a cut block over every rank) or 'fewest' (over the "
                          "fewest ranks its work needs)")
     parts = 2 * world_size
@@ -204,20 +207,21 @@ def _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, sp
                 m = max(m, n // split_tokens + 1)  # each part under split_tokens tokens
             m = max(2, min(world_size, n // 2, m))
         spans.append(m)
-    ranks: list[list[tuple[int, int, Chunk]]] = [[] for _ in range(world_size)]  # (kind, start, chunk)
+    ranks: list[list[tuple[int, Chunk]]] = [[] for _ in range(world_size)]  # (0 head, 1 tail, 2 whole; chunk)
     load = [0.0] * world_size
     for b in sorted(range(len(lens)), key=lambda b: (-whole_work[b] / spans[b], b)):
         n, start, m = lens[b], starts[b], spans[b]
         mine = sorted(sorted(range(world_size), key=lambda r: (load[r], r))[:m])
         if not cut[b]:
-            ranks[mine[0]].append((2, start, Chunk(b, start, start + n, start, start + n, False)))
+            ranks[mine[0]].append((2, Chunk(b, start, start + n, start, start + n, False)))
             load[mine[0]] += whole_work[b]
             continue
         edges = [start + i * n // (2 * m) for i in range(2 * m + 1)]
         for i, r in enumerate(mine):  # the i-th of the m ranks: chunks i and 2m-1-i (head and tail)
             for kind, j in ((0, i), (1, 2 * m - 1 - i)):
-                ranks[r].append((kind, edges[j], Chunk(b, edges[j], edges[j + 1], start, start + n, True)))
-                load[r] += _work(edges[j + 1] - edges[j], ranks[r][-1][2].area(), area_cost)
+                chunk = Chunk(b, edges[j], edges[j + 1], start, start + n, True)
+                ranks[r].append((kind, chunk))
+                load[r] += _work(chunk.length, chunk.area(), area_cost)
     # Each rank's head chunks, then its tail chunks, then its whole blocks, each in row order.
-    chunks = tuple(tuple(c for _, _, c in sorted(rank, key=lambda t: t[:2])) for rank in ranks)
+    chunks = tuple(tuple(c for _, c in sorted(rank, key=lambda t: (t[0], t[1].start))) for rank in ranks)
     return ContextLayout(world_size, lens, chunks, area_cost)

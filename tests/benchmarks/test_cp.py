@@ -15,17 +15,23 @@ ROOT = Path(__file__).resolve().parents[2]
 LAST = re.compile(r"cp=(\d+) exact: loss rel (\S+), grads rel (\S+); balance max/mean (\S+); padding (\S+)%")
 
 
-@pytest.mark.parametrize("world", [2, 3, 4, 8])
-def test_check_under_torchrun_is_exact_at_every_world_size(world, tmp_path):
-    lengths = tmp_path / "lengths.txt"
-    lengths.write_text("5 1 64\n3 29 1 1 17\n")  # two rows of 70 and 51 tokens: a cut document in each
+def _check(world: int, lengths: str, tokens: int, tmp_path: Path, *extra: str) -> list[str]:
+    """``benchmarks.cp --check`` under torchrun on CPU, fp64, 2 steps: its stdout lines (it must exit 0)."""
+    path = tmp_path / "lengths.txt"
+    path.write_text(lengths)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
-           "benchmarks.cp", "--device", "cpu", "--check", "--lengths", str(lengths), "--tokens", "70", "--steps", "2"]
+           "benchmarks.cp", "--device", "cpu", "--check", "--lengths", str(path), "--tokens", str(tokens), "--steps", "2",
+           *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
+    return run.stdout.strip().splitlines()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_check_under_torchrun_is_exact_at_every_world_size(world, tmp_path):
+    lines = _check(world, "5 1 64\n3 29 1 1 17\n", 70, tmp_path)  # two rows of 70 and 51 tokens: a cut document in each
     assert lines[0] == f"2 rows of up to 70 tokens, 8 documents; N={world}, fp64 on cpu"
     assert len([line for line in lines if line.startswith("attention (")]) == 4
     match = LAST.fullmatch(lines[-1])
@@ -37,15 +43,7 @@ def test_check_under_torchrun_is_exact_at_every_world_size(world, tmp_path):
 def test_check_with_documents_cut_over_the_fewest_ranks_is_exact(tmp_path):
     # --spread fewest at N = 4: the 40-token document over 3 ranks, the 30 and the 20 over 2 each;
     # the ranks' cut tokens differ, so the all-gather pads.
-    lengths = tmp_path / "lengths.txt"
-    lengths.write_text("40 30 20 10 10 10\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "benchmarks.cp",
-           "--device", "cpu", "--check", "--lengths", str(lengths), "--tokens", "120", "--steps", "2", "--spread", "fewest"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
+    lines = _check(4, "40 30 20 10 10 10\n", 120, tmp_path, "--spread", "fewest")
     assert lines[0] == "1 rows of up to 120 tokens, 6 documents; N=4, fp64 on cpu, cut documents over the fewest ranks"
     match = LAST.fullmatch(lines[-1])
     assert match and float(match[2]) <= 1e-10 and float(match[3]) <= 1e-10, lines[-1]
