@@ -142,10 +142,12 @@ def test_a_window_needs_causal_attention():
         sharded(batch, q, k, v, 2, True, softcap=-1.0)
 
 
-def test_without_the_gather_the_cut_documents_are_wrong():
-    # The negative control of the all-gather: a chunk that sees only its own rank's keys is far off.
-    batch, q, k, v = row_of(ROWS["one document"])
-    out, _ = sharded(batch, q, k, v, 4, True, broken="no gather")
+@pytest.mark.parametrize("row, spread", [("one document", "all"), ("mixed", "fewest")])
+def test_without_the_gather_the_cut_documents_are_wrong(row, spread):
+    # The negative control of the all-gather: a chunk that sees only its own rank's keys is far off
+    # (on the mixed row, documents cut over 2 and 3 of the 4 ranks).
+    batch, q, k, v = row_of(ROWS[row])
+    out, _ = sharded(batch, q, k, v, 4, True, broken="no gather", spread=spread)
     ref, _ = document_attention(q, k, v, batch.seq_lens, causal=True)
     assert rel(out, ref) > 1e-2
 
