@@ -12,8 +12,9 @@ and every parameter's gradient at each step, the same SGD update on both). Its l
     cp=N exact: loss rel X, grads rel Y; balance max/mean Z; padding P%
 
 X and Y are the largest relative errors over the steps (gradients as one vector), Z the worst
-row's max/mean work per rank by the layout's cost model, and P the all-gather's padding (ranks whose
-cut-document tokens fall short of the largest pad to it) over the rows' tokens. It exits 1 when the
+row's max/mean work per rank by the layout's cost model, and P the padding, measured over the rows'
+tokens: the tokens the ranks hold beyond the row's, plus the token slots the all-gather moved
+beyond the cut documents' tokens. It exits 1 when the
 attention is off by more than 1e-12 or the model by more than 1e-10.
 
 ``--check --device cuda`` (under torchrun; NCCL with a GPU a rank, else gloo with ranks sharing
@@ -37,8 +38,8 @@ slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of att
 ranks' sum over it; with a kernel, the same for the kernel calls alone (the cut chunks' keys picked
 beforehand), which tells the kernel's time from the copies around it; on CUDA, the same for the
 step's GPU-busy time (its kernels and copies summed from the profiler), which leaves out the host's
-launch gaps that a model's other layers fill. It also prints the all-gather's padding (ranks short
-of the most cut tokens pad to it). No collective runs: the all-gather's time is the multi-GPU run's
+launch gaps that a model's other layers fill. It also prints the tokens all-gathered, as a share
+of the row's (each rank's cut-document tokens, unpadded). No collective runs: the all-gather's time is the multi-GPU run's
 to measure.
 
 The rows: ``--lengths FILE`` holds document lengths, whitespace-separated positive ints. ``--check``
@@ -65,7 +66,7 @@ import torch.nn.functional as F
 from benchmarks.harness import Parser, environment, exit_after_distributed
 from packing import get_collator
 from packing.context import batch_blocks, plan_layout, shard, unshard
-from packing.context.attention import attend_chunks, call_keys, context_attention, simulated_keys
+from packing.context.attention import attend_chunks, call_keys, context_attention, gather_keys, simulated_keys
 from packing.context.layout import AREA_COST, SPREADS, Chunk, ContextLayout
 from packing.context.shard import local_index
 from packing.context.varlen import chunk_kernel
@@ -138,21 +139,27 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
 
 
-def layout_stats(rows, world: int, spread: str = "all") -> tuple[float, float]:
-    """(worst max/mean work, all-gather padding over the rows' tokens) of the rows' layouts."""
-    balance, pad, tokens = 0.0, 0, 0
-    for lens in rows:
-        layout = plan_layout(lens, world, spread=spread)
-        work = layout.work()
-        balance = max(balance, max(work) / statistics.mean(work))
-        pad += layout.gather_padding
-        tokens += sum(lens)
-    return balance, 100 * pad / tokens
+def worst_balance(rows, world: int, spread: str = "all") -> float:
+    """The worst max/mean work per rank of the rows' layouts, by the layout's cost model."""
+    return max(max(work) / statistics.mean(work) for work in (plan_layout(lens, world, spread=spread).work() for lens in rows))
 
 
-def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "all") -> dict[str, float]:
+def measured_padding(k: torch.Tensor, v: torch.Tensor, part) -> int:
+    """Padding tokens of one row's shard, measured from what the ranks hold and what the all-gather
+    moves (the same on every rank): the tokens held beyond the row's, plus the all-gathered token
+    slots beyond the cut documents' tokens. k and v: this rank's (T_local, H_kv, D)."""
+    layout = part.context.layout
+    held = torch.tensor(k.shape[0])
+    dist.all_reduce(held)
+    gathered = gather_keys(k, v, part.context)
+    slots = 0 if gathered is None else gathered.numel() // (k.shape[1:].numel() + v.shape[1:].numel())
+    return held.item() - layout.num_slots + slots - layout.gather_tokens
+
+
+def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "all") -> tuple[dict[str, float], int]:
     """The N ranks' attention of one row against :func:`document_attention`, fp64: each rank
-    computes its part and the gradients of a fixed cotangent, and the parts are unsharded."""
+    computes its part and the gradients of a fixed cotangent, and the parts are unsharded. Also
+    the row's :func:`measured_padding`."""
     g = torch.Generator().manual_seed(1)
     T, heads, kv_heads, dim = batch.num_slots, 4, 2, 8
     q_row, k_row, v_row = (torch.randn(T, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
@@ -172,7 +179,8 @@ def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "a
     ref_out, ref_lse = document_attention(q_row, k_row, v_row, batch.seq_lens, causal=causal)
     ((ref_out * d_out).sum() + (ref_lse * d_lse).sum()).backward()
     ref = [ref_out.detach(), ref_lse.detach(), q_row.grad, k_row.grad, v_row.grad]
-    return {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+    errors = {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+    return errors, measured_padding(k.detach(), v.detach(), part)
 
 
 def check(args, parser: Parser) -> int:
@@ -193,10 +201,11 @@ def check(args, parser: Parser) -> int:
     say(f"{len(rows)} rows of up to {args.tokens} tokens, {len(lengths)} documents; N={world}, fp64 on cpu"
         + (", cut documents over the fewest ranks" if spread == "fewest" else ""))
 
-    worst_attention = 0.0
+    worst_attention, padding = 0.0, 0
     for i, batch in enumerate(batches):
         for causal in (True, False):
-            errors = check_attention(batch, world, rank, causal, spread)
+            errors, row_padding = check_attention(batch, world, rank, causal, spread)
+            padding += row_padding if causal else 0
             worst_attention = max(worst_attention, *errors.values())
             say(f"attention ({'causal' if causal else 'bidirectional'}), row {i}: "
                 + ", ".join(f"{name} rel {e:.1e}" for name, e in errors.items()))
@@ -226,7 +235,7 @@ def check(args, parser: Parser) -> int:
         for opt in sgd:
             opt.step()
             opt.zero_grad()
-    balance, padding = layout_stats(rows, world, spread)
+    balance, padding = worst_balance(rows, world, spread), 100 * padding / sum(b.num_slots for b in batches)
     say(f"cp={world} exact: loss rel {loss_err:.1e}, grads rel {grad_err:.1e}; balance max/mean {balance:.3f}; "
         f"padding {padding:.2f}%")
     exact = worst_attention <= ATTENTION_TOL and loss_err <= MODEL_TOL and grad_err <= MODEL_TOL
@@ -527,7 +536,7 @@ def simulate(args, parser: Parser) -> int:
                   "max_over_mean": max(times) / statistics.mean(times),
                   "slowest_x_n_over_whole": max(times) * world / whole_ms, "sum_over_whole": sum(times) / whole_ms,
                   "cut_documents": len({c.block for rank in layout.chunks for c in rank if c.split}),
-                  "gather_padding_pct": 100 * layout.gather_padding / T}
+                  "gathered_pct": 100 * layout.gather_tokens / T}
         if whole_kernel_ms is not None:
             kernel_times = [ms for _, ms, _ in runs]
             result |= {"rank_kernel_ms": kernel_times, "kernel_max_over_mean": max(kernel_times) / statistics.mean(kernel_times),
@@ -544,7 +553,7 @@ def simulate(args, parser: Parser) -> int:
             profiled(f"{name}, rank {slowest}", step_of(layout, slowest))
         print(f"{name}: ranks {', '.join(f'{ms:.3f}' for ms in times)} ms; max/mean {result['max_over_mean']:.3f}; "
               f"slowest x N / whole {result['slowest_x_n_over_whole']:.3f}; sum / whole {result['sum_over_whole']:.3f}; "
-              f"documents cut: {result['cut_documents']}; all-gather padding {result['gather_padding_pct']:.1f}%")
+              f"documents cut: {result['cut_documents']}; all-gathered {result['gathered_pct']:.1f}% of the row's tokens")
         if whole_kernel_ms is not None:
             print(f"  the kernel alone: max/mean {result['kernel_max_over_mean']:.3f}; slowest x N / whole "
                   f"{result['kernel_slowest_x_n_over_whole']:.3f}; sum / whole {result['kernel_sum_over_whole']:.3f}")

@@ -208,19 +208,18 @@ def qwen3_same_run() -> str:
 
 def context_balance() -> str:
     """The context-parallel layout's balance by its cost model, against a contiguous split."""
-    folder = RESULTS / "distributed" / "2026-12-05-cpu-context-balance"
+    folder = RESULTS / "distributed" / "2026-12-07-cpu-context-balance"
     records = _records(folder / "dim1024.json")
     lines = [f"`{_short(records[0]['command'])}` (the cost model, d = {records[0]['dim']}: no GPU); record in "
              f"`{folder.relative_to(ROOT)}/`:", "",
              "| row of 131,072 tokens | N | contiguous: attention max/mean | contiguous: work max/mean | layout: attention "
-             "max/mean | layout: work max/mean | documents cut | tokens all-gathered | all-gather padding |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "max/mean | layout: work max/mean | documents cut | tokens all-gathered (none padded) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['row']} ({r['docs']} documents, longest {r['longest']:,}) | {r['world_size']} | "
                      f"{r['contiguous_attention_max_over_mean']:.3f} | {r['contiguous_work_max_over_mean']:.3f} | "
                      f"{r['layout_attention_max_over_mean']:.3f} | {r['layout_work_max_over_mean']:.3f} | "
-                     f"{r['cut_documents']} | {r['gathered_tokens']:,} | "
-                     f"{100 * r['gather_padding_tokens'] / r['tokens']:.3f}% |")
+                     f"{r['cut_documents']} | {r['gathered_tokens']:,} |")
     return "\n".join(lines)
 
 

@@ -39,40 +39,55 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 class _AllGather(torch.autograd.Function):
-    """(P,) on each rank -> (world, P), row r rank r's; backward sums the gradients of each row onto
-    its rank."""
+    """Rank r's x (sizes[r],) -> (sum(sizes),): every rank's x, in rank order. ``sizes`` (host
+    ints, the same on every rank) may differ, and nothing is padded: NCCL gathers unequal parts as
+    grouped broadcasts, gloo as one broadcast a part. The backward sums each part's gradient over
+    the ranks onto its owner (a reduce-scatter on NCCL; on gloo, an all-reduce and a slice)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        world = dist.get_world_size(group)
+    def forward(ctx, x: Tensor, sizes: tuple[int, ...], group) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        rank = dist.get_rank(group)
         x = x.contiguous()
-        if dist.get_backend(group) == "nccl":  # straight into one buffer, no copy after
-            out = x.new_empty(world * x.shape[0])
-            _all_gather_single(out, x, group=group)
-            return out.view(world, -1)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x, group=group)
-        return torch.stack(parts)
+        out = x.new_empty(sum(sizes))
+        parts = list(out.split(sizes))
+        even = len(set(sizes)) == 1
+        if dist.get_backend(group) == "nccl":
+            if even:  # straight into one buffer, no copy after
+                _all_gather_single(out, x, group=group)
+            else:
+                dist.all_gather(parts, x, group=group)
+        elif even:
+            dist.all_gather(parts, x, group=group)
+        else:  # gloo's all_gather takes equal parts only
+            parts[rank].copy_(x)
+            for r, part in enumerate(parts):
+                if sizes[r]:
+                    dist.broadcast(part, group=group, group_src=r)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        rank = dist.get_rank(ctx.group)
+        rank, sizes = dist.get_rank(ctx.group), ctx.sizes
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
-            out = grad.new_empty(grad.shape[1])
-            _reduce_scatter_single(out, grad.view(-1), group=ctx.group)
-            return out, None
+            out = grad.new_empty(sizes[rank])
+            if len(set(sizes)) == 1:
+                _reduce_scatter_single(out, grad, group=ctx.group)
+            else:
+                dist.reduce_scatter(out, list(grad.split(sizes)), group=ctx.group)
+            return out, None, None
         total = grad.clone()  # gloo has no reduce-scatter on every torch we run on
         dist.all_reduce(total, group=ctx.group)
-        return total[rank].clone(), None
+        start = sum(sizes[:rank])
+        return total[start:start + sizes[rank]].clone(), None, None
 
 
 class _CallKeys(torch.autograd.Function):
     """The keys and values of a shard's one kernel call (:class:`~packing.context.shard.KernelCall`):
     the cut chunks' keys copied from the gathered tokens, piece by piece in the call's order, then
-    the whole blocks' keys. ``gathered`` (world, gather_len x H_kv x (Dk + Dv)), each rank's keys
-    then its values (:func:`gather_keys`); ``k_whole`` (W, H_kv, Dk) and ``v_whole`` (W, H_kv, Dv)
+    the whole blocks' keys. ``gathered`` (G x H_kv x (Dk + Dv),), rank by rank its keys then its
+    values (:func:`gather_keys`); ``k_whole`` (W, H_kv, Dk) and ``v_whole`` (W, H_kv, Dv)
     -> k (K, H_kv, Dk) and v (K, H_kv, Dv). The backward adds the gradients of a piece's copies (one
     add a stretch of pieces read together) and writes every rank's pieces back into the gathered
     layout, zeros for pieces the call does not read: one concatenation each for keys and values a
@@ -81,6 +96,8 @@ class _CallKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gathered: Tensor, k_whole: Tensor, v_whole: Tensor, call: KernelCall) -> tuple[Tensor, Tensor]:
         ctx.call, ctx.shapes = call, (k_whole.shape[1:], v_whole.shape[1:])
+        if not call.reads:
+            return k_whole, v_whole
         k_pieces, v_pieces = _pieces(gathered, call, *ctx.shapes)
         k = torch.cat([k_pieces[p] for p in call.reads] + [k_whole])
         v = torch.cat([v_pieces[p] for p in call.reads] + [v_whole])
@@ -90,14 +107,17 @@ class _CallKeys(torch.autograd.Function):
     def backward(ctx, dk: Tensor, dv: Tensor):
         call, (k_shape, v_shape) = ctx.call, ctx.shapes
         cut = call.cut_keys
-        gathered = dk.new_empty(len(call.pieces), sum(call.pieces[0]) * (k_shape.numel() + v_shape.numel()))
+        if not call.reads:  # zeros, so that this rank still joins the all-gather's backward
+            return dk.new_zeros(sum(call.sizes) * (k_shape.numel() + v_shape.numel())), dk, dv, None
+        gathered = dk.new_empty(sum(call.sizes) * (k_shape.numel() + v_shape.numel()))
         halves = _halves(gathered, call, k_shape, v_shape)
         dk, dv = dk.contiguous(), dv.contiguous()
         for part, (d, shape) in enumerate(((dk, k_shape), (dv, v_shape))):
             grads = _piece_grads(d[:cut], call, shape)
             first = 0
             for rank, half in zip(call.pieces, halves):
-                torch.cat(grads[first:first + len(rank)], out=half[part])
+                if rank:  # a rank with no cut chunk sends nothing
+                    torch.cat(grads[first:first + len(rank)], out=half[part])
                 first += len(rank)
         return gathered, dk[cut:], dv[cut:], None
 
@@ -105,8 +125,10 @@ class _CallKeys(torch.autograd.Function):
 def call_keys(gathered: Tensor | None, k_whole: Tensor, v_whole: Tensor, call: KernelCall) -> tuple[Tensor, Tensor]:
     """The keys (K, H_kv, Dk) and values (K, H_kv, Dv) of ``call``: the cut chunks' copied from
     ``gathered`` (:func:`gather_keys`), then ``k_whole`` and ``v_whole``, the whole blocks' local
-    rows; these alone, not copied, when the call reads nothing gathered."""
-    return _CallKeys.apply(gathered, k_whole, v_whole, call) if call.reads else (k_whole, v_whole)
+    rows; these alone, not copied, when the call reads nothing gathered. A rank whose chunks read
+    nothing gathered (its blocks all whole, others cut) still passes ``gathered`` through, so its
+    backward joins the all-gather's: a collective every rank of the group must call."""
+    return (k_whole, v_whole) if gathered is None else _CallKeys.apply(gathered, k_whole, v_whole, call)
 
 
 def _piece_grads(d: Tensor, call: KernelCall, shape: torch.Size) -> list[Tensor]:
@@ -126,12 +148,12 @@ def _piece_grads(d: Tensor, call: KernelCall, shape: torch.Size) -> list[Tensor]
 
 
 def _halves(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size) -> list[tuple[Tensor, Tensor]]:
-    """Each rank's row of ``gathered`` (world, gather_len x H_kv x (Dk + Dv)) as its keys
-    (gather_len, H_kv, Dk) and values (gather_len, H_kv, Dv): views."""
-    n = sum(call.pieces[0])
-    return [tuple(t.view(n, *shape) for t, shape in zip(row.split([n * k_shape.numel(), n * v_shape.numel()]),
-                                                         (k_shape, v_shape)))
-            for row in gathered]
+    """Each rank's part of ``gathered`` (G x H_kv x (Dk + Dv),) as its keys (n_r, H_kv, Dk) and
+    values (n_r, H_kv, Dv), n_r its cut-block tokens: views."""
+    per_token = k_shape.numel() + v_shape.numel()
+    parts = gathered.split([sum(rank) * per_token for rank in call.pieces])
+    return [(part[:sum(rank) * k_shape.numel()].view(sum(rank), *k_shape),
+             part[sum(rank) * k_shape.numel():].view(sum(rank), *v_shape)) for rank, part in zip(call.pieces, parts)]
 
 
 def _pieces(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size):
@@ -146,26 +168,26 @@ def _pieces(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: to
 
 def gather_keys(k: Tensor, v: Tensor, shard: ContextShard, group=None) -> Tensor | None:
     """The keys and values this rank reads from others: k (T_local, H_kv, Dk) and v (T_local, H_kv,
-    Dv) -> (world_size, gather_len x H_kv x (Dk + Dv)): row r is rank r's cut-block tokens (its
-    first ``layout.split_len(r)`` local tokens) padded to ``gather_len``, their keys then their
-    values, flat; None when no block is cut. Only the cut-block tokens travel: a rank's whole blocks
-    read their own keys."""
+    Dv) -> (G x H_kv x (Dk + Dv),), G = ``layout.gather_tokens``: rank by rank, its cut-block
+    tokens (its first ``layout.split_len(r)`` local tokens), their keys then their values, flat;
+    None when no block is cut. Only the cut-block tokens travel, each rank's own count: a rank's
+    whole blocks read their own keys."""
     own = shard.layout.split_len(shard.rank)
     return _gather(k[:own], v[:own], shard, group)
 
 
 def _gather(k_cut: Tensor, v_cut: Tensor, shard: ContextShard, group) -> Tensor | None:
-    world = shard.layout.world_size
-    if world == 1 or not shard.gather_len:
+    layout = shard.layout
+    if layout.world_size == 1 or not layout.gather_tokens:
         return None
-    return _AllGather.apply(_row(k_cut, v_cut, shard.gather_len), group)
+    per_token = k_cut.shape[1:].numel() + v_cut.shape[1:].numel()
+    sizes = tuple(layout.split_len(r) * per_token for r in range(layout.world_size))
+    return _AllGather.apply(_row(k_cut, v_cut), sizes, group)
 
 
-def _row(k: Tensor, v: Tensor, gather_len: int) -> Tensor:
-    """One rank's part of the gathered tokens: its cut keys, then values, each padded to
-    ``gather_len`` tokens, flat."""
-    pad = gather_len - k.shape[0]
-    return torch.cat([F.pad(k, (0, 0, 0, 0, 0, pad)).reshape(-1), F.pad(v, (0, 0, 0, 0, 0, pad)).reshape(-1)])
+def _row(k: Tensor, v: Tensor) -> Tensor:
+    """One rank's part of the gathered tokens: its cut keys, then values, flat."""
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
 
 
 def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor | None:
@@ -173,13 +195,13 @@ def simulated_keys(k_row: Tensor, v_row: Tensor, shard: ContextShard) -> Tensor 
     k (T, H_kv, Dk) and v (T, H_kv, Dv): for running every rank's attention on one device, one after
     another (``python -m benchmarks.cp --simulate``), and for tests without a process group."""
     layout = shard.layout
-    if layout.world_size == 1 or not shard.gather_len:
+    if layout.world_size == 1 or not layout.gather_tokens:
         return None
     rows = []
     for r in range(layout.world_size):
         index = local_index(layout, r)[: layout.split_len(r)].to(k_row.device)
-        rows.append(_row(k_row.index_select(0, index), v_row.index_select(0, index), shard.gather_len))
-    return torch.stack(rows)
+        rows.append(_row(k_row.index_select(0, index), v_row.index_select(0, index)))
+    return torch.cat(rows)
 
 
 # Outside torch.compile: a shard's chunks are host ints (the layout), and traced they would be

@@ -100,15 +100,19 @@ class ContextLayout:
         return sum(c.length for c in self.chunks[rank] if c.split)
 
     @cached_property
-    def gather_len(self) -> int:
-        """Tokens each rank contributes to the all-gather: the largest rank's cut-block tokens (a
-        rank with fewer pads to it)."""
-        return max(self.split_len(r) for r in range(self.world_size))
+    def gather_offsets(self) -> tuple[int, ...]:
+        """(world_size + 1,) where each rank's cut-block tokens sit in the all-gathered ones: rank
+        r's are tokens ``[gather_offsets[r], gather_offsets[r + 1])``. The all-gather moves these
+        and nothing else: a rank with fewer cut tokens sends fewer, none padded."""
+        offsets = [0]
+        for r in range(self.world_size):
+            offsets.append(offsets[-1] + self.split_len(r))
+        return tuple(offsets)
 
     @property
-    def gather_padding(self) -> int:
-        """Padding tokens in the all-gather: the ranks' shortfalls against :attr:`gather_len`."""
-        return sum(self.gather_len - self.split_len(r) for r in range(self.world_size))
+    def gather_tokens(self) -> int:
+        """The all-gathered tokens: every rank's cut-block tokens (0 when no block is cut)."""
+        return self.gather_offsets[-1]
 
     def work(self, causal: bool = True) -> list[float]:
         """Each rank's work, ``tokens + area_cost * area``."""
@@ -132,8 +136,8 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
     - ``"fewest"``: over the fewest ranks m that keep each one's part within ``split_fraction`` of
       a share (and under ``split_tokens`` tokens), in 2m chunks head-and-tail on the m ranks with
       the least work so far. Each chunk is longer, so a varlen kernel's backward runs fewer,
-      longer passes over the keys it reads; the ranks then hold unequal cut tokens, which the
-      all-gather pads (:attr:`ContextLayout.gather_padding`).
+      longer passes over the keys it reads; the ranks then hold unequal cut tokens, and the
+      all-gather moves each rank's own count (:attr:`ContextLayout.gather_offsets`).
 
     The result depends on nothing but the arguments.
 
@@ -144,8 +148,8 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         >>> layout = plan_layout([32, 16, 16, 16, 16, 16, 16], 4, split_fraction=1, area_cost=1, spread="fewest")
         >>> [[(c.block, c.start, c.end) for c in rank] for rank in layout.chunks]
         [[(0, 0, 8), (0, 24, 32), (5, 96, 112)], [(0, 8, 16), (0, 16, 24), (6, 112, 128)], [(1, 32, 48), (3, 64, 80)], [(2, 48, 64), (4, 80, 96)]]
-        >>> layout.gather_len, layout.gather_padding  # ranks 2 and 3 send 16 tokens of padding each
-        (16, 32)
+        >>> layout.gather_offsets  # ranks 0 and 1 all-gather 16 tokens each, ranks 2 and 3 none
+        (0, 16, 32, 32, 32)
     """
     lens = tuple(int(n) for n in block_lens)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:

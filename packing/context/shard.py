@@ -57,14 +57,14 @@ class KernelCall:
     head's keys are a prefix of the tail's) is copied for each, so the kernel reads no key twice in
     one sequence and no key a sequence does not read; the backward adds the copies' gradients.
 
-    The gathered tokens are handled as pieces: each rank's ``gather_len`` tokens cut into one piece
-    a cut chunk it holds, in its local order, then its padding. Pieces are numbered rank-major.
+    The gathered tokens are handled as pieces: each rank's cut-block tokens cut into one piece a
+    cut chunk it holds, in its local order. Pieces are numbered rank-major.
 
     Fields (C local chunks; P pieces; R reads of a piece by a chunk, in key order):
         cu_q, cu_k: (C + 1,) int32 cumulative query and key lengths of the C sequences.
         max_q, max_k: the longest sequence's queries and keys (host ints).
-        pieces: per rank, the lengths of its pieces (summing to ``gather_len``); () when nothing
-            is cut.
+        pieces: per rank, the lengths of its pieces (summing to ``layout.split_len(rank)``; () for
+            a rank that holds no cut chunk); () when nothing is cut.
         reads: (R,) the pieces, by number, whose tokens concatenated in this order are the cut
             chunks' keys (the first ``cu_k[number of cut chunks]`` keys of the call).
         sums: for each stretch of keys read more than once, ``(starts, lengths)``: the key offsets
@@ -109,9 +109,9 @@ class KernelCall:
 class ContextShard:
     """What rank ``rank`` needs beyond its tokens to attend exactly (``Batch.context``).
 
-    Fields (C local chunks; K the keys of all of them together; G = world_size x
-    ``layout.gather_len``, the all-gather's tokens; the first ``layout.split_len(rank)`` local tokens
-    are this rank's contribution, padded to ``gather_len``):
+    Fields (C local chunks; K the keys of all of them together; G = ``layout.gather_tokens``, the
+    all-gather's tokens, rank by rank; the first ``layout.split_len(rank)`` local tokens are this
+    rank's contribution):
         layout: the row's :class:`ContextLayout` (world size, blocks, every rank's chunks, version).
         rank: this shard's rank.
         num_tokens: the whole row's real tokens (its documents; the rest is the padding tail).
@@ -139,11 +139,6 @@ class ContextShard:
         return ContextShard(self.layout, self.rank, self.num_tokens, self.num_targets,
                             {c: fn(t) for c, t in self.key_index.items()},
                             {c: call.map(fn) for c, call in self.kernel_call.items()}, self.regather)
-
-    @property
-    def gather_len(self) -> int:
-        """Tokens each rank contributes to the all-gather (:attr:`ContextLayout.gather_len`)."""
-        return self.layout.gather_len
 
     def positions(self) -> Tensor:
         """(local tokens,) int64: the whole row's positions at this rank's tokens."""
@@ -199,7 +194,7 @@ def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = Fa
         raise ValueError(f"rank {rank}'s chunks put a whole block before a cut one; a layout lists each rank's cut "
                          "chunks first (their tokens are the ones all-gathered): use plan_layout")
     lengths = [c.length for c in chunks]
-    context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, *_keys(layout, rank, layout.gather_len),
+    context = ContextShard(layout, rank, batch.num_tokens, batch.num_targets, *_keys(layout, rank),
                            regather)
     take = lambda t: t[:, index]  # noqa: E731  (1, T) -> (1, local)
     return Batch(layout="packed", input_ids=take(batch.input_ids), labels=take(batch.labels),
@@ -208,17 +203,17 @@ def shard(batch: Batch, layout: ContextLayout, rank: int, *, regather: bool = Fa
                  context=context)
 
 
-def _keys(layout: ContextLayout, rank: int, gather_len: int):
+def _keys(layout: ContextLayout, rank: int):
     """(key_index, kernel_call), each by causality, for rank ``rank``'s chunks."""
     world = layout.world_size
     source = torch.full((layout.num_slots,), -1, dtype=torch.int64)  # row position -> key source index
     for r in range(world):  # cut blocks: where rank r's all-gathered tokens land
-        offset = r * gather_len
+        offset = layout.gather_offsets[r]
         for c in layout.chunks[r]:
             if c.split:
                 source[c.start:c.end] = torch.arange(offset, offset + c.length)
                 offset += c.length
-    local = world * gather_len
+    local = layout.gather_tokens
     for c in layout.chunks[rank]:  # whole blocks: this rank's own tokens, after the gathered ones
         if not c.split:
             source[c.start:c.end] = torch.arange(local, local + c.length)
@@ -243,9 +238,6 @@ def _gathered_pieces(layout: ContextLayout) -> tuple[list[tuple[int, ...]], dict
                 by_block.setdefault(c.block, []).append((c.start, c.end, number))
                 lengths.append(c.length)
                 number += 1
-        if layout.gather_len > sum(lengths):
-            lengths.append(layout.gather_len - sum(lengths))  # the padding: a piece no chunk reads
-            number += 1
         pieces.append(tuple(lengths))
     for mine in by_block.values():
         mine.sort()  # row order: a chunk's keys are its block's chunks up to its own end

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.cp import main, pack_rows, read_lengths
+from packing.context import plan_layout
 from cli_error import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,17 +38,19 @@ def test_check_under_torchrun_is_exact_at_every_world_size(world, tmp_path):
     match = LAST.fullmatch(lines[-1])
     assert match, lines[-1]
     assert int(match[1]) == world and float(match[2]) <= 1e-10 and float(match[3]) <= 1e-10
-    assert 1.0 <= float(match[4]) < 2.0 and 0.0 <= float(match[5]) < 10.0
+    assert 1.0 <= float(match[4]) < 2.0 and float(match[5]) == 0.0  # nothing padded, measured
 
 
 def test_check_with_documents_cut_over_the_fewest_ranks_is_exact(tmp_path):
     # --spread fewest at N = 4: the 40-token document over 3 ranks, the 30 and the 20 over 2 each;
-    # the ranks' cut tokens differ, so the all-gather pads.
+    # the ranks' cut tokens differ, and the all-gather moves each rank's own count, unpadded.
     lines = _check(4, "40 30 20 10 10 10\n", 120, tmp_path, "--spread", "fewest")
     assert lines[0] == "1 rows of up to 120 tokens, 6 documents; N=4, fp64 on cpu, cut documents over the fewest ranks"
     match = LAST.fullmatch(lines[-1])
     assert match and float(match[2]) <= 1e-10 and float(match[3]) <= 1e-10, lines[-1]
-    assert float(match[5]) == pytest.approx(100 * 6 / 120, abs=0.01)  # rank 3 is 6 cut tokens short of rank 0's 26
+    assert float(match[5]) == 0.0
+    layout = plan_layout([40, 30, 20, 10, 10, 10], 4, spread="fewest")
+    assert [layout.split_len(r) for r in range(4)] == [23, 24, 23, 20]
 
 
 def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
@@ -65,8 +68,10 @@ def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
     # contiguous cuts at 153 and 307: only the 300-token document (307 is where the 7 ends); head-tail
     # at 0.5 cuts the 300 and the 120 (each over half a rank's share of ~156 tokens' work), at 4 nothing
     assert [r["cut_documents"] for r in record["layouts"]] == [1, 2, 0, 2, 0]
-    # over the fewest ranks, the 120 goes to two of the three: the third pads its 60 tokens short
-    assert [r["gather_padding_pct"] for r in record["layouts"][1:]] == [0, 0, pytest.approx(100 * 60 / 461), 0]
+    # both spreads all-gather the two cut documents' 420 tokens and nothing more (over the fewest
+    # ranks, the 120 goes to two of the three, and the third sends 60 tokens fewer, unpadded)
+    cut = pytest.approx(100 * 420 / 461)
+    assert [r["gathered_pct"] for r in record["layouts"][1:]] == [cut, 0, cut, 0]
     assert record["device"] == "cpu" and record["torch"] and record["command"].startswith("python -m benchmarks.cp --simulate 3")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"cp=3 simulated: max/mean \S+; slowest x N / whole row \S+ \(contiguous: \S+, \S+\)", last)

@@ -30,9 +30,11 @@ def row_of(lens, seed=0):
     return batch, q, k, v
 
 
-def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", broken=None, **options):
+def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", split_fraction=0.5, broken=None,
+            **options):
     """Every rank's (out, lse), simulated and unsharded: (T, H, D) and (T, H)."""
-    layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens, spread=spread)
+    layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens, spread=spread,
+                         split_fraction=split_fraction)
     outs, lses = [], []
     for r in range(world):
         part = shard(batch, layout, r)
@@ -48,8 +50,9 @@ def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", b
 
 # "all": split_tokens=4 cuts every document of 2N tokens or more over every rank, so the cut path
 # meets every length here; "fewest": the default threshold, each cut document over the fewest ranks
-# its work needs (at N >= 3 on the mixed row, some over fewer than N).
-SPREADS = {"all": {"split_tokens": 4}, "fewest": {"spread": "fewest"}}
+# its work needs (at N >= 3 on the mixed row, some over fewer than N); "fewest-1": split fraction 1,
+# so a cut block spans fewer ranks and some ranks all-gather nothing.
+SPREADS = {"all": {"split_tokens": 4}, "fewest": {"spread": "fewest"}, "fewest-1": {"spread": "fewest", "split_fraction": 1}}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -326,15 +329,15 @@ def test_one_kernel_call_gives_each_chunk_exactly_its_keys_and_adds_the_copies_g
     # One rank: nothing gathered, one call over the local rows as they are.
     whole = shard(batch, plan_layout(batch_blocks(batch), 1), 0).context.kernel_call[True]
     assert not whole.reads and not whole.pieces and whole.cu_k.tolist() == whole.cu_q.tolist() == [0, 16, 18]
-    # A mixed row at N = 8 (padding pieces included): each cut chunk's keys are exactly its block's
-    # prefix, and every read piece's gradient comes from all its reads.
+    # A mixed row at N = 8 (ranks sending unequal cut tokens): each cut chunk's keys are exactly its
+    # block's prefix, and every read piece's gradient comes from all its reads.
     batch, *_ = row_of(ROWS["mixed"])
     layout = plan_layout(batch_blocks(batch), 8, split_tokens=4)
-    assert layout.gather_padding > 0
+    assert len({layout.split_len(r) for r in range(8)}) > 1
     for r in range(8):
         for causal in (True, False):
             call = shard(batch, layout, r).context.kernel_call[causal]
-            assert [sum(rank) for rank in call.pieces] == [layout.gather_len] * 8
+            assert [sum(rank) for rank in call.pieces] == [layout.split_len(q) for q in range(8)]
             lens = [(c.end if causal else c.block_end) - c.block_start if c.split else c.length for c in layout.chunks[r]]
             assert call.cu_k.diff().tolist() == lens and call.cut_keys == sum(lens[:len([c for c in layout.chunks[r] if c.split])])
             reads = {p: call.reads.count(p) for p in set(call.reads)}
