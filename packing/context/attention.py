@@ -2,8 +2,8 @@
 prefix, with the keys and values of cut documents all-gathered across the group.
 
 Queries stay on their rank. The keys and values of the cut blocks (the first
-``layout.split_len(rank)`` tokens of every rank) are all-gathered once per call; a rank's whole
-blocks read only their own keys. Each chunk attends, causal, its block from the start to the
+``layout.split_len(rank)`` tokens of every rank, each rank's own count, none padded) are
+all-gathered once per call; a rank's whole blocks read only their own keys. Each chunk attends, causal, its block from the start to the
 chunk's end, bottom-right aligned (query i of a chunk of Lq sees keys j <= i + Lk - Lq);
 bidirectional, the whole block. Nothing is merged across ranks, so there is no
 partial softmax to combine and the result is the one the whole row gives. The backward of the
