@@ -242,6 +242,15 @@ def test_a_varlen_kernel_through_the_real_all_gather_gives_each_documents_attent
         assert rel(unshard([p["grads"][i][None] for p in parts], layout)[0], leaf.grad) <= 1e-12, "dq dk dv"[3 * i:3 * i + 2]
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_the_all_gather_moves_unequal_parts_unpadded_and_returns_each_ranks_gradient(world):
+    # Equal parts, parts of 0 to N - 1 numbers, and every other rank sending none: on gloo, and on
+    # the NCCL branch's collectives where gloo has them (the worker says which). Each rank checks
+    # the gathered numbers and its part's gradient, summed over the ranks, exactly.
+    proc = torchrun(str(Path(__file__).parent / "all_gather_worker.py"), nproc=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("world, causal, data, wrap, regather", [
     (2, True, 1, "ddp", False), (3, True, 1, "ddp", False), (2, False, 1, "ddp", False), (3, True, 1, "ddp", True),
     (4, True, 2, "ddp", False), (4, True, 2, "fsdp", False)],
