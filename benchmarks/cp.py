@@ -144,22 +144,23 @@ def worst_balance(rows, world: int, spread: str = "all") -> float:
     return max(max(work) / statistics.mean(work) for work in (plan_layout(lens, world, spread=spread).work() for lens in rows))
 
 
-def measured_padding(k: torch.Tensor, v: torch.Tensor, part) -> int:
-    """Padding tokens of one row's shard, measured from what the ranks hold and what the all-gather
-    moves (the same on every rank): the tokens held beyond the row's, plus the all-gathered token
-    slots beyond the cut documents' tokens. k and v: this rank's (T_local, H_kv, D)."""
-    layout = part.context.layout
-    held = torch.tensor(k.shape[0])
+def measured_padding(batch, world: int, rank: int, spread: str = "all") -> int:
+    """Padding tokens of one row cut over the group, measured from what the ranks hold and what the
+    all-gather moves (the same on every rank): the tokens held beyond the row's, plus the
+    all-gathered token slots beyond the cut documents' tokens."""
+    layout = plan_layout(batch_blocks(batch), world, spread=spread)
+    part = shard(batch, layout, rank)
+    held = torch.tensor(part.num_slots)
     dist.all_reduce(held)
-    gathered = gather_keys(k, v, part.context)
-    slots = 0 if gathered is None else gathered.numel() // (k.shape[1:].numel() + v.shape[1:].numel())
+    key = torch.zeros(part.num_slots, 1, 1)  # one number a key and a value: the gather's slots count tokens
+    gathered = gather_keys(key, key, part.context)
+    slots = 0 if gathered is None else gathered.numel() // 2
     return held.item() - layout.num_slots + slots - layout.gather_tokens
 
 
-def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "all") -> tuple[dict[str, float], int]:
+def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "all") -> dict[str, float]:
     """The N ranks' attention of one row against :func:`document_attention`, fp64: each rank
-    computes its part and the gradients of a fixed cotangent, and the parts are unsharded. Also
-    the row's :func:`measured_padding`."""
+    computes its part and the gradients of a fixed cotangent, and the parts are unsharded."""
     g = torch.Generator().manual_seed(1)
     T, heads, kv_heads, dim = batch.num_slots, 4, 2, 8
     q_row, k_row, v_row = (torch.randn(T, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
@@ -179,8 +180,7 @@ def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "a
     ref_out, ref_lse = document_attention(q_row, k_row, v_row, batch.seq_lens, causal=causal)
     ((ref_out * d_out).sum() + (ref_lse * d_lse).sum()).backward()
     ref = [ref_out.detach(), ref_lse.detach(), q_row.grad, k_row.grad, v_row.grad]
-    errors = {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
-    return errors, measured_padding(k.detach(), v.detach(), part)
+    return {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
 
 
 def check(args, parser: Parser) -> int:
@@ -203,9 +203,9 @@ def check(args, parser: Parser) -> int:
 
     worst_attention, padding = 0.0, 0
     for i, batch in enumerate(batches):
+        padding += measured_padding(batch, world, rank, spread)
         for causal in (True, False):
-            errors, row_padding = check_attention(batch, world, rank, causal, spread)
-            padding += row_padding if causal else 0
+            errors = check_attention(batch, world, rank, causal, spread)
             worst_attention = max(worst_attention, *errors.values())
             say(f"attention ({'causal' if causal else 'bidirectional'}), row {i}: "
                 + ", ".join(f"{name} rel {e:.1e}" for name, e in errors.items()))
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                    "rank's share (default 0.5; the first is the last line's)")
     p.add_argument("--spread", nargs="+", default=["all"], choices=SPREADS,
                    help="where a cut document goes: all (every rank, 2N chunks; the default) or fewest (the fewest ranks "
-                   "its work needs, longer chunks; the all-gather pads). --simulate times each, at each split fraction; "
+                   "its work needs, longer chunks). --simulate times each, at each split fraction; "
                    "--check takes one")
     p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
                    f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")

@@ -46,21 +46,18 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, sizes: tuple[int, ...], group) -> Tensor:
-        ctx.sizes, ctx.group = sizes, group
-        rank = dist.get_rank(group)
+        nccl, even = dist.get_backend(group) == "nccl", len(set(sizes)) == 1
+        ctx.sizes, ctx.group, ctx.nccl, ctx.even = sizes, group, nccl, even
         x = x.contiguous()
         out = x.new_empty(sum(sizes))
+        if nccl and even:  # straight into one buffer, no copy after
+            _all_gather_single(out, x, group=group)
+            return out
         parts = list(out.split(sizes))
-        even = len(set(sizes)) == 1
-        if dist.get_backend(group) == "nccl":
-            if even:  # straight into one buffer, no copy after
-                _all_gather_single(out, x, group=group)
-            else:
-                dist.all_gather(parts, x, group=group)
-        elif even:
+        if nccl or even:
             dist.all_gather(parts, x, group=group)
         else:  # gloo's all_gather takes equal parts only
-            parts[rank].copy_(x)
+            parts[dist.get_rank(group)].copy_(x)
             for r, part in enumerate(parts):
                 if sizes[r]:
                     dist.broadcast(part, group=group, group_src=r)
@@ -70,9 +67,9 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         rank, sizes = dist.get_rank(ctx.group), ctx.sizes
         grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
+        if ctx.nccl:
             out = grad.new_empty(sizes[rank])
-            if len(set(sizes)) == 1:
+            if ctx.even:
                 _reduce_scatter_single(out, grad, group=ctx.group)
             else:
                 dist.reduce_scatter(out, list(grad.split(sizes)), group=ctx.group)
@@ -106,10 +103,10 @@ class _CallKeys(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dk: Tensor, dv: Tensor):
         call, (k_shape, v_shape) = ctx.call, ctx.shapes
-        cut = call.cut_keys
+        cut, numel = call.cut_keys, sum(call.sizes) * (k_shape.numel() + v_shape.numel())
         if not call.reads:  # zeros, so that this rank still joins the all-gather's backward
-            return dk.new_zeros(sum(call.sizes) * (k_shape.numel() + v_shape.numel())), dk, dv, None
-        gathered = dk.new_empty(sum(call.sizes) * (k_shape.numel() + v_shape.numel()))
+            return dk.new_zeros(numel), dk, dv, None
+        gathered = dk.new_empty(numel)
         halves = _halves(gathered, call, k_shape, v_shape)
         dk, dv = dk.contiguous(), dv.contiguous()
         for part, (d, shape) in enumerate(((dk, k_shape), (dv, v_shape))):
@@ -150,10 +147,11 @@ def _piece_grads(d: Tensor, call: KernelCall, shape: torch.Size) -> list[Tensor]
 def _halves(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size) -> list[tuple[Tensor, Tensor]]:
     """Each rank's part of ``gathered`` (G x H_kv x (Dk + Dv),) as its keys (n_r, H_kv, Dk) and
     values (n_r, H_kv, Dv), n_r its cut-block tokens: views."""
-    per_token = k_shape.numel() + v_shape.numel()
-    parts = gathered.split([sum(rank) * per_token for rank in call.pieces])
-    return [(part[:sum(rank) * k_shape.numel()].view(sum(rank), *k_shape),
-             part[sum(rank) * k_shape.numel():].view(sum(rank), *v_shape)) for rank, part in zip(call.pieces, parts)]
+    counts = [sum(rank) for rank in call.pieces]
+    parts = gathered.split([n * (k_shape.numel() + v_shape.numel()) for n in counts])
+    return [tuple(t.view(n, *shape) for t, shape in zip(part.split([n * k_shape.numel(), n * v_shape.numel()]),
+                                                        (k_shape, v_shape)))
+            for n, part in zip(counts, parts)]
 
 
 def _pieces(gathered: Tensor, call: KernelCall, k_shape: torch.Size, v_shape: torch.Size):

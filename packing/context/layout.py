@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 import math
 
 from typing import Sequence
@@ -104,10 +105,7 @@ class ContextLayout:
         """(world_size + 1,) where each rank's cut-block tokens sit in the all-gathered ones: rank
         r's are tokens ``[gather_offsets[r], gather_offsets[r + 1])``. The all-gather moves these
         and nothing else: a rank with fewer cut tokens sends fewer, none padded."""
-        offsets = [0]
-        for r in range(self.world_size):
-            offsets.append(offsets[-1] + self.split_len(r))
-        return tuple(offsets)
+        return tuple(accumulate((self.split_len(r) for r in range(self.world_size)), initial=0))
 
     @property
     def gather_tokens(self) -> int:

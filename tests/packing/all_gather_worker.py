@@ -36,9 +36,10 @@ def main() -> None:
         total, start = sum(sizes), sum(sizes[:rank])
         # Every rank's gradient of this rank's part, summed: what the backward must return.
         want_grad = sum(grad(q, total) for q in range(world))[start:start + sizes[rank]]
+        want_out = torch.cat([part(r, n) for r, n in enumerate(sizes)])
         x = part(rank, sizes[rank]).requires_grad_()
         out = _AllGather.apply(x, sizes, None)
-        check(f"gloo forward {sizes}", out.detach(), torch.cat([part(r, n) for r, n in enumerate(sizes)]))
+        check(f"gloo forward {sizes}", out.detach(), want_out)
         out.backward(grad(rank, total))
         check(f"gloo backward {sizes}", x.grad, want_grad)
         # The NCCL branch's collectives, where gloo has them: the even forward and backward
@@ -50,11 +51,12 @@ def main() -> None:
             if len(set(sizes)) == 1:
                 x = part(rank, sizes[rank]).requires_grad_()
                 out = _AllGather.apply(x, sizes, None)
-                check(f"nccl branch forward {sizes}", out.detach(), torch.cat([part(r, n) for r, n in enumerate(sizes)]))
+                check(f"nccl branch forward {sizes}", out.detach(), want_out)
                 out.backward(grad(rank, total))
                 check(f"nccl branch backward {sizes}", x.grad, want_grad)
             else:
-                got, *_ = _AllGather.backward(SimpleNamespace(sizes=sizes, group=None), grad(rank, total))
+                ctx = SimpleNamespace(sizes=sizes, group=None, nccl=True, even=False)
+                got, *_ = _AllGather.backward(ctx, grad(rank, total))
                 check(f"nccl branch backward {sizes}", got, want_grad)
         finally:
             attention.dist.get_backend = real
