@@ -32,7 +32,8 @@ check (``--kernel`` names one, or ``masked`` for SDPA with a mask per chunk). It
 contiguous split (rank r holds tokens [r·T/N, (r+1)·T/N)) as the baseline, then the head-tail
 layout at each ``--split-fraction`` (documents whose work is above that fraction of a rank's share
 are cut; the rest stay whole) and each ``--spread`` (``all``: a cut document in 2N chunks over every
-rank; ``fewest``: in 2m over the fewest ranks m that keep each one's part within the fraction). For
+rank; ``fewest``: in 2m over the fewest ranks m that keep each one's part within the fraction) and
+each ``--align`` (a cut document's chunks start at multiples of that many tokens from its start). For
 each it prints every rank's time, max/mean, the
 slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of attention) and the
 ranks' sum over it; with a kernel, the same for the kernel calls alone (the cut chunks' keys picked
@@ -139,16 +140,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
 
 
-def worst_balance(rows, world: int, spread: str = "all") -> float:
-    """The worst max/mean work per rank of the rows' layouts, by the layout's cost model."""
-    return max(max(work) / statistics.mean(work) for work in (plan_layout(lens, world, spread=spread).work() for lens in rows))
+def worst_balance(rows, world: int, **options) -> float:
+    """The worst max/mean work per rank of the rows' layouts (``options`` to plan_layout), by the
+    layout's cost model."""
+    return max(max(work) / statistics.mean(work) for work in (plan_layout(lens, world, **options).work() for lens in rows))
 
 
-def measured_padding(batch, world: int, rank: int, spread: str = "all") -> int:
+def measured_padding(batch, world: int, rank: int, **options) -> int:
     """Padding tokens of one row cut over the group, measured from what the ranks hold and what the
     all-gather moves (the same on every rank): the tokens held beyond the row's, plus the
     all-gathered token slots beyond the cut documents' tokens."""
-    layout = plan_layout(batch_blocks(batch), world, spread=spread)
+    layout = plan_layout(batch_blocks(batch), world, **options)
     part = shard(batch, layout, rank)
     held = torch.tensor(part.num_slots)
     dist.all_reduce(held)
@@ -158,14 +160,14 @@ def measured_padding(batch, world: int, rank: int, spread: str = "all") -> int:
     return held.item() - layout.num_slots + slots - layout.gather_tokens
 
 
-def check_attention(batch, world: int, rank: int, causal: bool, spread: str = "all") -> dict[str, float]:
+def check_attention(batch, world: int, rank: int, causal: bool, **options) -> dict[str, float]:
     """The N ranks' attention of one row against :func:`document_attention`, fp64: each rank
     computes its part and the gradients of a fixed cotangent, and the parts are unsharded."""
     g = torch.Generator().manual_seed(1)
     T, heads, kv_heads, dim = batch.num_slots, 4, 2, 8
     q_row, k_row, v_row = (torch.randn(T, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
     d_out, d_lse = torch.randn(T, heads, dim, generator=g, dtype=torch.float64), torch.randn(T, heads, generator=g, dtype=torch.float64)
-    layout = plan_layout(batch_blocks(batch), world, spread=spread)
+    layout = plan_layout(batch_blocks(batch), world, **options)
     part = shard(batch, layout, rank)
     idx = local_index(layout, rank)
     q, k, v = (t[idx].clone().requires_grad_() for t in (q_row, k_row, v_row))
@@ -197,15 +199,15 @@ def check(args, parser: Parser) -> int:
     collate = get_collator("concat")
     batches = [collate([torch.randint(0, 97, (n,), generator=g).tolist() for n in lens]) for lens in rows]
     say = print if rank == 0 else (lambda *a, **k: None)
-    spread = args.spread[0]
+    options = {"spread": args.spread[0], "align": args.align[0]}
     say(f"{len(rows)} rows of up to {args.tokens} tokens, {len(lengths)} documents; N={world}, fp64 on cpu"
-        + (", cut documents over the fewest ranks" if spread == "fewest" else ""))
+        + layout_words(**options))
 
     worst_attention, padding = 0.0, 0
     for i, batch in enumerate(batches):
-        padding += measured_padding(batch, world, rank, spread)
+        padding += measured_padding(batch, world, rank, **options)
         for causal in (True, False):
-            errors = check_attention(batch, world, rank, causal, spread)
+            errors = check_attention(batch, world, rank, causal, **options)
             worst_attention = max(worst_attention, *errors.values())
             say(f"attention ({'causal' if causal else 'bidirectional'}), row {i}: "
                 + ", ".join(f"{name} rel {e:.1e}" for name, e in errors.items()))
@@ -219,7 +221,7 @@ def check(args, parser: Parser) -> int:
     loss_err = grad_err = 0.0
     for step in range(args.steps):
         batch = batches[step % len(batches)]
-        part = shard(batch, plan_layout(batch_blocks(batch), world, spread=spread), rank)
+        part = shard(batch, plan_layout(batch_blocks(batch), world, **options), rank)
         loss = lm_loss(model(part), part, normalizer=part.context.num_targets)  # this rank's share
         loss.backward()
         loss = loss.detach()
@@ -235,7 +237,7 @@ def check(args, parser: Parser) -> int:
         for opt in sgd:
             opt.step()
             opt.zero_grad()
-    balance, padding = worst_balance(rows, world, spread), 100 * padding / sum(b.num_slots for b in batches)
+    balance, padding = worst_balance(rows, world, **options), 100 * padding / sum(b.num_slots for b in batches)
     say(f"cp={world} exact: loss rel {loss_err:.1e}, grads rel {grad_err:.1e}; balance max/mean {balance:.3f}; "
         f"padding {padding:.2f}%")
     exact = worst_attention <= ATTENTION_TOL and loss_err <= MODEL_TOL and grad_err <= MODEL_TOL
@@ -311,11 +313,11 @@ def check_cuda(args, parser: Parser) -> int:
         raise ValueError(f"no varlen kernel that takes chunk boundaries loads here for head dim {D} "
                          f"(loaded: {sorted(chunk_varlen_kernels())}); --check on cuda times no masked path")
     name, kernel = found
-    layout = plan_layout(batch_blocks(batch), world, spread=args.spread[0])
+    layout = plan_layout(batch_blocks(batch), world, spread=args.spread[0], align=args.align[0])
     cut = len({c.block for chunks in layout.chunks for c in chunks if c.split})
     # With no document cut, no key crosses a rank: say so, the check then covers whole documents only.
     say(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}), {cut} cut across the ranks"
-        f"{' (over the fewest ranks)' if args.spread[0] == 'fewest' else ''}; N={world} on "
+        f"{layout_words(args.spread[0], args.align[0])}; N={world} on "
         f"{count} GPU(s), {backend}; bf16, {H}/{Hkv} heads of {D}; {name}", flush=True)
     g = torch.Generator().manual_seed(1)
     q_row, k_row, v_row, d_row = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv, H))
@@ -441,6 +443,12 @@ def contiguous_layout(block_lens: list[int], world: int) -> ContextLayout:
 SPREAD_NAMES = {"all": "", "fewest": " over the fewest ranks"}
 
 
+def layout_words(spread: str = "all", align: int = 1) -> str:
+    """How the layout cuts documents, for a header line: nothing for the defaults."""
+    return ((", cut documents over the fewest ranks" if spread == "fewest" else "")
+            + (f", cut at multiples of {align} tokens" if align > 1 else ""))
+
+
 def simulate(args, parser: Parser) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -521,9 +529,9 @@ def simulate(args, parser: Parser) -> int:
     if args.profile:
         profiled("whole row", step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
-    layouts += [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}",
-                 plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost, spread=spread))
-                for spread in args.spread for f in args.split_fraction]
+    layouts += [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}" + (f", aligned to {a}" if a > 1 else ""),
+                 plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost, spread=spread, align=a))
+                for spread in args.spread for f in args.split_fraction for a in args.align]
     print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {args.dtype or str(dtype).removeprefix('torch.')}, "
           f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
     print(f"whole row: {whole_ms:.3f} ms" + ("" if whole_kernel_ms is None else f" (the kernel alone {whole_kernel_ms:.3f} ms)")
@@ -600,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where a cut document goes: all (every rank, 2N chunks; the default) or fewest (the fewest ranks "
                    "its work needs, longer chunks). --simulate times each, at each split fraction; "
                    "--check takes one")
+    p.add_argument("--align", type=int, nargs="+", default=[1], metavar="A",
+                   help="cut a document's chunks at multiples of A tokens from its start (a kernel's query tile: 128 "
+                   "for FlashAttention; default 1, any token). --simulate times each; --check takes one")
     p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
                    f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")
@@ -621,8 +632,12 @@ def main(argv: list[str] | None = None) -> int:
                 "drop it, or run --simulate N --device cuda")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
-    if args.check and len(args.spread) > 1:
-        p.error(f"--spread {' '.join(args.spread)}: --check takes one; run it once for each")
+    for name in ("spread", "align"):
+        if args.check and len(getattr(args, name)) > 1:
+            p.error(f"--{name} {' '.join(map(str, getattr(args, name)))}: --check takes one; run it once for each")
+    for a in args.align:
+        if a < 1:
+            p.error(f"--align {a} is out of range; expected an int >= 1 (1 cuts at any token)")
     try:
         if args.check:
             if "WORLD_SIZE" not in os.environ:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.cp import lognormal_row, read_lengths, start_ranks
+from benchmarks.cp import layout_words, lognormal_row, read_lengths, start_ranks
 from benchmarks.harness import Parser, environment, run_under_torchrun
 from packing.context import ContextCollator
 from packing.context.layout import SPREADS
@@ -117,14 +117,14 @@ def train(args, parser: Parser) -> int:
     g = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
     samples = [torch.randint(1, vocab, (n,), generator=g) for n in lens]
-    part = ContextCollator(packed.collator, world_size=world, rank=rank, spread=args.spread)(samples)
+    part = ContextCollator(packed.collator, world_size=world, rank=rank, spread=args.spread, align=args.align)(samples)
     kwargs = packed.kwargs(part.to(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     say(f"{sum(lens):,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}, {backend}, {device.type}; "
         f"{args.arch}" + (", activation checkpointing" if args.checkpoint else "")
-        + (", cut documents over the fewest ranks" if args.spread == "fewest" else ""), flush=True)
+        + layout_words(args.spread, args.align), flush=True)
 
     def step() -> torch.Tensor:
         with autocast:
@@ -163,7 +163,7 @@ def train(args, parser: Parser) -> int:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     per_rank = sum(lens) / world / (median / 1e3)
     record = {**environment(device), "world_size": world, "backend": backend, "arch": args.arch, "seed": args.seed,
-              "tokens": sum(lens), "docs": len(lens), "longest": max(lens), "checkpoint": args.checkpoint, "spread": args.spread,
+              "tokens": sum(lens), "docs": len(lens), "longest": max(lens), "checkpoint": args.checkpoint, "spread": args.spread, "align": args.align,
               "lr": args.lr, "warmup": args.warmup, "losses": losses, "step_ms": times, "median_step_ms": median,
               "tokens_per_s_per_rank": per_rank, "peak_memory_gib": peak, "exposed_comm_pct": exposed,
               "command": parser.command(args.argv)}
@@ -189,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", action="store_true", help="recompute each layer in the backward")
     p.add_argument("--spread", default="all", choices=SPREADS, help="where a cut document goes: every rank "
                    "(default) or the fewest its work needs (plan_layout's spread)")
+    p.add_argument("--align", type=int, default=1, metavar="A", help="cut a document's chunks at multiples of A "
+                   "tokens from its start (a kernel's query tile: 128 for FlashAttention; default 1, any token)")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the record as JSON")
     args = p.parse_args(argv)
     args.argv = argv
-    for name in ("tokens", "steps"):
+    for name in ("tokens", "steps", "align"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; expected an int >= 1")
     if args.warmup < 0:

@@ -122,7 +122,8 @@ def _work(tokens: int, area: int, area_cost: float) -> float:
 
 
 def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: float = 0.5,
-                split_tokens: int | None = None, area_cost: float = AREA_COST, spread: str = "all") -> ContextLayout:
+                split_tokens: int | None = None, area_cost: float = AREA_COST, spread: str = "all",
+                align: int = 1) -> ContextLayout:
     """The layout of a row of blocks ``block_lens`` (each >= 1 token) over ``world_size`` ranks.
 
     A block is cut when it has at least ``2 * world_size`` tokens and either its causal work
@@ -137,6 +138,13 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
       longer passes over the keys it reads; the ranks then hold unequal cut tokens, and the
       all-gather moves each rank's own count (:attr:`ContextLayout.gather_offsets`).
 
+    ``align``: a cut block's chunks start at multiples of ``align`` tokens from the block's start
+    (its last chunk ends with the block), when the block has at least ``align`` tokens a chunk.
+    A varlen kernel tiles each sequence's queries and keys from the sequence's start, in tiles of
+    128 for FlashAttention; a chunk that starts on a tile edge fills its query tiles and meets the
+    causal diagonal on a tile edge, as the unsharded document does. 1 (the default) cuts at the
+    nearest token.
+
     The result depends on nothing but the arguments.
 
     Examples:
@@ -148,6 +156,11 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         [[(0, 0, 8), (0, 24, 32), (5, 96, 112)], [(0, 8, 16), (0, 16, 24), (6, 112, 128)], [(1, 32, 48), (3, 64, 80)], [(2, 48, 64), (4, 80, 96)]]
         >>> layout.gather_offsets  # ranks 0 and 1 all-gather 16 tokens each, ranks 2 and 3 none
         (0, 16, 32, 32, 32)
+
+        One 1,000-token document on 2 ranks, cut at multiples of 128 tokens:
+
+        >>> [[(c.start, c.end) for c in rank] for rank in plan_layout([1000], 2, align=128).chunks]
+        [[(0, 256), (768, 1000)], [(256, 512), (512, 768)]]
     """
     lens = tuple(int(n) for n in block_lens)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
@@ -160,6 +173,9 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         raise ValueError(f"area_cost is {area_cost!r}; expected a finite number >= 0 (a (query, key) pair's work relative to a token's, about 1/(6·d) for a model of width d)")
     if split_tokens is not None and split_tokens < 1:
         raise ValueError(f"split_tokens is {split_tokens!r}; expected None or an int >= 1")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align is {align!r}; expected an int >= 1 (the tokens a cut chunk's start is a multiple "
+                         "of, from its block's start: 128 for FlashAttention's tiles, 1 for none)")
     if spread not in SPREADS:
         raise ValueError(f"spread is {spread!r}; expected 'all' (a cut block over every rank) or 'fewest' (over the "
                          "fewest ranks its work needs)")
@@ -171,7 +187,7 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
            for n, w in zip(lens, whole_work)]
 
     if spread == "fewest":
-        return _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, split_tokens, area_cost)
+        return _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, split_tokens, area_cost, align)
     ranks: list[list[Chunk]] = [[] for _ in range(world_size)]
     # Each rank's head chunks (chunk r of every cut block, in row order), then its tail chunks: a
     # varlen kernel runs each group in one call on a slice of the local row (KernelCalls).
@@ -179,7 +195,7 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         for b, (n, start) in enumerate(zip(lens, starts)):
             if not cut[b]:
                 continue
-            edges = [start + i * n // parts for i in range(parts + 1)]
+            edges = _edges(start, n, parts, align)
             for r in range(world_size):
                 i = r if head else parts - 1 - r
                 ranks[r].append(Chunk(b, edges[i], edges[i + 1], start, start + n, True))
@@ -196,7 +212,18 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
     return ContextLayout(world_size, lens, tuple(tuple(rank) for rank in ranks), area_cost)
 
 
-def _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, split_tokens, area_cost) -> ContextLayout:
+def _edges(start: int, n: int, parts: int, align: int) -> list[int]:
+    """The ``parts + 1`` edges of an ``n``-token block at ``start`` cut in ``parts`` near-equal
+    chunks: inner edge i at ``i * n / parts``, rounded down to a token, or with ``align`` > 1 to the
+    nearest multiple of ``align`` from the block's start when the chunks have ``align`` tokens or
+    more (edges ``align`` apart or more still rise after rounding, and the last stays below n)."""
+    if align == 1 or n < parts * align:
+        return [start + i * n // parts for i in range(parts + 1)]
+    return [start + (n if i == parts else align * ((2 * i * n + parts * align) // (2 * parts * align)))
+            for i in range(parts + 1)]
+
+
+def _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, split_tokens, area_cost, align) -> ContextLayout:
     """:func:`plan_layout` with ``spread="fewest"``: every block, cut or whole, placed by its part of
     a rank's work, the largest first (a cut block's m parts on the m ranks with the least work so
     far, the lowest rank on a tie): deterministic."""
@@ -218,7 +245,7 @@ def _fewest(lens, starts, world_size, whole_work, share, cut, split_fraction, sp
             ranks[mine[0]].append((2, Chunk(b, start, start + n, start, start + n, False)))
             load[mine[0]] += whole_work[b]
             continue
-        edges = [start + i * n // (2 * m) for i in range(2 * m + 1)]
+        edges = _edges(start, n, 2 * m, align)
         for i, r in enumerate(mine):  # the i-th of the m ranks: chunks i and 2m-1-i (head and tail)
             for kind, j in ((0, i), (1, 2 * m - 1 - i)):
                 chunk = Chunk(b, edges[j], edges[j + 1], start, start + n, True)
