@@ -59,6 +59,45 @@ def test_a_long_tailed_mix_keeps_short_documents_whole_and_balanced(spread):
             assert min(chunks) >= 4 * min(c.length for rank in plan_layout(lens, world).chunks for c in rank if c.split)
 
 
+@pytest.mark.parametrize("spread", ["all", "fewest"])
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_aligned_cuts_fall_on_the_kernels_tile_edges_and_stay_balanced(spread, world):
+    # align=128: every cut chunk of a document long enough starts a multiple of 128 tokens after its
+    # document's start (the last chunk ends with the document); shorter cut documents are cut as
+    # without alignment. The mix stays within the balance bound, and the row's tokens are each held once.
+    g = torch.Generator().manual_seed(0)
+    lens = []
+    while sum(lens) < 131_072:
+        lens.append(min(int(torch.empty(1).log_normal_(7.5, 1.4, generator=g).item()) + 1, 131_072 - sum(lens)))
+    lens[3:3] = [2 * world * 128 - 1, 3 * world]  # cut, but too short for chunks of 128 tokens
+    aligned, plain = (plan_layout(lens, world, spread=spread, split_tokens=2 * world, align=a) for a in (128, 1))
+    assert max(aligned.work()) / statistics.mean(aligned.work()) <= 1.05
+    held = sorted((c.start, c.end) for rank in aligned.chunks for c in rank)
+    assert [a for a, _ in held] == [0, *[b for _, b in held[:-1]]] and held[-1][1] == sum(lens)
+    by_block = {}
+    for rank in aligned.chunks:
+        for c in rank:
+            if c.split:
+                by_block.setdefault(c.block, []).append(c)
+    edges_of = {b: sorted(c.start for c in chunks) for b, chunks in by_block.items()}
+    plain_edges = {c.block: [] for rank in plain.chunks for c in rank if c.split}
+    for rank in plain.chunks:
+        for c in rank:
+            if c.split:
+                plain_edges[c.block].append(c.start)
+    long_enough = [b for b, chunks in by_block.items() if all(c.length >= 128 for c in chunks)]
+    assert len(long_enough) >= 2
+    for b, chunks in by_block.items():
+        start = chunks[0].block_start
+        if chunks[0].block_end - start >= len(chunks) * 128:  # every chunk on a tile edge, and no tile-less chunk
+            assert all((e - start) % 128 == 0 for e in edges_of[b]) and min(c.length for c in chunks) >= 64, b
+        else:  # too short for tiles: the same cuts as without alignment
+            assert edges_of[b] == sorted(plain_edges[b]), b
+    assert {b for b in by_block if edges_of[b] != sorted(plain_edges[b])}  # alignment moved some cuts
+    assert [(c.start, c.end) for rank in plan_layout([1000], 2, align=128).chunks for c in rank] == \
+        [(0, 256), (768, 1000), (256, 512), (512, 768)]  # nearest multiples of 128 to 250, 500, 750
+
+
 @pytest.mark.parametrize("dim", [128, 1024, 4096])
 def test_the_layout_balances_by_the_cost_of_the_models_width(dim):
     # A narrow model's attention weighs more against its per-token layers: area_cost = 1/(6·dim).
@@ -172,6 +211,11 @@ def test_bad_inputs_are_refused_by_name():
         plan_layout([3], 2, spread="some")
     with pytest.raises(ValueError, match=r"spread is 'every'; expected 'all'"):
         ContextCollator(get_collator("concat"), world_size=2, rank=0, spread="every")
+    for bad in (0, -128, True, 1.5, "128"):
+        with pytest.raises(ValueError, match=rf"align is {bad!r}; expected an int >= 1 \(.*128 for FlashAttention's tiles, 1 for none\)"):
+            plan_layout([3], 2, align=bad)
+    with pytest.raises(ValueError, match=r"align is 0; expected an int >= 1"):
+        ContextCollator(get_collator("concat"), world_size=2, rank=0, align=0)
     with pytest.raises(ValueError, match=r"context parallelism cuts one packed row; got a 'padded' batch"):
         shard(get_collator("pad_max", max_len=8)([[1, 2, 3]]), layout, 0)
     static = get_collator("concat", total_tokens=8, max_seqs=4, max_seqlen=4)([[1, 2, 3], [4, 5]])

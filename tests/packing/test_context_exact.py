@@ -30,11 +30,11 @@ def row_of(lens, seed=0):
     return batch, q, k, v
 
 
-def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", split_fraction=0.5, broken=None,
-            **options):
+def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", split_fraction=0.5, align=1,
+            broken=None, **options):
     """Every rank's (out, lse), simulated and unsharded: (T, H, D) and (T, H)."""
     layout = plan_layout(batch_blocks(batch), world, split_tokens=split_tokens, spread=spread,
-                         split_fraction=split_fraction)
+                         split_fraction=split_fraction, align=align)
     outs, lses = [], []
     for r in range(world):
         part = shard(batch, layout, r)
@@ -51,8 +51,11 @@ def sharded(batch, q, k, v, world, causal, *, split_tokens=None, spread="all", s
 # "all": split_tokens=4 cuts every document of 2N tokens or more over every rank, so the cut path
 # meets every length here; "fewest": the default threshold, each cut document over the fewest ranks
 # its work needs (at N >= 3 on the mixed row, some over fewer than N); "fewest-1": split fraction 1,
-# so a cut block spans fewer ranks and some ranks all-gather nothing.
-SPREADS = {"all": {"split_tokens": 4}, "fewest": {"spread": "fewest"}, "fewest-1": {"spread": "fewest", "split_fraction": 1}}
+# so a cut block spans fewer ranks and some ranks all-gather nothing. "-align-3": chunks start at
+# multiples of 3 tokens from their document's start where each chunk keeps 3 or more, so chunks of
+# unequal lengths, and at any token in shorter documents.
+SPREADS = {"all": {"split_tokens": 4}, "fewest": {"spread": "fewest"}, "fewest-1": {"spread": "fewest", "split_fraction": 1},
+           "all-align-3": {"split_tokens": 4, "align": 3}, "fewest-align-3": {"spread": "fewest", "align": 3}}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -84,7 +87,7 @@ def test_every_rank_gives_each_documents_own_attention_and_gradients(world, row,
         for c in rank:
             if c.split:
                 cut_over.setdefault(c.block, set()).add(r)
-    if spread == "all":
+    if options.get("spread", "all") == "all":
         assert all(len(ranks) == world for ranks in cut_over.values())
         assert cut_over or max(ROWS[row]) < 2 * world
     elif row == "mixed" and world >= 3:
