@@ -84,6 +84,8 @@ def main(out: str, causal: bool, data: int, wrap: str = "ddp", regather: bool = 
         torch.save({"grads": grads, "loss": loss, "logits": whole,
                     "rows": list(range(len(ROWS)))[data_rank::data],
                     "cut": [any(c.split for c in layout.chunks[0]) for layout in layouts]}, out)
+    # DDP's reducer must not outlive the process group (see ddp_worker.py): free it first.
+    del step_model, sync
     dist.barrier()
     dist.destroy_process_group()
 

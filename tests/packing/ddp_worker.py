@@ -35,6 +35,10 @@ def main(out: str) -> None:
     (lm_loss(model(micro[1]), micro[1], normalizer=total) * loss_scale()).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+    # DDP's reducer holds the process group. Freed after destroy_process_group, it would be the group's
+    # last owner and run gloo's destructor holding the GIL, which joins a gloo thread that needs the
+    # GIL to free its last work: a deadlock, now and then. Freed first, the group outlives it.
+    del model
     dist.barrier()  # both ranks done before teardown: gloo can abort a rank that exits mid-teardown
     dist.destroy_process_group()
 

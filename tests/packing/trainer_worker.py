@@ -66,6 +66,7 @@ def trained(tmp_path, model, collate, lr, **args):
 
 
 def main(out: str, kind: str) -> None:
+    import gc
     import tempfile
 
     import torch.distributed as dist
@@ -77,6 +78,9 @@ def main(out: str, kind: str) -> None:
         update = trained(tmp, model, collate, 1.0, per_device_train_batch_size=1, ddp_backend="gloo")
     if dist.get_rank() == 0:
         torch.save(update, out)
+    # The Trainer's DDP wrapper, in reference cycles, must be freed before the process group (see
+    # ddp_worker.py): its reducer, freed last, would run gloo's destructor holding the GIL.
+    gc.collect()
     dist.barrier()  # both ranks done before teardown: gloo can abort a rank that exits mid-teardown
     dist.destroy_process_group()
 
