@@ -443,6 +443,15 @@ def contiguous_layout(block_lens: list[int], world: int) -> ContextLayout:
 SPREAD_NAMES = {"all": "", "fewest": " over the fewest ranks"}
 
 
+def tails_first(layout: ContextLayout) -> ContextLayout:
+    """``layout`` with each rank's cut chunks in the opposite order (the tail chunks, which see the
+    longest prefixes, first): a varlen kernel starts a call's sequences in order, so the longest
+    tiles start first and the short ones fill the last wave."""
+    return ContextLayout(layout.world_size, layout.block_lens,
+                         tuple(tuple(c for c in rank if c.split)[::-1] + tuple(c for c in rank if not c.split)
+                               for rank in layout.chunks), layout.area_cost)
+
+
 def layout_words(spread: str = "all", align: int = 1) -> str:
     """How the layout cuts documents, for a header line: nothing for the defaults."""
     return ((", cut documents over the fewest ranks" if spread == "fewest" else "")
@@ -529,9 +538,12 @@ def simulate(args, parser: Parser) -> int:
     if args.profile:
         profiled("whole row", step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
-    layouts += [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}" + (f", aligned to {a}" if a > 1 else ""),
-                 plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost, spread=spread, align=a))
-                for spread in args.spread for f in args.split_fraction for a in args.align]
+    planned = [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}" + (f", aligned to {a}" if a > 1 else ""),
+                plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost, spread=spread, align=a))
+               for spread in args.spread for f in args.split_fraction for a in args.align]
+    for name, layout in planned:
+        layouts += [(name + ("" if order == "planned" else ", tails first"), layout if order == "planned" else tails_first(layout))
+                    for order in args.order]
     print(f"{T:,} tokens, {len(lens)} documents (longest {max(lens):,}); N={world}; {args.dtype or str(dtype).removeprefix('torch.')}, "
           f"{args.heads}/{args.kv_heads} heads of {args.head_dim}; {device}, {kernel_name}")
     print(f"whole row: {whole_ms:.3f} ms" + ("" if whole_kernel_ms is None else f" (the kernel alone {whole_kernel_ms:.3f} ms)")
@@ -611,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--align", type=int, nargs="+", default=[1], metavar="A",
                    help="cut a document's chunks at multiples of A tokens from its start (a kernel's query tile: 128 "
                    "for FlashAttention; default 1, any token). --simulate times each; --check takes one")
+    p.add_argument("--order", nargs="+", default=["planned"], choices=["planned", "tails-first"],
+                   help="--simulate: each rank's cut chunks in the layout's order (heads, then tails) or tails first "
+                   "(the longest prefixes start first in the kernel call); times each")
     p.add_argument("--area-cost", type=float, default=AREA_COST, help="--simulate: a (query, key) pair's work "
                    f"relative to a token's in the layout's cost model (default {AREA_COST:.3g}, a width-1024 model)")
     p.add_argument("--json", metavar="PATH", help="--simulate: write the record as JSON")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.cp import main, pack_rows, read_lengths
+from benchmarks.cp import main, pack_rows, read_lengths, tails_first
 from packing.context import plan_layout
 from cli_error import assert_one_line_error
 
@@ -75,6 +75,25 @@ def test_simulate_times_every_rank_and_the_whole_row(tmp_path, capsys):
     assert record["device"] == "cpu" and record["torch"] and record["command"].startswith("python -m benchmarks.cp --simulate 3")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"cp=3 simulated: max/mean \S+; slowest x N / whole row \S+ \(contiguous: \S+, \S+\)", last)
+
+
+def test_simulate_times_aligned_cuts_and_tails_first(tmp_path):
+    # --align 1 16: the 300-token document in 6 chunks at 0, 50, 100, ... or at multiples of 16
+    # (0, 48, 96, 144, 208, 256); --order tails-first: the same chunks, each rank's tail before its head.
+    lengths, out = tmp_path / "l.txt", tmp_path / "s.json"
+    lengths.write_text("300 7 1 120 33")
+    assert main(["--simulate", "3", "--lengths", str(lengths), "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
+                 "--repeats", "1", "--align", "1", "16", "--order", "planned", "tails-first", "--json", str(out)]) == 0
+    layouts = json.loads(out.read_text())["layouts"]
+    assert [r["layout"] for r in layouts] == [
+        "contiguous", "head-tail, split fraction 0.5", "head-tail, split fraction 0.5, tails first",
+        "head-tail, split fraction 0.5, aligned to 16", "head-tail, split fraction 0.5, aligned to 16, tails first"]
+    assert layouts[1]["rank_tokens"] == layouts[2]["rank_tokens"] and layouts[3]["rank_tokens"] == layouts[4]["rank_tokens"]
+    assert layouts[1]["rank_tokens"] != layouts[3]["rank_tokens"]  # the aligned cuts move tokens between ranks
+    layout = plan_layout([300, 7, 1, 120, 33], 3, align=16)
+    assert sorted(c.start for rank in layout.chunks for c in rank if c.block == 0) == [0, 48, 96, 144, 208, 256]
+    assert [c.start for c in tails_first(layout).chunks[0] if c.split] == \
+        [c.start for c in layout.chunks[0] if c.split][::-1]
 
 
 def test_simulate_with_a_kernel_also_times_the_kernel_alone(tmp_path, monkeypatch):
@@ -174,6 +193,8 @@ def test_lengths_are_read_as_positive_ints_only(tmp_path):
     (["--simulate", "2", "--split-fraction", "0"], "--split-fraction 0 is out of range; expected a number > 0"),
     (["--simulate", "2", "--area-cost", "-1"], "--area-cost -1 is out of range; expected a finite number >= 0"),
     (["--check", "--spread", "all", "fewest"], "--spread all fewest: --check takes one; run it once for each"),
+    (["--check", "--align", "1", "128"], "--align 1 128: --check takes one; run it once for each"),
+    (["--simulate", "2", "--align", "0"], "--align 0 is out of range; expected an int >= 1 (1 cuts at any token)"),
     (["--simulate", "2", "--profile", "p"], "--profile p profiles the GPU's kernels of --simulate on --device cuda; drop it"),
 ])
 def test_a_user_error_is_one_line_and_exit_2(args, message):
