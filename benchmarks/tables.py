@@ -223,6 +223,23 @@ def context_balance() -> str:
     return "\n".join(lines)
 
 
+def context_tiles() -> str:
+    """The layouts' work in a tiled kernel's (128 x 128) blocks, per spread and alignment, on the
+    log-normal mix (one document costs its own tiles at every setting)."""
+    folder = RESULTS / "distributed" / "2026-12-07-cpu-context-balance"
+    records = [r for r in _records(folder / "tiles.json") if r["docs"] > 1 and r["world_size"] > 2]
+    first = records[0]
+    lines = [f"`{_short(first['command'])}` (tiles of {first['tile']} tokens, d = {first['dim']}: a count, no GPU); "
+             f"record `{folder.relative_to(ROOT)}/tiles.json`, on the log-normal mix ({first['docs']} documents, "
+             f"longest {first['longest']:,}):", "",
+             "| N | spread | align | attention max/mean | tiles: slowest x N / whole row | tiles: sum of ranks / whole row |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['world_size']} | {r['spread']} | {r['align']} | {r['layout_attention_max_over_mean']:.3f} | "
+                     f"{r['tiles_slowest_x_n_over_whole']:.3f} | {r['tiles_sum_over_whole']:.3f} |")
+    return "\n".join(lines)
+
+
 def context_simulate() -> str:
     """Each context-parallel rank's attention on one GPU (``benchmarks.cp --simulate``): the
     contiguous split against the head-tail layout, on one long document and on a log-normal mix."""
@@ -307,7 +324,7 @@ def _short(command: str) -> str:
 TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_h100, "seed_h200": seed_h200, "static_h200": static_h200, "hf_h100": hf_h100,
                                          "nested_h100": nested_h100, "gpt2_eager_h100": gpt2_eager_h100,
                                          "qwen3_same_run": qwen3_same_run, "context_balance": context_balance,
-                                         "context_simulate": context_simulate,
+                                         "context_tiles": context_tiles, "context_simulate": context_simulate,
                                          "samplers": samplers,
                                          "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
