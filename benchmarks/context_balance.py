@@ -34,7 +34,7 @@ import sys
 
 from benchmarks.cp import lognormal_row
 from benchmarks.harness import Parser
-from packing.context.layout import SPREADS, TOKEN_COST, ContextLayout, plan_layout
+from packing.context.layout import ALIGN, SPREADS, TOKEN_COST, ContextLayout, plan_layout
 
 ROW = 131_072
 
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(default 1024)")
     p.add_argument("--spread", nargs="+", choices=SPREADS, default=["all"],
                    help="where a cut document goes, one layout each: over every rank (all) or the fewest (default all)")
-    p.add_argument("--align", nargs="+", type=int, default=[1], metavar="A",
+    p.add_argument("--align", nargs="+", type=int, default=[ALIGN], metavar="A",
                    help="cut chunks start at multiples of A tokens from their document's start, one layout each "
-                        "(default 1: anywhere)")
+                        f"(default {ALIGN}; 1: anywhere)")
     p.add_argument("--tile", type=int, default=128, help="the kernel's tile, in tokens, for the tile count (default 128)")
     args = p.parse_args(argv)
     if args.dim < 1:

@@ -33,7 +33,8 @@ contiguous split (rank r holds tokens [r·T/N, (r+1)·T/N)) as the baseline, the
 layout at each ``--split-fraction`` (documents whose work is above that fraction of a rank's share
 are cut; the rest stay whole) and each ``--spread`` (``all``: a cut document in 2N chunks over every
 rank; ``fewest``: in 2m over the fewest ranks m that keep each one's part within the fraction) and
-each ``--align`` (a cut document's chunks start at multiples of that many tokens from its start). For
+each ``--align`` (a cut document's chunks start at multiples of that many tokens from its start:
+128 by default, 1 for any token). For
 each it prints every rank's time, max/mean, the
 slowest rank's time x N over the unsharded row's (1.00 is perfect scaling of attention) and the
 ranks' sum over it; with a kernel, the same for the kernel calls alone (the cut chunks' keys picked
@@ -68,7 +69,7 @@ from benchmarks.harness import Parser, environment, exit_after_distributed
 from packing import get_collator
 from packing.context import batch_blocks, plan_layout, shard, unshard
 from packing.context.attention import attend_chunks, call_keys, context_attention, gather_keys, simulated_keys
-from packing.context.layout import AREA_COST, SPREADS, Chunk, ContextLayout
+from packing.context.layout import ALIGN, AREA_COST, SPREADS, Chunk, ContextLayout
 from packing.context.shard import local_index
 from packing.context.varlen import chunk_kernel
 from packing.kernels import chunk_varlen_kernels
@@ -452,10 +453,15 @@ def tails_first(layout: ContextLayout) -> ContextLayout:
                                for rank in layout.chunks), layout.area_cost)
 
 
-def layout_words(spread: str = "all", align: int = 1) -> str:
+def layout_words(spread: str = "all", align: int = ALIGN) -> str:
     """How the layout cuts documents, for a header line: nothing for the defaults."""
     return ((", cut documents over the fewest ranks" if spread == "fewest" else "")
-            + (f", cut at multiples of {align} tokens" if align > 1 else ""))
+            + ("" if align == ALIGN else ", cut at any token" if align == 1 else f", cut at multiples of {align} tokens"))
+
+
+def align_words(align: int) -> str:
+    """How a simulated layout's cuts fall, for its name: nothing for the default."""
+    return "" if align == ALIGN else ", cut at any token" if align == 1 else f", aligned to {align}"
 
 
 def simulate(args, parser: Parser) -> int:
@@ -538,7 +544,7 @@ def simulate(args, parser: Parser) -> int:
     if args.profile:
         profiled("whole row", step_of(plan_layout(blocks, 1), 0))
     layouts = [("contiguous", contiguous_layout(blocks, world))]
-    planned = [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}" + (f", aligned to {a}" if a > 1 else ""),
+    planned = [(f"head-tail{SPREAD_NAMES[spread]}, split fraction {f:g}" + align_words(a),
                 plan_layout(blocks, world, split_fraction=f, area_cost=args.area_cost, spread=spread, align=a))
                for spread in args.spread for f in args.split_fraction for a in args.align]
     for name, layout in planned:
@@ -620,9 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where a cut document goes: all (every rank, 2N chunks; the default) or fewest (the fewest ranks "
                    "its work needs, longer chunks). --simulate times each, at each split fraction; "
                    "--check takes one")
-    p.add_argument("--align", type=int, nargs="+", default=[1], metavar="A",
-                   help="cut a document's chunks at multiples of A tokens from its start (a kernel's query tile: 128 "
-                   "for FlashAttention; default 1, any token). --simulate times each; --check takes one")
+    p.add_argument("--align", type=int, nargs="+", default=[ALIGN], metavar="A",
+                   help=f"cut a document's chunks at multiples of A tokens from its start (a kernel's query tile: "
+                   f"default {ALIGN}, FlashAttention's; 1 cuts at any token). --simulate times each; --check takes one")
     p.add_argument("--order", nargs="+", default=["planned"], choices=["planned", "tails-first"],
                    help="--simulate: each rank's cut chunks in the layout's order (heads, then tails) or tails first "
                    "(the longest prefixes start first in the kernel call); times each")

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from benchmarks.cp import layout_words, lognormal_row, read_lengths, start_ranks
 from benchmarks.harness import Parser, environment, run_under_torchrun
 from packing.context import ContextCollator
-from packing.context.layout import SPREADS
+from packing.context.layout import ALIGN, SPREADS
 
 ARCHS = ("qwen3-0.6b", "tiny")
 
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", action="store_true", help="recompute each layer in the backward")
     p.add_argument("--spread", default="all", choices=SPREADS, help="where a cut document goes: every rank "
                    "(default) or the fewest its work needs (plan_layout's spread)")
-    p.add_argument("--align", type=int, default=1, metavar="A", help="cut a document's chunks at multiples of A "
-                   "tokens from its start (a kernel's query tile: 128 for FlashAttention; default 1, any token)")
+    p.add_argument("--align", type=int, default=ALIGN, metavar="A", help="cut a document's chunks at multiples of A "
+                   f"tokens from its start (a kernel's query tile: default {ALIGN}, FlashAttention's; 1 cuts at any token)")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the record as JSON")
     args = p.parse_args(argv)
     args.argv = argv

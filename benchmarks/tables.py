@@ -242,20 +242,19 @@ def context_tiles() -> str:
 
 def context_simulate() -> str:
     """Each context-parallel rank's attention on one GPU (``benchmarks.cp --simulate``): the
-    contiguous split against the head-tail layout, on one long document and on a log-normal mix."""
-    folder = RESULTS / "distributed" / "2026-12-06-h100-context-fa4-v2"
+    contiguous split against the head-tail layout, cut anywhere or on 128-token edges, over every
+    rank or the fewest, on one long document and on a log-normal mix."""
+    folder = RESULTS / "distributed" / "2026-12-07-h100-context-align"
     runs = [_records(folder / f"{name}.json")[0] for name in
-            ("fa4_one_doc_n8", "fa4_lognormal_n2", "fa4_lognormal_n4", "fa4_lognormal_n8", "torch_lognormal_n8")]
-    first = runs[0]
+            ("fa4_one_doc_n8", "fa4_lognormal_n8", "torch_one_doc_n8", "torch_lognormal_n8", "torch_lognormal_n8_fewest")]
+    first = runs[1]
     lines = [f"{first['gpu']}, torch {first['torch']}, flash-attn-4 {first['kernels']['flash-attn-4']} (and torch's "
              f"`varlen_attn`), {first['dtype']}, {first['heads']} heads of {first['head_dim']}, forward and backward, "
-             f"ranks one after another; `{_short(runs[3]['command'])}` (one document: `--lengths` of 131072; other "
-             f"rows: `--simulate N`); records in `{folder.relative_to(ROOT)}/`. Measured at commit 112e3bb, "
-             "where a rank ran its cut chunks in one call per chunk a document has on it and its whole "
-             "documents in another (this release runs them all in one call, not yet timed on a GPU). The step "
-             "includes the picking of the cut documents' keys and the gradients' return; the GPU-busy time "
-             "leaves out the host's launch gaps; the kernel alone runs the step's calls on keys picked "
-             "beforehand:", "",
+             f"ranks one after another; `{_short(first['command'])}` (one document: `--lengths` of 131072; torch's "
+             f"kernel: `--kernel torch.varlen_attn`; the last rows `--spread fewest --align 128 --order planned "
+             f"tails-first`); records and the commands in `{folder.relative_to(ROOT)}/`. The step includes the picking "
+             "of the cut documents' keys and the gradients' return; the GPU-busy time leaves out the host's launch "
+             "gaps; the kernel alone runs the step's call on keys picked beforehand:", "",
              "| row of 131,072 tokens | kernel | N | unsharded step | layout | documents cut | max/mean | "
              "slowest x N / unsharded: step | GPU busy | kernel alone |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:

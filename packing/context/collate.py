@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from packing.batch import Batch
 from packing.collate import Collator
-from packing.context.layout import AREA_COST, plan_layout
+from packing.context.layout import ALIGN, AREA_COST, plan_layout
 from packing.context.shard import batch_blocks, shard
 
 
@@ -30,7 +30,7 @@ class ContextCollator:
 
     def __init__(self, collator: Collator, *, world_size: int, rank: int, split_fraction: float = 0.5,
                  split_tokens: int | None = None, area_cost: float = AREA_COST, spread: str = "all",
-                 align: int = 1, regather: bool = False) -> None:
+                 align: int = ALIGN, regather: bool = False) -> None:
         if not callable(collator):
             raise TypeError(f"collator must be a packed collator (get_collator('concat', ...)), got {type(collator).__name__}")
         if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < (world_size if isinstance(world_size, int) else 0):

@@ -50,6 +50,10 @@ VERSION = 2  # 2: a rank's cut chunks are its head chunks, then its tail chunks
 
 # Where a cut block goes (plan_layout's spread): over every rank, or over the fewest its work needs.
 SPREADS = ("all", "fewest")
+# Where cut chunks start by default (plan_layout's align): FlashAttention's query tile. Timed on one
+# H100, aligned cuts made the slowest rank faster with torch's kernel and no slower with
+# FlashAttention-4 (benchmarks/results/distributed/2026-12-07-h100-context-align/).
+ALIGN = 128
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def _work(tokens: int, area: int, area_cost: float) -> float:
 
 def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: float = 0.5,
                 split_tokens: int | None = None, area_cost: float = AREA_COST, spread: str = "all",
-                align: int = 1) -> ContextLayout:
+                align: int = ALIGN) -> ContextLayout:
     """The layout of a row of blocks ``block_lens`` (each >= 1 token) over ``world_size`` ranks.
 
     A block is cut when it has at least ``2 * world_size`` tokens and either its causal work
@@ -142,8 +146,8 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
     (its last chunk ends with the block), when the block has at least ``align`` tokens a chunk.
     A varlen kernel tiles each sequence's queries and keys from the sequence's start, in tiles of
     128 for FlashAttention; a chunk that starts on a tile edge fills its query tiles and meets the
-    causal diagonal on a tile edge, as the unsharded document does. 1 (the default) cuts at the
-    nearest token.
+    causal diagonal on a tile edge, as the unsharded document does. The default is 128
+    (:data:`ALIGN`); 1 cuts at the nearest token.
 
     The result depends on nothing but the arguments.
 
@@ -157,10 +161,13 @@ def plan_layout(block_lens: Sequence[int], world_size: int, *, split_fraction: f
         >>> layout.gather_offsets  # ranks 0 and 1 all-gather 16 tokens each, ranks 2 and 3 none
         (0, 16, 32, 32, 32)
 
-        One 1,000-token document on 2 ranks, cut at multiples of 128 tokens:
+        One 1,000-token document on 2 ranks, cut at multiples of 128 tokens (the default), and
+        at any token:
 
-        >>> [[(c.start, c.end) for c in rank] for rank in plan_layout([1000], 2, align=128).chunks]
+        >>> [[(c.start, c.end) for c in rank] for rank in plan_layout([1000], 2).chunks]
         [[(0, 256), (768, 1000)], [(256, 512), (512, 768)]]
+        >>> [[(c.start, c.end) for c in rank] for rank in plan_layout([1000], 2, align=1).chunks]
+        [[(0, 250), (750, 1000)], [(250, 500), (500, 750)]]
     """
     lens = tuple(int(n) for n in block_lens)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:

@@ -86,7 +86,8 @@ def test_simulate_times_aligned_cuts_and_tails_first(tmp_path):
                  "--repeats", "1", "--align", "1", "16", "--order", "planned", "tails-first", "--json", str(out)]) == 0
     layouts = json.loads(out.read_text())["layouts"]
     assert [r["layout"] for r in layouts] == [
-        "contiguous", "head-tail, split fraction 0.5", "head-tail, split fraction 0.5, tails first",
+        "contiguous", "head-tail, split fraction 0.5, cut at any token",
+        "head-tail, split fraction 0.5, cut at any token, tails first",
         "head-tail, split fraction 0.5, aligned to 16", "head-tail, split fraction 0.5, aligned to 16, tails first"]
     assert layouts[1]["rank_tokens"] == layouts[2]["rank_tokens"] and layouts[3]["rank_tokens"] == layouts[4]["rank_tokens"]
     assert layouts[1]["rank_tokens"] != layouts[3]["rank_tokens"]  # the aligned cuts move tokens between ranks
