@@ -267,6 +267,37 @@ def context_simulate() -> str:
     return "\n".join(lines)
 
 
+def context_sweep() -> str:
+    """The split fraction, the spread and the cost model the layout is planned with, swept on one
+    GPU for both kernels (``benchmarks.cp --simulate 8``); each record's contiguous split is left
+    out (the table above has it)."""
+    folder = RESULTS / "distributed" / "2026-12-07-h100-context-sweep"
+    names = ("torch_mix", "torch_mix_area", "fa4_mix", "fa4_mix_again", "fa4_mix_area", "fa4_mix_area_again",
+             "one_doc_torch", "one_doc_fa4")
+    runs = [(name, _records(folder / f"{name}.json")[0]) for name in names]
+    first = runs[0][1]
+    lines = [f"{first['gpu']}, torch {first['torch']}, flash-attn-4 {runs[2][1]['kernels']['flash-attn-4']}, "
+             f"{first['dtype']}, {first['heads']} heads of {first['head_dim']}, N = {first['world_size']}, one warm "
+             f"machine; `{_short(first['command'])}` (FA4: `--kernel flash-attn-4`; attention only: `--area-cost 1`; the "
+             f"runs marked again: `--split-fraction 0.5 1 --repeats 20`; one document: `--lengths` of 131072 `--repeats 3`); records "
+             f"in `{folder.relative_to(ROOT)}/`. The area cost is what the layout balances: 0.000163 (1/6144, the default) "
+             "weighs a (query, key) pair against a token as a width-1024 model's layers do; 1 weighs the pairs almost "
+             "alone, as this benchmark times attention alone. The runs marked again passed 0.000163, which plans "
+             "the same layouts as 1/6144:", "",
+             "| row of 131,072 tokens | kernel | area cost | layout | documents cut | all-gathered | max/mean | "
+             "slowest x N / unsharded: step | GPU busy | kernel alone |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs:
+        row = "one document" if r["docs"] == 1 else "log-normal mix"
+        cost = f"{r['area_cost']:.3g}" + (" (attention only)" if r["area_cost"] == 1 else "")
+        again = ", again" if name.endswith("again") else ""
+        for layout in r["layouts"][1:]:
+            lines.append(f"| {row} | {r['kernel']} | {cost}{again} | {layout['layout']} | {layout['cut_documents']} | "
+                         f"{layout['gathered_pct']:.1f}% | {layout['max_over_mean']:.3f} | "
+                         f"{layout['slowest_x_n_over_whole']:.3f} | {layout['busy_slowest_x_n_over_whole']:.3f} | "
+                         f"{layout['kernel_slowest_x_n_over_whole']:.3f} |")
+    return "\n".join(lines)
+
+
 def _k(tokens_per_s: float) -> str:
     """98,364 -> 98.4k; 271,034 -> 271k (three significant figures)."""
     k = tokens_per_s / 1000
@@ -324,6 +355,7 @@ TABLES: dict[str, Callable[[], str]] = {"headline": headline, "seed_h100": seed_
                                          "nested_h100": nested_h100, "gpt2_eager_h100": gpt2_eager_h100,
                                          "qwen3_same_run": qwen3_same_run, "context_balance": context_balance,
                                          "context_tiles": context_tiles, "context_simulate": context_simulate,
+                                         "context_sweep": context_sweep,
                                          "samplers": samplers,
                                          "families": families}
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))

@@ -34,7 +34,7 @@ def test_unknown_or_unclosed_tables_are_refused(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     monkeypatch.setattr(tables, "PAGES", (page,))
     page.write_text("<!-- table:nope -->\n<!-- /table:nope -->\n")
-    with pytest.raises(ValueError, match=r"page.md: unknown table 'nope'; known: headline, seed_h100, seed_h200, static_h200, hf_h100, nested_h100, gpt2_eager_h100, qwen3_same_run, context_balance, context_tiles, context_simulate, samplers, families"):
+    with pytest.raises(ValueError, match=r"page.md: unknown table 'nope'; known: headline, seed_h100, seed_h200, static_h200, hf_h100, nested_h100, gpt2_eager_h100, qwen3_same_run, context_balance, context_tiles, context_simulate, context_sweep, samplers, families"):
         tables.regenerate(check=True)
     page.write_text("<!-- table:samplers -->\nno end\n")
     with pytest.raises(ValueError, match=r"no <!-- table:samplers --> ... <!-- /table:samplers --> markers"):
