@@ -455,12 +455,11 @@ def tails_first(layout: ContextLayout) -> ContextLayout:
 
 def layout_words(spread: str = "all", align: int = ALIGN) -> str:
     """How the layout cuts documents, for a header line: nothing for the defaults."""
-    return ((", cut documents over the fewest ranks" if spread == "fewest" else "")
-            + ("" if align == ALIGN else ", cut at any token" if align == 1 else f", cut at multiples of {align} tokens"))
+    return (", cut documents over the fewest ranks" if spread == "fewest" else "") + align_words(align)
 
 
 def align_words(align: int) -> str:
-    """How a simulated layout's cuts fall, for its name: nothing for the default."""
+    """Where a layout's cuts fall, for a header line or a simulated layout's name: nothing for the default."""
     return "" if align == ALIGN else ", cut at any token" if align == 1 else f", aligned to {align}"
 
 
