@@ -261,10 +261,15 @@ def context_simulate() -> str:
         name = "one document" if r["docs"] == 1 else f"log-normal mix ({r['docs']} documents, longest {r['longest']:,})"
         for layout in r["layouts"]:
             lines.append(f"| {name} | {r['kernel']} | {r['world_size']} | {r['whole_row_ms']:.1f} ms | {layout['layout']} | "
-                         f"{layout['cut_documents']} | {layout['max_over_mean']:.3f} | "
-                         f"{layout['slowest_x_n_over_whole']:.3f} | {layout['busy_slowest_x_n_over_whole']:.3f} | "
-                         f"{layout['kernel_slowest_x_n_over_whole']:.3f} |")
+                         f"{layout['cut_documents']} | {_cost_cells(layout)} |")
     return "\n".join(lines)
+
+
+def _cost_cells(layout: dict) -> str:
+    """A simulated layout's max/mean and its slowest rank x N over the unsharded row (the step, GPU
+    busy, the kernel alone), as table cells."""
+    return (f"{layout['max_over_mean']:.3f} | {layout['slowest_x_n_over_whole']:.3f} | "
+            f"{layout['busy_slowest_x_n_over_whole']:.3f} | {layout['kernel_slowest_x_n_over_whole']:.3f}")
 
 
 def context_sweep() -> str:
@@ -275,8 +280,8 @@ def context_sweep() -> str:
     names = ("torch_mix", "torch_mix_area", "fa4_mix", "fa4_mix_again", "fa4_mix_area", "fa4_mix_area_again",
              "one_doc_torch", "one_doc_fa4")
     runs = [(name, _records(folder / f"{name}.json")[0]) for name in names]
-    first = runs[0][1]
-    lines = [f"{first['gpu']}, torch {first['torch']}, flash-attn-4 {runs[2][1]['kernels']['flash-attn-4']}, "
+    first, fa4 = runs[0][1], dict(runs)["fa4_mix"]
+    lines = [f"{first['gpu']}, torch {first['torch']}, flash-attn-4 {fa4['kernels']['flash-attn-4']}, "
              f"{first['dtype']}, {first['heads']} heads of {first['head_dim']}, N = {first['world_size']}, one warm "
              f"machine; `{_short(first['command'])}` (FA4: `--kernel flash-attn-4`; attention only: `--area-cost 1`; the "
              f"runs marked again: `--split-fraction 0.5 1 --repeats 20`; one document: `--lengths` of 131072 `--repeats 3`); records "
@@ -292,9 +297,7 @@ def context_sweep() -> str:
         again = ", again" if name.endswith("again") else ""
         for layout in r["layouts"][1:]:
             lines.append(f"| {row} | {r['kernel']} | {cost}{again} | {layout['layout']} | {layout['cut_documents']} | "
-                         f"{layout['gathered_pct']:.1f}% | {layout['max_over_mean']:.3f} | "
-                         f"{layout['slowest_x_n_over_whole']:.3f} | {layout['busy_slowest_x_n_over_whole']:.3f} | "
-                         f"{layout['kernel_slowest_x_n_over_whole']:.3f} |")
+                         f"{layout['gathered_pct']:.1f}% | {_cost_cells(layout)} |")
     return "\n".join(lines)
 
 
